@@ -1,0 +1,50 @@
+#include "tests/test_util.h"
+
+#include <sys/wait.h>
+
+#include <array>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <random>
+#include <stdexcept>
+
+namespace sqz::testing {
+
+ScopedTempDir::ScopedTempDir(const std::string& tag) {
+  const char* base = std::getenv("TEST_TMPDIR");
+  std::filesystem::path root = base ? base : std::filesystem::temp_directory_path();
+  std::random_device rd;
+  for (int attempt = 0; attempt < 100; ++attempt) {
+    std::filesystem::path p = root / (tag + "-" + std::to_string(rd()));
+    std::error_code ec;
+    if (std::filesystem::create_directories(p, ec)) {
+      path_ = p.string();
+      return;
+    }
+  }
+  throw std::runtime_error("cannot create a temporary directory under " + root.string());
+}
+
+ScopedTempDir::~ScopedTempDir() {
+  std::error_code ec;
+  std::filesystem::remove_all(path_, ec);
+}
+
+int RunCommand(const std::string& cmd, std::string* output) {
+  std::string full = cmd + " 2>&1";
+  FILE* p = popen(full.c_str(), "r");
+  if (!p) return -1;
+  std::array<char, 4096> buf;
+  size_t n;
+  while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) {
+    if (output) output->append(buf.data(), n);
+  }
+  int st = pclose(p);
+  if (st == -1) return -1;
+  return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+}
+
+std::string SqctlPath() { return SQCTL_PATH; }
+
+}  // namespace sqz::testing

@@ -1,0 +1,28 @@
+// Helpers shared by the test suites.
+#pragma once
+
+#include <string>
+
+namespace sqz::testing {
+
+// A fresh, empty directory under $TEST_TMPDIR (or /tmp), removed by the
+// destructor.
+class ScopedTempDir {
+ public:
+  explicit ScopedTempDir(const std::string& tag = "sqz");
+  ~ScopedTempDir();
+  const std::string& path() const { return path_; }
+  std::string Sub(const std::string& name) const { return path_ + "/" + name; }
+
+ private:
+  std::string path_;
+};
+
+// Runs a shell command, returns its exit status (-1 if it could not run)
+// and appends stdout+stderr to *output when given.
+int RunCommand(const std::string& cmd, std::string* output = nullptr);
+
+// Path of the built sqctl binary.
+std::string SqctlPath();
+
+}  // namespace sqz::testing
