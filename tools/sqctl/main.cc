@@ -1,0 +1,103 @@
+// sqctl: the command-line front end of squeeze. A thin layer over the
+// library: each subcommand is a cli::Command registered by a cmd_*.cc file;
+// this file parses flags against the command's table and generates --help.
+#include <algorithm>
+#include <cstdio>
+#include <cstring>
+#include <string>
+
+#include "tools/sqctl/cli.h"
+
+namespace {
+
+using sqz::cli::Command;
+using sqz::cli::Registry;
+
+void PrintCommandHelp(const Command& c, FILE* out) {
+  std::fprintf(out, "%s\n\nUsage: %s\n", c.summary.c_str(), c.usage.c_str());
+  if (c.flags.empty()) return;
+  std::fprintf(out, "\nOptions:\n");
+  size_t width = 0;
+  for (const auto& f : c.flags) width = std::max(width, f.name.size() + (f.value.empty() ? 0 : f.value.size() + 1));
+  for (const auto& f : c.flags) {
+    std::string left = "--" + f.name + (f.value.empty() ? "" : " " + f.value);
+    std::fprintf(out, "  %-*s  %s%s\n", static_cast<int>(width + 2), left.c_str(), f.help.c_str(),
+                 f.required ? " (required)" : "");
+  }
+  std::fprintf(out, "  %-*s  %s\n", static_cast<int>(width + 2), "--help", "show this help");
+}
+
+void PrintTopHelp(FILE* out) {
+  std::fprintf(out,
+               "sqctl: build, inspect and query a squeeze context database\n"
+               "(KV caches of fixed LLM contexts plus a hierarchical centroid index for sparse attention).\n\n"
+               "Usage: sqctl <command> [options]    (sqctl <command> --help for its options)\n\nCommands:\n");
+  std::vector<const Command*> cmds;
+  for (const auto& c : Registry()) cmds.push_back(&c);
+  std::sort(cmds.begin(), cmds.end(), [](const Command* a, const Command* b) { return a->name < b->name; });
+  for (const Command* c : cmds) std::fprintf(out, "  %-12s %s\n", c->name.c_str(), c->summary.c_str());
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2 || !std::strcmp(argv[1], "--help") || !std::strcmp(argv[1], "-h") || !std::strcmp(argv[1], "help")) {
+    PrintTopHelp(argc < 2 ? stderr : stdout);
+    return argc < 2 ? 2 : 0;
+  }
+  const std::string name = argv[1];
+  const Command* cmd = nullptr;
+  for (const auto& c : Registry()) {
+    if (c.name == name) cmd = &c;
+  }
+  if (!cmd) {
+    std::fprintf(stderr, "sqctl: unknown command '%s'\n\n", name.c_str());
+    PrintTopHelp(stderr);
+    return 2;
+  }
+  sqz::cli::Args args;
+  for (int i = 2; i < argc; ++i) {
+    std::string a = argv[i];
+    if (a == "--help" || a == "-h") {
+      PrintCommandHelp(*cmd, stdout);
+      return 0;
+    }
+    if (a.rfind("--", 0) != 0) {
+      std::fprintf(stderr, "sqctl %s: unexpected argument '%s' (options start with --; see sqctl %s --help)\n",
+                   name.c_str(), a.c_str(), name.c_str());
+      return 2;
+    }
+    std::string flag = a.substr(2), value;
+    size_t eq = flag.find('=');
+    if (eq != std::string::npos) {
+      value = flag.substr(eq + 1);
+      flag = flag.substr(0, eq);
+    }
+    auto it = std::find_if(cmd->flags.begin(), cmd->flags.end(), [&](const auto& f) { return f.name == flag; });
+    if (it == cmd->flags.end()) {
+      std::fprintf(stderr, "sqctl %s: unknown option '--%s' (see sqctl %s --help)\n", name.c_str(), flag.c_str(),
+                   name.c_str());
+      return 2;
+    }
+    if (!it->value.empty() && eq == std::string::npos) {
+      if (i + 1 >= argc) {
+        std::fprintf(stderr, "sqctl %s: option '--%s' needs a value %s\n", name.c_str(), flag.c_str(),
+                     it->value.c_str());
+        return 2;
+      }
+      value = argv[++i];
+    } else if (it->value.empty() && eq != std::string::npos) {
+      std::fprintf(stderr, "sqctl %s: option '--%s' takes no value\n", name.c_str(), flag.c_str());
+      return 2;
+    }
+    args.values_[flag] = value;
+  }
+  for (const auto& f : cmd->flags) {
+    if (f.required && !args.Has(f.name)) {
+      std::fprintf(stderr, "sqctl %s: missing required option --%s %s (see sqctl %s --help)\n", name.c_str(),
+                   f.name.c_str(), f.value.c_str(), name.c_str());
+      return 2;
+    }
+  }
+  return cmd->run(args);
+}

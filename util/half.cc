@@ -1,0 +1,95 @@
+#include "util/half.h"
+
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstring>
+
+namespace sqz {
+
+float HalfToFloat(uint16_t h) { return _cvtsh_ss(h); }
+
+uint16_t FloatToHalf(float f) {
+  // F16C rounds to nearest even with _MM_FROUND_TO_NEAREST_INT; NaN stays NaN.
+  return _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT);
+}
+
+uint16_t FloatToBf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // quiet NaN
+  uint32_t rounding = 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>((u + rounding) >> 16);
+}
+
+void ConvertToFloat(const void* src, DType t, size_t n, float* dst) {
+  switch (t) {
+    case DType::kF32:
+      std::memcpy(dst, src, n * 4);
+      return;
+    case DType::kF16: {
+      const uint16_t* s = static_cast<const uint16_t*>(src);
+      size_t i = 0;
+      for (; i + 8 <= n; i += 8) {
+        __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i));
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(h));
+      }
+      for (; i < n; ++i) dst[i] = HalfToFloat(s[i]);
+      return;
+    }
+    case DType::kBF16: {
+      const uint16_t* s = static_cast<const uint16_t*>(src);
+      for (size_t i = 0; i < n; ++i) dst[i] = Bf16ToFloat(s[i]);
+      return;
+    }
+  }
+}
+
+void ConvertFromFloat(const float* src, size_t n, DType t, void* dst) {
+  switch (t) {
+    case DType::kF32:
+      std::memcpy(dst, src, n * 4);
+      return;
+    case DType::kF16: {
+      uint16_t* d = static_cast<uint16_t*>(dst);
+      size_t i = 0;
+      for (; i + 8 <= n; i += 8) {
+        __m256 v = _mm256_loadu_ps(src + i);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(d + i), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+      }
+      for (; i < n; ++i) d[i] = FloatToHalf(src[i]);
+      return;
+    }
+    case DType::kBF16: {
+      uint16_t* d = static_cast<uint16_t*>(dst);
+      for (size_t i = 0; i < n; ++i) d[i] = FloatToBf16(src[i]);
+      return;
+    }
+  }
+}
+
+bool AllFinite(const void* src, DType t, size_t n) {
+  switch (t) {
+    case DType::kF32: {
+      const uint32_t* s = static_cast<const uint32_t*>(src);
+      uint32_t bad = 0;
+      for (size_t i = 0; i < n; ++i) bad |= ((s[i] & 0x7f800000u) == 0x7f800000u);
+      return bad == 0;
+    }
+    case DType::kF16: {
+      const uint16_t* s = static_cast<const uint16_t*>(src);
+      uint32_t bad = 0;
+      for (size_t i = 0; i < n; ++i) bad |= ((s[i] & 0x7c00u) == 0x7c00u);
+      return bad == 0;
+    }
+    case DType::kBF16: {
+      const uint16_t* s = static_cast<const uint16_t*>(src);
+      uint32_t bad = 0;
+      for (size_t i = 0; i < n; ++i) bad |= ((s[i] & 0x7f80u) == 0x7f80u);
+      return bad == 0;
+    }
+  }
+  return false;
+}
+
+}  // namespace sqz
