@@ -1,0 +1,263 @@
+// sqctl build-index, list, info, drop, verify.
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include "sqz/build.h"
+#include "sqz/db.h"
+#include "sqz/kv_source.h"
+#include "tools/sqctl/cli.h"
+#include "tools/sqctl/format.h"
+
+namespace sqz::cli {
+namespace {
+
+Status OpenDb(const Args& args, bool create, std::unique_ptr<DB>* db) {
+  Options o;
+  o.create_if_missing = create;
+  return DB::Open(o, args.Get("db"), db);
+}
+
+// Terminal progress line, redrawn in place; silent when stderr is not a TTY.
+class ProgressLine {
+ public:
+  explicit ProgressLine(bool enabled) : enabled_(enabled && isatty(STDERR_FILENO)) {}
+  ~ProgressLine() { Done(); }
+  void Update(const std::string& ctx, const BuildProgress& p) {
+    if (!enabled_) return;
+    std::fprintf(stderr, "\r\033[K%s: layer %d/%d head %d/%d | %.2f Mkeys/s | ETA %s", ctx.c_str(), p.layer + 1,
+                 p.n_layers, p.head + 1, p.n_kv_heads, p.keys_per_second / 1e6, FormatSeconds(p.eta_seconds).c_str());
+    std::fflush(stderr);
+    dirty_ = true;
+  }
+  void Done() {
+    if (enabled_ && dirty_) std::fprintf(stderr, "\r\033[K");
+    dirty_ = false;
+  }
+
+ private:
+  bool enabled_;
+  bool dirty_ = false;
+};
+
+Status ParseBuildOptions(const Args& args, BuildOptions* o) {
+  long long window, sinks, iters, seed;
+  SQZ_RETURN_IF_ERROR(args.GetInt("window", o->window, &window));
+  SQZ_RETURN_IF_ERROR(args.GetInt("sinks", o->n_sinks, &sinks));
+  SQZ_RETURN_IF_ERROR(args.GetInt("iters", o->kmeans_iters, &iters));
+  SQZ_RETURN_IF_ERROR(args.GetInt("seed", static_cast<long long>(o->seed), &seed));
+  SQZ_RETURN_IF_ERROR(args.GetDouble("fine", o->fine_ratio, &o->fine_ratio));
+  SQZ_RETURN_IF_ERROR(args.GetDouble("coarse", o->coarse_ratio, &o->coarse_ratio));
+  SQZ_RETURN_IF_ERROR(args.GetDoubleList("quantiles", o->quantiles, &o->quantiles));
+  o->window = static_cast<int>(window);
+  o->n_sinks = static_cast<int>(sinks);
+  o->kmeans_iters = static_cast<int>(iters);
+  o->seed = static_cast<uint64_t>(seed);
+  o->replace = args.Has("replace");
+  return Status::OK();
+}
+
+int RunBuildIndex(const Args& args) {
+  const std::string cmd = "build-index";
+  if (args.Has("kv") == args.Has("corpus")) {
+    std::fprintf(stderr, "sqctl build-index: give exactly one of --kv FILE or --corpus DIR\n");
+    return 2;
+  }
+  if (args.Has("name") && args.Has("corpus")) {
+    std::fprintf(stderr, "sqctl build-index: --name applies to a single --kv file, not to --corpus\n");
+    return 2;
+  }
+  BuildOptions opts;
+  Status s = ParseBuildOptions(args, &opts);
+  if (!s.ok()) return Fail(cmd, s);
+
+  // Inputs: (name, path) pairs.
+  std::vector<std::pair<std::string, std::string>> inputs;
+  if (args.Has("kv")) {
+    std::filesystem::path p = args.Get("kv");
+    inputs.emplace_back(args.Get("name", p.stem().string()), p.string());
+  } else {
+    std::error_code ec;
+    std::filesystem::path dir = args.Get("corpus");
+    if (!std::filesystem::is_directory(dir, ec)) {
+      return Fail(cmd, Status::InvalidArgument(dir.string() + ": not a directory"));
+    }
+    for (const auto& e : std::filesystem::directory_iterator(dir, ec)) {
+      if (e.is_regular_file() && e.path().extension() == ".safetensors") {
+        inputs.emplace_back(e.path().stem().string(), e.path().string());
+      }
+    }
+    std::sort(inputs.begin(), inputs.end());
+    if (inputs.empty()) {
+      return Fail(cmd, Status::InvalidArgument(dir.string() + ": no .safetensors files in this directory"));
+    }
+  }
+
+  std::unique_ptr<DB> db;
+  s = OpenDb(args, true, &db);
+  if (!s.ok()) return Fail(cmd, s);
+  const bool quiet = args.Has("quiet");
+  const bool json = args.Has("json");
+  int failures = 0;
+  std::string json_out = "[";
+  for (const auto& [name, path] : inputs) {
+    std::unique_ptr<KvSource> src;
+    s = OpenSafetensorsKvSource(path, &src);
+    BuildStats stats;
+    if (s.ok()) {
+      ProgressLine progress(!quiet);
+      BuildOptions o = opts;
+      o.on_progress = [&, n = name](const BuildProgress& p) { progress.Update(n, p); };
+      s = BuildContext(db.get(), name, src.get(), o, &stats);
+    }
+    if (!s.ok()) {
+      std::fprintf(stderr, "sqctl build-index: context '%s' from %s: %s\n", name.c_str(), path.c_str(),
+                   s.ToString().c_str());
+      ++failures;
+      continue;
+    }
+    const KvShape& sh = src->shape();
+    double keys_rate = stats.keys_clustered / std::max(stats.seconds_total, 1e-9);
+    if (json) {
+      if (json_out.size() > 1) json_out += ",";
+      char buf[512];
+      std::snprintf(buf, sizeof(buf),
+                    "{\"name\":\"%s\",\"seconds\":%.3f,\"keys_clustered\":%lld,\"keys_per_second\":%.1f,"
+                    "\"kv_bytes\":%llu,\"index_bytes\":%llu,\"peak_rss_bytes\":%llu}",
+                    JsonEscape(name).c_str(), stats.seconds_total, static_cast<long long>(stats.keys_clustered),
+                    keys_rate, static_cast<unsigned long long>(stats.kv_bytes),
+                    static_cast<unsigned long long>(stats.index_bytes),
+                    static_cast<unsigned long long>(stats.peak_rss_bytes));
+      json_out += buf;
+    } else if (!quiet) {
+      std::printf("built '%s': %d layers x %d KV heads x %lld tokens x %d dims (%s) in %s; %.2f Mkeys/s; "
+                  "KV %s, index %s; peak RSS %s\n",
+                  name.c_str(), sh.n_layers, sh.n_kv_heads, static_cast<long long>(sh.n_tokens), sh.head_dim,
+                  DTypeName(sh.dtype), FormatSeconds(stats.seconds_total).c_str(), keys_rate / 1e6,
+                  FormatBytes(stats.kv_bytes).c_str(), FormatBytes(stats.index_bytes).c_str(),
+                  FormatBytes(stats.peak_rss_bytes).c_str());
+    }
+  }
+  if (json) std::printf("%s]\n", json_out.c_str());
+  return failures ? 1 : 0;
+}
+
+int RunList(const Args& args) {
+  std::unique_ptr<DB> db;
+  Status s = OpenDb(args, false, &db);
+  if (!s.ok()) return Fail("list", s);
+  std::vector<std::string> names;
+  s = db->ListContexts(&names);
+  if (!s.ok()) return Fail("list", s);
+  if (args.Has("json")) {
+    std::string out = "[";
+    for (const auto& n : names) {
+      ContextInfo info;
+      s = db->DescribeContext(n, &info);
+      if (!s.ok()) return Fail("list", s);
+      if (out.size() > 1) out += ",";
+      out += "{\"name\":\"" + JsonEscape(n) + "\",\"n_layers\":" + std::to_string(info.n_layers) +
+             ",\"n_tokens\":" + std::to_string(info.n_tokens) + ",\"bytes_on_disk\":" +
+             std::to_string(info.bytes_on_disk) + "}";
+    }
+    std::printf("%s]\n", out.c_str());
+    return 0;
+  }
+  for (const auto& n : names) {
+    ContextInfo info;
+    s = db->DescribeContext(n, &info);
+    if (!s.ok()) return Fail("list", s);
+    std::printf("%-32s %3d layers %3d/%-3d heads %8lld tokens  %s on disk\n", n.c_str(), info.n_layers,
+                info.n_q_heads, info.n_kv_heads, static_cast<long long>(info.n_tokens),
+                FormatBytes(info.bytes_on_disk).c_str());
+  }
+  return 0;
+}
+
+int RunInfo(const Args& args) {
+  std::unique_ptr<DB> db;
+  Status s = OpenDb(args, false, &db);
+  if (!s.ok()) return Fail("info", s);
+  ContextInfo info;
+  s = db->DescribeContext(args.Get("context"), &info);
+  if (!s.ok()) return Fail("info", s);
+  std::printf("%s", (args.Has("json") ? ContextInfoJson(info) : ContextInfoText(info)).c_str());
+  return 0;
+}
+
+int RunDrop(const Args& args) {
+  std::unique_ptr<DB> db;
+  Status s = OpenDb(args, false, &db);
+  if (!s.ok()) return Fail("drop", s);
+  s = db->DropContext(args.Get("context"));
+  if (!s.ok()) return Fail("drop", s);
+  std::printf("dropped '%s'\n", args.Get("context").c_str());
+  return 0;
+}
+
+int RunVerify(const Args& args) {
+  std::unique_ptr<DB> db;
+  Status s = OpenDb(args, false, &db);
+  if (!s.ok()) return Fail("verify", s);
+  std::vector<std::string> names;
+  if (args.Has("context")) {
+    names.push_back(args.Get("context"));
+  } else {
+    s = db->ListContexts(&names);
+    if (!s.ok()) return Fail("verify", s);
+  }
+  int bad = 0;
+  for (const auto& n : names) {
+    VerifyReport r;
+    s = db->VerifyContext(n, &r);
+    if (s.ok()) {
+      std::printf("%-32s OK  (%lld records, %lld KV blocks, %s checked)\n", n.c_str(),
+                  static_cast<long long>(r.records_checked), static_cast<long long>(r.kv_blocks_checked),
+                  FormatBytes(r.bytes_checked).c_str());
+    } else {
+      std::printf("%-32s FAILED: %s\n", n.c_str(), s.ToString().c_str());
+      ++bad;
+    }
+  }
+  if (bad) std::fprintf(stderr, "sqctl verify: %d of %zu context(s) failed verification\n", bad, names.size());
+  return bad ? 1 : 0;
+}
+
+const Flag kDb{"db", "DIR", "database directory", true};
+
+Registrar build_index({"build-index",
+                       "index fixed-context KV caches (safetensors) into the database",
+                       "sqctl build-index --db DIR (--kv FILE | --corpus DIR) [--name NAME] [options]",
+                       {kDb,
+                        {"kv", "FILE", "one KV file (safetensors, see docs/FORMAT.md)"},
+                        {"corpus", "DIR", "every *.safetensors file of DIR; context name = file stem"},
+                        {"name", "NAME", "context name for --kv (default: the file stem)"},
+                        {"replace", "", "rebuild a context that already exists (atomic swap)"},
+                        {"window", "N", "observation window: last N tokens always attended (default 100)"},
+                        {"sinks", "N", "first N tokens always attended (default 0)"},
+                        {"fine", "R", "fine clusters per clustered key (default 0.05)"},
+                        {"coarse", "R", "coarse clusters per clustered key (default 0.01)"},
+                        {"iters", "N", "k-means iterations per level (default 10)"},
+                        {"seed", "N", "k-means seed; builds are deterministic per seed (default 1234)"},
+                        {"quantiles", "LIST", "calibration quantiles (default 0.5,0.7,0.8,0.9,0.95)"},
+                        {"quiet", "", "no progress display"},
+                        {"json", "", "print build statistics as JSON"}},
+                       RunBuildIndex});
+Registrar list({"list", "list the contexts of a database", "sqctl list --db DIR [--json]",
+                {kDb, {"json", "", "JSON output"}}, RunList});
+Registrar info({"info", "describe one context (shapes, levels, thresholds, bytes, build time)",
+                "sqctl info --db DIR --context NAME [--json]",
+                {kDb, {"context", "NAME", "context name", true}, {"json", "", "JSON output"}}, RunInfo});
+Registrar drop({"drop", "delete a context and reclaim its space", "sqctl drop --db DIR --context NAME",
+                {kDb, {"context", "NAME", "context name", true}}, RunDrop});
+Registrar verify({"verify", "check every record of one or all contexts", "sqctl verify --db DIR [--context NAME]",
+                  {kDb, {"context", "NAME", "only this context (default: all)"}}, RunVerify});
+
+}  // namespace
+}  // namespace sqz::cli
