@@ -1,0 +1,96 @@
+// Cluster selection: which fine clusters of one (layer, KV head) a group of
+// query heads attends. Pure functions over an in-memory index; no storage.
+//
+// The formulas are those of docs/SEMANTICS.md ("Estimated probabilities" and
+// "Selection"). Selection produces sets of fine cluster ids; attention
+// (query/attention.h) consumes them, so each half can be tested alone and the
+// GPU engine can be checked against either.
+//
+// Precision: centroid scores are float32 dot products (BLAS); everything after
+// them (max subtraction, exponentials, denominators, means over queries) is
+// double, so p_j is exact to float rounding of the scores and never overflows
+// for finite scores.
+//
+// Thread-safety: stateless functions; callers pass their own scratch.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "sqz/query.h"
+#include "sqz/status.h"
+
+namespace sqz::query {
+
+// Read-only view of one head's index. Pointers are owned by the caller.
+struct IndexView {
+  int head_dim = 0;
+  int64_t n_clustered = 0;
+  int32_t k2 = 0;                                   // fine clusters
+  int32_t k1 = 0;                                   // coarse clusters
+  const float* fine_centroids = nullptr;            // [k2, head_dim]
+  const uint32_t* fine_sizes = nullptr;             // [k2]: N_j > 0
+  const float* coarse_centroids = nullptr;          // [k1, head_dim]
+  const uint32_t* coarse_sizes = nullptr;           // [k1]: M_a > 0
+  const uint32_t* coarse_child_offsets = nullptr;   // [k1 + 1]: CSR over fine ids, 0 .. k2
+};
+
+// Selection options resolved for one call (thresholds already looked up).
+struct SelectionParams {
+  SelectionMode mode = SelectionMode::kBudget;
+  bool hierarchical = false;
+  double budget = 0.125;
+  double coarse_budget_factor = 2.0;
+  float tau_flat = 0;    // flat threshold
+  float tau_coarse = 0;  // hierarchical: coarse threshold
+  float tau_fine = 0;    // hierarchical: fine threshold over the surviving set
+  GqaPolicy gqa = GqaPolicy::kUnion;
+  bool per_query = false;  // T > 1: each query selects alone
+  float scale = 0;         // softmax scale (> 0)
+};
+
+// What one KV head's group of G query heads attends, for T queries.
+struct HeadSelection {
+  // Distinct attended sets of fine cluster ids, each sorted ascending.
+  std::vector<std::vector<uint32_t>> sets;
+  // [G * T]: sets[set_of[g * T + t]] is what query head g, query t attends.
+  std::vector<int32_t> set_of;
+  // Union of all sets, sorted ascending: the fine blocks to read.
+  std::vector<uint32_t> read;
+  // Centroid dot products computed, summed over the G heads and T queries.
+  int64_t dot_products = 0;
+};
+
+// --- Estimated probabilities (one query) -------------------------------------
+
+// p[i] = exp(s[i] - m) / sum_k sizes[k] exp(s[k] - m), m = max_k s[k], over
+// n entries (scores s and sizes of the same clusters, in the same order).
+// n == 0 is allowed (nothing written). Returns false if a score is not finite
+// (a float32 overflow of the dot product): p is then unspecified.
+bool ProbabilitiesFromScores(const float* s, const uint32_t* sizes, int64_t n, double* p);
+
+// s[t * k + j] = scale * q_t . c_j for T queries q [T, d] and k centroids
+// c [k, d] (float32 BLAS). s must hold T * k floats.
+void ScoreCentroids(const float* q, int T, const float* c, int64_t k, int d, float scale, float* s);
+
+// --- Selection over probabilities --------------------------------------------
+
+// Appends to *out the ids[i] with p[i] > tau, in the order given.
+void SelectThreshold(const double* p, const uint32_t* ids, int64_t n, double tau, std::vector<uint32_t>* out);
+
+// Budget rule: sorts the n candidates by p descending (ties: smaller id
+// first) and appends to *out the shortest prefix whose sizes sum to >= target
+// (all of them if they sum to less; none if target <= 0). sizes[i] is the size
+// of candidate ids[i]. *out is left sorted ascending by id.
+void SelectBudget(const double* p, const uint32_t* ids, const uint32_t* sizes, int64_t n, double target,
+                  std::vector<uint32_t>* out);
+
+// --- Whole head ----------------------------------------------------------------
+
+// Selects for the G query heads of one KV head. q: [G, T, head_dim] float32,
+// finite. With mode kDense every fine cluster is one set. Errors:
+// InvalidArgument if a centroid score overflows float32 (query norm too large).
+Status SelectHead(const IndexView& idx, const float* q, int G, int T, const SelectionParams& params,
+                  HeadSelection* out);
+
+}  // namespace sqz::query
