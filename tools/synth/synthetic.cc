@@ -102,8 +102,8 @@ class Rng {
   // Uniform in [0, 1) with 53 random bits.
   double Uniform() { return static_cast<double>(Next() >> 11) * 0x1.0p-53; }
   double Uniform(double lo, double hi) { return lo + (hi - lo) * Uniform(); }
-  // Uniform integer in [0, n), n > 0 (multiply-shift; the bias is < n / 2^64).
-  uint64_t Below(uint64_t n) { return static_cast<uint64_t>((static_cast<unsigned __int128>(Next()) * n) >> 64); }
+  // Uniform integer in [0, n) for 0 < n < 2^53 (bias below n / 2^53).
+  uint64_t Below(uint64_t n) { return std::min(n - 1, static_cast<uint64_t>(Uniform() * static_cast<double>(n))); }
 
   // Standard normal (Marsaglia's polar method; the second value of each pair
   // is kept for the next call).
