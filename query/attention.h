@@ -1,0 +1,27 @@
+// Exact softmax attention of query rows over a given set of key/value rows,
+// returning (O, LSE). This is the CPU reference of the attention step: it
+// knows nothing of clusters or storage; the engine hands it the rows of the
+// selected blocks plus the always-attended set.
+//
+// Thread-safety: stateless; callers pass their own scratch.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace sqz::query {
+
+// For each of the m query rows q_r (q: [m, d]) over the n key/value rows
+// (k, v: [n, d], row-major float32):
+//   x_i = scale * q_r . k_i,  lse_r = log sum_i exp(x_i)  (natural log,
+//   computed with max subtraction),  o_r = sum_i exp(x_i - lse_r) v_i.
+// o: [m, d], lse: [m]. n == 0 gives the empty state (lse = -inf, o = 0).
+// m == 1 uses plain vectorised loops (decode, memory bound); m > 1 uses
+// OpenBLAS sgemm for Q K^T and P V, tiled over the rows so the score scratch
+// stays bounded. `scratch` is reused across calls.
+// Returns false if a score is not finite (float32 overflow of q . k); o and
+// lse are then unspecified.
+bool AttendRows(const float* q, int64_t m, const float* k, const float* v, int64_t n, int d, float scale,
+                float* o, float* lse, std::vector<float>* scratch);
+
+}  // namespace sqz::query

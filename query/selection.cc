@@ -1,0 +1,247 @@
+#include "query/selection.h"
+
+#include <cblas.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <string>
+
+namespace sqz::query {
+
+namespace {
+
+// Bound on the scores scratch of one tile of queries (floats), so a long
+// prefill against many centroids does not allocate T * K2 floats at once.
+constexpr int64_t kScoreTileFloats = int64_t{1} << 20;
+
+int TileRows(int T, int64_t k) {
+  int64_t rows = kScoreTileFloats / std::max<int64_t>(k, 1);
+  return static_cast<int>(std::clamp<int64_t>(rows, 1, T));
+}
+
+Status ScoreOverflow() {
+  return Status::InvalidArgument(
+      "a centroid score overflows float32 (query norm too large for the softmax scale)");
+}
+
+// Probabilities of `k` clusters (centroids c, sizes) for the T queries q,
+// either one row per query (per_row, [T, k]) or their mean over T (mean, [k]).
+// Exactly one of per_row / mean is non-null.
+Status ClusterProbabilities(const float* q, int T, int d, float scale, const float* c, const uint32_t* sizes,
+                            int64_t k, std::vector<double>* per_row, std::vector<double>* mean) {
+  if (per_row) per_row->assign(static_cast<size_t>(T) * k, 0.0);
+  if (mean) mean->assign(k, 0.0);
+  if (k == 0) return Status::OK();
+  const int tile = TileRows(T, k);
+  std::vector<float> s(static_cast<size_t>(tile) * k);
+  std::vector<double> p(per_row ? 0 : k);
+  for (int t0 = 0; t0 < T; t0 += tile) {
+    const int rows = std::min(tile, T - t0);
+    ScoreCentroids(q + static_cast<int64_t>(t0) * d, rows, c, k, d, scale, s.data());
+    for (int r = 0; r < rows; ++r) {
+      double* dst = per_row ? per_row->data() + static_cast<int64_t>(t0 + r) * k : p.data();
+      if (!ProbabilitiesFromScores(s.data() + static_cast<int64_t>(r) * k, sizes, k, dst)) return ScoreOverflow();
+      if (mean) {
+        for (int64_t j = 0; j < k; ++j) (*mean)[j] += dst[j];
+      }
+    }
+  }
+  if (mean) {
+    for (double& m : *mean) m /= T;
+  }
+  return Status::OK();
+}
+
+// Keeps candidates by the mode's rule (threshold tau or budget target).
+void Keep(const SelectionParams& params, const double* p, const uint32_t* ids, const uint32_t* sizes, int64_t n,
+          double tau, double target, std::vector<uint32_t>* out) {
+  if (params.mode == SelectionMode::kThreshold) {
+    SelectThreshold(p, ids, n, tau, out);
+  } else {
+    SelectBudget(p, ids, sizes, n, target, out);
+  }
+}
+
+// Gathers the centroids and sizes of fine clusters `ids` into contiguous
+// arrays so the surviving set is scored with one BLAS call.
+void GatherFine(const IndexView& idx, const std::vector<uint32_t>& ids, std::vector<float>* c,
+                std::vector<uint32_t>* sizes) {
+  const int d = idx.head_dim;
+  c->resize(ids.size() * d);
+  sizes->resize(ids.size());
+  for (size_t i = 0; i < ids.size(); ++i) {
+    std::copy_n(idx.fine_centroids + static_cast<int64_t>(ids[i]) * d, d, c->data() + i * d);
+    (*sizes)[i] = idx.fine_sizes[ids[i]];
+  }
+}
+
+// Children of the kept coarse clusters, ascending (children of a coarse
+// cluster are one contiguous id range, and the CSR orders the ranges).
+void Children(const IndexView& idx, const std::vector<uint32_t>& coarse, std::vector<uint32_t>* fine) {
+  fine->clear();
+  for (uint32_t a : coarse) {
+    for (uint32_t j = idx.coarse_child_offsets[a]; j < idx.coarse_child_offsets[a + 1]; ++j) fine->push_back(j);
+  }
+}
+
+// Selection of one query head for its T queries: (*own)[u] for u < U where
+// U = T with per-query selection, else 1 (shared by the T queries).
+Status SelectOneHead(const IndexView& idx, const float* q, int T, const SelectionParams& params,
+                     std::vector<std::vector<uint32_t>>* own, int64_t* dot_products) {
+  const int d = idx.head_dim;
+  const bool per_query = params.per_query && T > 1;
+  const int U = per_query ? T : 1;
+  own->assign(U, {});
+  const double n_clustered = static_cast<double>(idx.n_clustered);
+  const double fine_target = params.budget * n_clustered;
+
+  if (!params.hierarchical) {
+    std::vector<uint32_t> ids(idx.k2);
+    std::iota(ids.begin(), ids.end(), 0u);
+    std::vector<double> p;
+    SQZ_RETURN_IF_ERROR(ClusterProbabilities(q, T, d, params.scale, idx.fine_centroids, idx.fine_sizes, idx.k2,
+                                             per_query ? &p : nullptr, per_query ? nullptr : &p));
+    *dot_products += static_cast<int64_t>(T) * idx.k2;
+    for (int u = 0; u < U; ++u) {
+      Keep(params, p.data() + static_cast<int64_t>(u) * idx.k2, ids.data(), idx.fine_sizes, idx.k2,
+           params.tau_flat, fine_target, &(*own)[u]);
+    }
+    return Status::OK();
+  }
+
+  // Hierarchical: coarse level first, then only the children of kept coarse
+  // clusters, with the denominator over those survivors.
+  std::vector<uint32_t> coarse_ids(idx.k1);
+  std::iota(coarse_ids.begin(), coarse_ids.end(), 0u);
+  const double coarse_target = std::min(1.0, params.coarse_budget_factor * params.budget) * n_clustered;
+  std::vector<double> P;
+  SQZ_RETURN_IF_ERROR(ClusterProbabilities(q, T, d, params.scale, idx.coarse_centroids, idx.coarse_sizes, idx.k1,
+                                           per_query ? &P : nullptr, per_query ? nullptr : &P));
+  *dot_products += static_cast<int64_t>(T) * idx.k1;
+  std::vector<uint32_t> kept_coarse, survivors, sizes;
+  std::vector<float> c;
+  std::vector<double> p;
+  for (int u = 0; u < U; ++u) {
+    kept_coarse.clear();
+    Keep(params, P.data() + static_cast<int64_t>(u) * idx.k1, coarse_ids.data(), idx.coarse_sizes, idx.k1,
+         params.tau_coarse, coarse_target, &kept_coarse);
+    Children(idx, kept_coarse, &survivors);
+    GatherFine(idx, survivors, &c, &sizes);
+    // Shared selection averages p' over all T queries; per-query scores one.
+    const float* qu = q + static_cast<int64_t>(per_query ? u : 0) * d;
+    const int rows = per_query ? 1 : T;
+    SQZ_RETURN_IF_ERROR(ClusterProbabilities(qu, rows, d, params.scale, c.data(), sizes.data(),
+                                             static_cast<int64_t>(survivors.size()), nullptr, &p));
+    *dot_products += static_cast<int64_t>(rows) * static_cast<int64_t>(survivors.size());
+    Keep(params, p.data(), survivors.data(), sizes.data(), static_cast<int64_t>(survivors.size()),
+         params.tau_fine, fine_target, &(*own)[u]);
+  }
+  return Status::OK();
+}
+
+void SortUnique(std::vector<uint32_t>* v) {
+  std::sort(v->begin(), v->end());
+  v->erase(std::unique(v->begin(), v->end()), v->end());
+}
+
+}  // namespace
+
+bool ProbabilitiesFromScores(const float* s, const uint32_t* sizes, int64_t n, double* p) {
+  if (n == 0) return true;
+  double m = -INFINITY;
+  for (int64_t i = 0; i < n; ++i) {
+    if (!std::isfinite(s[i])) return false;
+    m = std::max(m, static_cast<double>(s[i]));
+  }
+  // Max subtraction: every exponent is <= 0 and the largest term is 1, so the
+  // denominator is >= its size (>= 1) and nothing overflows or divides by 0.
+  double denom = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    p[i] = std::exp(static_cast<double>(s[i]) - m);
+    denom += static_cast<double>(sizes[i]) * p[i];
+  }
+  for (int64_t i = 0; i < n; ++i) p[i] /= denom;
+  return true;
+}
+
+void ScoreCentroids(const float* q, int T, const float* c, int64_t k, int d, float scale, float* s) {
+  if (T <= 0 || k <= 0) return;
+  const int kk = static_cast<int>(k);
+  if (T == 1) {
+    cblas_sgemv(CblasRowMajor, CblasNoTrans, kk, d, scale, c, d, q, 1, 0.0f, s, 1);
+  } else {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, kk, d, scale, q, d, c, d, 0.0f, s, kk);
+  }
+}
+
+void SelectThreshold(const double* p, const uint32_t* ids, int64_t n, double tau, std::vector<uint32_t>* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    if (p[i] > tau) out->push_back(ids[i]);
+  }
+}
+
+void SelectBudget(const double* p, const uint32_t* ids, const uint32_t* sizes, int64_t n, double target,
+                  std::vector<uint32_t>* out) {
+  if (n == 0 || !(target > 0)) return;
+  std::vector<int64_t> order(n);
+  std::iota(order.begin(), order.end(), 0);
+  std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+    if (p[a] != p[b]) return p[a] > p[b];
+    return ids[a] < ids[b];
+  });
+  const size_t first = out->size();
+  double kept = 0;
+  for (int64_t i = 0; i < n && kept < target; ++i) {
+    out->push_back(ids[order[i]]);
+    kept += sizes[order[i]];
+  }
+  std::sort(out->begin() + static_cast<std::ptrdiff_t>(first), out->end());
+}
+
+Status SelectHead(const IndexView& idx, const float* q, int G, int T, const SelectionParams& params,
+                  HeadSelection* out) {
+  out->sets.clear();
+  out->set_of.assign(static_cast<size_t>(G) * T, 0);
+  out->read.clear();
+  out->dot_products = 0;
+
+  if (params.mode == SelectionMode::kDense) {
+    std::vector<uint32_t> all(idx.k2);
+    std::iota(all.begin(), all.end(), 0u);
+    out->read = all;
+    out->sets.push_back(std::move(all));
+    return Status::OK();
+  }
+
+  const bool per_query = params.per_query && T > 1;
+  const int U = per_query ? T : 1;
+  std::vector<std::vector<std::vector<uint32_t>>> own(G);  // [g][u]
+  for (int g = 0; g < G; ++g) {
+    Status s = SelectOneHead(idx, q + static_cast<int64_t>(g) * T * idx.head_dim, T, params, &own[g],
+                             &out->dot_products);
+    if (!s.ok()) return s.WithPrefix("query head " + std::to_string(g) + " of the group");
+  }
+
+  if (params.gqa == GqaPolicy::kUnion) {
+    out->sets.resize(U);
+    for (int u = 0; u < U; ++u) {
+      for (int g = 0; g < G; ++g) out->sets[u].insert(out->sets[u].end(), own[g][u].begin(), own[g][u].end());
+      SortUnique(&out->sets[u]);
+    }
+    for (int g = 0; g < G; ++g) {
+      for (int t = 0; t < T; ++t) out->set_of[static_cast<size_t>(g) * T + t] = per_query ? t : 0;
+    }
+  } else {
+    out->sets.resize(static_cast<size_t>(G) * U);
+    for (int g = 0; g < G; ++g) {
+      for (int u = 0; u < U; ++u) out->sets[static_cast<size_t>(g) * U + u] = std::move(own[g][u]);
+      for (int t = 0; t < T; ++t) out->set_of[static_cast<size_t>(g) * T + t] = g * U + (per_query ? t : 0);
+    }
+  }
+  for (const auto& set : out->sets) out->read.insert(out->read.end(), set.begin(), set.end());
+  SortUnique(&out->read);
+  return Status::OK();
+}
+
+}  // namespace sqz::query
