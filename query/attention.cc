@@ -1,0 +1,125 @@
+#include "query/attention.h"
+
+#include <cblas.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "sqz/query.h"
+
+namespace sqz::query {
+
+namespace {
+
+// Bound on the score scratch of one tile of query rows (floats).
+constexpr int64_t kScoreTileFloats = int64_t{1} << 22;
+
+// Turns the scores row x[0..n) into exp(x_i - max) in place; returns the max
+// and the sum of the exponentials (double), or false on a non-finite score.
+bool ExpRow(float* x, int64_t n, double* max_out, double* sum_out) {
+  float m = -INFINITY;
+  bool finite = true;
+  for (int64_t i = 0; i < n; ++i) {
+    finite &= std::isfinite(x[i]);
+    m = std::max(m, x[i]);
+  }
+  if (!finite) return false;
+  double sum = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    x[i] = std::exp(x[i] - m);
+    sum += x[i];
+  }
+  *max_out = m;
+  *sum_out = sum;
+  return true;
+}
+
+bool AttendOneRow(const float* q, const float* k, const float* v, int64_t n, int d, float scale, float* o,
+                  float* lse, std::vector<float>* scratch) {
+  scratch->resize(n);
+  float* x = scratch->data();
+  for (int64_t i = 0; i < n; ++i) {
+    const float* ki = k + i * d;
+    float acc = 0;
+#pragma omp simd reduction(+ : acc)
+    for (int c = 0; c < d; ++c) acc += q[c] * ki[c];
+    x[i] = scale * acc;
+  }
+  double m, sum;
+  if (!ExpRow(x, n, &m, &sum)) return false;
+  std::fill_n(o, d, 0.0f);
+  for (int64_t i = 0; i < n; ++i) {
+    const float w = x[i];
+    const float* vi = v + i * d;
+#pragma omp simd
+    for (int c = 0; c < d; ++c) o[c] += w * vi[c];
+  }
+  const float inv = static_cast<float>(1.0 / sum);
+  for (int c = 0; c < d; ++c) o[c] *= inv;
+  *lse = static_cast<float>(m + std::log(sum));
+  return true;
+}
+
+}  // namespace
+
+bool AttendRows(const float* q, int64_t m, const float* k, const float* v, int64_t n, int d, float scale,
+                float* o, float* lse, std::vector<float>* scratch) {
+  if (n == 0) {
+    std::fill_n(o, m * d, 0.0f);
+    std::fill_n(lse, m, -INFINITY);
+    return true;
+  }
+  if (m == 1) return AttendOneRow(q, k, v, n, d, scale, o, lse, scratch);
+
+  const int64_t tile = std::clamp<int64_t>(kScoreTileFloats / n, 1, m);
+  scratch->resize(tile * n);
+  float* x = scratch->data();
+  const int nn = static_cast<int>(n);
+  for (int64_t r0 = 0; r0 < m; r0 += tile) {
+    const int rows = static_cast<int>(std::min(tile, m - r0));
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, nn, d, scale, q + r0 * d, d, k, d, 0.0f, x, nn);
+    for (int r = 0; r < rows; ++r) {
+      double mx, sum;
+      if (!ExpRow(x + static_cast<int64_t>(r) * n, n, &mx, &sum)) return false;
+      lse[r0 + r] = static_cast<float>(mx + std::log(sum));
+      // Normalise the weights before the product so P V is already O.
+      const float inv = static_cast<float>(1.0 / sum);
+      float* row = x + static_cast<int64_t>(r) * n;
+      for (int64_t i = 0; i < n; ++i) row[i] *= inv;
+    }
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, d, nn, 1.0f, x, nn, v, d, 0.0f, o + r0 * d, d);
+  }
+  return true;
+}
+
+}  // namespace sqz::query
+
+namespace sqz {
+
+void MergeAttentionStates(float* o_a, float* lse_a, const float* o_b, const float* lse_b, int64_t n,
+                          int head_dim) {
+  for (int64_t r = 0; r < n; ++r) {
+    float* oa = o_a + r * head_dim;
+    const float* ob = o_b + r * head_dim;
+    const float la = lse_a[r], lb = lse_b[r];
+    if (lb == -INFINITY) {
+      // Nothing to add; an empty a stays empty but with o = 0 as documented.
+      if (la == -INFINITY) std::fill_n(oa, head_dim, 0.0f);
+      continue;
+    }
+    if (la == -INFINITY) {
+      std::copy_n(ob, head_dim, oa);
+      lse_a[r] = lb;
+      continue;
+    }
+    // Rescale by the difference to the larger LSE: weights in (0, 1].
+    const double mx = std::max(la, lb);
+    const double wa = std::exp(la - mx), wb = std::exp(lb - mx);
+    const double total = wa + wb;
+    const float fa = static_cast<float>(wa / total), fb = static_cast<float>(wb / total);
+    for (int c = 0; c < head_dim; ++c) oa[c] = fa * oa[c] + fb * ob[c];
+    lse_a[r] = static_cast<float>(mx + std::log(total));
+  }
+}
+
+}  // namespace sqz
