@@ -13,7 +13,7 @@ PKGS=(
   libfaiss-dev libopenblas-dev liblapack-dev
   libflatbuffers-dev flatbuffers-compiler
   libgtest-dev libgmock-dev libbenchmark-dev
-  python3 python3-venv python3-pip
+  python3 python3-venv python3-pip time
 )
 
 SUDO=""

@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 #include <rocksdb/db.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -21,6 +22,7 @@
 #include "storage/db_impl.h"
 #include "storage/format.h"
 #include "storage/format_generated.h"
+#include "util/crc32c.h"
 #include "util/half.h"
 
 namespace sqz::index_test {

@@ -72,7 +72,8 @@ TEST(StatusTest, CopyIsDeepAndMoveTransfers) {
   EXPECT_TRUE(a.ok());
   EXPECT_EQ(b.ToString(), "Corruption: bad block 7");
   EXPECT_EQ(c.ToString(), "Corruption: bad block 7");
-  c = c;  // self-assignment keeps the state
+  const Status& alias = c;
+  c = alias;  // self-assignment keeps the state
   EXPECT_EQ(c.ToString(), "Corruption: bad block 7");
   c = Status::OK();
   EXPECT_TRUE(c.ok());

@@ -126,11 +126,13 @@ int RunBuildIndex(const Args& args) {
     double keys_rate = stats.keys_clustered / std::max(stats.seconds_total, 1e-9);
     if (json) {
       if (json_out.size() > 1) json_out += ",";
-      char buf[512];
+      char buf[768];
       std::snprintf(buf, sizeof(buf),
-                    "{\"name\":\"%s\",\"seconds\":%.3f,\"keys_clustered\":%lld,\"keys_per_second\":%.1f,"
-                    "\"kv_bytes\":%llu,\"index_bytes\":%llu,\"peak_rss_bytes\":%llu}",
-                    JsonEscape(name).c_str(), stats.seconds_total, static_cast<long long>(stats.keys_clustered),
+                    "{\"name\":\"%s\",\"seconds\":%.3f,\"seconds_read\":%.3f,\"seconds_kmeans\":%.3f,"
+                    "\"seconds_calibrate\":%.3f,\"seconds_write\":%.3f,\"keys_clustered\":%lld,"
+                    "\"keys_per_second\":%.1f,\"kv_bytes\":%llu,\"index_bytes\":%llu,\"peak_rss_bytes\":%llu}",
+                    JsonEscape(name).c_str(), stats.seconds_total, stats.seconds_read, stats.seconds_kmeans,
+                    stats.seconds_calibrate, stats.seconds_write, static_cast<long long>(stats.keys_clustered),
                     keys_rate, static_cast<unsigned long long>(stats.kv_bytes),
                     static_cast<unsigned long long>(stats.index_bytes),
                     static_cast<unsigned long long>(stats.peak_rss_bytes));
