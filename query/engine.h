@@ -11,7 +11,8 @@
 // Thread-safety: immutable after Open; every method is const and uses
 // per-call scratch, so any number of threads may call Attend concurrently.
 // Within one call the KV heads run in parallel (OpenMP); results do not
-// depend on the thread count.
+// depend on the thread count. AttendStats' stage times are summed over the
+// KV heads (thread-seconds, not wall time, when heads run in parallel).
 #pragma once
 
 #include <cstdint>

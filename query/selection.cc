@@ -7,12 +7,14 @@
 #include <numeric>
 #include <string>
 
+#include "index/probability.h"
+
 namespace sqz::query {
 
 namespace {
 
-// Bound on the scores scratch of one tile of queries (floats), so a long
-// prefill against many centroids does not allocate T * K2 floats at once.
+// Bound on the scores scratch of one tile of queries, so a long prefill
+// against many centroids does not allocate T * K2 scores at once.
 constexpr int64_t kScoreTileFloats = int64_t{1} << 20;
 
 int TileRows(int T, int64_t k) {
@@ -20,28 +22,24 @@ int TileRows(int T, int64_t k) {
   return static_cast<int>(std::clamp<int64_t>(rows, 1, T));
 }
 
-Status ScoreOverflow() {
-  return Status::InvalidArgument(
-      "a centroid score overflows float32 (query norm too large for the softmax scale)");
-}
-
-// Probabilities of `k` clusters (centroids c, sizes) for the T queries q,
-// either one row per query (per_row, [T, k]) or their mean over T (mean, [k]).
+// Per-key probabilities of all k clusters (centroids c, sizes) for the T
+// queries q: either one row per query (per_row, [T, k]) or their mean over
+// the T queries, each computed with its own max and denominator (mean, [k]).
 // Exactly one of per_row / mean is non-null.
-Status ClusterProbabilities(const float* q, int T, int d, float scale, const float* c, const uint32_t* sizes,
-                            int64_t k, std::vector<double>* per_row, std::vector<double>* mean) {
+void FlatProbabilities(const float* q, int T, int d, float scale, const float* c, const uint32_t* sizes, int64_t k,
+                       std::vector<double>* per_row, std::vector<double>* mean) {
   if (per_row) per_row->assign(static_cast<size_t>(T) * k, 0.0);
   if (mean) mean->assign(k, 0.0);
-  if (k == 0) return Status::OK();
+  if (k == 0) return;
   const int tile = TileRows(T, k);
-  std::vector<float> s(static_cast<size_t>(tile) * k);
-  std::vector<double> p(per_row ? 0 : k);
+  std::vector<double> s(static_cast<size_t>(tile) * k), p(per_row ? 0 : k);
+  std::vector<float> scratch;
   for (int t0 = 0; t0 < T; t0 += tile) {
     const int rows = std::min(tile, T - t0);
-    ScoreCentroids(q + static_cast<int64_t>(t0) * d, rows, c, k, d, scale, s.data());
+    ScoreCentroidRows(q + static_cast<int64_t>(t0) * d, rows, c, k, d, scale, s.data(), &scratch);
     for (int r = 0; r < rows; ++r) {
       double* dst = per_row ? per_row->data() + static_cast<int64_t>(t0 + r) * k : p.data();
-      if (!ProbabilitiesFromScores(s.data() + static_cast<int64_t>(r) * k, sizes, k, dst)) return ScoreOverflow();
+      index::ClusterProbabilities(s.data() + static_cast<int64_t>(r) * k, sizes, k, dst);
       if (mean) {
         for (int64_t j = 0; j < k; ++j) (*mean)[j] += dst[j];
       }
@@ -50,7 +48,36 @@ Status ClusterProbabilities(const float* q, int T, int d, float scale, const flo
   if (mean) {
     for (double& m : *mean) m /= T;
   }
-  return Status::OK();
+}
+
+// Hierarchical fine probabilities p'_j over the surviving fine clusters
+// `survivors` (ascending ids), averaged over the T queries q: mean[i] belongs
+// to survivors[i].
+void SurvivorProbabilities(const IndexView& idx, const float* q, int T, float scale,
+                           const std::vector<uint32_t>& survivors, std::vector<double>* mean) {
+  const int d = idx.head_dim;
+  const int64_t n = static_cast<int64_t>(survivors.size());
+  mean->assign(n, 0.0);
+  if (n == 0) return;
+  // Gather the survivors' centroids so they are scored with one BLAS call.
+  std::vector<float> c(static_cast<size_t>(n) * d);
+  for (int64_t i = 0; i < n; ++i) {
+    std::copy_n(idx.fine_centroids + static_cast<int64_t>(survivors[i]) * d, d, c.data() + i * d);
+  }
+  const int tile = TileRows(T, n);
+  std::vector<double> s(static_cast<size_t>(tile) * n), by_id(idx.k2), p(n);
+  std::vector<float> scratch;
+  for (int t0 = 0; t0 < T; t0 += tile) {
+    const int rows = std::min(tile, T - t0);
+    ScoreCentroidRows(q + static_cast<int64_t>(t0) * d, rows, c.data(), n, d, scale, s.data(), &scratch);
+    for (int r = 0; r < rows; ++r) {
+      // index::SubsetProbabilities takes scores indexed by cluster id.
+      for (int64_t i = 0; i < n; ++i) by_id[survivors[i]] = s[static_cast<int64_t>(r) * n + i];
+      index::SubsetProbabilities(by_id.data(), idx.fine_sizes, survivors.data(), n, p.data());
+      for (int64_t i = 0; i < n; ++i) (*mean)[i] += p[i];
+    }
+  }
+  for (double& m : *mean) m /= T;
 }
 
 // Keeps candidates by the mode's rule (threshold tau or budget target).
@@ -60,19 +87,6 @@ void Keep(const SelectionParams& params, const double* p, const uint32_t* ids, c
     SelectThreshold(p, ids, n, tau, out);
   } else {
     SelectBudget(p, ids, sizes, n, target, out);
-  }
-}
-
-// Gathers the centroids and sizes of fine clusters `ids` into contiguous
-// arrays so the surviving set is scored with one BLAS call.
-void GatherFine(const IndexView& idx, const std::vector<uint32_t>& ids, std::vector<float>* c,
-                std::vector<uint32_t>* sizes) {
-  const int d = idx.head_dim;
-  c->resize(ids.size() * d);
-  sizes->resize(ids.size());
-  for (size_t i = 0; i < ids.size(); ++i) {
-    std::copy_n(idx.fine_centroids + static_cast<int64_t>(ids[i]) * d, d, c->data() + i * d);
-    (*sizes)[i] = idx.fine_sizes[ids[i]];
   }
 }
 
@@ -87,8 +101,8 @@ void Children(const IndexView& idx, const std::vector<uint32_t>& coarse, std::ve
 
 // Selection of one query head for its T queries: (*own)[u] for u < U where
 // U = T with per-query selection, else 1 (shared by the T queries).
-Status SelectOneHead(const IndexView& idx, const float* q, int T, const SelectionParams& params,
-                     std::vector<std::vector<uint32_t>>* own, int64_t* dot_products) {
+void SelectOneHead(const IndexView& idx, const float* q, int T, const SelectionParams& params,
+                   std::vector<std::vector<uint32_t>>* own, int64_t* dot_products) {
   const int d = idx.head_dim;
   const bool per_query = params.per_query && T > 1;
   const int U = per_query ? T : 1;
@@ -100,44 +114,42 @@ Status SelectOneHead(const IndexView& idx, const float* q, int T, const Selectio
     std::vector<uint32_t> ids(idx.k2);
     std::iota(ids.begin(), ids.end(), 0u);
     std::vector<double> p;
-    SQZ_RETURN_IF_ERROR(ClusterProbabilities(q, T, d, params.scale, idx.fine_centroids, idx.fine_sizes, idx.k2,
-                                             per_query ? &p : nullptr, per_query ? nullptr : &p));
+    FlatProbabilities(q, T, d, params.scale, idx.fine_centroids, idx.fine_sizes, idx.k2, per_query ? &p : nullptr,
+                      per_query ? nullptr : &p);
     *dot_products += static_cast<int64_t>(T) * idx.k2;
     for (int u = 0; u < U; ++u) {
       Keep(params, p.data() + static_cast<int64_t>(u) * idx.k2, ids.data(), idx.fine_sizes, idx.k2,
            params.tau_flat, fine_target, &(*own)[u]);
     }
-    return Status::OK();
+    return;
   }
 
-  // Hierarchical: coarse level first, then only the children of kept coarse
-  // clusters, with the denominator over those survivors.
+  // Hierarchical: the coarse level first, then only the children of kept
+  // coarse clusters, with the denominator over those survivors.
   std::vector<uint32_t> coarse_ids(idx.k1);
   std::iota(coarse_ids.begin(), coarse_ids.end(), 0u);
   const double coarse_target = std::min(1.0, params.coarse_budget_factor * params.budget) * n_clustered;
   std::vector<double> P;
-  SQZ_RETURN_IF_ERROR(ClusterProbabilities(q, T, d, params.scale, idx.coarse_centroids, idx.coarse_sizes, idx.k1,
-                                           per_query ? &P : nullptr, per_query ? nullptr : &P));
+  FlatProbabilities(q, T, d, params.scale, idx.coarse_centroids, idx.coarse_sizes, idx.k1, per_query ? &P : nullptr,
+                    per_query ? nullptr : &P);
   *dot_products += static_cast<int64_t>(T) * idx.k1;
   std::vector<uint32_t> kept_coarse, survivors, sizes;
-  std::vector<float> c;
   std::vector<double> p;
   for (int u = 0; u < U; ++u) {
     kept_coarse.clear();
     Keep(params, P.data() + static_cast<int64_t>(u) * idx.k1, coarse_ids.data(), idx.coarse_sizes, idx.k1,
          params.tau_coarse, coarse_target, &kept_coarse);
     Children(idx, kept_coarse, &survivors);
-    GatherFine(idx, survivors, &c, &sizes);
     // Shared selection averages p' over all T queries; per-query scores one.
     const float* qu = q + static_cast<int64_t>(per_query ? u : 0) * d;
     const int rows = per_query ? 1 : T;
-    SQZ_RETURN_IF_ERROR(ClusterProbabilities(qu, rows, d, params.scale, c.data(), sizes.data(),
-                                             static_cast<int64_t>(survivors.size()), nullptr, &p));
+    SurvivorProbabilities(idx, qu, rows, params.scale, survivors, &p);
     *dot_products += static_cast<int64_t>(rows) * static_cast<int64_t>(survivors.size());
+    sizes.resize(survivors.size());
+    for (size_t i = 0; i < survivors.size(); ++i) sizes[i] = idx.fine_sizes[survivors[i]];
     Keep(params, p.data(), survivors.data(), sizes.data(), static_cast<int64_t>(survivors.size()),
          params.tau_fine, fine_target, &(*own)[u]);
   }
-  return Status::OK();
 }
 
 void SortUnique(std::vector<uint32_t>* v) {
@@ -147,31 +159,27 @@ void SortUnique(std::vector<uint32_t>* v) {
 
 }  // namespace
 
-bool ProbabilitiesFromScores(const float* s, const uint32_t* sizes, int64_t n, double* p) {
-  if (n == 0) return true;
-  double m = -INFINITY;
-  for (int64_t i = 0; i < n; ++i) {
-    if (!std::isfinite(s[i])) return false;
-    m = std::max(m, static_cast<double>(s[i]));
-  }
-  // Max subtraction: every exponent is <= 0 and the largest term is 1, so the
-  // denominator is >= its size (>= 1) and nothing overflows or divides by 0.
-  double denom = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    p[i] = std::exp(static_cast<double>(s[i]) - m);
-    denom += static_cast<double>(sizes[i]) * p[i];
-  }
-  for (int64_t i = 0; i < n; ++i) p[i] /= denom;
-  return true;
-}
-
-void ScoreCentroids(const float* q, int T, const float* c, int64_t k, int d, float scale, float* s) {
+void ScoreCentroidRows(const float* q, int T, const float* c, int64_t k, int d, float scale, double* s,
+                       std::vector<float>* scratch) {
   if (T <= 0 || k <= 0) return;
   const int kk = static_cast<int>(k);
+  scratch->resize(static_cast<size_t>(T) * k);
+  float* f = scratch->data();
   if (T == 1) {
-    cblas_sgemv(CblasRowMajor, CblasNoTrans, kk, d, scale, c, d, q, 1, 0.0f, s, 1);
+    cblas_sgemv(CblasRowMajor, CblasNoTrans, kk, d, scale, c, d, q, 1, 0.0f, f, 1);
   } else {
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, kk, d, scale, q, d, c, d, 0.0f, s, kk);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, kk, d, scale, q, d, c, d, 0.0f, f, kk);
+  }
+  for (int t = 0; t < T; ++t) {
+    const float* row = f + static_cast<int64_t>(t) * k;
+    double* out = s + static_cast<int64_t>(t) * k;
+    bool finite = true;
+    for (int64_t j = 0; j < k; ++j) {
+      finite &= std::isfinite(row[j]);
+      out[j] = row[j];
+    }
+    // Dot products of finite floats cannot overflow a double.
+    if (!finite) index::ScoreCentroids(q + static_cast<int64_t>(t) * d, c, k, d, scale, out);
   }
 }
 
@@ -199,7 +207,7 @@ void SelectBudget(const double* p, const uint32_t* ids, const uint32_t* sizes, i
   std::sort(out->begin() + static_cast<std::ptrdiff_t>(first), out->end());
 }
 
-Status SelectHead(const IndexView& idx, const float* q, int G, int T, const SelectionParams& params,
+void SelectHead(const IndexView& idx, const float* q, int G, int T, const SelectionParams& params,
                   HeadSelection* out) {
   out->sets.clear();
   out->set_of.assign(static_cast<size_t>(G) * T, 0);
@@ -211,16 +219,14 @@ Status SelectHead(const IndexView& idx, const float* q, int G, int T, const Sele
     std::iota(all.begin(), all.end(), 0u);
     out->read = all;
     out->sets.push_back(std::move(all));
-    return Status::OK();
+    return;
   }
 
   const bool per_query = params.per_query && T > 1;
   const int U = per_query ? T : 1;
   std::vector<std::vector<std::vector<uint32_t>>> own(G);  // [g][u]
   for (int g = 0; g < G; ++g) {
-    Status s = SelectOneHead(idx, q + static_cast<int64_t>(g) * T * idx.head_dim, T, params, &own[g],
-                             &out->dot_products);
-    if (!s.ok()) return s.WithPrefix("query head " + std::to_string(g) + " of the group");
+    SelectOneHead(idx, q + static_cast<int64_t>(g) * T * idx.head_dim, T, params, &own[g], &out->dot_products);
   }
 
   if (params.gqa == GqaPolicy::kUnion) {
@@ -241,7 +247,6 @@ Status SelectHead(const IndexView& idx, const float* q, int G, int T, const Sele
   }
   for (const auto& set : out->sets) out->read.insert(out->read.end(), set.begin(), set.end());
   SortUnique(&out->read);
-  return Status::OK();
 }
 
 }  // namespace sqz::query

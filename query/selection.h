@@ -6,10 +6,11 @@
 // (query/attention.h) consumes them, so each half can be tested alone and the
 // GPU engine can be checked against either.
 //
-// Precision: centroid scores are float32 dot products (BLAS); everything after
-// them (max subtraction, exponentials, denominators, means over queries) is
-// double, so p_j is exact to float rounding of the scores and never overflows
-// for finite scores.
+// Precision: centroid scores are float32 dot products (BLAS, with a double
+// fallback on overflow); everything after them (max subtraction,
+// exponentials, denominators, means over queries) is double, so p_j is exact
+// to float rounding of the scores, and no input of finite values gives an
+// overflow or a NaN.
 //
 // Thread-safety: stateless functions; callers pass their own scratch.
 #pragma once
@@ -18,7 +19,6 @@
 #include <vector>
 
 #include "sqz/query.h"
-#include "sqz/status.h"
 
 namespace sqz::query {
 
@@ -61,17 +61,17 @@ struct HeadSelection {
   int64_t dot_products = 0;
 };
 
-// --- Estimated probabilities (one query) -------------------------------------
+// --- Estimated probabilities ------------------------------------------------
+// The formulas themselves are index/probability.h's (shared with the offline
+// calibration); these helpers feed them scores.
 
-// p[i] = exp(s[i] - m) / sum_k sizes[k] exp(s[k] - m), m = max_k s[k], over
-// n entries (scores s and sizes of the same clusters, in the same order).
-// n == 0 is allowed (nothing written). Returns false if a score is not finite
-// (a float32 overflow of the dot product): p is then unspecified.
-bool ProbabilitiesFromScores(const float* s, const uint32_t* sizes, int64_t n, double* p);
-
-// s[t * k + j] = scale * q_t . c_j for T queries q [T, d] and k centroids
-// c [k, d] (float32 BLAS). s must hold T * k floats.
-void ScoreCentroids(const float* q, int T, const float* c, int64_t k, int d, float scale, float* s);
+// s[t * k + j] = scale * q_t . c_j, in double, for T queries q [T, d] and k
+// centroids c [k, d]. Computed with float32 BLAS (fast: a decode step is one
+// pass over the centroids); a row whose float scores overflow (a huge query
+// norm) is recomputed in double (index::ScoreCentroids), so the result is
+// finite for any finite input. `scratch` is reused across calls.
+void ScoreCentroidRows(const float* q, int T, const float* c, int64_t k, int d, float scale, double* s,
+                       std::vector<float>* scratch);
 
 // --- Selection over probabilities --------------------------------------------
 
@@ -88,9 +88,8 @@ void SelectBudget(const double* p, const uint32_t* ids, const uint32_t* sizes, i
 // --- Whole head ----------------------------------------------------------------
 
 // Selects for the G query heads of one KV head. q: [G, T, head_dim] float32,
-// finite. With mode kDense every fine cluster is one set. Errors:
-// InvalidArgument if a centroid score overflows float32 (query norm too large).
-Status SelectHead(const IndexView& idx, const float* q, int G, int T, const SelectionParams& params,
+// finite. With mode kDense every fine cluster is one set.
+void SelectHead(const IndexView& idx, const float* q, int G, int T, const SelectionParams& params,
                   HeadSelection* out);
 
 }  // namespace sqz::query

@@ -321,7 +321,9 @@ TEST(AllFiniteTest, DetectsNanAndInfInEveryDtype) {
         ConvertFromFloat(s2.data(), n, t, buf.data());
         EXPECT_FALSE(AllFinite(buf.data(), t, n)) << "value " << bad << " at " << pos;
         // Elements past n are not looked at.
-        if (pos == n - 1) EXPECT_TRUE(AllFinite(buf.data(), t, n - 1));
+        if (pos == n - 1) {
+          EXPECT_TRUE(AllFinite(buf.data(), t, n - 1));
+        }
       }
     }
   }
