@@ -14,8 +14,9 @@ namespace {
 // Bound on the score scratch of one tile of query rows (floats).
 constexpr int64_t kScoreTileFloats = int64_t{1} << 22;
 
-// Turns the scores row x[0..n) into exp(x_i - max) in place; returns the max
-// and the sum of the exponentials (double), or false on a non-finite score.
+// Turns the scores row x[0..n) into exp(x_i - max) in place and returns the
+// max and the sum of the exponentials (double); false (x untouched) if a
+// score is not finite.
 bool ExpRow(float* x, int64_t n, double* max_out, double* sum_out) {
   float m = -INFINITY;
   bool finite = true;
@@ -34,7 +35,29 @@ bool ExpRow(float* x, int64_t n, double* max_out, double* sum_out) {
   return true;
 }
 
-bool AttendOneRow(const float* q, const float* k, const float* v, int64_t n, int d, float scale, float* o,
+// One row entirely in double: only for scores that overflow float32, where
+// q . k of finite floats is still finite in double.
+void AttendRowDouble(const float* q, const float* k, const float* v, int64_t n, int d, float scale, float* o,
+                     float* lse) {
+  std::vector<double> x(n), acc(d, 0.0);
+  double m = -INFINITY;
+  for (int64_t i = 0; i < n; ++i) {
+    double dot = 0;
+    for (int c = 0; c < d; ++c) dot += static_cast<double>(q[c]) * k[i * d + c];
+    x[i] = scale * dot;
+    m = std::max(m, x[i]);
+  }
+  double sum = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double w = std::exp(x[i] - m);
+    sum += w;
+    for (int c = 0; c < d; ++c) acc[c] += w * v[i * d + c];
+  }
+  for (int c = 0; c < d; ++c) o[c] = static_cast<float>(acc[c] / sum);
+  *lse = static_cast<float>(m + std::log(sum));
+}
+
+void AttendOneRow(const float* q, const float* k, const float* v, int64_t n, int d, float scale, float* o,
                   float* lse, std::vector<float>* scratch) {
   scratch->resize(n);
   float* x = scratch->data();
@@ -46,7 +69,7 @@ bool AttendOneRow(const float* q, const float* k, const float* v, int64_t n, int
     x[i] = scale * acc;
   }
   double m, sum;
-  if (!ExpRow(x, n, &m, &sum)) return false;
+  if (!ExpRow(x, n, &m, &sum)) return AttendRowDouble(q, k, v, n, d, scale, o, lse);
   std::fill_n(o, d, 0.0f);
   for (int64_t i = 0; i < n; ++i) {
     const float w = x[i];
@@ -57,17 +80,16 @@ bool AttendOneRow(const float* q, const float* k, const float* v, int64_t n, int
   const float inv = static_cast<float>(1.0 / sum);
   for (int c = 0; c < d; ++c) o[c] *= inv;
   *lse = static_cast<float>(m + std::log(sum));
-  return true;
 }
 
 }  // namespace
 
-bool AttendRows(const float* q, int64_t m, const float* k, const float* v, int64_t n, int d, float scale,
+void AttendRows(const float* q, int64_t m, const float* k, const float* v, int64_t n, int d, float scale,
                 float* o, float* lse, std::vector<float>* scratch) {
   if (n == 0) {
     std::fill_n(o, m * d, 0.0f);
     std::fill_n(lse, m, -INFINITY);
-    return true;
+    return;
   }
   if (m == 1) return AttendOneRow(q, k, v, n, d, scale, o, lse, scratch);
 
@@ -75,21 +97,29 @@ bool AttendRows(const float* q, int64_t m, const float* k, const float* v, int64
   scratch->resize(tile * n);
   float* x = scratch->data();
   const int nn = static_cast<int>(n);
+  std::vector<int> overflowed;
   for (int64_t r0 = 0; r0 < m; r0 += tile) {
     const int rows = static_cast<int>(std::min(tile, m - r0));
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, nn, d, scale, q + r0 * d, d, k, d, 0.0f, x, nn);
+    overflowed.clear();
     for (int r = 0; r < rows; ++r) {
+      float* row = x + static_cast<int64_t>(r) * n;
       double mx, sum;
-      if (!ExpRow(x + static_cast<int64_t>(r) * n, n, &mx, &sum)) return false;
+      if (!ExpRow(row, n, &mx, &sum)) {
+        std::fill_n(row, n, 0.0f);  // recomputed in double after the product
+        overflowed.push_back(r);
+        continue;
+      }
       lse[r0 + r] = static_cast<float>(mx + std::log(sum));
       // Normalise the weights before the product so P V is already O.
       const float inv = static_cast<float>(1.0 / sum);
-      float* row = x + static_cast<int64_t>(r) * n;
       for (int64_t i = 0; i < n; ++i) row[i] *= inv;
     }
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, d, nn, 1.0f, x, nn, v, d, 0.0f, o + r0 * d, d);
+    for (int r : overflowed) {
+      AttendRowDouble(q + (r0 + r) * d, k, v, n, d, scale, o + (r0 + r) * d, lse + r0 + r);
+    }
   }
-  return true;
 }
 
 }  // namespace sqz::query

@@ -18,10 +18,10 @@ namespace sqz::query {
 // o: [m, d], lse: [m]. n == 0 gives the empty state (lse = -inf, o = 0).
 // m == 1 uses plain vectorised loops (decode, memory bound); m > 1 uses
 // OpenBLAS sgemm for Q K^T and P V, tiled over the rows so the score scratch
-// stays bounded. `scratch` is reused across calls.
-// Returns false if a score is not finite (float32 overflow of q . k); o and
-// lse are then unspecified.
-bool AttendRows(const float* q, int64_t m, const float* k, const float* v, int64_t n, int d, float scale,
+// stays bounded. A row whose float32 scores overflow (a huge query norm) is
+// recomputed in double, so any finite input gives a finite result.
+// `scratch` is reused across calls.
+void AttendRows(const float* q, int64_t m, const float* k, const float* v, int64_t n, int d, float scale,
                 float* o, float* lse, std::vector<float>* scratch);
 
 }  // namespace sqz::query

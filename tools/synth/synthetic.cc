@@ -18,7 +18,7 @@
 //     context, so window queries predict the fresh ones (as calibration
 //     assumes) without being identical to them.
 //   spread: q = eps * z_d + gamma s, eps giving logits of standard deviation
-//     0.3 to 0.9 over the keys (near-uniform attention).
+//     0.3 to 0.7 over the keys (near-uniform attention).
 //   gamma puts the sink's logit near log(n_tokens) + b, with b chosen per
 //   head so that the sink takes a noticeable share (a few to ~30%) of the
 //   mass whatever the context length.
@@ -277,13 +277,13 @@ QHeadParams MakeQHeadParams(const Spec& spec, int layer, int q_head, const std::
     const int j = topic[1 + rng.Below(spec.n_tokens - 1)];
     if (std::find(p.pool.begin(), p.pool.end(), j) == p.pool.end()) p.pool.push_back(j);
   }
-  // Concentrated: the other keys' mass is about n_tokens * (share of the
-  // targets * e^delta + 1), i.e. log(n_tokens) + ~5.5; spread: about
-  // log(n_tokens) + 0.2. The sink sits 1 to 2.5 below that.
+  // Concentrated: the other keys' mass is about n_tokens * share of the
+  // targets * e^delta, i.e. e^(log(n_tokens) + ~6); spread: about n_tokens.
+  // The sink's logit sits 0.5 to 2 below (spread: 1 to 2.5 below) that.
   const double log_n = std::log(double(std::max<int64_t>(spec.n_tokens, 2)));
-  const double rel = rng.Uniform(-2.5, -1.0);
-  p.sink_logit = log_n + rel + (p.kind == HeadKind::kConcentrated ? 5.5 : 0.2);
-  p.spread_std = rng.Uniform(0.3, 0.9);
+  const double rel = rng.Uniform(-2.0, -0.5);
+  p.sink_logit = log_n + rel + (p.kind == HeadKind::kConcentrated ? 6.0 : -0.5);
+  p.spread_std = rng.Uniform(0.3, 0.7);
   return p;
 }
 
@@ -315,7 +315,12 @@ void MakeQuery(const Spec& spec, const KvHeadParams& kp, const QHeadParams& qp, 
     const double eps = qp.spread_std / std::sqrt(kTopicScale * kTopicScale + kNoiseStd * kNoiseStd);
     for (int i = 0; i < d; ++i) x[i] = eps * rng->Normal();
   }
-  // Sink component: logit of the sink key = gamma * A / sqrt(d).
+  // Without its component along s, the topic/noise part cannot move the
+  // sink's logit (a random part would swing it by several units); the sink
+  // component then sets it: logit of the sink key = gamma * A / sqrt(d).
+  double along = 0;
+  for (int i = 0; i < d; ++i) along += x[i] * kp.sink_dir[i];
+  for (int i = 0; i < d; ++i) x[i] -= along * kp.sink_dir[i];
   const double gamma = qp.sink_logit * sqrt_d / (kSinkScale * a) * (1.0 + 0.05 * rng->Normal());
   for (int i = 0; i < d; ++i) q[i] = static_cast<float>(x[i] + gamma * kp.sink_dir[i]);
 }

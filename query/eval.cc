@@ -1,0 +1,403 @@
+#include "query/eval.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <numeric>
+#include <sstream>
+
+#include "query/engine.h"
+#include "util/safetensors.h"
+
+namespace sqz::query {
+
+namespace {
+
+// The dense reference of one (query head, query).
+struct DenseRow {
+  double always_mass = 0;             // true mass on the always set
+  std::vector<double> cluster_mass;   // [k2]: true mass on each fine cluster
+  std::vector<float> sorted_prefix;   // [n_clustered + 1]: mass of the top-k clustered keys
+  std::vector<double> o;              // [d]: dense output
+  double o_norm = 0;
+};
+
+// Sums for one aggregate.
+struct Acc {
+  int64_t n = 0;
+  double recall = 0, recall_min = INFINITY, oracle = 0, oracle_min = INFINITY;
+  double error = 0, error_max = 0, keys_fraction = 0;
+
+  void Add(double r, double orc, double err, double kf) {
+    ++n;
+    recall += r;
+    recall_min = std::min(recall_min, r);
+    oracle += orc;
+    oracle_min = std::min(oracle_min, orc);
+    error += err;
+    error_max = std::max(error_max, err);
+    keys_fraction += kf;
+  }
+  EvalAggregate Finish() const {
+    EvalAggregate a;
+    a.samples = n;
+    if (n == 0) return a;
+    a.recall_mean = recall / n;
+    a.recall_min = recall_min;
+    a.oracle_mean = oracle / n;
+    a.oracle_min = oracle_min;
+    a.ratio = a.oracle_mean > 0 ? a.recall_mean / a.oracle_mean : 1.0;
+    a.error_mean = error / n;
+    a.error_max = error_max;
+    a.keys_fraction = keys_fraction / n;
+    return a;
+  }
+};
+
+struct ConfigAcc {
+  Acc kinds[2];  // concentrated, spread
+  Acc all;
+  int64_t keys_read = 0, keys_clustered = 0;
+  uint64_t bytes_read = 0;
+  double seconds = 0;
+};
+
+// Dense attention of one query over all rows of a head, in double.
+void DenseReference(const float* q, const KvRows& kv, const HeadData& h, int d, double scale, DenseRow* out,
+                    std::vector<double>* p) {
+  const int64_t n = kv.rows;
+  p->resize(n);
+  double m = -INFINITY;
+  for (int64_t i = 0; i < n; ++i) {
+    double dot = 0;
+    for (int c = 0; c < d; ++c) dot += static_cast<double>(q[c]) * kv.k[i * d + c];
+    (*p)[i] = scale * dot;
+    m = std::max(m, (*p)[i]);
+  }
+  double z = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    (*p)[i] = std::exp((*p)[i] - m);
+    z += (*p)[i];
+  }
+  out->o.assign(d, 0.0);
+  for (int64_t i = 0; i < n; ++i) {
+    (*p)[i] /= z;
+    for (int c = 0; c < d; ++c) out->o[c] += (*p)[i] * kv.v[i * d + c];
+  }
+  out->o_norm = 0;
+  for (double x : out->o) out->o_norm += x * x;
+  out->o_norm = std::sqrt(out->o_norm);
+
+  out->always_mass = std::accumulate(p->begin(), p->begin() + kv.n_always, 0.0);
+  out->cluster_mass.assign(h.k2, 0.0);
+  for (int32_t j = 0; j < h.k2; ++j) {
+    out->cluster_mass[j] =
+        std::accumulate(p->begin() + kv.cluster_begin[j], p->begin() + kv.cluster_begin[j + 1], 0.0);
+  }
+  std::vector<double> clustered(p->begin() + kv.n_always, p->end());
+  std::sort(clustered.begin(), clustered.end(), std::greater<double>());
+  out->sorted_prefix.assign(clustered.size() + 1, 0.0f);
+  double acc = 0;
+  for (size_t i = 0; i < clustered.size(); ++i) {
+    acc += clustered[i];
+    out->sorted_prefix[i + 1] = static_cast<float>(acc);
+  }
+}
+
+std::string Num(double x, int prec = 4) {
+  char buf[64];
+  if (!std::isfinite(x)) return "null";
+  std::snprintf(buf, sizeof(buf), "%.*g", prec, x);
+  return buf;
+}
+
+std::string JsonString(const std::string& s) {
+  std::string out = "\"";
+  for (char c : s) {
+    if (c == '"' || c == '\\') {
+      out += '\\';
+      out += c;
+    } else if (static_cast<unsigned char>(c) < 0x20) {
+      char buf[8];
+      std::snprintf(buf, sizeof(buf), "\\u%04x", static_cast<unsigned char>(c));
+      out += buf;
+    } else {
+      out += c;
+    }
+  }
+  return out + "\"";
+}
+
+std::string AggregateJson(const EvalAggregate& a) {
+  std::ostringstream os;
+  os << "{\"samples\":" << a.samples << ",\"recall_mean\":" << Num(a.recall_mean, 6)
+     << ",\"recall_worst\":" << Num(a.recall_min, 6) << ",\"oracle_mean\":" << Num(a.oracle_mean, 6)
+     << ",\"oracle_worst\":" << Num(a.oracle_min, 6) << ",\"recall_over_oracle\":" << Num(a.ratio, 6)
+     << ",\"error_mean\":" << Num(a.error_mean, 6) << ",\"error_worst\":" << Num(a.error_max, 6)
+     << ",\"keys_fraction\":" << Num(a.keys_fraction, 6) << "}";
+  return os.str();
+}
+
+}  // namespace
+
+Status ReadQueriesFile(const std::string& path, const ContextInfo& info, std::vector<LayerQueries>* out) {
+  out->clear();
+  std::unique_ptr<SafetensorsFile> file;
+  SQZ_RETURN_IF_ERROR(SafetensorsFile::Open(path, &file));
+  for (const SafetensorsEntry& e : file->entries()) {
+    // Exactly "layers.<digits>.q"; other tensors may share the file.
+    const std::string prefix = "layers.", suffix = ".q";
+    if (e.name.size() <= prefix.size() + suffix.size() || e.name.compare(0, prefix.size(), prefix) != 0 ||
+        e.name.compare(e.name.size() - suffix.size(), suffix.size(), suffix) != 0) {
+      continue;
+    }
+    const std::string digits = e.name.substr(prefix.size(), e.name.size() - prefix.size() - suffix.size());
+    if (digits.empty() || digits.size() > 9 ||
+        !std::all_of(digits.begin(), digits.end(), [](char c) { return c >= '0' && c <= '9'; })) {
+      continue;
+    }
+    const std::string where = path + ": tensor '" + e.name + "'";
+    const int layer = std::stoi(digits);
+    if (layer >= info.n_layers) {
+      return Status::InvalidArgument(where + ": context '" + info.name + "' has only " +
+                                     std::to_string(info.n_layers) + " layers");
+    }
+    if (!e.dtype_supported) {
+      return Status::InvalidArgument(where + ": dtype " + e.dtype_name + " is not F32, F16 or BF16");
+    }
+    if (e.shape.size() != 3 || e.shape[0] != info.n_q_heads || e.shape[1] < 1 || e.shape[1] > (1 << 30) ||
+        e.shape[2] != info.head_dim) {
+      return Status::InvalidArgument(where + ": shape " + ShapeToString(e.shape) +
+                                     " does not match [n_q_heads=" + std::to_string(info.n_q_heads) +
+                                     ", T >= 1, head_dim=" + std::to_string(info.head_dim) + "] of context '" +
+                                     info.name + "'");
+    }
+    LayerQueries lq;
+    lq.layer = layer;
+    lq.T = static_cast<int>(e.shape[1]);
+    lq.q.resize(static_cast<size_t>(e.shape[0] * e.shape[1] * e.shape[2]));
+    SQZ_RETURN_IF_ERROR(file->ReadFloat(e, lq.q.data()));
+    for (size_t i = 0; i < lq.q.size(); ++i) {
+      if (!std::isfinite(lq.q[i])) {
+        return Status::InvalidArgument(where + ": value " + std::to_string(i) + " is NaN or Inf");
+      }
+    }
+    out->push_back(std::move(lq));
+  }
+  if (out->empty()) return Status::InvalidArgument(path + ": no layers.{i}.q tensor (queries [n_q_heads, T, head_dim])");
+  std::sort(out->begin(), out->end(), [](const LayerQueries& a, const LayerQueries& b) { return a.layer < b.layer; });
+  for (size_t i = 1; i < out->size(); ++i) {
+    if ((*out)[i].layer == (*out)[i - 1].layer) {
+      return Status::InvalidArgument(path + ": layer " + std::to_string((*out)[i].layer) + " appears twice");
+    }
+  }
+  return Status::OK();
+}
+
+std::vector<EvalConfig> DefaultEvalConfigs(const ContextInfo& info, const std::vector<double>& budgets,
+                                           bool per_query_selection) {
+  std::vector<EvalConfig> out;
+  QueryOptions base;
+  base.per_query_selection = per_query_selection;
+  {
+    EvalConfig c{"dense", base};
+    c.options.mode = SelectionMode::kDense;
+    out.push_back(c);
+  }
+  for (double b : budgets) {
+    for (bool hier : {false, true}) {
+      EvalConfig c{"budget=" + Num(b) + (hier ? " hier" : " flat"), base};
+      c.options.mode = SelectionMode::kBudget;
+      c.options.budget = b;
+      c.options.hierarchical = hier;
+      out.push_back(c);
+    }
+  }
+  if (info.calibration_queries > 0) {
+    for (const ThresholdInfo& t : info.thresholds) {
+      for (bool hier : {false, true}) {
+        EvalConfig c{"tau@" + Num(t.quantile) + (hier ? " hier" : " flat"), base};
+        c.options.mode = SelectionMode::kThreshold;
+        c.options.threshold_quantile = t.quantile;
+        c.options.hierarchical = hier;
+        out.push_back(c);
+      }
+    }
+  }
+  return out;
+}
+
+Status Evaluate(const ContextHandle& handle, const std::vector<LayerQueries>& queries,
+                const std::vector<EvalConfig>& configs, const EvalOptions& options, EvalReport* report) {
+  // Every handle is the CPU engine's (ContextHandle::Open makes no other).
+  const auto& impl = static_cast<const ContextHandleImpl&>(handle);
+  const ContextInfo& info = impl.info();
+  const int d = info.head_dim, G = impl.group_size(), n_q = info.n_q_heads;
+  const int64_t n_clustered = info.n_clustered;
+  const int64_t classify_k =
+      std::min<int64_t>(n_clustered, static_cast<int64_t>(std::ceil(options.classify_budget * n_clustered)));
+
+  *report = EvalReport();
+  report->context = info.name;
+  std::vector<ConfigAcc> acc(configs.size());
+  uint64_t bytes_dense = 0;
+
+  for (const LayerQueries& lq : queries) {
+    const int layer = lq.layer, T = lq.T;
+    const std::string where = "context '" + info.name + "' layer " + std::to_string(layer);
+    if (T < 1 || lq.q.size() != static_cast<size_t>(n_q) * T * d) {
+      return Status::InvalidArgument(where + ": queries have " + std::to_string(lq.q.size()) +
+                                     " values, expected n_q_heads * T * head_dim = " + std::to_string(n_q) + " * " +
+                                     std::to_string(T) + " * " + std::to_string(d));
+    }
+    SQZ_RETURN_IF_ERROR(impl.CheckQueries(layer, lq.q.data(), T));
+    ++report->layers;
+
+    // Dense reference, one KV head at a time (its blocks, all of them).
+    std::vector<DenseRow> dense(static_cast<size_t>(n_q) * T);
+    std::vector<double> p;
+    SelectionParams dense_params;
+    SQZ_RETURN_IF_ERROR(impl.Resolve(QueryOptions(), &dense_params));  // the default softmax scale
+    for (int g = 0; g < info.n_kv_heads; ++g) {
+      const HeadData& h = impl.head(layer, g);
+      std::vector<uint32_t> all(h.k2);
+      std::iota(all.begin(), all.end(), 0u);
+      KvRows kv;
+      SQZ_RETURN_IF_ERROR(impl.ReadRows(layer, g, all, &kv));
+      bytes_dense += kv.bytes_read;
+      for (int qh = g * G; qh < (g + 1) * G; ++qh) {
+        for (int t = 0; t < T; ++t) {
+          const float* q = lq.q.data() + (static_cast<int64_t>(qh) * T + t) * d;
+          DenseReference(q, kv, h, d, dense_params.scale, &dense[static_cast<size_t>(qh) * T + t], &p);
+        }
+      }
+    }
+
+    // Head kinds from the dense attention.
+    std::vector<int> kind(n_q);
+    for (int qh = 0; qh < n_q; ++qh) {
+      double mass = 0;
+      for (int t = 0; t < T; ++t) {
+        const DenseRow& r = dense[static_cast<size_t>(qh) * T + t];
+        mass += r.always_mass + r.sorted_prefix[classify_k];
+      }
+      kind[qh] = mass / T >= options.classify_mass ? 0 : 1;
+      (kind[qh] == 0 ? report->heads_concentrated : report->heads_spread)++;
+    }
+
+    std::vector<float> o(static_cast<size_t>(n_q) * T * d), lse(static_cast<size_t>(n_q) * T);
+    for (size_t ci = 0; ci < configs.size(); ++ci) {
+      const QueryOptions& qo = configs[ci].options;
+      if (qo.softmax_scale != 0 && qo.softmax_scale != dense_params.scale) {
+        return Status::InvalidArgument("eval compares against the default softmax scale; config '" +
+                                       configs[ci].name + "' sets another");
+      }
+      AttendStats stats;
+      const auto t0 = std::chrono::steady_clock::now();
+      Status s = impl.Attend(layer, lq.q.data(), T, qo, o.data(), lse.data(), &stats);
+      acc[ci].seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      if (!s.ok()) return s.WithPrefix("config '" + configs[ci].name + "'");
+      std::vector<HeadSelection> sels;
+      SQZ_RETURN_IF_ERROR(impl.SelectLayer(layer, lq.q.data(), T, qo, &sels));
+
+      for (int g = 0; g < info.n_kv_heads; ++g) {
+        acc[ci].keys_read += stats.heads[g].keys_selected;
+        acc[ci].keys_clustered += n_clustered;
+        acc[ci].bytes_read += stats.heads[g].bytes_read;
+        const HeadData& h = impl.head(layer, g);
+        const HeadSelection& sel = sels[g];
+        for (int gl = 0; gl < G; ++gl) {
+          const int qh = g * G + gl;
+          for (int t = 0; t < T; ++t) {
+            const DenseRow& r = dense[static_cast<size_t>(qh) * T + t];
+            const std::vector<uint32_t>& set = sel.sets[sel.set_of[static_cast<size_t>(gl) * T + t]];
+            double recall = r.always_mass;
+            int64_t keys = 0;
+            for (uint32_t j : set) {
+              recall += r.cluster_mass[j];
+              keys += h.fine_sizes[j];
+            }
+            const double oracle = r.always_mass + r.sorted_prefix[std::min<int64_t>(keys, n_clustered)];
+            const float* ot = o.data() + (static_cast<int64_t>(qh) * T + t) * d;
+            double diff = 0;
+            for (int c = 0; c < d; ++c) diff += (ot[c] - r.o[c]) * (ot[c] - r.o[c]);
+            const double err = r.o_norm > 0 ? std::sqrt(diff) / r.o_norm : std::sqrt(diff);
+            const double kf = n_clustered > 0 ? static_cast<double>(keys) / n_clustered : 0.0;
+            acc[ci].kinds[kind[qh]].Add(recall, oracle, err, kf);
+            acc[ci].all.Add(recall, oracle, err, kf);
+          }
+        }
+      }
+    }
+  }
+
+  for (size_t ci = 0; ci < configs.size(); ++ci) {
+    EvalConfigResult r;
+    r.config = configs[ci];
+    r.all = acc[ci].all.Finish();
+    r.concentrated = acc[ci].kinds[0].Finish();
+    r.spread = acc[ci].kinds[1].Finish();
+    r.read_fraction =
+        acc[ci].keys_clustered > 0 ? static_cast<double>(acc[ci].keys_read) / acc[ci].keys_clustered : 0.0;
+    r.bytes_read = acc[ci].bytes_read;
+    r.bytes_dense = bytes_dense;
+    r.seconds = acc[ci].seconds;
+    report->results.push_back(std::move(r));
+  }
+  return Status::OK();
+}
+
+std::string FormatEvalReport(const EvalReport& report) {
+  std::ostringstream os;
+  os << "context '" << report.context << "': " << report.layers << " layer(s); (layer, query head) pairs: "
+     << report.heads_concentrated << " concentrated, " << report.heads_spread << " spread\n";
+  char line[512];
+  std::snprintf(line, sizeof(line), "%-20s %-13s %7s %8s %8s %8s %9s %9s %8s %8s %10s\n", "config", "heads",
+                "recall", "worst", "oracle", "rec/orc", "err_mean", "err_worst", "keys", "read", "MiB read");
+  os << line;
+  for (const EvalConfigResult& r : report.results) {
+    const std::pair<const char*, const EvalAggregate*> kinds[] = {
+        {"all", &r.all}, {"concentrated", &r.concentrated}, {"spread", &r.spread}};
+    for (const auto& [name, a] : kinds) {
+      if (a->samples == 0) continue;
+      const bool first = a == &r.all;
+      std::snprintf(line, sizeof(line), "%-20s %-13s %7.4f %8.4f %8.4f %8.4f %9.2e %9.2e %8.4f %8s %10s\n",
+                    first ? r.config.name.c_str() : "", name, a->recall_mean, a->recall_min, a->oracle_mean,
+                    a->ratio, a->error_mean, a->error_max, a->keys_fraction,
+                    first ? Num(r.read_fraction, 4).c_str() : "",
+                    first ? Num(r.bytes_read / 1048576.0, 5).c_str() : "");
+      os << line;
+    }
+  }
+  os << "recall: true attention mass on the attended keys; oracle: best possible with as many keys; "
+        "err: ||O - O_dense|| / ||O_dense||;\nkeys: clustered keys attended per query head (fraction); "
+        "read: clustered keys read per KV head (fraction).\n";
+  return os.str();
+}
+
+std::string EvalReportJson(const EvalReport& report) {
+  std::ostringstream os;
+  os << "{\"context\":" << JsonString(report.context) << ",\"layers\":" << report.layers
+     << ",\"heads_concentrated\":" << report.heads_concentrated << ",\"heads_spread\":" << report.heads_spread
+     << ",\"configs\":[";
+  for (size_t i = 0; i < report.results.size(); ++i) {
+    const EvalConfigResult& r = report.results[i];
+    const QueryOptions& o = r.config.options;
+    const char* mode = o.mode == SelectionMode::kDense    ? "dense"
+                       : o.mode == SelectionMode::kBudget ? "budget"
+                                                          : "threshold";
+    os << (i ? "," : "") << "{\"name\":" << JsonString(r.config.name) << ",\"mode\":\"" << mode << "\""
+       << ",\"hierarchical\":" << (o.hierarchical ? "true" : "false") << ",\"budget\":" << Num(o.budget, 6)
+       << ",\"threshold_quantile\":" << Num(o.threshold_quantile, 6)
+       << ",\"per_query_selection\":" << (o.per_query_selection ? "true" : "false")
+       << ",\"read_fraction\":" << Num(r.read_fraction, 6) << ",\"bytes_read\":" << r.bytes_read
+       << ",\"bytes_dense\":" << r.bytes_dense << ",\"seconds\":" << Num(r.seconds, 6)
+       << ",\"all\":" << AggregateJson(r.all) << ",\"concentrated\":" << AggregateJson(r.concentrated)
+       << ",\"spread\":" << AggregateJson(r.spread) << "}";
+  }
+  os << "]}";
+  return os.str();
+}
+
+}  // namespace sqz::query
