@@ -57,42 +57,44 @@ void AttendRowDouble(const float* q, const float* k, const float* v, int64_t n, 
   *lse = static_cast<float>(m + std::log(sum));
 }
 
-void AttendOneRow(const float* q, const float* k, const float* v, int64_t n, int d, float scale, float* o,
-                  float* lse, std::vector<float>* scratch) {
-  scratch->resize(n);
-  float* x = scratch->data();
+// Scores x [rows, n] = scale * Q K^T for a tile of rows.
+void ScoresLoops(const float* q, int rows, const float* k, int64_t n, int d, float scale, float* x) {
+  // Key-major: each key row is loaded once for all query rows of the tile.
   for (int64_t i = 0; i < n; ++i) {
     const float* ki = k + i * d;
-    float acc = 0;
+    for (int r = 0; r < rows; ++r) {
+      const float* qr = q + static_cast<int64_t>(r) * d;
+      float acc = 0;
 #pragma omp simd reduction(+ : acc)
-    for (int c = 0; c < d; ++c) acc += q[c] * ki[c];
-    x[i] = scale * acc;
+      for (int c = 0; c < d; ++c) acc += qr[c] * ki[c];
+      x[static_cast<int64_t>(r) * n + i] = scale * acc;
+    }
   }
-  double m, sum;
-  if (!ExpRow(x, n, &m, &sum)) return AttendRowDouble(q, k, v, n, d, scale, o, lse);
-  std::fill_n(o, d, 0.0f);
+}
+
+// o [rows, d] = P V for normalised weights P = x [rows, n].
+void WeightedSumLoops(const float* x, int rows, const float* v, int64_t n, int d, float* o) {
+  std::fill_n(o, static_cast<int64_t>(rows) * d, 0.0f);
   for (int64_t i = 0; i < n; ++i) {
-    const float w = x[i];
     const float* vi = v + i * d;
+    for (int r = 0; r < rows; ++r) {
+      const float w = x[static_cast<int64_t>(r) * n + i];
+      float* orow = o + static_cast<int64_t>(r) * d;
 #pragma omp simd
-    for (int c = 0; c < d; ++c) o[c] += w * vi[c];
+      for (int c = 0; c < d; ++c) orow[c] += w * vi[c];
+    }
   }
-  const float inv = static_cast<float>(1.0 / sum);
-  for (int c = 0; c < d; ++c) o[c] *= inv;
-  *lse = static_cast<float>(m + std::log(sum));
 }
 
 }  // namespace
 
 void AttendRows(const float* q, int64_t m, const float* k, const float* v, int64_t n, int d, float scale,
-                float* o, float* lse, std::vector<float>* scratch) {
+                float* o, float* lse, Kernel kernel, std::vector<float>* scratch) {
   if (n == 0) {
     std::fill_n(o, m * d, 0.0f);
     std::fill_n(lse, m, -INFINITY);
     return;
   }
-  if (m == 1) return AttendOneRow(q, k, v, n, d, scale, o, lse, scratch);
-
   const int64_t tile = std::clamp<int64_t>(kScoreTileFloats / n, 1, m);
   scratch->resize(tile * n);
   float* x = scratch->data();
@@ -100,7 +102,13 @@ void AttendRows(const float* q, int64_t m, const float* k, const float* v, int64
   std::vector<int> overflowed;
   for (int64_t r0 = 0; r0 < m; r0 += tile) {
     const int rows = static_cast<int>(std::min(tile, m - r0));
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, nn, d, scale, q + r0 * d, d, k, d, 0.0f, x, nn);
+    const float* qt = q + r0 * d;
+    float* ot = o + r0 * d;
+    if (kernel == Kernel::kBlas) {
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, nn, d, scale, qt, d, k, d, 0.0f, x, nn);
+    } else {
+      ScoresLoops(qt, rows, k, n, d, scale, x);
+    }
     overflowed.clear();
     for (int r = 0; r < rows; ++r) {
       float* row = x + static_cast<int64_t>(r) * n;
@@ -115,9 +123,14 @@ void AttendRows(const float* q, int64_t m, const float* k, const float* v, int64
       const float inv = static_cast<float>(1.0 / sum);
       for (int64_t i = 0; i < n; ++i) row[i] *= inv;
     }
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, d, nn, 1.0f, x, nn, v, d, 0.0f, o + r0 * d, d);
+    if (kernel == Kernel::kBlas) {
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, d, nn, 1.0f, x, nn, v, d, 0.0f, ot, d);
+    } else {
+      WeightedSumLoops(x, rows, v, n, d, ot);
+    }
     for (int r : overflowed) {
-      AttendRowDouble(q + (r0 + r) * d, k, v, n, d, scale, o + (r0 + r) * d, lse + r0 + r);
+      AttendRowDouble(qt + static_cast<int64_t>(r) * d, k, v, n, d, scale, ot + static_cast<int64_t>(r) * d,
+                      lse + r0 + r);
     }
   }
 }

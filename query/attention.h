@@ -11,17 +11,27 @@
 
 namespace sqz::query {
 
+// Which implementation computes the products. Both give the same result up
+// to float rounding.
+enum class Kernel {
+  // Plain vectorised loops, one pass over K and one over V for all m rows
+  // (decode: memory bound, no threads of its own, so callers may run many
+  // heads in parallel).
+  kLoops,
+  // OpenBLAS sgemm for Q K^T and P V (prefill: compute bound; OpenBLAS
+  // threads internally).
+  kBlas,
+};
+
 // For each of the m query rows q_r (q: [m, d]) over the n key/value rows
 // (k, v: [n, d], row-major float32):
 //   x_i = scale * q_r . k_i,  lse_r = log sum_i exp(x_i)  (natural log,
 //   computed with max subtraction),  o_r = sum_i exp(x_i - lse_r) v_i.
 // o: [m, d], lse: [m]. n == 0 gives the empty state (lse = -inf, o = 0).
-// m == 1 uses plain vectorised loops (decode, memory bound); m > 1 uses
-// OpenBLAS sgemm for Q K^T and P V, tiled over the rows so the score scratch
-// stays bounded. A row whose float32 scores overflow (a huge query norm) is
-// recomputed in double, so any finite input gives a finite result.
-// `scratch` is reused across calls.
+// Rows are processed in tiles so the score scratch stays bounded. A row whose
+// float32 scores overflow (a huge query norm) is recomputed in double, so
+// any finite input gives a finite result. `scratch` is reused across calls.
 void AttendRows(const float* q, int64_t m, const float* k, const float* v, int64_t n, int d, float scale,
-                float* o, float* lse, std::vector<float>* scratch);
+                float* o, float* lse, Kernel kernel, std::vector<float>* scratch);
 
 }  // namespace sqz::query

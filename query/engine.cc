@@ -397,7 +397,8 @@ Status ContextHandleImpl::AttendHead(int layer, int kv_head, const float* q, int
     om.resize(static_cast<size_t>(m) * d);
     lm.resize(m);
     for (int64_t i = 0; i < m; ++i) std::copy_n(q + members[i] * d, d, qm.data() + i * d);
-    AttendRows(qm.data(), m, k, v, n, d, params.scale, om.data(), lm.data(), &scratch);
+    AttendRows(qm.data(), m, k, v, n, d, params.scale, om.data(), lm.data(),
+               T == 1 ? Kernel::kLoops : Kernel::kBlas, &scratch);
     for (int64_t i = 0; i < m; ++i) {
       std::copy_n(om.data() + i * d, d, o + members[i] * d);
       lse[members[i]] = lm[i];
@@ -427,7 +428,10 @@ Status ContextHandleImpl::Attend(int layer, const float* q, int T, const QueryOp
 
   // KV heads are independent: each writes only its group's rows of o / lse
   // and its own stats, so the result does not depend on the schedule.
-#pragma omp parallel for schedule(dynamic, 1) if (n_kv > 1)
+  // Decode (T == 1) runs the heads in parallel: its kernels are plain loops,
+  // memory bound. Prefill runs them one after the other, each with threaded
+  // sgemm: OpenBLAS threads inside OpenMP threads oversubscribe the cores.
+#pragma omp parallel for schedule(dynamic, 1) if (n_kv > 1 && T == 1)
   for (int g = 0; g < n_kv; ++g) {
     status[g] = AttendHead(layer, g, q + g * group_rows * d, T, params, o + g * group_rows * d,
                            lse + g * group_rows, &head_stats[g], seconds[g].data());

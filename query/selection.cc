@@ -166,7 +166,15 @@ void ScoreCentroidRows(const float* q, int T, const float* c, int64_t k, int d, 
   scratch->resize(static_cast<size_t>(T) * k);
   float* f = scratch->data();
   if (T == 1) {
-    cblas_sgemv(CblasRowMajor, CblasNoTrans, kk, d, scale, c, d, q, 1, 0.0f, f, 1);
+    // Decode: a plain loop (one pass over the centroids) rather than BLAS,
+    // whose own threads would fight the engine's parallel KV heads.
+    for (int64_t j = 0; j < k; ++j) {
+      const float* cj = c + j * d;
+      float acc = 0;
+#pragma omp simd reduction(+ : acc)
+      for (int i = 0; i < d; ++i) acc += q[i] * cj[i];
+      f[j] = scale * acc;
+    }
   } else {
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, kk, d, scale, q, d, c, d, 0.0f, f, kk);
   }

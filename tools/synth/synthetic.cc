@@ -277,12 +277,20 @@ QHeadParams MakeQHeadParams(const Spec& spec, int layer, int q_head, const std::
     const int j = topic[1 + rng.Below(spec.n_tokens - 1)];
     if (std::find(p.pool.begin(), p.pool.end(), j) == p.pool.end()) p.pool.push_back(j);
   }
-  // Concentrated: the other keys' mass is about n_tokens * share of the
-  // targets * e^delta, i.e. e^(log(n_tokens) + ~6); spread: about n_tokens.
-  // The sink's logit sits 0.5 to 2 below (spread: 1 to 2.5 below) that.
-  const double log_n = std::log(double(std::max<int64_t>(spec.n_tokens, 2)));
+  // The sink's logit sits 0.5 to 2 below the log of the other keys' total
+  // weight, so it takes a noticeable share whatever the context length.
+  // Concentrated: that weight is about (tokens of a target topic) *
+  // e^delta(~9.25); spread: about n_tokens (logits near 0), and the sink sits
+  // a further 0.5 lower.
   const double rel = rng.Uniform(-2.0, -0.5);
-  p.sink_logit = log_n + rel + (p.kind == HeadKind::kConcentrated ? 6.0 : -0.5);
+  if (p.kind == HeadKind::kConcentrated && !p.pool.empty()) {
+    int64_t pool_tokens = 0;
+    for (int t : topic) pool_tokens += std::find(p.pool.begin(), p.pool.end(), t) != p.pool.end();
+    const double per_topic = std::max(1.0, double(pool_tokens) / p.pool.size());
+    p.sink_logit = std::log(per_topic) + 9.25 + rel;
+  } else {
+    p.sink_logit = std::log(double(spec.n_tokens)) + rel - 0.5;
+  }
   p.spread_std = rng.Uniform(0.3, 0.7);
   return p;
 }
