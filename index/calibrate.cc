@@ -1,5 +1,7 @@
 #include "index/calibrate.h"
 
+#include <cblas.h>
+
 #include <algorithm>
 #include <cmath>
 #include <utility>
@@ -52,16 +54,41 @@ std::vector<float> WeightedQuantiles(std::vector<WeightedSample>* samples, const
 
 namespace {
 
+// s[t * k + j] = scale * (q_t . c_j) for the w queries q_t, as doubles.
+// One float GEMM does the work (the bulk of calibration); rows where float
+// arithmetic overflowed (finite inputs of extreme magnitude) are recomputed
+// in double by the shared ScoreCentroids, so no score is ever inf or NaN.
+void ScoreQueries(const float* q, int w, const float* centroids, int64_t k, int dim, double scale,
+                  std::vector<float>* fbuf, std::vector<double>* s) {
+  const size_t n = static_cast<size_t>(w) * k;
+  fbuf->resize(n);
+  s->resize(n);
+  if (n == 0) return;
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, w, static_cast<int>(k), dim, static_cast<float>(scale), q, dim,
+              centroids, dim, 0.0f, fbuf->data(), static_cast<int>(k));
+  for (int t = 0; t < w; ++t) {
+    const float* f = fbuf->data() + static_cast<size_t>(t) * k;
+    double* row = s->data() + static_cast<size_t>(t) * k;
+    bool finite = true;
+    for (int64_t j = 0; j < k; ++j) {
+      finite = finite && std::isfinite(f[j]);
+      row[j] = f[j];
+    }
+    if (!finite) ScoreCentroids(q + static_cast<int64_t>(t) * dim, centroids, k, dim, scale, row);
+  }
+}
+
 // Mean over the w queries of each query's cluster probabilities (flat p_j
 // over all k clusters): r[j] = (1/w) sum_t p_j(q_t).
 void MeanProbabilities(const float* centroids, const uint32_t* sizes, int64_t k, int dim, double scale,
                        const float* q, int w, std::vector<double>* r) {
   r->assign(static_cast<size_t>(k), 0.0);
   if (k == 0 || w == 0) return;
-  std::vector<double> s(static_cast<size_t>(k)), p(static_cast<size_t>(k));
+  std::vector<float> fbuf;
+  std::vector<double> s, p(static_cast<size_t>(k));
+  ScoreQueries(q, w, centroids, k, dim, scale, &fbuf, &s);
   for (int t = 0; t < w; ++t) {
-    ScoreCentroids(q + static_cast<int64_t>(t) * dim, centroids, k, dim, scale, s.data());
-    ClusterProbabilities(s.data(), sizes, k, p.data());
+    ClusterProbabilities(s.data() + static_cast<size_t>(t) * k, sizes, k, p.data());
     for (int64_t j = 0; j < k; ++j) (*r)[j] += p[j];
   }
   for (double& x : *r) x /= w;
@@ -123,7 +150,8 @@ void Calibrator::AddSecondPass(const HeadView& head, const float* q, int n_q, in
   std::vector<double> rc;
   std::vector<std::vector<uint32_t>> ids(nf);   // surviving fine ids per quantile
   std::vector<std::vector<double>> acc(nf);     // sum over queries of p'_j, by position in ids
-  std::vector<double> s(static_cast<size_t>(head.k2)), p(static_cast<size_t>(head.k2));
+  std::vector<float> fbuf;
+  std::vector<double> s, p(static_cast<size_t>(head.k2));
   for (int h = 0; h < n_q; ++h) {
     const float* qh = q + static_cast<int64_t>(h) * w * head.dim;
     // Same computation as pass 1, so R_a is bit-identical to its sample.
@@ -139,11 +167,12 @@ void Calibrator::AddSecondPass(const HeadView& head, const float* q, int n_q, in
       }
       acc[f].assign(ids[f].size(), 0.0);
     }
+    ScoreQueries(qh, w, head.fine_centroids, head.k2, head.dim, scale, &fbuf, &s);
     for (int t = 0; t < w; ++t) {
-      ScoreCentroids(qh + static_cast<int64_t>(t) * head.dim, head.fine_centroids, head.k2, head.dim, scale, s.data());
+      const double* st = s.data() + static_cast<size_t>(t) * head.k2;
       for (size_t f = 0; f < nf; ++f) {
         const int64_t m = static_cast<int64_t>(ids[f].size());
-        SubsetProbabilities(s.data(), sz.fine.data(), ids[f].data(), m, p.data());
+        SubsetProbabilities(st, sz.fine.data(), ids[f].data(), m, p.data());
         for (int64_t i = 0; i < m; ++i) acc[f][i] += p[i];
       }
     }

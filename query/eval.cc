@@ -59,7 +59,7 @@ struct ConfigAcc {
   Acc kinds[2];  // concentrated, spread
   Acc all;
   int64_t keys_read = 0, keys_clustered = 0;
-  uint64_t bytes_read = 0;
+  uint64_t bytes_read = 0, bytes_dense = 0;
   double seconds = 0;
 };
 
@@ -241,7 +241,6 @@ Status Evaluate(const ContextHandle& handle, const std::vector<LayerQueries>& qu
   *report = EvalReport();
   report->context = info.name;
   std::vector<ConfigAcc> acc(configs.size());
-  uint64_t bytes_dense = 0;
 
   for (const LayerQueries& lq : queries) {
     const int layer = lq.layer, T = lq.T;
@@ -257,6 +256,7 @@ Status Evaluate(const ContextHandle& handle, const std::vector<LayerQueries>& qu
     // Dense reference, one KV head at a time (its blocks, all of them).
     std::vector<DenseRow> dense(static_cast<size_t>(n_q) * T);
     std::vector<double> p;
+    uint64_t layer_dense_bytes = 0;  // what one dense Attend call reads
     SelectionParams dense_params;
     SQZ_RETURN_IF_ERROR(impl.Resolve(QueryOptions(), &dense_params));  // the default softmax scale
     for (int g = 0; g < info.n_kv_heads; ++g) {
@@ -265,7 +265,7 @@ Status Evaluate(const ContextHandle& handle, const std::vector<LayerQueries>& qu
       std::iota(all.begin(), all.end(), 0u);
       KvRows kv;
       SQZ_RETURN_IF_ERROR(impl.ReadRows(layer, g, all, &kv));
-      bytes_dense += kv.bytes_read;
+      layer_dense_bytes += kv.bytes_read;
       for (int qh = g * G; qh < (g + 1) * G; ++qh) {
         for (int t = 0; t < T; ++t) {
           const float* q = lq.q.data() + (static_cast<int64_t>(qh) * T + t) * d;
@@ -286,46 +286,58 @@ Status Evaluate(const ContextHandle& handle, const std::vector<LayerQueries>& qu
       (kind[qh] == 0 ? report->heads_concentrated : report->heads_spread)++;
     }
 
-    std::vector<float> o(static_cast<size_t>(n_q) * T * d), lse(static_cast<size_t>(n_q) * T);
     for (size_t ci = 0; ci < configs.size(); ++ci) {
       const QueryOptions& qo = configs[ci].options;
       if (qo.softmax_scale != 0 && qo.softmax_scale != dense_params.scale) {
         return Status::InvalidArgument("eval compares against the default softmax scale; config '" +
                                        configs[ci].name + "' sets another");
       }
-      AttendStats stats;
-      const auto t0 = std::chrono::steady_clock::now();
-      Status s = impl.Attend(layer, lq.q.data(), T, qo, o.data(), lse.data(), &stats);
-      acc[ci].seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      if (!s.ok()) return s.WithPrefix("config '" + configs[ci].name + "'");
-      std::vector<HeadSelection> sels;
-      SQZ_RETURN_IF_ERROR(impl.SelectLayer(layer, lq.q.data(), T, qo, &sels));
+      // Per-query selection is evaluated as decode: one Attend call per query
+      // (so reads are those of one step); shared selection as one prefill.
+      const int calls = qo.per_query_selection ? T : 1;
+      const int Tc = T / calls;
+      std::vector<float> qc(static_cast<size_t>(n_q) * Tc * d), o(qc.size()), lse(static_cast<size_t>(n_q) * Tc);
+      for (int call = 0; call < calls; ++call) {
+        const int t0 = call * Tc;
+        for (int qh = 0; qh < n_q; ++qh) {
+          std::copy_n(lq.q.data() + (static_cast<int64_t>(qh) * T + t0) * d, static_cast<int64_t>(Tc) * d,
+                      qc.data() + static_cast<int64_t>(qh) * Tc * d);
+        }
+        AttendStats stats;
+        const auto start = std::chrono::steady_clock::now();
+        Status s = impl.Attend(layer, qc.data(), Tc, qo, o.data(), lse.data(), &stats);
+        acc[ci].seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+        if (!s.ok()) return s.WithPrefix("config '" + configs[ci].name + "'");
+        std::vector<HeadSelection> sels;
+        SQZ_RETURN_IF_ERROR(impl.SelectLayer(layer, qc.data(), Tc, qo, &sels));
+        acc[ci].bytes_dense += layer_dense_bytes;
 
-      for (int g = 0; g < info.n_kv_heads; ++g) {
-        acc[ci].keys_read += stats.heads[g].keys_selected;
-        acc[ci].keys_clustered += n_clustered;
-        acc[ci].bytes_read += stats.heads[g].bytes_read;
-        const HeadData& h = impl.head(layer, g);
-        const HeadSelection& sel = sels[g];
-        for (int gl = 0; gl < G; ++gl) {
-          const int qh = g * G + gl;
-          for (int t = 0; t < T; ++t) {
-            const DenseRow& r = dense[static_cast<size_t>(qh) * T + t];
-            const std::vector<uint32_t>& set = sel.sets[sel.set_of[static_cast<size_t>(gl) * T + t]];
-            double recall = r.always_mass;
-            int64_t keys = 0;
-            for (uint32_t j : set) {
-              recall += r.cluster_mass[j];
-              keys += h.fine_sizes[j];
+        for (int g = 0; g < info.n_kv_heads; ++g) {
+          acc[ci].keys_read += stats.heads[g].keys_selected;
+          acc[ci].keys_clustered += n_clustered;
+          acc[ci].bytes_read += stats.heads[g].bytes_read;
+          const HeadData& h = impl.head(layer, g);
+          const HeadSelection& sel = sels[g];
+          for (int gl = 0; gl < G; ++gl) {
+            const int qh = g * G + gl;
+            for (int tc = 0; tc < Tc; ++tc) {
+              const DenseRow& r = dense[static_cast<size_t>(qh) * T + t0 + tc];
+              const std::vector<uint32_t>& set = sel.sets[sel.set_of[static_cast<size_t>(gl) * Tc + tc]];
+              double recall = r.always_mass;
+              int64_t keys = 0;
+              for (uint32_t j : set) {
+                recall += r.cluster_mass[j];
+                keys += h.fine_sizes[j];
+              }
+              const double oracle = r.always_mass + r.sorted_prefix[std::min<int64_t>(keys, n_clustered)];
+              const float* ot = o.data() + (static_cast<int64_t>(qh) * Tc + tc) * d;
+              double diff = 0;
+              for (int c = 0; c < d; ++c) diff += (ot[c] - r.o[c]) * (ot[c] - r.o[c]);
+              const double err = r.o_norm > 0 ? std::sqrt(diff) / r.o_norm : std::sqrt(diff);
+              const double kf = n_clustered > 0 ? static_cast<double>(keys) / n_clustered : 0.0;
+              acc[ci].kinds[kind[qh]].Add(recall, oracle, err, kf);
+              acc[ci].all.Add(recall, oracle, err, kf);
             }
-            const double oracle = r.always_mass + r.sorted_prefix[std::min<int64_t>(keys, n_clustered)];
-            const float* ot = o.data() + (static_cast<int64_t>(qh) * T + t) * d;
-            double diff = 0;
-            for (int c = 0; c < d; ++c) diff += (ot[c] - r.o[c]) * (ot[c] - r.o[c]);
-            const double err = r.o_norm > 0 ? std::sqrt(diff) / r.o_norm : std::sqrt(diff);
-            const double kf = n_clustered > 0 ? static_cast<double>(keys) / n_clustered : 0.0;
-            acc[ci].kinds[kind[qh]].Add(recall, oracle, err, kf);
-            acc[ci].all.Add(recall, oracle, err, kf);
           }
         }
       }
@@ -341,7 +353,7 @@ Status Evaluate(const ContextHandle& handle, const std::vector<LayerQueries>& qu
     r.read_fraction =
         acc[ci].keys_clustered > 0 ? static_cast<double>(acc[ci].keys_read) / acc[ci].keys_clustered : 0.0;
     r.bytes_read = acc[ci].bytes_read;
-    r.bytes_dense = bytes_dense;
+    r.bytes_dense = acc[ci].bytes_dense;
     r.seconds = acc[ci].seconds;
     report->results.push_back(std::move(r));
   }
@@ -353,8 +365,8 @@ std::string FormatEvalReport(const EvalReport& report) {
   os << "context '" << report.context << "': " << report.layers << " layer(s); (layer, query head) pairs: "
      << report.heads_concentrated << " concentrated, " << report.heads_spread << " spread\n";
   char line[512];
-  std::snprintf(line, sizeof(line), "%-20s %-13s %7s %8s %8s %8s %9s %9s %8s %8s %10s\n", "config", "heads",
-                "recall", "worst", "oracle", "rec/orc", "err_mean", "err_worst", "keys", "read", "MiB read");
+  std::snprintf(line, sizeof(line), "%-20s %-13s %7s %8s %8s %8s %9s %9s %8s %8s %8s\n", "config", "heads",
+                "recall", "worst", "oracle", "rec/orc", "err_mean", "err_worst", "keys", "read", "bytes");
   os << line;
   for (const EvalConfigResult& r : report.results) {
     const std::pair<const char*, const EvalAggregate*> kinds[] = {
@@ -362,17 +374,19 @@ std::string FormatEvalReport(const EvalReport& report) {
     for (const auto& [name, a] : kinds) {
       if (a->samples == 0) continue;
       const bool first = a == &r.all;
-      std::snprintf(line, sizeof(line), "%-20s %-13s %7.4f %8.4f %8.4f %8.4f %9.2e %9.2e %8.4f %8s %10s\n",
+      std::snprintf(line, sizeof(line), "%-20s %-13s %7.4f %8.4f %8.4f %8.4f %9.2e %9.2e %8.4f %8s %8s\n",
                     first ? r.config.name.c_str() : "", name, a->recall_mean, a->recall_min, a->oracle_mean,
                     a->ratio, a->error_mean, a->error_max, a->keys_fraction,
                     first ? Num(r.read_fraction, 4).c_str() : "",
-                    first ? Num(r.bytes_read / 1048576.0, 5).c_str() : "");
+                    first ? Num(r.bytes_dense ? static_cast<double>(r.bytes_read) / r.bytes_dense : 0.0, 4).c_str()
+                          : "");
       os << line;
     }
   }
   os << "recall: true attention mass on the attended keys; oracle: best possible with as many keys; "
         "err: ||O - O_dense|| / ||O_dense||;\nkeys: clustered keys attended per query head (fraction); "
-        "read: clustered keys read per KV head (fraction).\n";
+        "read: clustered keys read per call and KV head (fraction);\nbytes: KV bytes read / dense KV bytes "
+        "(always set included). Per-query selection runs one call per query (decode).\n";
   return os.str();
 }
 

@@ -70,11 +70,12 @@ struct EvalConfigResult {
   EvalAggregate all;
   EvalAggregate concentrated;
   EvalAggregate spread;
-  // Clustered keys read (union over each group) / clustered keys, over all
-  // evaluated layers and KV heads.
+  // Clustered keys read per Attend call and KV head (the union over the
+  // group) / clustered keys, over all calls. With per-query selection each
+  // query is its own call (a decode step); otherwise one call per layer.
   double read_fraction = 0;
-  uint64_t bytes_read = 0;   // KV bytes read by Attend, all evaluated layers
-  uint64_t bytes_dense = 0;  // KV bytes a dense Attend reads for the same layers
+  uint64_t bytes_read = 0;   // KV bytes read by all the Attend calls
+  uint64_t bytes_dense = 0;  // KV bytes dense Attend calls would read instead
   double seconds = 0;        // wall time of the Attend calls
 };
 

@@ -43,6 +43,14 @@ for lib in blas lapack; do
   fi
 done
 
+# Python tooling for the cross-checks (tests/python): a project-local venv.
+VENV=${SQZ_VENV:-.venv}
+if ! "$VENV/bin/python" -c 'import numpy, safetensors' >/dev/null 2>&1; then
+  echo "setup: creating $VENV (numpy, safetensors)"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check -r scripts/requirements.txt
+fi
+
 if [ "${SQZ_SKIP_BUILD:-0}" = "1" ]; then exit 0; fi
 
 BUILD_DIR=${SQZ_BUILD_DIR:-build}

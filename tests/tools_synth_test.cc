@@ -18,6 +18,7 @@
 #include <filesystem>
 #include <fstream>
 #include <limits>
+#include <map>
 #include <memory>
 #include <numeric>
 #include <sstream>
@@ -418,6 +419,216 @@ TEST(SynthTest, GenerationSpeed) {
   const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   std::printf("GenerateLayer 128K tokens x 8 KV heads x 128: %.2f s\n", sec);
   EXPECT_LT(sec, 20.0);
+}
+
+// ---------------------------------------------------------------------------
+// Python cross-check (driven by scripts/pycheck.sh; skipped otherwise).
+//
+// Both directions use the same manifest format, one record per line, names
+// and metadata hex-encoded so that any bytes survive:
+//   tensor <file> <hex name> <dtype> <dims, comma-separated, "-" if none> <f32 dump or "-"> <raw dump>
+//   meta <file> <hex key> <hex value>
+// The dumps are raw little-endian bytes: the tensor's stored bytes (.raw) and
+// its values as float32 (.f32, only for F32/F16/BF16).
+// ---------------------------------------------------------------------------
+
+std::string PyCheckDir() {
+  const char* d = std::getenv("SQZ_PYCHECK_DIR");
+  return d ? d : "";
+}
+
+std::string Hex(const std::string& s) {
+  static const char kDigits[] = "0123456789abcdef";
+  std::string out;
+  for (unsigned char c : s) {
+    out += kDigits[c >> 4];
+    out += kDigits[c & 15];
+  }
+  return out.empty() ? "-" : out;
+}
+
+std::string Unhex(const std::string& h) {
+  if (h == "-") return "";
+  std::string out;
+  for (size_t i = 0; i + 1 < h.size(); i += 2) out += static_cast<char>(std::stoi(h.substr(i, 2), nullptr, 16));
+  return out;
+}
+
+std::string Slurp(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+}
+
+void Spill(const std::string& path, const void* data, size_t n) {
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  out.write(static_cast<const char*>(data), static_cast<std::streamsize>(n));
+  ASSERT_TRUE(out.good()) << path;
+}
+
+// Dumps what SafetensorsFile reads from dir/file into dir and the manifest.
+void DumpForPython(const std::string& dir, const std::string& file, std::ofstream* manifest) {
+  std::unique_ptr<SafetensorsFile> f;
+  Status s = SafetensorsFile::Open(dir + "/" + file, &f);
+  ASSERT_TRUE(s.ok()) << s.ToString();
+  for (const auto& [k, v] : f->metadata()) *manifest << "meta " << file << " " << Hex(k) << " " << Hex(v) << "\n";
+  int i = 0;
+  for (const SafetensorsEntry& e : f->entries()) {
+    const std::string base = file + "." + std::to_string(i++);
+    std::vector<uint8_t> raw(e.nbytes);
+    ASSERT_TRUE(f->ReadRaw(e, raw.data()).ok());
+    Spill(dir + "/" + base + ".raw", raw.data(), raw.size());
+    std::string f32_name = "-";
+    if (e.dtype_supported) {
+      std::vector<float> vals(e.nbytes / DTypeSize(e.dtype));
+      ASSERT_TRUE(f->ReadFloat(e, vals.data()).ok());
+      f32_name = base + ".f32";
+      Spill(dir + "/" + f32_name, vals.data(), vals.size() * sizeof(float));
+    }
+    std::string dims;
+    for (size_t j = 0; j < e.shape.size(); ++j) dims += (j ? "," : "") + std::to_string(e.shape[j]);
+    *manifest << "tensor " << file << " " << Hex(e.name) << " " << e.dtype_name << " " << (dims.empty() ? "-" : dims)
+              << " " << f32_name << " " << base << ".raw\n";
+  }
+}
+
+// Values that exercise rounding, subnormals, overflow and NaN in every dtype.
+std::vector<float> SpecialValues() {
+  const float inf = std::numeric_limits<float>::infinity();
+  std::vector<float> v = {0.0f, -0.0f, 1.0f, -1.0f, 0.1f, 3.14159265f, 65504.0f, 65519.0f, 65520.0f, 1e6f, -1e30f,
+                          1e-8f, -1e-8f, 0x1p-24f, 0x1p-25f, 3 * 0x1p-25f, 0x1p-14f, 1.0f + 0x1p-11f,
+                          1.0f + 3 * 0x1p-11f, 1.0f + 0x1p-8f, 1.0f + 3 * 0x1p-8f, std::numeric_limits<float>::max(),
+                          std::numeric_limits<float>::denorm_min(), std::numeric_limits<float>::min(), inf, -inf,
+                          std::numeric_limits<float>::quiet_NaN()};
+  return v;
+}
+
+TEST(PyCheck, WriteCppFiles) {
+  const std::string root = PyCheckDir();
+  if (root.empty()) GTEST_SKIP() << "run by scripts/pycheck.sh (SQZ_PYCHECK_DIR unset)";
+  const std::string dir = root + "/cpp";
+  std::filesystem::create_directories(dir);
+  std::ofstream manifest(dir + "/manifest.txt");
+
+  const std::vector<float> special = SpecialValues();
+  std::vector<float> random(3 * 17 * 5);
+  uint64_t x = 88172645463325252ull;  // xorshift64: a fixed sequence
+  for (float& r : random) {
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    r = (static_cast<float>(x >> 40) * 0x1p-24f - 0.5f) * 200.0f;
+  }
+  const float scalar = -2.75f;
+  for (DType t : {DType::kF32, DType::kF16, DType::kBF16}) {
+    SafetensorsWriter w;
+    w.SetMetadata("n_q_heads", "8");
+    w.SetMetadata("model", "c++ writer: \"quotes\" \\ back\nslash \xc3\xa9\xe2\x82\xac");
+    w.SetMetadata("dtype", DTypeName(t));
+    auto add = [&](const std::string& name, std::vector<int64_t> shape, const std::vector<float>& vals) {
+      std::vector<uint8_t> buf(vals.size() * DTypeSize(t));
+      ConvertFromFloat(vals.data(), vals.size(), t, buf.data());
+      w.Add(name, t, std::move(shape), buf.data());
+    };
+    add("special", {static_cast<int64_t>(special.size())}, special);
+    add("layers.0.random", {3, 17, 5}, random);
+    add("scalar", {}, {scalar});
+    add("empty", {0, 4}, {});
+    add("weird \"n\xc3\xa4me\" \\", {2, 2}, {1, 2, 3, 4});
+    const std::string file = std::string("cpp_") + DTypeName(t) + ".safetensors";
+    ASSERT_TRUE(w.WriteFile(dir + "/" + file).ok());
+    DumpForPython(dir, file, &manifest);
+  }
+
+  Spec spec;
+  spec.n_layers = 2;
+  spec.n_kv_heads = 2;
+  spec.n_q_heads = 4;
+  spec.n_tokens = 96;
+  spec.head_dim = 16;
+  spec.q_window = 8;
+  spec.n_queries = 3;
+  spec.n_topics = 4;
+  ASSERT_TRUE(WriteContextFiles(spec, dir + "/synth.safetensors", dir + "/synth_q.safetensors").ok());
+  DumpForPython(dir, "synth.safetensors", &manifest);
+  DumpForPython(dir, "synth_q.safetensors", &manifest);
+  manifest.close();
+  ASSERT_TRUE(manifest.good());
+}
+
+struct Expected {
+  std::string name, dtype, dims, f32, raw;
+};
+
+TEST(PyCheck, ReadPythonFiles) {
+  const std::string root = PyCheckDir();
+  if (root.empty()) GTEST_SKIP() << "run by scripts/pycheck.sh (SQZ_PYCHECK_DIR unset)";
+  const std::string dir = root + "/py";
+  std::ifstream manifest(dir + "/manifest.txt");
+  ASSERT_TRUE(manifest.good()) << "no " << dir << "/manifest.txt: did the Python side run?";
+  std::map<std::string, std::vector<Expected>> tensors;
+  std::map<std::string, std::map<std::string, std::string>> metas;
+  std::string line;
+  while (std::getline(manifest, line)) {
+    std::istringstream in(line);
+    std::string kind, file;
+    in >> kind >> file;
+    if (kind == "tensor") {
+      Expected e;
+      in >> e.name >> e.dtype >> e.dims >> e.f32 >> e.raw;
+      e.name = Unhex(e.name);
+      tensors[file].push_back(e);
+    } else if (kind == "meta") {
+      std::string k, v;
+      in >> k >> v;
+      metas[file][Unhex(k)] = Unhex(v);
+    } else {
+      FAIL() << "bad manifest line: " << line;
+    }
+  }
+  ASSERT_GE(tensors.size(), 2u);
+  int checked = 0;
+  for (const auto& [file, expect] : tensors) {
+    SCOPED_TRACE(file);
+    std::unique_ptr<SafetensorsFile> f;
+    Status s = SafetensorsFile::Open(dir + "/" + file, &f);
+    ASSERT_TRUE(s.ok()) << s.ToString();
+    EXPECT_EQ(f->metadata(), metas[file]);
+    EXPECT_EQ(f->entries().size(), expect.size());
+    for (const Expected& e : expect) {
+      SCOPED_TRACE(e.name);
+      const SafetensorsEntry* entry = f->Find(e.name);
+      ASSERT_NE(entry, nullptr);
+      EXPECT_EQ(entry->dtype_name, e.dtype);
+      std::string dims;
+      for (size_t j = 0; j < entry->shape.size(); ++j) dims += (j ? "," : "") + std::to_string(entry->shape[j]);
+      EXPECT_EQ(dims.empty() ? "-" : dims, e.dims);
+      const std::string raw = Slurp(dir + "/" + e.raw);
+      ASSERT_EQ(entry->nbytes, raw.size());
+      std::string got(raw.size(), '\0');
+      ASSERT_TRUE(f->ReadRaw(*entry, got.data()).ok());
+      EXPECT_TRUE(got == raw);
+      const bool ours = e.dtype == "F32" || e.dtype == "F16" || e.dtype == "BF16";
+      EXPECT_EQ(entry->dtype_supported, ours);
+      if (!ours) continue;
+      const std::string f32 = Slurp(dir + "/" + e.f32);
+      std::vector<float> want(f32.size() / 4), vals(entry->nbytes / DTypeSize(entry->dtype));
+      std::memcpy(want.data(), f32.data(), f32.size());
+      ASSERT_EQ(vals.size(), want.size());
+      ASSERT_TRUE(f->ReadFloat(*entry, vals.data()).ok());
+      for (size_t i = 0; i < vals.size(); ++i) {
+        if (std::isnan(want[i])) {
+          EXPECT_TRUE(std::isnan(vals[i])) << i;
+        } else {
+          uint32_t a, b;
+          std::memcpy(&a, &vals[i], 4);
+          std::memcpy(&b, &want[i], 4);
+          EXPECT_EQ(a, b) << i << ": " << vals[i] << " vs " << want[i];
+        }
+      }
+      ++checked;
+    }
+  }
+  EXPECT_GT(checked, 0);
 }
 
 }  // namespace

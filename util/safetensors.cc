@@ -337,7 +337,7 @@ Status SafetensorsFile::Open(const std::string& path, std::unique_ptr<Safetensor
                                 " bytes (truncated file or bad header)");
     }
     size_t esize = AnyDTypeSize(e.dtype_name);
-    if (esize != 0 && numel * esize != end - begin) {
+    if (esize != 0 && (numel > (end - begin) / esize || numel * esize != end - begin)) {
       return Status::Corruption(tw + "shape " + ShapeToString(e.shape) + " of " + e.dtype_name + " needs " +
                                 std::to_string(numel * esize) + " bytes but data_offsets span " +
                                 std::to_string(end - begin));

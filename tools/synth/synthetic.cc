@@ -19,9 +19,10 @@
 //     assumes) without being identical to them.
 //   spread: q = eps * z_d + gamma s, eps giving logits of standard deviation
 //     0.3 to 0.7 over the keys (near-uniform attention).
-//   gamma puts the sink's logit near log(n_tokens) + b, with b chosen per
-//   head so that the sink takes a noticeable share (a few to ~30%) of the
-//   mass whatever the context length.
+//   Both kinds have no other component along s, so gamma alone sets the
+//   sink's logit: 0.5 to 2 below the log of the other keys' total weight,
+//   giving the sink a noticeable share of the mass (a few % to ~40%)
+//   whatever the context length.
 //
 // Randomness: a fixed generator (splitmix64 seeding xoshiro256**, Marsaglia's
 // polar method for normals), never <random>'s distributions, whose output is
@@ -33,7 +34,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cassert>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -284,8 +284,10 @@ QHeadParams MakeQHeadParams(const Spec& spec, int layer, int q_head, const std::
   // a further 0.5 lower.
   const double rel = rng.Uniform(-2.0, -0.5);
   if (p.kind == HeadKind::kConcentrated && !p.pool.empty()) {
+    std::vector<char> in_pool(spec.n_topics, 0);
+    for (int j : p.pool) in_pool[j] = 1;
     int64_t pool_tokens = 0;
-    for (int t : topic) pool_tokens += std::find(p.pool.begin(), p.pool.end(), t) != p.pool.end();
+    for (int t : topic) pool_tokens += t >= 0 && in_pool[t];
     const double per_topic = std::max(1.0, double(pool_tokens) / p.pool.size());
     p.sink_logit = std::log(per_topic) + 9.25 + rel;
   } else {
@@ -413,7 +415,12 @@ HeadKind KindOf(const Spec& spec, int layer, int q_head) {
 }
 
 void GenerateLayer(const Spec& spec, int layer, Layer* out) {
-  assert(ValidateSpec(spec).ok());
+  // The public entry points that can report errors validate first; here an
+  // invalid spec (which would index out of bounds) yields empty tensors.
+  if (!ValidateSpec(spec).ok()) {
+    *out = Layer();
+    return;
+  }
   const int d = spec.head_dim;
   const int64_t n = spec.n_tokens;
   const int group = spec.n_q_heads / spec.n_kv_heads;

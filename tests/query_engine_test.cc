@@ -1,0 +1,430 @@
+// The query engine end to end (ContextHandle over a built context): exactness
+// against dense attention computed independently from the stored values,
+// attention restricted to the selection, statistics, errors, concurrency.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <memory>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "query/engine.h"
+#include "sqz/build.h"
+#include "sqz/db.h"
+#include "sqz/query.h"
+#include "storage/db_impl.h"
+#include "storage/format_generated.h"
+#include "tests/index_test_util.h"
+#include "tests/test_util.h"
+#include "util/half.h"
+
+namespace sqz {
+namespace {
+
+using index_test::KvData;
+using index_test::KvSpec;
+
+// A built context plus everything needed to recompute attention from the
+// stored values (decoded back to float) without the engine.
+struct TestContext {
+  KvSpec spec;
+  std::unique_ptr<KvData> data;
+  std::vector<std::vector<float>> k, v;  // per layer [n_kv, N, d], the stored values as float
+  std::vector<std::vector<float>> q;     // per layer [n_q, T, d] test queries
+  int T = 0;
+  std::unique_ptr<ContextHandle> handle;
+};
+
+class QueryEngineTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    ASSERT_TRUE(DB::Open(Options(), dir_.Sub("db"), &db_).ok());
+  }
+
+  // Builds `name` from synthetic data; queries are the generator's window
+  // queries (T of them per head), which point at topics like real ones.
+  void Build(const std::string& name, KvSpec spec, int T, bool calibrate, BuildOptions bo, TestContext* ctx) {
+    spec.q_window = T;
+    ctx->spec = spec;
+    ctx->data = std::make_unique<KvData>(spec);
+    ctx->T = T;
+    const size_t n = static_cast<size_t>(spec.n_kv_heads) * spec.n_tokens * spec.head_dim;
+    for (int l = 0; l < spec.n_layers; ++l) {
+      ctx->k.emplace_back(n);
+      ctx->v.emplace_back(n);
+      ConvertToFloat(ctx->data->k[l].data(), spec.dtype, n, ctx->k.back().data());
+      ConvertToFloat(ctx->data->v[l].data(), spec.dtype, n, ctx->v.back().data());
+      ctx->q.push_back(ctx->data->q[l]);
+    }
+    if (!calibrate) {
+      // Same KV, no window queries: the context is not calibrated.
+      for (auto& q : ctx->data->q) q.clear();
+      ctx->data->spec.q_window = 0;
+    }
+    bo.kmeans_iters = 4;
+    std::unique_ptr<KvSource> src = ctx->data->Source();
+    ASSERT_TRUE(src);
+    Status s = BuildContext(db_.get(), name, src.get(), bo);
+    ASSERT_TRUE(s.ok()) << s.ToString();
+    s = ContextHandle::Open(db_.get(), name, &ctx->handle);
+    ASSERT_TRUE(s.ok()) << s.ToString();
+  }
+
+  // Dense attention in double over the original token positions `pos` of
+  // KV head g, for query row q.
+  static void Reference(const TestContext& c, int layer, int g, const float* q, const std::vector<uint32_t>& pos,
+                        std::vector<double>* o, double* lse) {
+    const int d = c.spec.head_dim;
+    const double scale = 1.0 / std::sqrt(static_cast<double>(d));
+    const float* kh = c.k[layer].data() + static_cast<size_t>(g) * c.spec.n_tokens * d;
+    const float* vh = c.v[layer].data() + static_cast<size_t>(g) * c.spec.n_tokens * d;
+    std::vector<double> x(pos.size());
+    double m = -INFINITY;
+    for (size_t i = 0; i < pos.size(); ++i) {
+      double dot = 0;
+      for (int e = 0; e < d; ++e) dot += static_cast<double>(q[e]) * kh[static_cast<size_t>(pos[i]) * d + e];
+      x[i] = scale * dot;
+      m = std::max(m, x[i]);
+    }
+    o->assign(d, 0.0);
+    double z = 0;
+    for (double xi : x) z += std::exp(xi - m);
+    for (size_t i = 0; i < pos.size(); ++i) {
+      const double w = std::exp(x[i] - m) / z;
+      for (int e = 0; e < d; ++e) (*o)[e] += w * vh[static_cast<size_t>(pos[i]) * d + e];
+    }
+    *lse = pos.empty() ? -INFINITY : m + std::log(z);
+  }
+
+  // Checks (o, lse) of every query row against Reference over the positions
+  // positions_of(kv head, query head in group, t).
+  template <typename PositionsOf>
+  static void ExpectMatches(const TestContext& c, int layer, const std::vector<float>& o,
+                            const std::vector<float>& lse, PositionsOf positions_of, const std::string& what) {
+    const int d = c.spec.head_dim, T = c.T, G = c.spec.n_q_heads / c.spec.n_kv_heads;
+    for (int qh = 0; qh < c.spec.n_q_heads; ++qh) {
+      for (int t = 0; t < T; ++t) {
+        const size_t row = static_cast<size_t>(qh) * T + t;
+        std::vector<double> want;
+        double want_lse;
+        Reference(c, layer, qh / G, c.q[layer].data() + row * d, positions_of(qh / G, qh % G, t), &want, &want_lse);
+        double diff = 0, norm = 0;
+        for (int e = 0; e < d; ++e) {
+          ASSERT_TRUE(std::isfinite(o[row * d + e])) << what;
+          diff += (o[row * d + e] - want[e]) * (o[row * d + e] - want[e]);
+          norm += want[e] * want[e];
+        }
+        EXPECT_LT(std::sqrt(diff / norm), 1e-3) << what << " layer " << layer << " head " << qh << " t " << t;
+        EXPECT_NEAR(lse[row], want_lse, 1e-3 * std::max(1.0, std::fabs(want_lse)))
+            << what << " layer " << layer << " head " << qh << " t " << t;
+      }
+    }
+  }
+
+  // Original token positions of fine clusters `clusters` plus the always set
+  // of (layer, kv head), from the stored index record.
+  std::vector<uint32_t> Positions(const TestContext& c, int layer, int g, const std::vector<uint32_t>& clusters) {
+    std::string bytes;
+    Status s = storage::Impl(db_.get())->GetHeadIndex(c.handle->info().id, layer, g, &bytes);
+    EXPECT_TRUE(s.ok()) << s.ToString();
+    const auto* r = flatbuffers::GetRoot<fb::HeadIndex>(bytes.data());
+    std::vector<uint32_t> pos(r->always_positions()->begin(), r->always_positions()->end());
+    for (uint32_t j : clusters) {
+      for (uint32_t p = r->fine_offsets()->Get(j); p < r->fine_offsets()->Get(j + 1); ++p) {
+        pos.push_back(r->permutation()->Get(p));
+      }
+    }
+    return pos;
+  }
+
+  static std::vector<uint32_t> AllPositions(const TestContext& c) {
+    std::vector<uint32_t> all(c.spec.n_tokens);
+    for (uint32_t i = 0; i < all.size(); ++i) all[i] = i;
+    return all;
+  }
+
+  testing::ScopedTempDir dir_{"sqz-query"};
+  std::unique_ptr<DB> db_;
+};
+
+KvSpec SmallSpec(int n_kv, int n_q, int64_t n_tokens = 2048, int d = 64, DType dtype = DType::kF16) {
+  KvSpec s;
+  s.n_layers = 2;
+  s.n_kv_heads = n_kv;
+  s.n_q_heads = n_q;
+  s.n_tokens = n_tokens;
+  s.head_dim = d;
+  s.dtype = dtype;
+  s.seed = 11;
+  return s;
+}
+
+TEST_F(QueryEngineTest, DenseAndFullBudgetEqualDenseAttention) {
+  struct Case {
+    const char* name;
+    int n_kv, n_q;
+    DType dtype;
+  };
+  for (const Case& cs : {Case{"mha", 2, 2, DType::kF16}, Case{"gqa", 2, 4, DType::kF16},
+                         Case{"gqa_bf16", 1, 4, DType::kBF16}}) {
+    for (int T : {1, 6}) {
+      TestContext c;
+      BuildOptions bo;
+      bo.window = 64;
+      Build(std::string(cs.name) + std::to_string(T), SmallSpec(cs.n_kv, cs.n_q, 2048, 64, cs.dtype), T, false, bo,
+            &c);
+      const auto all = AllPositions(c);
+      for (int layer = 0; layer < 2; ++layer) {
+        for (int variant = 0; variant < 4; ++variant) {
+          QueryOptions qo;
+          qo.mode = variant == 0 ? SelectionMode::kDense : SelectionMode::kBudget;
+          qo.budget = 1.0;
+          qo.hierarchical = variant == 2;
+          qo.per_query_selection = variant == 3;
+          qo.gqa = variant == 3 ? GqaPolicy::kPerHead : GqaPolicy::kUnion;
+          std::vector<float> o(c.q[layer].size()), lse(o.size() / c.spec.head_dim);
+          AttendStats st;
+          Status s = c.handle->Attend(layer, c.q[layer].data(), T, qo, o.data(), lse.data(), &st);
+          ASSERT_TRUE(s.ok()) << s.ToString();
+          ExpectMatches(c, layer, o, lse, [&](int, int, int) { return all; },
+                        std::string(cs.name) + " variant " + std::to_string(variant));
+          // Everything was read: all K+V bytes of the layer.
+          EXPECT_EQ(st.bytes_read(),
+                    static_cast<uint64_t>(c.spec.n_kv_heads) * c.spec.n_tokens * c.spec.head_dim * 2 * 2);
+          EXPECT_EQ(st.keys_selected(), c.handle->info().n_clustered * c.spec.n_kv_heads);
+        }
+      }
+    }
+  }
+}
+
+TEST_F(QueryEngineTest, AttentionIsExactOverTheSelection) {
+  TestContext c;
+  BuildOptions bo;
+  bo.window = 48;
+  bo.n_sinks = 3;
+  Build("sel", SmallSpec(2, 6), 5, true, bo, &c);
+  const auto& impl = static_cast<const query::ContextHandleImpl&>(*c.handle);
+  const int G = 3;
+  int variants = 0;
+  for (int layer = 0; layer < 2; ++layer) {
+    for (bool hier : {false, true}) {
+      for (GqaPolicy gqa : {GqaPolicy::kUnion, GqaPolicy::kPerHead}) {
+        for (bool per_query : {false, true}) {
+          for (int mode = 0; mode < 3; ++mode) {
+            QueryOptions qo;
+            qo.hierarchical = hier;
+            qo.gqa = gqa;
+            qo.per_query_selection = per_query;
+            if (mode == 0) qo.budget = 0.1;
+            if (mode == 1) qo.budget = 0;  // the always set alone
+            if (mode == 2) {
+              qo.mode = SelectionMode::kThreshold;
+              qo.threshold_quantile = 0.8;
+            }
+            std::vector<query::HeadSelection> sels;
+            Status s = impl.SelectLayer(layer, c.q[layer].data(), c.T, qo, &sels);
+            ASSERT_TRUE(s.ok()) << s.ToString();
+            std::vector<float> o(c.q[layer].size()), lse(o.size() / c.spec.head_dim);
+            AttendStats st;
+            s = c.handle->Attend(layer, c.q[layer].data(), c.T, qo, o.data(), lse.data(), &st);
+            ASSERT_TRUE(s.ok()) << s.ToString();
+            ExpectMatches(
+                c, layer, o, lse,
+                [&](int g, int gl, int t) {
+                  const auto& sel = sels[g];
+                  return Positions(c, layer, g, sel.sets[sel.set_of[static_cast<size_t>(gl) * c.T + t]]);
+                },
+                "selection variant");
+            // Stats describe exactly what was selected and read.
+            ASSERT_EQ(st.heads.size(), 2u);
+            for (int g = 0; g < 2; ++g) {
+              const auto& h = impl.head(layer, g);
+              int64_t keys = 0;
+              for (uint32_t j : sels[g].read) keys += h.fine_sizes[j];
+              EXPECT_EQ(st.heads[g].keys_selected, keys);
+              EXPECT_EQ(st.heads[g].clusters_selected, static_cast<int64_t>(sels[g].read.size()));
+              EXPECT_EQ(st.heads[g].bytes_read,
+                        static_cast<uint64_t>(keys + h.n_always) * c.spec.head_dim * 2 * 2);
+              int64_t attended = 0;
+              for (int gl = 0; gl < G; ++gl) {
+                for (int t = 0; t < c.T; ++t) {
+                  attended += h.n_always;
+                  for (uint32_t j : sels[g].sets[sels[g].set_of[static_cast<size_t>(gl) * c.T + t]]) {
+                    attended += h.fine_sizes[j];
+                  }
+                }
+              }
+              EXPECT_EQ(st.heads[g].keys_attended, attended);
+              if (mode == 1) {
+                EXPECT_EQ(keys, 0);
+              }
+              if (mode == 0) {
+                EXPECT_GE(keys, 0.1 * c.handle->info().n_clustered);
+                EXPECT_GT(st.heads[g].clusters_scored, 0);
+              }
+            }
+            ++variants;
+          }
+        }
+      }
+    }
+  }
+  EXPECT_EQ(variants, 48);
+}
+
+TEST_F(QueryEngineTest, HugeQueryNormsGiveFiniteResults) {
+  TestContext c;
+  BuildOptions bo;
+  bo.window = 32;
+  Build("huge", SmallSpec(1, 2), 2, false, bo, &c);
+  for (float norm : {1e4f, 1e36f}) {
+    std::vector<float> q = c.q[0];
+    for (float& x : q) x *= norm;
+    for (bool hier : {false, true}) {
+      QueryOptions qo;
+      qo.hierarchical = hier;
+      std::vector<float> o(q.size()), lse(q.size() / c.spec.head_dim);
+      ASSERT_TRUE(c.handle->Attend(0, q.data(), c.T, qo, o.data(), lse.data()).ok());
+      for (float x : o) ASSERT_TRUE(std::isfinite(x)) << norm;
+      for (float x : lse) ASSERT_TRUE(std::isfinite(x)) << norm;
+    }
+  }
+}
+
+TEST_F(QueryEngineTest, ClearErrors) {
+  TestContext plain, calibrated;
+  BuildOptions bo;
+  bo.window = 32;
+  Build("plain", SmallSpec(1, 2), 2, false, bo, &plain);
+  Build("calibrated", SmallSpec(1, 2), 4, true, bo, &calibrated);
+
+  std::unique_ptr<ContextHandle> h;
+  Status s = ContextHandle::Open(db_.get(), "nope", &h);
+  EXPECT_TRUE(s.IsNotFound()) << s.ToString();
+  EXPECT_NE(s.message().find("nope"), std::string::npos) << s.ToString();
+
+  const ContextHandle& p = *plain.handle;
+  std::vector<float> q = plain.q[0], o(q.size()), lse(q.size() / 64);
+  QueryOptions qo;
+  auto expect_invalid = [&](const Status& st, const std::string& needle) {
+    EXPECT_TRUE(st.IsInvalidArgument()) << st.ToString();
+    EXPECT_NE(st.message().find(needle), std::string::npos) << st.ToString() << " lacks '" << needle << "'";
+  };
+  expect_invalid(p.Attend(2, q.data(), 2, qo, o.data(), lse.data()), "layer 2 out of range");
+  expect_invalid(p.Attend(-1, q.data(), 2, qo, o.data(), lse.data()), "out of range");
+  expect_invalid(p.Attend(0, q.data(), 0, qo, o.data(), lse.data()), "T must be >= 1");
+  expect_invalid(p.Attend(0, nullptr, 2, qo, o.data(), lse.data()), "null");
+  expect_invalid(p.Attend(0, q.data(), 2, qo, nullptr, lse.data()), "null");
+  std::vector<float> bad = q;
+  bad[64 * 3 + 5] = NAN;  // query head 1, token 1
+  expect_invalid(p.Attend(0, bad.data(), 2, qo, o.data(), lse.data()), "query head 1 token 1");
+  bad[64 * 3 + 5] = INFINITY;
+  expect_invalid(p.Attend(0, bad.data(), 2, qo, o.data(), lse.data()), "NaN/Inf");
+
+  qo.mode = SelectionMode::kThreshold;
+  qo.threshold_quantile = 0.9;
+  expect_invalid(p.Attend(0, q.data(), 2, qo, o.data(), lse.data()), "not calibrated");
+  // The explicit threshold needs no calibration.
+  qo.threshold_quantile = -1;
+  qo.threshold = 1e-4f;
+  EXPECT_TRUE(p.Attend(0, q.data(), 2, qo, o.data(), lse.data()).ok());
+
+  const ContextHandle& cal = *calibrated.handle;
+  std::vector<float> q4 = calibrated.q[0], o4(q4.size()), l4(q4.size() / 64);
+  qo.threshold_quantile = 0.33;
+  expect_invalid(cal.Attend(0, q4.data(), 4, qo, o4.data(), l4.data()), "no threshold calibrated at quantile 0.33");
+  for (double f : cal.info().thresholds.empty() ? std::vector<double>{} : std::vector<double>{0.5, 0.9}) {
+    qo.threshold_quantile = f;
+    for (bool hier : {false, true}) {
+      qo.hierarchical = hier;
+      Status st = cal.Attend(0, q4.data(), 4, qo, o4.data(), l4.data());
+      EXPECT_TRUE(st.ok()) << st.ToString();
+    }
+  }
+  EXPECT_FALSE(cal.info().thresholds.empty());
+}
+
+TEST_F(QueryEngineTest, ConcurrentAttendEqualsSerial) {
+  TestContext c;
+  BuildOptions bo;
+  bo.window = 32;
+  Build("conc", SmallSpec(2, 4), 3, true, bo, &c);
+  struct Job {
+    int layer;
+    int T;
+    QueryOptions options;
+    std::vector<float> q;
+    std::vector<float> o, lse;
+  };
+  std::vector<Job> jobs;
+  for (int i = 0; i < 24; ++i) {
+    Job j;
+    j.layer = i % 2;
+    j.T = (i % 3 == 0) ? 1 : 3;
+    j.options.budget = 0.05 + 0.02 * (i % 5);
+    j.options.hierarchical = i % 4 == 1;
+    j.options.gqa = i % 2 ? GqaPolicy::kPerHead : GqaPolicy::kUnion;
+    j.options.per_query_selection = i % 6 == 2;
+    if (i % 7 == 3) {
+      j.options.mode = SelectionMode::kThreshold;
+      j.options.threshold_quantile = 0.8;
+    }
+    // T = 1 uses the first query of each head.
+    const int d = c.spec.head_dim;
+    for (int h = 0; h < c.spec.n_q_heads; ++h) {
+      j.q.insert(j.q.end(), c.q[j.layer].begin() + static_cast<size_t>(h) * c.T * d,
+                 c.q[j.layer].begin() + (static_cast<size_t>(h) * c.T + j.T) * d);
+    }
+    jobs.push_back(std::move(j));
+  }
+  auto run = [&](Job& j, std::vector<float>* o, std::vector<float>* lse) {
+    o->assign(j.q.size(), 0.0f);
+    lse->assign(j.q.size() / c.spec.head_dim, 0.0f);
+    return c.handle->Attend(j.layer, j.q.data(), j.T, j.options, o->data(), lse->data());
+  };
+  for (Job& j : jobs) ASSERT_TRUE(run(j, &j.o, &j.lse).ok());
+  std::vector<std::thread> threads;
+  std::vector<int> mismatches(4, 0);
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&, t] {
+      std::vector<float> o, lse;
+      for (int rep = 0; rep < 3; ++rep) {
+        for (size_t i = t; i < jobs.size(); i += 2) {  // overlapping subsets
+          if (!run(jobs[i], &o, &lse).ok() || o != jobs[i].o || lse != jobs[i].lse) ++mismatches[t];
+        }
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  for (int t = 0; t < 4; ++t) EXPECT_EQ(mismatches[t], 0) << "thread " << t;
+}
+
+TEST_F(QueryEngineTest, OnlyTheAlwaysSetWhenNothingIsClustered) {
+  TestContext c;
+  BuildOptions bo;
+  bo.window = 100;  // more than n_tokens: clamped, nothing left to cluster
+  bo.n_sinks = 2;
+  KvSpec spec = SmallSpec(1, 2, 64, 32);
+  Build("tiny", spec, 2, false, bo, &c);
+  EXPECT_EQ(c.handle->info().n_clustered, 0);
+  const auto all = AllPositions(c);
+  for (SelectionMode mode : {SelectionMode::kDense, SelectionMode::kBudget}) {
+    for (bool hier : {false, true}) {
+      QueryOptions qo;
+      qo.mode = mode;
+      qo.hierarchical = hier;
+      std::vector<float> o(c.q[0].size()), lse(o.size() / 32);
+      AttendStats st;
+      Status s = c.handle->Attend(0, c.q[0].data(), 2, qo, o.data(), lse.data(), &st);
+      ASSERT_TRUE(s.ok()) << s.ToString();
+      ExpectMatches(c, 0, o, lse, [&](int, int, int) { return all; }, "no clusters");
+      EXPECT_EQ(st.keys_selected(), 0);
+    }
+  }
+}
+
+}  // namespace
+}  // namespace sqz
