@@ -422,7 +422,12 @@ Status BuildContext(DB* db, const std::string& name, KvSource* source, const Bui
   if (!s.ok()) {
     // Leave the database as it was; report the build error, not the cleanup's.
     Status a = impl->AbortContext(writer.get());
-    if (!a.ok()) s = s.WithPrefix("(cleanup also failed: " + a.ToString() + ")");
+    if (!a.ok()) {
+      // The leftovers are removed on the next open; say so after the cause.
+      s = Status(s).WithPrefix("building context '" + name + "'");
+      s = Status::IOError(s.message() + " [its partial records could not be removed now (" + a.message() +
+                          "); the next open of the database removes them]");
+    }
     return s;
   }
   return Status::OK();

@@ -65,6 +65,25 @@ std::string FormatQuantiles(const std::vector<ThresholdInfo>& ts) {
   return os.str();
 }
 
+// Scratch of one AttendHead call (see there).
+struct Scratch {
+  KvRows kv;
+  std::vector<float> qm, om, lm, ks, vs, scores;
+
+  size_t Bytes() const {
+    return 4 * (kv.k.capacity() + kv.v.capacity() + qm.capacity() + om.capacity() + lm.capacity() +
+                ks.capacity() + vs.capacity() + scores.capacity());
+  }
+  void TrimTo(size_t keep) {
+    if (Bytes() <= keep) return;
+    *this = Scratch();
+  }
+};
+
+// A decode step at budget 1/8 of a 128K context needs 16 MiB per KV head;
+// a dense call on it 128 MiB, which is given back rather than kept per thread.
+constexpr size_t kScratchKeepBytes = size_t{64} << 20;
+
 }  // namespace
 
 std::string ContextHandleImpl::Where(int layer, int kv_head) const {
@@ -170,7 +189,8 @@ Status ContextHandleImpl::LoadHead(int layer, int kv_head, const std::string& by
   if (h->coarse_child_offsets.empty()) h->coarse_child_offsets.push_back(0);
   h->k2 = static_cast<int32_t>(h->fine_offsets.size() - 1);
   h->k1 = static_cast<int32_t>(h->coarse_child_offsets.size() - 1);
-  h->n_always = r->always_positions() ? r->always_positions()->size() : 0;
+  CopyVector(r->always_positions(), &h->always_positions);
+  h->n_always = static_cast<int64_t>(h->always_positions.size());
 
   const size_t idx = static_cast<size_t>(layer) * info_.n_kv_heads + kv_head;
   if (!ValidCsr(h->fine_offsets, h->k2, static_cast<uint64_t>(info_.n_clustered)) ||
@@ -348,8 +368,18 @@ Status ContextHandleImpl::AttendHead(int layer, int kv_head, const float* q, int
   SelectHead(View(layer, kv_head), q, G, T, params, &sel);
   seconds[0] += Since(t0);
 
+  // Per-thread scratch, reused by the next call on the same thread: a decode
+  // step would otherwise spend a large share of its time faulting in and
+  // zeroing fresh megabytes. Only this call on this thread touches it.
+  thread_local Scratch scratch_tls;
+  Scratch& sc = scratch_tls;
+  struct Release {  // do not keep the buffers of an exceptionally large call
+    Scratch& sc;
+    ~Release() { sc.TrimTo(kScratchKeepBytes); }
+  } release{sc};
+
   t0 = Clock::now();
-  KvRows kv;
+  KvRows& kv = sc.kv;
   SQZ_RETURN_IF_ERROR(ReadRows(layer, kv_head, sel.read, &kv));
   seconds[1] += Since(t0);
 
@@ -360,7 +390,7 @@ Status ContextHandleImpl::AttendHead(int layer, int kv_head, const float* q, int
   hs->clusters_scored = sel.dot_products / T;
   hs->keys_attended = 0;
 
-  std::vector<float> qm, om, lm, ks, vs, scratch;
+  std::vector<float>&qm = sc.qm, &om = sc.om, &lm = sc.lm, &ks = sc.ks, &vs = sc.vs, &scratch = sc.scores;
   std::vector<int64_t> members;
   for (size_t si = 0; si < sel.sets.size(); ++si) {
     members.clear();

@@ -9,7 +9,8 @@
 // head over its set (query/attention.h).
 //
 // Thread-safety: immutable after Open; every method is const and uses
-// per-call scratch, so any number of threads may call Attend concurrently.
+// per-call scratch (buffers kept per thread between calls, never shared), so
+// any number of threads may call Attend concurrently.
 // Within one call the KV heads run in parallel (OpenMP); results do not
 // depend on the thread count. AttendStats' stage times are summed over the
 // KV heads (thread-seconds, not wall time, when heads run in parallel).
@@ -41,7 +42,8 @@ struct HeadData {
   std::vector<float> coarse_centroids;         // [k1, d]
   std::vector<uint32_t> coarse_child_offsets;  // [k1 + 1] over fine ids
   std::vector<uint32_t> coarse_sizes;          // [k1]
-  int64_t n_always = 0;                        // sinks + window
+  std::vector<uint32_t> always_positions;      // original positions: sinks then window
+  int64_t n_always = 0;                        // always_positions.size()
 };
 
 // Float rows of some KV blocks of one head: the always set first, then the

@@ -284,6 +284,7 @@ Status Evaluate(const ContextHandle& handle, const std::vector<LayerQueries>& qu
       }
       kind[qh] = mass / T >= options.classify_mass ? 0 : 1;
       (kind[qh] == 0 ? report->heads_concentrated : report->heads_spread)++;
+      report->heads.push_back({layer, qh, kind[qh] == 0, mass / T});
     }
 
     for (size_t ci = 0; ci < configs.size(); ++ci) {
@@ -409,6 +410,12 @@ std::string EvalReportJson(const EvalReport& report) {
        << ",\"bytes_dense\":" << r.bytes_dense << ",\"seconds\":" << Num(r.seconds, 6)
        << ",\"all\":" << AggregateJson(r.all) << ",\"concentrated\":" << AggregateJson(r.concentrated)
        << ",\"spread\":" << AggregateJson(r.spread) << "}";
+  }
+  os << "],\"heads\":[";
+  for (size_t i = 0; i < report.heads.size(); ++i) {
+    const EvalHead& h = report.heads[i];
+    os << (i ? "," : "") << "{\"layer\":" << h.layer << ",\"q_head\":" << h.q_head << ",\"kind\":\""
+       << (h.concentrated ? "concentrated" : "spread") << "\",\"oracle_mass\":" << Num(h.oracle_mass, 6) << "}";
   }
   os << "]}";
   return os.str();

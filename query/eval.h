@@ -79,11 +79,20 @@ struct EvalConfigResult {
   double seconds = 0;        // wall time of the Attend calls
 };
 
+// The classification of one (layer, query head).
+struct EvalHead {
+  int layer = 0;
+  int q_head = 0;
+  bool concentrated = false;
+  double oracle_mass = 0;  // mean over its queries of the oracle at classify_budget
+};
+
 struct EvalReport {
   std::string context;
   int layers = 0;               // layers evaluated
   int64_t heads_concentrated = 0;  // (layer, query head) pairs
   int64_t heads_spread = 0;
+  std::vector<EvalHead> heads;
   std::vector<EvalConfigResult> results;
 };
 

@@ -22,32 +22,28 @@ int TileRows(int T, int64_t k) {
   return static_cast<int>(std::clamp<int64_t>(rows, 1, T));
 }
 
-// Per-key probabilities of all k clusters (centroids c, sizes) for the T
-// queries q: either one row per query (per_row, [T, k]) or their mean over
-// the T queries, each computed with its own max and denominator (mean, [k]).
-// Exactly one of per_row / mean is non-null.
-void FlatProbabilities(const float* q, int T, int d, float scale, const float* c, const uint32_t* sizes, int64_t k,
-                       std::vector<double>* per_row, std::vector<double>* mean) {
-  if (per_row) per_row->assign(static_cast<size_t>(T) * k, 0.0);
-  if (mean) mean->assign(k, 0.0);
+// Per-key probabilities of all k clusters (centroids c, sizes), averaged over
+// units of R consecutive queries: q is [U, R, d], and mean[u * k + j] is the
+// mean over the R queries of unit u of p_j, each p_j computed with its own
+// query's max and denominator.
+void MeanProbabilities(const float* q, int U, int R, int d, float scale, const float* c, const uint32_t* sizes,
+                       int64_t k, std::vector<double>* mean) {
+  mean->assign(static_cast<size_t>(U) * k, 0.0);
   if (k == 0) return;
-  const int tile = TileRows(T, k);
-  std::vector<double> s(static_cast<size_t>(tile) * k), p(per_row ? 0 : k);
+  const int n = U * R;
+  const int tile = TileRows(n, k);
+  std::vector<double> s(static_cast<size_t>(tile) * k), p(k);
   std::vector<float> scratch;
-  for (int t0 = 0; t0 < T; t0 += tile) {
-    const int rows = std::min(tile, T - t0);
+  for (int t0 = 0; t0 < n; t0 += tile) {
+    const int rows = std::min(tile, n - t0);
     ScoreCentroidRows(q + static_cast<int64_t>(t0) * d, rows, c, k, d, scale, s.data(), &scratch);
     for (int r = 0; r < rows; ++r) {
-      double* dst = per_row ? per_row->data() + static_cast<int64_t>(t0 + r) * k : p.data();
-      index::ClusterProbabilities(s.data() + static_cast<int64_t>(r) * k, sizes, k, dst);
-      if (mean) {
-        for (int64_t j = 0; j < k; ++j) (*mean)[j] += dst[j];
-      }
+      index::ClusterProbabilities(s.data() + static_cast<int64_t>(r) * k, sizes, k, p.data());
+      double* m = mean->data() + static_cast<int64_t>((t0 + r) / R) * k;
+      for (int64_t j = 0; j < k; ++j) m[j] += p[j];
     }
   }
-  if (mean) {
-    for (double& m : *mean) m /= T;
-  }
+  for (double& m : *mean) m /= R;
 }
 
 // Hierarchical fine probabilities p'_j over the surviving fine clusters
@@ -99,14 +95,16 @@ void Children(const IndexView& idx, const std::vector<uint32_t>& coarse, std::ve
   }
 }
 
-// Selection of one query head for its T queries: (*own)[u] for u < U where
-// U = T with per-query selection, else 1 (shared by the T queries).
-void SelectOneHead(const IndexView& idx, const float* q, int T, const SelectionParams& params,
-                   std::vector<std::vector<uint32_t>>* own, int64_t* dot_products) {
+// One selection per unit of queries. q is [U, R, head_dim]; unit u ranks or
+// thresholds the clusters by the mean over its R queries of their estimated
+// probabilities, and (*out)[u] is its set. The callers choose the units (see
+// SelectHead): one query head's T queries (R = T), one of its queries
+// (R = 1), or a whole GQA group's queries (R = G * T, or R = G per query).
+void SelectUnits(const IndexView& idx, const float* q, int U, int R, const SelectionParams& params,
+                 std::vector<std::vector<uint32_t>>* out, int64_t* dot_products) {
   const int d = idx.head_dim;
-  const bool per_query = params.per_query && T > 1;
-  const int U = per_query ? T : 1;
-  own->assign(U, {});
+  const int64_t rows = static_cast<int64_t>(U) * R;
+  out->assign(U, {});
   const double n_clustered = static_cast<double>(idx.n_clustered);
   const double fine_target = params.budget * n_clustered;
 
@@ -114,12 +112,11 @@ void SelectOneHead(const IndexView& idx, const float* q, int T, const SelectionP
     std::vector<uint32_t> ids(idx.k2);
     std::iota(ids.begin(), ids.end(), 0u);
     std::vector<double> p;
-    FlatProbabilities(q, T, d, params.scale, idx.fine_centroids, idx.fine_sizes, idx.k2, per_query ? &p : nullptr,
-                      per_query ? nullptr : &p);
-    *dot_products += static_cast<int64_t>(T) * idx.k2;
+    MeanProbabilities(q, U, R, d, params.scale, idx.fine_centroids, idx.fine_sizes, idx.k2, &p);
+    *dot_products += rows * idx.k2;
     for (int u = 0; u < U; ++u) {
       Keep(params, p.data() + static_cast<int64_t>(u) * idx.k2, ids.data(), idx.fine_sizes, idx.k2,
-           params.tau_flat, fine_target, &(*own)[u]);
+           params.tau_flat, fine_target, &(*out)[u]);
     }
     return;
   }
@@ -130,9 +127,8 @@ void SelectOneHead(const IndexView& idx, const float* q, int T, const SelectionP
   std::iota(coarse_ids.begin(), coarse_ids.end(), 0u);
   const double coarse_target = std::min(1.0, params.coarse_budget_factor * params.budget) * n_clustered;
   std::vector<double> P;
-  FlatProbabilities(q, T, d, params.scale, idx.coarse_centroids, idx.coarse_sizes, idx.k1, per_query ? &P : nullptr,
-                    per_query ? nullptr : &P);
-  *dot_products += static_cast<int64_t>(T) * idx.k1;
+  MeanProbabilities(q, U, R, d, params.scale, idx.coarse_centroids, idx.coarse_sizes, idx.k1, &P);
+  *dot_products += rows * idx.k1;
   std::vector<uint32_t> kept_coarse, survivors, sizes;
   std::vector<double> p;
   for (int u = 0; u < U; ++u) {
@@ -140,15 +136,13 @@ void SelectOneHead(const IndexView& idx, const float* q, int T, const SelectionP
     Keep(params, P.data() + static_cast<int64_t>(u) * idx.k1, coarse_ids.data(), idx.coarse_sizes, idx.k1,
          params.tau_coarse, coarse_target, &kept_coarse);
     Children(idx, kept_coarse, &survivors);
-    // Shared selection averages p' over all T queries; per-query scores one.
-    const float* qu = q + static_cast<int64_t>(per_query ? u : 0) * d;
-    const int rows = per_query ? 1 : T;
-    SurvivorProbabilities(idx, qu, rows, params.scale, survivors, &p);
-    *dot_products += static_cast<int64_t>(rows) * static_cast<int64_t>(survivors.size());
+    // p' averaged over the unit's R queries.
+    SurvivorProbabilities(idx, q + static_cast<int64_t>(u) * R * d, R, params.scale, survivors, &p);
+    *dot_products += static_cast<int64_t>(R) * static_cast<int64_t>(survivors.size());
     sizes.resize(survivors.size());
     for (size_t i = 0; i < survivors.size(); ++i) sizes[i] = idx.fine_sizes[survivors[i]];
     Keep(params, p.data(), survivors.data(), sizes.data(), static_cast<int64_t>(survivors.size()),
-         params.tau_fine, fine_target, &(*own)[u]);
+         params.tau_fine, fine_target, &(*out)[u]);
   }
 }
 
@@ -200,17 +194,30 @@ void SelectThreshold(const double* p, const uint32_t* ids, int64_t n, double tau
 void SelectBudget(const double* p, const uint32_t* ids, const uint32_t* sizes, int64_t n, double target,
                   std::vector<uint32_t>* out) {
   if (n == 0 || !(target > 0)) return;
+  // (p descending, id ascending) is a strict total order, so ordering the
+  // candidates chunk by chunk (nth_element, then sort of the chunk) yields
+  // exactly the prefix a full sort would, in O(n) for the usual small
+  // budgets instead of O(n log n) per query head and step.
+  auto before = [&](int64_t a, int64_t b) { return p[a] != p[b] ? p[a] > p[b] : ids[a] < ids[b]; };
   std::vector<int64_t> order(n);
   std::iota(order.begin(), order.end(), 0);
-  std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
-    if (p[a] != p[b]) return p[a] > p[b];
-    return ids[a] < ids[b];
-  });
+  double total = 0;
+  for (int64_t i = 0; i < n; ++i) total += sizes[i];
+  // First chunk: the expected number of candidates for the target, plus slack.
+  int64_t chunk = static_cast<int64_t>(std::ceil(1.25 * target / (total / n))) + 8;
   const size_t first = out->size();
   double kept = 0;
-  for (int64_t i = 0; i < n && kept < target; ++i) {
-    out->push_back(ids[order[i]]);
-    kept += sizes[order[i]];
+  int64_t begin = 0;
+  while (kept < target && begin < n) {
+    const int64_t end = std::min(n, begin + chunk);
+    if (end < n) std::nth_element(order.begin() + begin, order.begin() + end - 1, order.end(), before);
+    std::sort(order.begin() + begin, order.begin() + end, before);
+    for (int64_t i = begin; i < end && kept < target; ++i) {
+      out->push_back(ids[order[i]]);
+      kept += sizes[order[i]];
+    }
+    begin = end;
+    chunk *= 2;
   }
   std::sort(out->begin() + static_cast<std::ptrdiff_t>(first), out->end());
 }
@@ -230,29 +237,60 @@ void SelectHead(const IndexView& idx, const float* q, int G, int T, const Select
     return;
   }
 
+  const int d = idx.head_dim;
   const bool per_query = params.per_query && T > 1;
-  const int U = per_query ? T : 1;
-  std::vector<std::vector<std::vector<uint32_t>>> own(G);  // [g][u]
-  for (int g = 0; g < G; ++g) {
-    SelectOneHead(idx, q + static_cast<int64_t>(g) * T * idx.head_dim, T, params, &own[g], &out->dot_products);
-  }
+  const int U = per_query ? T : 1;  // selections per query head: one per query, or one shared
 
-  if (params.gqa == GqaPolicy::kUnion) {
-    out->sets.resize(U);
-    for (int u = 0; u < U; ++u) {
-      for (int g = 0; g < G; ++g) out->sets[u].insert(out->sets[u].end(), own[g][u].begin(), own[g][u].end());
-      SortUnique(&out->sets[u]);
+  if (params.mode == SelectionMode::kBudget && params.gqa == GqaPolicy::kUnion) {
+    // Joint selection: the budget bounds the keys read per KV head, so the
+    // group makes one budget selection, ranking clusters by the mean of p_j
+    // over its G query heads (and its T queries when shared), and all G
+    // heads attend it. Units: all G * T queries at once (q is [1, G * T, d]),
+    // or per query t the G heads' query t (gathered as [T, G, d]).
+    const float* units = q;
+    std::vector<float> by_query;
+    if (per_query) {
+      by_query.resize(static_cast<size_t>(G) * T * d);
+      for (int t = 0; t < T; ++t) {
+        for (int g = 0; g < G; ++g) {
+          std::copy_n(q + (static_cast<int64_t>(g) * T + t) * d, d,
+                      by_query.data() + (static_cast<int64_t>(t) * G + g) * d);
+        }
+      }
+      units = by_query.data();
     }
+    SelectUnits(idx, units, U, per_query ? G : G * T, params, &out->sets, &out->dot_products);
     for (int g = 0; g < G; ++g) {
       for (int t = 0; t < T; ++t) out->set_of[static_cast<size_t>(g) * T + t] = per_query ? t : 0;
     }
   } else {
-    out->sets.resize(static_cast<size_t>(G) * U);
+    // Each query head selects alone (threshold mode, or the per-head policy).
+    std::vector<std::vector<std::vector<uint32_t>>> own(G);  // [g][u]
     for (int g = 0; g < G; ++g) {
-      for (int u = 0; u < U; ++u) out->sets[static_cast<size_t>(g) * U + u] = std::move(own[g][u]);
-      for (int t = 0; t < T; ++t) out->set_of[static_cast<size_t>(g) * T + t] = g * U + (per_query ? t : 0);
+      SelectUnits(idx, q + static_cast<int64_t>(g) * T * d, U, per_query ? 1 : T, params, &own[g],
+                  &out->dot_products);
+    }
+    if (params.gqa == GqaPolicy::kUnion) {
+      // Threshold + union: each head attends the union of the group's sets.
+      out->sets.resize(U);
+      for (int u = 0; u < U; ++u) {
+        for (int g = 0; g < G; ++g) {
+          out->sets[u].insert(out->sets[u].end(), own[g][u].begin(), own[g][u].end());
+        }
+        SortUnique(&out->sets[u]);
+      }
+      for (int g = 0; g < G; ++g) {
+        for (int t = 0; t < T; ++t) out->set_of[static_cast<size_t>(g) * T + t] = per_query ? t : 0;
+      }
+    } else {
+      out->sets.resize(static_cast<size_t>(G) * U);
+      for (int g = 0; g < G; ++g) {
+        for (int u = 0; u < U; ++u) out->sets[static_cast<size_t>(g) * U + u] = std::move(own[g][u]);
+        for (int t = 0; t < T; ++t) out->set_of[static_cast<size_t>(g) * T + t] = g * U + (per_query ? t : 0);
+      }
     }
   }
+  // The blocks to read: the union of the attended sets.
   for (const auto& set : out->sets) out->read.insert(out->read.end(), set.begin(), set.end());
   SortUnique(&out->read);
 }

@@ -90,6 +90,12 @@ void SelectBudget(const double* p, const uint32_t* ids, const uint32_t* sizes, i
 
 // Selects for the G query heads of one KV head. q: [G, T, head_dim] float32,
 // finite. With mode kDense every fine cluster is one set.
+//   budget + kUnion: one joint selection for the group (per query t with
+//     per_query): clusters ranked by the mean of p_j over the G heads (and
+//     the T queries when shared); every head attends it, and read is it, so
+//     the keys read per KV head follow the budget whatever G is.
+//   budget + kPerHead, threshold: each head selects alone; kUnion (threshold
+//     only) attends the union of the group's sets, kPerHead its own.
 void SelectHead(const IndexView& idx, const float* q, int G, int T, const SelectionParams& params,
                   HeadSelection* out);
 

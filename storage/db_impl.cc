@@ -163,7 +163,9 @@ Status DBImpl::RemoveOrphans() {
   {
     std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions(), cf_manifest_));
     for (it->SeekToFirst(); it->Valid(); it->Next()) {
-      rocksdb::Slice val = it->value();
+      // Copy: RocksDB values carry no alignment guarantee, FlatBuffers
+      // readers need their scalars aligned.
+      const std::string val = it->value().ToString();
       flatbuffers::Verifier v(reinterpret_cast<const uint8_t*>(val.data()), val.size());
       if (!fb::VerifyManifestBuffer(v)) {
         return Status::Corruption(path_ + ": manifest of context '" + it->key().ToString() +

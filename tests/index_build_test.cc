@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "index/calibrate.h"
 #include "sqz/build.h"
 #include "sqz/db.h"
 #include "tests/index_test_util.h"
@@ -196,6 +197,63 @@ TEST(IndexBuildTest, DeterministicForASeed) {
       ASSERT_TRUE(impl->GetHeadIndex(ib.id, l, h, &xb).ok());
       EXPECT_EQ(xa, xb) << "layer " << l << " head " << h;
     }
+  }
+}
+
+TEST(IndexBuildTest, ThresholdsMatchCalibratorOnStoredIndex) {
+  // The builder's wiring (query-head groups, two passes, read-back) gives
+  // exactly what the Calibrator computes from the stored records.
+  ScopedTempDir dir("sqz-build");
+  KvSpec spec;
+  spec.n_layers = 3;
+  spec.n_kv_heads = 2;
+  spec.n_q_heads = 6;
+  spec.n_tokens = 1800;
+  spec.q_window = 12;
+  KvData data(spec);
+  auto db = OpenDb(dir.Sub("db"));
+  BuildOptions o = SmallOptions();
+  o.quantiles = {0.6, 0.9};
+  o.coarse_share = 0.4;
+  auto src = data.Source();
+  ASSERT_TRUE(BuildContext(db.get(), "c", src.get(), o).ok());
+  ContextInfo info;
+  ASSERT_TRUE(db->DescribeContext("c", &info).ok());
+
+  index::Calibrator cal(o.quantiles, o.coarse_share);
+  const int g = spec.n_q_heads / spec.n_kv_heads;
+  for (int pass = 0; pass < 2; ++pass) {
+    for (int l = 0; l < spec.n_layers; ++l) {
+      for (int h = 0; h < spec.n_kv_heads; ++h) {
+        std::string bytes;
+        ASSERT_TRUE(storage::Impl(db.get())->GetHeadIndex(info.id, l, h, &bytes).ok());
+        const fb::HeadIndex* hi = flatbuffers::GetRoot<fb::HeadIndex>(bytes.data());
+        index::HeadView v;
+        v.dim = spec.head_dim;
+        v.k2 = hi->fine_offsets()->size() - 1;
+        v.k1 = hi->coarse_child_offsets()->size() - 1;
+        v.fine_centroids = hi->fine_centroids()->data();
+        v.fine_offsets = hi->fine_offsets()->data();
+        v.coarse_centroids = hi->coarse_centroids()->data();
+        v.coarse_child_offsets = hi->coarse_child_offsets()->data();
+        const float* q = data.q[l].data() + static_cast<size_t>(h) * g * spec.q_window * spec.head_dim;
+        if (pass == 0) {
+          cal.AddFirstPass(v, q, g, spec.q_window);
+        } else {
+          cal.AddSecondPass(v, q, g, spec.q_window);
+        }
+      }
+    }
+    if (pass == 0) cal.FinishFirstPass();
+  }
+  auto want = cal.Finish();
+  ASSERT_EQ(info.thresholds.size(), want.size());
+  EXPECT_EQ(info.calibration_queries, spec.q_window);
+  for (size_t i = 0; i < want.size(); ++i) {
+    EXPECT_EQ(info.thresholds[i].quantile, want[i].quantile);
+    EXPECT_EQ(info.thresholds[i].flat, want[i].flat);
+    EXPECT_EQ(info.thresholds[i].coarse, want[i].coarse);
+    EXPECT_EQ(info.thresholds[i].fine, want[i].fine);
   }
 }
 

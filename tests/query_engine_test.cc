@@ -103,13 +103,20 @@ class QueryEngineTest : public ::testing::Test {
   template <typename PositionsOf>
   static void ExpectMatches(const TestContext& c, int layer, const std::vector<float>& o,
                             const std::vector<float>& lse, PositionsOf positions_of, const std::string& what) {
-    const int d = c.spec.head_dim, T = c.T, G = c.spec.n_q_heads / c.spec.n_kv_heads;
+    ExpectMatchesFor(c, layer, c.q[layer], c.T, o, lse, positions_of, what);
+  }
+  // Same for queries q [n_q, T, d].
+  template <typename PositionsOf>
+  static void ExpectMatchesFor(const TestContext& c, int layer, const std::vector<float>& q, int T,
+                               const std::vector<float>& o, const std::vector<float>& lse, PositionsOf positions_of,
+                               const std::string& what) {
+    const int d = c.spec.head_dim, G = c.spec.n_q_heads / c.spec.n_kv_heads;
     for (int qh = 0; qh < c.spec.n_q_heads; ++qh) {
       for (int t = 0; t < T; ++t) {
         const size_t row = static_cast<size_t>(qh) * T + t;
         std::vector<double> want;
         double want_lse;
-        Reference(c, layer, qh / G, c.q[layer].data() + row * d, positions_of(qh / G, qh % G, t), &want, &want_lse);
+        Reference(c, layer, qh / G, q.data() + row * d, positions_of(qh / G, qh % G, t), &want, &want_lse);
         double diff = 0, norm = 0;
         for (int e = 0; e < d; ++e) {
           ASSERT_TRUE(std::isfinite(o[row * d + e])) << what;
@@ -137,6 +144,17 @@ class QueryEngineTest : public ::testing::Test {
       }
     }
     return pos;
+  }
+
+  // The first T of the context's test queries of every head: [n_q, T, d].
+  static std::vector<float> FirstQueries(const TestContext& c, int layer, int T) {
+    const int d = c.spec.head_dim;
+    std::vector<float> q;
+    for (int h = 0; h < c.spec.n_q_heads; ++h) {
+      q.insert(q.end(), c.q[layer].begin() + static_cast<size_t>(h) * c.T * d,
+               c.q[layer].begin() + (static_cast<size_t>(h) * c.T + T) * d);
+    }
+    return q;
   }
 
   static std::vector<uint32_t> AllPositions(const TestContext& c) {
@@ -169,14 +187,14 @@ TEST_F(QueryEngineTest, DenseAndFullBudgetEqualDenseAttention) {
   };
   for (const Case& cs : {Case{"mha", 2, 2, DType::kF16}, Case{"gqa", 2, 4, DType::kF16},
                          Case{"gqa_bf16", 1, 4, DType::kBF16}}) {
+    TestContext c;
+    BuildOptions bo;
+    bo.window = 64;
+    Build(cs.name, SmallSpec(cs.n_kv, cs.n_q, 2048, 64, cs.dtype), 6, false, bo, &c);
+    const auto all = AllPositions(c);
     for (int T : {1, 6}) {
-      TestContext c;
-      BuildOptions bo;
-      bo.window = 64;
-      Build(std::string(cs.name) + std::to_string(T), SmallSpec(cs.n_kv, cs.n_q, 2048, 64, cs.dtype), T, false, bo,
-            &c);
-      const auto all = AllPositions(c);
       for (int layer = 0; layer < 2; ++layer) {
+        const std::vector<float> q = FirstQueries(c, layer, T);
         for (int variant = 0; variant < 4; ++variant) {
           QueryOptions qo;
           qo.mode = variant == 0 ? SelectionMode::kDense : SelectionMode::kBudget;
@@ -184,12 +202,12 @@ TEST_F(QueryEngineTest, DenseAndFullBudgetEqualDenseAttention) {
           qo.hierarchical = variant == 2;
           qo.per_query_selection = variant == 3;
           qo.gqa = variant == 3 ? GqaPolicy::kPerHead : GqaPolicy::kUnion;
-          std::vector<float> o(c.q[layer].size()), lse(o.size() / c.spec.head_dim);
+          std::vector<float> o(q.size()), lse(o.size() / c.spec.head_dim);
           AttendStats st;
-          Status s = c.handle->Attend(layer, c.q[layer].data(), T, qo, o.data(), lse.data(), &st);
+          Status s = c.handle->Attend(layer, q.data(), T, qo, o.data(), lse.data(), &st);
           ASSERT_TRUE(s.ok()) << s.ToString();
-          ExpectMatches(c, layer, o, lse, [&](int, int, int) { return all; },
-                        std::string(cs.name) + " variant " + std::to_string(variant));
+          ExpectMatchesFor(c, layer, q, T, o, lse, [&](int, int, int) { return all; },
+                           std::string(cs.name) + " T " + std::to_string(T) + " variant " + std::to_string(variant));
           // Everything was read: all K+V bytes of the layer.
           EXPECT_EQ(st.bytes_read(),
                     static_cast<uint64_t>(c.spec.n_kv_heads) * c.spec.n_tokens * c.spec.head_dim * 2 * 2);
@@ -372,12 +390,7 @@ TEST_F(QueryEngineTest, ConcurrentAttendEqualsSerial) {
       j.options.mode = SelectionMode::kThreshold;
       j.options.threshold_quantile = 0.8;
     }
-    // T = 1 uses the first query of each head.
-    const int d = c.spec.head_dim;
-    for (int h = 0; h < c.spec.n_q_heads; ++h) {
-      j.q.insert(j.q.end(), c.q[j.layer].begin() + static_cast<size_t>(h) * c.T * d,
-                 c.q[j.layer].begin() + (static_cast<size_t>(h) * c.T + j.T) * d);
-    }
+    j.q = FirstQueries(c, j.layer, j.T);
     jobs.push_back(std::move(j));
   }
   auto run = [&](Job& j, std::vector<float>* o, std::vector<float>* lse) {
@@ -400,6 +413,28 @@ TEST_F(QueryEngineTest, ConcurrentAttendEqualsSerial) {
   }
   for (auto& th : threads) th.join();
   for (int t = 0; t < 4; ++t) EXPECT_EQ(mismatches[t], 0) << "thread " << t;
+}
+
+TEST_F(QueryEngineTest, WrongBlockSizeIsCorruption) {
+  TestContext c;
+  BuildOptions bo;
+  bo.window = 32;
+  Build("corrupt", SmallSpec(1, 2), 2, false, bo, &c);
+  // Replace fine block 0 of layer 1 with one that lost a row.
+  auto* impl = storage::Impl(db_.get());
+  const std::string key = storage::BlockKey(c.handle->info().id, 1, 0, 0);
+  std::string value;
+  ASSERT_TRUE(impl->raw()->Get(rocksdb::ReadOptions(), impl->cf_kv(), key, &value).ok());
+  value.resize(value.size() - 2 * c.spec.head_dim);
+  ASSERT_TRUE(impl->raw()->Put(rocksdb::WriteOptions(), impl->cf_kv(), key, value).ok());
+  std::vector<float> o(c.q[1].size()), lse(o.size() / c.spec.head_dim);
+  QueryOptions qo;
+  qo.mode = SelectionMode::kDense;
+  Status s = c.handle->Attend(1, c.q[1].data(), 2, qo, o.data(), lse.data());
+  EXPECT_TRUE(s.IsCorruption()) << s.ToString();
+  EXPECT_NE(s.message().find("layer 1 KV head 0: KV block 0 has"), std::string::npos) << s.ToString();
+  // Layer 0 is intact.
+  EXPECT_TRUE(c.handle->Attend(0, c.q[0].data(), 2, qo, o.data(), lse.data()).ok());
 }
 
 TEST_F(QueryEngineTest, OnlyTheAlwaysSetWhenNothingIsClustered) {

@@ -142,13 +142,25 @@ std::set<uint32_t> BruteSelectOne(const RandomIndex& ix, const float* q, int row
   return BruteKeep(params, p, survivors, ix.fine_sizes, params.tau_fine, fine_target);
 }
 
+// The queries of head h in q [G, T, d] that one selection averages over: all
+// T, or query t alone with per-query selection; appended to *rows.
+void AppendSelectionRows(const RandomIndex& ix, const float* q, int T, const SelectionParams& params, int h, int t,
+                         std::vector<float>* rows) {
+  const float* qh = q + static_cast<size_t>(h) * T * ix.d;
+  if (params.per_query && T > 1) {
+    rows->insert(rows->end(), qh + static_cast<size_t>(t) * ix.d, qh + static_cast<size_t>(t + 1) * ix.d);
+  } else {
+    rows->insert(rows->end(), qh, qh + static_cast<size_t>(T) * ix.d);
+  }
+}
+
 // Expected attended set of (g, t) for q [G, T, d].
 std::set<uint32_t> BruteAttended(const RandomIndex& ix, const float* q, int G, int T, const SelectionParams& params,
                                  int g, int t) {
   auto own = [&](int h) {
-    const float* qh = q + static_cast<size_t>(h) * T * ix.d;
-    if (params.per_query && T > 1) return BruteSelectOne(ix, qh + static_cast<size_t>(t) * ix.d, 1, params);
-    return BruteSelectOne(ix, qh, T, params);
+    std::vector<float> rows;
+    AppendSelectionRows(ix, q, T, params, h, t, &rows);
+    return BruteSelectOne(ix, rows.data(), static_cast<int>(rows.size()) / ix.d, params);
   };
   if (params.mode == SelectionMode::kDense) {
     std::set<uint32_t> all;
@@ -156,6 +168,14 @@ std::set<uint32_t> BruteAttended(const RandomIndex& ix, const float* q, int G, i
     return all;
   }
   if (params.gqa == GqaPolicy::kPerHead) return own(g);
+  if (params.mode == SelectionMode::kBudget) {
+    // Joint: one selection by the mean probability over the group's G heads
+    // (and T queries when shared); every head of the group attends it.
+    std::vector<float> rows;
+    for (int h = 0; h < G; ++h) AppendSelectionRows(ix, q, T, params, h, t, &rows);
+    return BruteSelectOne(ix, rows.data(), static_cast<int>(rows.size()) / ix.d, params);
+  }
+  // Threshold: each head thresholds its own probabilities; the union.
   std::set<uint32_t> u;
   for (int h = 0; h < G; ++h) {
     auto s = own(h);
@@ -245,6 +265,101 @@ TEST(QuerySelectionTest, MatchesBruteForceAcrossModes) {
   EXPECT_GT(cases, 300);
 }
 
+// Budget + union reads the budget per KV head: the read set is exactly the
+// shortest prefix of the joint order (mean p_j over the group's heads and
+// queries) whose keys reach b * n_clustered, for any G, and every head attends
+// it. Per-head reads the union of the heads' own budget-b selections.
+TEST(QuerySelectionTest, JointBudgetReadsTheBudgetPerKvHead) {
+  const int d = 16;
+  int64_t per_head_read = 0, union_read = 0;
+  for (uint64_t seed = 1; seed <= 4; ++seed) {
+    RandomIndex ix(d, 40, seed);
+    std::vector<uint32_t> all(ix.k2());
+    std::iota(all.begin(), all.end(), 0u);
+    uint32_t max_size = 0;
+    for (uint32_t n : ix.fine_sizes) max_size = std::max(max_size, n);
+    for (int G : {1, 2, 4, 8}) {
+      for (int T : {1, 3}) {
+        for (bool per_query : {false, true}) {
+          for (double b : {0.05, 0.125, 0.3}) {
+            const std::string what = "seed " + std::to_string(seed) + " G " + std::to_string(G) + " T " +
+                                     std::to_string(T) + " per_query " + std::to_string(per_query) + " b " +
+                                     std::to_string(b);
+            auto q = RandomQueries(G, T, d, 2.0f, seed * 1000 + G * 10 + T);
+            SelectionParams p;
+            p.scale = 1.0f / std::sqrt(static_cast<float>(d));
+            p.budget = b;
+            p.per_query = per_query;
+            const double target = b * ix.n_clustered;
+            HeadSelection sel;
+            SelectHead(ix.View(), q.data(), G, T, p, &sel);
+            const int U = per_query && T > 1 ? T : 1;
+            ASSERT_EQ(sel.sets.size(), static_cast<size_t>(U)) << what;
+            std::set<uint32_t> read_expected;
+            for (int u = 0; u < U; ++u) {
+              // The joint order of unit u, and its shortest prefix >= target.
+              std::vector<float> rows;
+              for (int h = 0; h < G; ++h) AppendSelectionRows(ix, q.data(), T, p, h, u, &rows);
+              auto score = BruteMeanProbs(rows.data(), static_cast<int>(rows.size()) / d, d, p.scale, ix.fine,
+                                          ix.fine_sizes, all);
+              std::vector<uint32_t> order = all;
+              std::sort(order.begin(), order.end(), [&](uint32_t a, uint32_t c) {
+                return score[a] != score[c] ? score[a] > score[c] : a < c;
+              });
+              std::set<uint32_t> prefix;
+              int64_t keys = 0;
+              for (size_t i = 0; i < order.size() && keys < target; ++i) {
+                prefix.insert(order[i]);
+                keys += ix.fine_sizes[order[i]];
+              }
+              const auto& got = sel.sets[u];
+              EXPECT_EQ(std::set<uint32_t>(got.begin(), got.end()), prefix) << what << " u " << u;
+              int64_t got_keys = 0;
+              for (uint32_t j : got) got_keys += ix.fine_sizes[j];
+              // Read fraction ~= b, independent of G.
+              EXPECT_GE(got_keys, target) << what;
+              EXPECT_LT(got_keys, target + max_size) << what;
+              read_expected.insert(got.begin(), got.end());
+            }
+            for (int g = 0; g < G; ++g) {
+              for (int t = 0; t < T; ++t) {
+                EXPECT_EQ(sel.set_of[static_cast<size_t>(g) * T + t], U > 1 ? t : 0) << what;
+              }
+            }
+            EXPECT_EQ(std::set<uint32_t>(sel.read.begin(), sel.read.end()), read_expected) << what;
+            if (U == 1) {
+              EXPECT_EQ(sel.read, sel.sets[0]) << what;
+              for (uint32_t j : sel.read) union_read += ix.fine_sizes[j];
+            }
+
+            // Per-head: each head its own budget-b selection; reads the union.
+            p.gqa = GqaPolicy::kPerHead;
+            HeadSelection ph;
+            SelectHead(ix.View(), q.data(), G, T, p, &ph);
+            std::set<uint32_t> u;
+            for (int g = 0; g < G; ++g) {
+              for (int t = 0; t < T; ++t) {
+                std::vector<float> rows;
+                AppendSelectionRows(ix, q.data(), T, p, g, t, &rows);
+                auto own = BruteSelectOne(ix, rows.data(), static_cast<int>(rows.size()) / d, p);
+                const auto& got = ph.sets[ph.set_of[static_cast<size_t>(g) * T + t]];
+                EXPECT_EQ(std::set<uint32_t>(got.begin(), got.end()), own) << what << " per-head g " << g;
+                u.insert(own.begin(), own.end());
+              }
+            }
+            EXPECT_EQ(std::set<uint32_t>(ph.read.begin(), ph.read.end()), u) << what << " per-head";
+            if (U == 1) {
+              for (uint32_t j : ph.read) per_head_read += ix.fine_sizes[j];
+            }
+          }
+        }
+      }
+    }
+  }
+  // Independent random heads: the per-head union reads well above the budget.
+  EXPECT_GT(per_head_read, 1.5 * union_read);
+}
+
 TEST(QuerySelectionTest, BudgetRuleEdges) {
   RandomIndex ix(8, 5, 42);
   auto q = RandomQueries(1, 1, 8, 1.0f, 7);
@@ -289,6 +404,31 @@ TEST(QuerySelectionTest, SelectBudgetTiesPreferSmallerIds) {
   out.clear();
   SelectBudget(p.data(), ids.data(), sizes.data(), 5, 3.5, &out);
   EXPECT_EQ(out, (std::vector<uint32_t>{10, 11, 12, 14}));
+}
+
+TEST(QuerySelectionTest, SelectBudgetEqualsFullSortOnLargeInputs) {
+  std::mt19937_64 rng(17);
+  for (int trial = 0; trial < 20; ++trial) {
+    const int64_t n = 100 + static_cast<int64_t>(rng() % 5000);
+    std::vector<double> p(n);
+    std::vector<uint32_t> ids(n), sizes(n);
+    double total = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      p[i] = static_cast<double>(rng() % 50);  // many ties
+      ids[i] = static_cast<uint32_t>(3 * i + 1);
+      sizes[i] = 1 + static_cast<uint32_t>(rng() % (trial % 2 ? 3 : 200));  // skewed sizes too
+      total += sizes[i];
+    }
+    std::vector<uint32_t> sizes_by_id(3 * n + 2, 0);  // BruteKeep looks sizes up by id
+    for (int64_t i = 0; i < n; ++i) sizes_by_id[ids[i]] = sizes[i];
+    for (double frac : {0.0001, 0.01, 0.125, 0.5, 0.99, 1.0}) {
+      std::vector<uint32_t> got;
+      SelectBudget(p.data(), ids.data(), sizes.data(), n, frac * total, &got);
+      auto want = BruteKeep(SelectionParams(), p, ids, sizes_by_id, 0, frac * total);
+      EXPECT_EQ(std::set<uint32_t>(got.begin(), got.end()), want) << "n " << n << " frac " << frac;
+      EXPECT_TRUE(std::is_sorted(got.begin(), got.end()));
+    }
+  }
 }
 
 TEST(QuerySelectionTest, HugeQueryNormsStayFiniteAndExact) {

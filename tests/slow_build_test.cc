@@ -104,6 +104,7 @@ TEST(SlowBuildTest, MemoryDoesNotGrowWithLayers) {
     std::printf("[ progress ] layer %d head %d: %lld/%lld heads, %.0f keys/s, eta %.0f s, rss %.0f MiB\n", p.layer,
                 p.head, static_cast<long long>(p.heads_done), static_cast<long long>(p.heads_total),
                 p.keys_per_second, p.eta_seconds, MiB(CurrentRssBytes()));
+    std::fflush(stdout);
     if (p.head == p.n_kv_heads - 1) rss_after_layer.push_back(CurrentRssBytes());
   };
   BuildStats st;

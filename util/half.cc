@@ -7,6 +7,19 @@
 
 namespace sqz {
 
+namespace {
+inline uint16_t Load16(const uint8_t* p) {
+  uint16_t v;
+  std::memcpy(&v, p, 2);
+  return v;
+}
+inline uint32_t Load32(const uint8_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+}  // namespace
+
 float HalfToFloat(uint16_t h) { return _cvtsh_ss(h); }
 
 uint16_t FloatToHalf(float f) {
@@ -28,18 +41,25 @@ void ConvertToFloat(const void* src, DType t, size_t n, float* dst) {
       std::memcpy(dst, src, n * 4);
       return;
     case DType::kF16: {
-      const uint16_t* s = static_cast<const uint16_t*>(src);
+      // `src` may be unaligned (RocksDB values are): byte-wise loads only.
+      const uint8_t* s = static_cast<const uint8_t*>(src);
       size_t i = 0;
       for (; i + 8 <= n; i += 8) {
-        __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i));
+        __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + 2 * i));
         _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(h));
       }
-      for (; i < n; ++i) dst[i] = HalfToFloat(s[i]);
+      for (; i < n; ++i) dst[i] = HalfToFloat(Load16(s + 2 * i));
       return;
     }
     case DType::kBF16: {
-      const uint16_t* s = static_cast<const uint16_t*>(src);
-      for (size_t i = 0; i < n; ++i) dst[i] = Bf16ToFloat(s[i]);
+      const uint8_t* s = static_cast<const uint8_t*>(src);
+      size_t i = 0;
+      for (; i + 8 <= n; i += 8) {
+        // bf16 -> f32 is a 16-bit left shift of the bit pattern.
+        __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + 2 * i)));
+        _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
+      }
+      for (; i < n; ++i) dst[i] = Bf16ToFloat(Load16(s + 2 * i));
       return;
     }
   }
@@ -71,21 +91,21 @@ void ConvertFromFloat(const float* src, size_t n, DType t, void* dst) {
 bool AllFinite(const void* src, DType t, size_t n) {
   switch (t) {
     case DType::kF32: {
-      const uint32_t* s = static_cast<const uint32_t*>(src);
+      const uint8_t* s = static_cast<const uint8_t*>(src);
       uint32_t bad = 0;
-      for (size_t i = 0; i < n; ++i) bad |= ((s[i] & 0x7f800000u) == 0x7f800000u);
+      for (size_t i = 0; i < n; ++i) bad |= ((Load32(s + 4 * i) & 0x7f800000u) == 0x7f800000u);
       return bad == 0;
     }
     case DType::kF16: {
-      const uint16_t* s = static_cast<const uint16_t*>(src);
+      const uint8_t* s = static_cast<const uint8_t*>(src);
       uint32_t bad = 0;
-      for (size_t i = 0; i < n; ++i) bad |= ((s[i] & 0x7c00u) == 0x7c00u);
+      for (size_t i = 0; i < n; ++i) bad |= ((Load16(s + 2 * i) & 0x7c00u) == 0x7c00u);
       return bad == 0;
     }
     case DType::kBF16: {
-      const uint16_t* s = static_cast<const uint16_t*>(src);
+      const uint8_t* s = static_cast<const uint8_t*>(src);
       uint32_t bad = 0;
-      for (size_t i = 0; i < n; ++i) bad |= ((s[i] & 0x7f80u) == 0x7f80u);
+      for (size_t i = 0; i < n; ++i) bad |= ((Load16(s + 2 * i) & 0x7f80u) == 0x7f80u);
       return bad == 0;
     }
   }

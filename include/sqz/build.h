@@ -37,8 +37,11 @@ struct BuildOptions {
   // Observation window: the last `window` tokens are always attended and not
   // clustered. Clamped to n_tokens - n_sinks.
   int window = 100;
-  // Always-kept first tokens (attention sinks), not clustered.
-  int n_sinks = 0;
+  // Always-kept first tokens (attention sinks), not clustered. LLMs park a
+  // large share of attention on the first few tokens (StreamingLLM keeps 4);
+  // clustered, such a key's centroid is diluted by its neighbours and the
+  // lookup underestimates it. Clamped to n_tokens.
+  int n_sinks = 4;
   // Fine level: ceil(fine_ratio * n_clustered) clusters before empty ones are
   // dropped.
   double fine_ratio = 0.05;

@@ -28,13 +28,17 @@ enum class SelectionMode : uint8_t {
 };
 
 enum class GqaPolicy : uint8_t {
-  kUnion = 0,    // each query head attends the union of its group's selections
-  kPerHead = 1,  // each query head attends its own selection
+  // Budget mode: the group selects jointly (mean estimated mass over its
+  // query heads), so `budget` bounds the keys read per KV head. Threshold
+  // mode: each query head attends the union of its group's selections.
+  kUnion = 0,
+  kPerHead = 1,  // each query head attends its own selection (reads: the union)
 };
 
 struct QueryOptions {
   SelectionMode mode = SelectionMode::kBudget;
   // Budget mode: fraction of the clustered keys to keep (0..1]. 1 = dense.
+  // Per KV head under kUnion (the keys read); per query head under kPerHead.
   double budget = 0.125;
   // Threshold mode: use the context's calibrated thresholds at this quantile
   // (must be one the context was calibrated for) when >= 0; otherwise the

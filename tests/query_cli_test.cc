@@ -1,0 +1,176 @@
+// `sqctl query` and `sqctl eval`, run as the built binary on a small
+// synthetic database.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "tests/test_util.h"
+#include "tools/synth/synthetic.h"
+#include "util/safetensors.h"
+
+namespace sqz {
+namespace {
+
+class QueryCliTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    ASSERT_TRUE(std::filesystem::exists(testing::SqctlPath()))
+        << testing::SqctlPath() << " is not built (ninja sqctl): the CLI tests run the binary";
+    dir_ = new testing::ScopedTempDir("sqz-query-cli");
+    synth::Spec spec;
+    spec.n_layers = 2;
+    spec.n_kv_heads = 2;
+    spec.n_q_heads = 4;
+    spec.n_tokens = 2048;
+    spec.head_dim = 64;
+    spec.q_window = 50;
+    spec.n_queries = 4;
+    Status s = synth::WriteContextFiles(spec, dir_->Sub("kv.safetensors"), dir_->Sub("q.safetensors"));
+    ASSERT_TRUE(s.ok()) << s.ToString();
+    std::string out;
+    const int rc = testing::RunCommand(
+        testing::SqctlPath() + " build-index --db " + Db() + " --kv " + dir_->Sub("kv.safetensors") +
+            " --name ctx --quiet",
+        &out);
+    ASSERT_EQ(rc, 0) << out;
+  }
+  static void TearDownTestSuite() {
+    delete dir_;
+    dir_ = nullptr;
+  }
+
+  static std::string Db() { return dir_->Sub("db"); }
+  static std::string Queries() { return dir_->Sub("q.safetensors"); }
+
+  // Runs `sqctl <args>`; returns the exit code, output in *out.
+  static int Sqctl(const std::string& args, std::string* out) {
+    out->clear();
+    return testing::RunCommand(testing::SqctlPath() + " " + args, out);
+  }
+  static std::string Base(const std::string& cmd) {
+    return cmd + " --db " + Db() + " --context ctx --queries " + Queries();
+  }
+
+  static testing::ScopedTempDir* dir_;
+};
+
+testing::ScopedTempDir* QueryCliTest::dir_ = nullptr;
+
+TEST_F(QueryCliTest, QueryWritesOAndLse) {
+  std::string out;
+  const std::string o_path = dir_->Sub("o.safetensors");
+  ASSERT_EQ(Sqctl(Base("query") + " --out " + o_path, &out), 0) << out;
+  EXPECT_NE(out.find("keys read"), std::string::npos) << out;
+  EXPECT_NE(out.find("bytes read"), std::string::npos) << out;
+  std::unique_ptr<SafetensorsFile> f;
+  Status s = SafetensorsFile::Open(o_path, &f);
+  ASSERT_TRUE(s.ok()) << s.ToString();
+  for (int layer = 0; layer < 2; ++layer) {
+    const std::string p = "layers." + std::to_string(layer);
+    const SafetensorsEntry* o = f->Find(p + ".o");
+    const SafetensorsEntry* lse = f->Find(p + ".lse");
+    ASSERT_TRUE(o && lse) << p;
+    EXPECT_EQ(o->dtype_name, "F32");
+    EXPECT_EQ(o->shape, (std::vector<int64_t>{4, 4, 64}));
+    EXPECT_EQ(lse->dtype_name, "F32");
+    EXPECT_EQ(lse->shape, (std::vector<int64_t>{4, 4}));
+    std::vector<float> values(4 * 4 * 64);
+    ASSERT_TRUE(f->ReadFloat(*o, values.data()).ok());
+    for (float x : values) ASSERT_TRUE(std::isfinite(x));
+  }
+
+  ASSERT_EQ(Sqctl(Base("query") + " --out " + o_path + " --dense --json", &out), 0) << out;
+  EXPECT_NE(out.find("\"keys_fraction\":1,"), std::string::npos) << out;
+  ASSERT_EQ(Sqctl(Base("query") + " --out " + o_path +
+                      " --threshold-quantile 0.9 --hierarchical --gqa per-head --per-query --json",
+                  &out),
+            0)
+      << out;
+  EXPECT_NE(out.find("\"bytes_read\""), std::string::npos) << out;
+  ASSERT_EQ(Sqctl(Base("query") + " --out " + o_path + " --threshold 0.0005 --hierarchical --threshold-coarse 0.0001",
+                  &out),
+            0)
+      << out;
+}
+
+TEST_F(QueryCliTest, EvalReportsPerConfigurationAndHeadKind) {
+  std::string out;
+  ASSERT_EQ(Sqctl(Base("eval") + " --budgets 0.125", &out), 0) << out;
+  EXPECT_NE(out.find("budget=0.125 flat"), std::string::npos) << out;
+  EXPECT_NE(out.find("budget=0.125 hier"), std::string::npos) << out;
+  EXPECT_NE(out.find("tau@0.9 flat"), std::string::npos) << out;
+  EXPECT_NE(out.find("concentrated"), std::string::npos) << out;
+  ASSERT_EQ(Sqctl(Base("eval") + " --budgets 0.05,0.25 --json", &out), 0) << out;
+  EXPECT_EQ(out.front(), '{') << out;
+  EXPECT_NE(out.find("\"recall_over_oracle\""), std::string::npos) << out;
+  EXPECT_NE(out.find("\"name\":\"budget=0.05 flat\""), std::string::npos) << out;
+  EXPECT_NE(out.find("\"spread\""), std::string::npos) << out;
+}
+
+TEST_F(QueryCliTest, ErrorsNameTheCulpritAndExitNonZero) {
+  std::string out;
+  const std::string o_path = dir_->Sub("o_err.safetensors");
+
+  // Not a safetensors file.
+  const std::string garbage = dir_->Sub("garbage.safetensors");
+  std::ofstream(garbage) << "this is not a safetensors file at all";
+  EXPECT_EQ(Sqctl("query --db " + Db() + " --context ctx --queries " + garbage + " --out " + o_path, &out), 1);
+  EXPECT_NE(out.find(garbage), std::string::npos) << out;
+  EXPECT_EQ(Sqctl("eval --db " + Db() + " --context ctx --queries " + garbage, &out), 1);
+  EXPECT_NE(out.find(garbage), std::string::npos) << out;
+
+  // Missing file.
+  EXPECT_EQ(Sqctl("query --db " + Db() + " --context ctx --queries " + dir_->Sub("nope") + " --out " + o_path, &out),
+            1);
+  EXPECT_NE(out.find(dir_->Sub("nope")), std::string::npos) << out;
+
+  // Wrong head_dim, then a layer the context lacks.
+  const std::string wrong = dir_->Sub("wrong.safetensors");
+  {
+    std::vector<float> q(4 * 2 * 32, 0.5f);
+    SafetensorsWriter w;
+    w.Add("layers.0.q", DType::kF32, {4, 2, 32}, q.data());
+    ASSERT_TRUE(w.WriteFile(wrong).ok());
+  }
+  EXPECT_EQ(Sqctl("query --db " + Db() + " --context ctx --queries " + wrong + " --out " + o_path, &out), 1);
+  EXPECT_NE(out.find("layers.0.q"), std::string::npos) << out;
+  EXPECT_NE(out.find("does not match"), std::string::npos) << out;
+  {
+    std::vector<float> q(4 * 2 * 64, 0.5f);
+    SafetensorsWriter w;
+    w.Add("layers.7.q", DType::kF32, {4, 2, 64}, q.data());
+    ASSERT_TRUE(w.WriteFile(wrong).ok());
+  }
+  EXPECT_EQ(Sqctl("query --db " + Db() + " --context ctx --queries " + wrong + " --out " + o_path, &out), 1);
+  EXPECT_NE(out.find("layers.7.q"), std::string::npos) << out;
+  {
+    std::vector<float> q(4 * 2 * 64, NAN);
+    SafetensorsWriter w;
+    w.Add("layers.1.q", DType::kF32, {4, 2, 64}, q.data());
+    ASSERT_TRUE(w.WriteFile(wrong).ok());
+  }
+  EXPECT_EQ(Sqctl("query --db " + Db() + " --context ctx --queries " + wrong + " --out " + o_path, &out), 1);
+  EXPECT_NE(out.find("NaN"), std::string::npos) << out;
+
+  // Unknown context; uncalibrated quantile.
+  EXPECT_EQ(Sqctl("query --db " + Db() + " --context other --queries " + Queries() + " --out " + o_path, &out), 1);
+  EXPECT_NE(out.find("other"), std::string::npos) << out;
+  EXPECT_EQ(Sqctl(Base("query") + " --out " + o_path + " --threshold-quantile 0.33", &out), 1);
+  EXPECT_NE(out.find("0.33"), std::string::npos) << out;
+
+  // Usage errors.
+  EXPECT_EQ(Sqctl(Base("query") + " --out " + o_path + " --budget 0.1 --dense", &out), 2) << out;
+  EXPECT_EQ(Sqctl(Base("query") + " --out " + o_path + " --gqa sideways", &out), 2) << out;
+  EXPECT_EQ(Sqctl(Base("query") + " --out " + o_path + " --budget 1.5", &out), 2) << out;
+  EXPECT_EQ(Sqctl(Base("query"), &out), 2) << out;  // no --out
+  EXPECT_EQ(Sqctl(Base("eval") + " --budgets 0.1,x", &out), 2) << out;
+  EXPECT_EQ(Sqctl(Base("eval") + " --budgets 0", &out), 2) << out;
+}
+
+}  // namespace
+}  // namespace sqz
