@@ -5,7 +5,8 @@
 # The device has CUDA 13 and glibc 2.39 but no RocksDB/FAISS/OpenBLAS/zstd.
 #
 # On the device (carry .device):
-#   export LD_LIBRARY_PATH=$PWD/.device/lib; .device/bin/sqz_gpu_tests
+#   mkdir -p /tmp/sqz && tar -C /tmp/sqz -xzf .device/bundle.tar.gz &&
+#   export LD_LIBRARY_PATH=/tmp/sqz/lib && /tmp/sqz/bin/sqz_gpu_tests
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD_DIR=${SQZ_BUILD_DIR:-build}
@@ -15,7 +16,7 @@ rm -rf .device && mkdir -p .device/bin .device/lib
 for b in "$BUILD_DIR"/tests/sqz_*_tests "$BUILD_DIR"/tools/sqctl "$BUILD_DIR"/bench/*; do
   [ -x "$b" ] && [ -f "$b" ] && cp "$b" .device/bin/
 done
-strip --strip-debug .device/bin/* 2>/dev/null || true
+strip --strip-unneeded .device/bin/* 2>/dev/null || true
 # Shared libraries: everything ldd resolves outside glibc's core set.
 for b in .device/bin/*; do
   ldd "$b" | awk '/=> \// {print $3}'
@@ -26,4 +27,8 @@ done | sort -u | while read -r lib; do
   esac
 done
 # libstdc++ of Debian 12 is older than the device's: the device's own works.
-du -sh .device
+# The libraries alone exceed the 64 MiB a device call may carry: ship one
+# compressed tarball instead (unpack there with tar xzf).
+tar -C .device -czf .device.tar.gz bin lib
+rm -rf .device && mkdir -p .device && mv .device.tar.gz .device/bundle.tar.gz
+du -sh .device/bundle.tar.gz

@@ -107,7 +107,17 @@ TEST(QueryRecallTest, SyntheticCorpusNearOracleOnConcentratedHeads) {
   ASSERT_TRUE(s.ok()) << s.ToString();
 
   query::EvalReport report;
-  const auto configs = query::DefaultEvalConfigs(handle->info(), {0.125});
+  auto configs = query::DefaultEvalConfigs(handle->info(), {0.125});
+  {
+    auto extra = query::DefaultEvalConfigs(handle->info(), {0.125, 0.25});
+    for (auto& c : extra) {
+      if (c.options.mode != SelectionMode::kBudget) continue;
+      auto u = c; u.name += " U"; configs.push_back(u);
+      c.options.gqa = GqaPolicy::kPerHead; c.name += " PH"; configs.push_back(c);
+      c.options.per_query_selection = false; c.name += " shared"; configs.push_back(c);
+      c.options.gqa = GqaPolicy::kUnion; c.name += " U"; configs.push_back(c);
+    }
+  }
   s = query::Evaluate(*handle, queries, configs, query::EvalOptions(), &report);
   ASSERT_TRUE(s.ok()) << s.ToString();
   std::printf("%s", query::FormatEvalReport(report).c_str());

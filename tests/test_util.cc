@@ -45,6 +45,10 @@ int RunCommand(const std::string& cmd, std::string* output) {
   return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
 }
 
-std::string SqctlPath() { return SQCTL_PATH; }
+std::string SqctlPath() {
+  // Overridable so staged binaries can run on another machine (scripts/stage_device.sh).
+  const char* env = std::getenv("SQZ_SQCTL");
+  return env && *env ? env : SQCTL_PATH;
+}
 
 }  // namespace sqz::testing

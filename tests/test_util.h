@@ -22,7 +22,7 @@ class ScopedTempDir {
 // and appends stdout+stderr to *output when given.
 int RunCommand(const std::string& cmd, std::string* output = nullptr);
 
-// Path of the built sqctl binary.
+// Path of the built sqctl binary ($SQZ_SQCTL overrides it).
 std::string SqctlPath();
 
 }  // namespace sqz::testing
