@@ -107,16 +107,15 @@ TEST(QueryRecallTest, SyntheticCorpusNearOracleOnConcentratedHeads) {
   ASSERT_TRUE(s.ok()) << s.ToString();
 
   query::EvalReport report;
+  // The default configurations (GQA union: joint selection) and the budget
+  // ones again with the per-head policy.
   auto configs = query::DefaultEvalConfigs(handle->info(), {0.125});
-  {
-    auto extra = query::DefaultEvalConfigs(handle->info(), {0.125, 0.25});
-    for (auto& c : extra) {
-      if (c.options.mode != SelectionMode::kBudget) continue;
-      auto u = c; u.name += " U"; configs.push_back(u);
-      c.options.gqa = GqaPolicy::kPerHead; c.name += " PH"; configs.push_back(c);
-      c.options.per_query_selection = false; c.name += " shared"; configs.push_back(c);
-      c.options.gqa = GqaPolicy::kUnion; c.name += " U"; configs.push_back(c);
-    }
+  for (size_t i = 0, n = configs.size(); i < n; ++i) {
+    if (configs[i].options.mode != SelectionMode::kBudget) continue;
+    query::EvalConfig c = configs[i];
+    c.name += " per-head";
+    c.options.gqa = GqaPolicy::kPerHead;
+    configs.push_back(c);
   }
   s = query::Evaluate(*handle, queries, configs, query::EvalOptions(), &report);
   ASSERT_TRUE(s.ok()) << s.ToString();
@@ -132,19 +131,36 @@ TEST(QueryRecallTest, SyntheticCorpusNearOracleOnConcentratedHeads) {
       continue;
     }
     if (r.config.options.mode != SelectionMode::kBudget) continue;
-    // Measured (this spec, per-query selection, GQA union of 2 heads):
-    // recall/oracle on concentrated heads 0.936 flat, 0.920 hierarchical
-    // (recall 0.93 against an oracle of 0.998 with ~24% of the clustered keys
-    // attended); a random selection of the same size reaches 0.28.
+    // Measured (this spec: per-query selection, G = 2, b = 0.125), recall /
+    // recall-over-oracle on concentrated heads:
+    //   per-head: 0.948 / 0.965 flat and hier; each head attends 12.8% of the
+    //     clustered keys, the group reads their union, 23.3%.
+    //   union (joint): 0.831 / 0.847 flat, 0.821 / 0.836 hier; every head
+    //     attends the group's one selection and 12.8% is read. The group's
+    //     heads share the budget, so each gets less of its own mass than with
+    //     a budget of its own; at equal keys read, union at b = 0.25 (25.4%
+    //     read) reaches 0.971 / 0.968 against per-head's 0.965 at 23.3%.
+    // A random selection of the same size reaches 0.26.
+    const bool per_head = r.config.options.gqa == GqaPolicy::kPerHead;
+    const double bound = per_head ? 0.85 : 0.80;
     const double random_ratio =
         RandomSelectionRatio(impl, queries, report, std::llround(r.concentrated.keys_fraction * handle->info().n_clustered));
     std::printf("%s: concentrated recall/oracle %.4f (random selection of the same size: %.4f)\n",
                 r.config.name.c_str(), r.concentrated.ratio, random_ratio);
-    EXPECT_GE(r.concentrated.ratio, 0.85) << r.config.name;
-    EXPECT_LT(random_ratio, 0.85) << "the bound would not catch a broken index";
-    EXPECT_GT(r.concentrated.recall_mean, 0.85) << r.config.name;
-    // The budget is respected per query head (plus the GQA union of 2).
-    EXPECT_LT(r.concentrated.keys_fraction, 2 * 0.125 + 0.05) << r.config.name;
+    EXPECT_GE(r.concentrated.ratio, bound) << r.config.name;
+    EXPECT_LT(random_ratio, bound) << "the bound would not catch a broken index";
+    EXPECT_GT(r.concentrated.recall_mean, bound - 0.02) << r.config.name;
+    // The budget is respected per query head (the largest fine cluster is a
+    // small fraction of the clustered keys) ...
+    EXPECT_LT(r.concentrated.keys_fraction, 0.125 + 0.01) << r.config.name;
+    // ... and, under union, per KV head for what is read; per-head reads the
+    // union of the group's 2 selections.
+    if (per_head) {
+      EXPECT_GT(r.read_fraction, 0.125 + 0.05) << r.config.name;
+      EXPECT_LT(r.read_fraction, 2 * 0.125 + 0.01) << r.config.name;
+    } else {
+      EXPECT_LT(r.read_fraction, 0.125 + 0.01) << r.config.name;
+    }
   }
 }
 
