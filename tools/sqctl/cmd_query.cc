@@ -178,7 +178,9 @@ const Registrar kRegistrar(Command{
         {"threshold-coarse", "X", "with --threshold --hierarchical: coarse-level threshold (default: X)"},
         {"dense", "", "attend every fixed key (exact dense attention)"},
         {"hierarchical", "", "score coarse centroids first, then only children of kept coarse clusters"},
-        {"gqa", "POLICY", "union (default): each query head attends its group's union; per-head: its own"},
+        {"gqa", "POLICY",
+         "union (default): with a budget the group selects jointly (the budget bounds the keys read per KV "
+         "head), with a threshold each head attends its group's union; per-head: each head its own selection"},
         {"per-query", "", "with T > 1: each query selects alone (default: one selection shared by the T queries)"},
         {"json", "", "print the summary as JSON"},
     },
