@@ -70,6 +70,8 @@ struct HeadStats {
 
 struct AttendStats {
   std::vector<HeadStats> heads;  // per KV head
+  // Stage times are summed over KV heads, which run in parallel for decode:
+  // they are thread-seconds (compare them with each other, not with wall time).
   double seconds_score = 0;      // centroid scoring + selection
   double seconds_read = 0;       // block reads from storage / cache
   double seconds_attend = 0;     // attention over the selected keys
