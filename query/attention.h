@@ -9,6 +9,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "sqz/types.h"
+
 namespace sqz::query {
 
 // Which implementation computes the products. Both give the same result up
@@ -33,5 +35,28 @@ enum class Kernel {
 // any finite input gives a finite result. `scratch` is reused across calls.
 void AttendRows(const float* q, int64_t m, const float* k, const float* v, int64_t n, int d, float scale,
                 float* o, float* lse, Kernel kernel, std::vector<float>* scratch);
+
+// A block of n key rows and n value rows in a stored dtype (e.g. a KV block as
+// read from storage: k and v point into it; may be unaligned).
+struct RowBlock {
+  const void* k = nullptr;  // [n, d] of `dtype`
+  const void* v = nullptr;  // [n, d] of `dtype`
+  int64_t n = 0;
+};
+
+// AttendRows with kLoops over the rows of `blocks` in order (their
+// concatenation is the key/value set), converting them to float32 a small
+// L1-resident tile at a time instead of materialising float copies: decode
+// then streams each stored byte once (one pass over K for all m rows, one over
+// V). With AVX2 and d % 32 == 0 register-blocked kernels sum in another
+// order than AttendRows (float rounding only); otherwise it is AttendRows'
+// loop arithmetic bit for bit.
+// Returns false, with o and lse unspecified, if a row's float32 scores
+// overflow: the caller then converts the rows and calls AttendRows (whose
+// double fallback handles it). Meant for few query rows (decode): the scores
+// of all m rows over all keys are kept (m * n floats in `scratch`, which is
+// reused across calls).
+bool AttendBlocks(const float* q, int64_t m, const RowBlock* blocks, size_t n_blocks, DType dtype, int d,
+                  float scale, float* o, float* lse, std::vector<float>* scratch);
 
 }  // namespace sqz::query

@@ -65,9 +65,35 @@ std::string FormatQuantiles(const std::vector<ThresholdInfo>& ts) {
   return os.str();
 }
 
+// KvRows of blocks from ContextHandleImpl::ReadBlocks (always block first iff
+// h.n_always > 0, then one block per requested cluster); bytes_read is left
+// to the caller.
+void ConvertBlocks(const HeadData& h, const std::vector<RowBlock>& blocks, DType dtype, int d, KvRows* out) {
+  const size_t first = h.n_always > 0 ? 1 : 0;
+  out->n_always = h.n_always;
+  out->cluster_begin.resize(blocks.size() - first + 1);
+  int64_t rows = 0;
+  for (size_t b = 0; b < blocks.size(); ++b) {
+    if (b >= first) out->cluster_begin[b - first] = rows;
+    rows += blocks[b].n;
+  }
+  out->cluster_begin.back() = rows;
+  out->rows = rows;
+  out->k.resize(static_cast<size_t>(rows) * d);
+  out->v.resize(static_cast<size_t>(rows) * d);
+  int64_t row = 0;
+  for (const RowBlock& b : blocks) {
+    const size_t count = static_cast<size_t>(b.n) * d;
+    ConvertToFloat(b.k, dtype, count, out->k.data() + row * d);
+    ConvertToFloat(b.v, dtype, count, out->v.data() + row * d);
+    row += b.n;
+  }
+}
+
 // Scratch of one AttendHead call (see there).
 struct Scratch {
   KvRows kv;
+  std::vector<RowBlock> blocks;
   std::vector<float> qm, om, lm, ks, vs, scores;
 
   size_t Bytes() const {
@@ -306,54 +332,49 @@ Status ContextHandleImpl::SelectLayer(int layer, const float* q, int T, const Qu
   return Status::OK();
 }
 
-Status ContextHandleImpl::ReadRows(int layer, int kv_head, const std::vector<uint32_t>& clusters,
-                                   KvRows* out) const {
+Status ContextHandleImpl::ReadBlocks(int layer, int kv_head, const std::vector<uint32_t>& clusters,
+                                     std::vector<rocksdb::PinnableSlice>* values, std::vector<RowBlock>* blocks,
+                                     uint64_t* bytes) const {
   const HeadData& h = head(layer, kv_head);
   const int d = info_.head_dim;
   const size_t esize = DTypeSize(info_.dtype);
 
-  std::vector<uint32_t> blocks;
-  blocks.reserve(clusters.size() + 1);
+  std::vector<uint32_t> ids;
+  ids.reserve(clusters.size() + 1);
   // An empty always set may have no block on disk: do not ask for it.
-  if (h.n_always > 0) blocks.push_back(storage::kAlwaysBlock);
-  out->n_always = h.n_always;
-  out->cluster_begin.resize(clusters.size() + 1);
-  int64_t rows = h.n_always;
-  for (size_t i = 0; i < clusters.size(); ++i) {
-    if (clusters[i] >= static_cast<uint32_t>(h.k2)) {
-      return Status::InvalidArgument(Where(layer, kv_head) + ": cluster id " + std::to_string(clusters[i]) +
-                                     " out of range");
+  if (h.n_always > 0) ids.push_back(storage::kAlwaysBlock);
+  for (uint32_t j : clusters) {
+    if (j >= static_cast<uint32_t>(h.k2)) {
+      return Status::InvalidArgument(Where(layer, kv_head) + ": cluster id " + std::to_string(j) + " out of range");
     }
-    out->cluster_begin[i] = rows;
-    rows += h.fine_sizes[clusters[i]];
-    blocks.push_back(clusters[i]);
+    ids.push_back(j);
   }
-  out->cluster_begin[clusters.size()] = rows;
-  out->rows = rows;
-  out->k.resize(static_cast<size_t>(rows) * d);
-  out->v.resize(static_cast<size_t>(rows) * d);
-  out->bytes_read = 0;
-
-  std::vector<rocksdb::PinnableSlice> values;
-  Status s = db_->MultiGetBlocks(info_.id, layer, kv_head, blocks.data(), blocks.size(), &values);
+  Status s = db_->MultiGetBlocks(info_.id, layer, kv_head, ids.data(), ids.size(), values);
   if (!s.ok()) return s.WithPrefix(Where(layer, kv_head));
-  int64_t row = 0;
-  for (size_t b = 0; b < blocks.size(); ++b) {
-    const int64_t n = blocks[b] == storage::kAlwaysBlock ? h.n_always : h.fine_sizes[blocks[b]];
+  blocks->resize(ids.size());
+  *bytes = 0;
+  for (size_t b = 0; b < ids.size(); ++b) {
+    const int64_t n = ids[b] == storage::kAlwaysBlock ? h.n_always : h.fine_sizes[ids[b]];
     const size_t half = static_cast<size_t>(n) * d * esize;
-    if (values[b].size() != 2 * half) {
+    const rocksdb::PinnableSlice& value = (*values)[b];
+    if (value.size() != 2 * half) {
       return Status::Corruption(Where(layer, kv_head) + ": KV block " +
-                                (blocks[b] == storage::kAlwaysBlock ? std::string("always")
-                                                                    : std::to_string(blocks[b])) +
-                                " has " + std::to_string(values[b].size()) + " bytes, expected " +
+                                (ids[b] == storage::kAlwaysBlock ? std::string("always") : std::to_string(ids[b])) +
+                                " has " + std::to_string(value.size()) + " bytes, expected " +
                                 std::to_string(2 * half));
     }
-    const char* data = values[b].data();
-    ConvertToFloat(data, info_.dtype, static_cast<size_t>(n) * d, out->k.data() + row * d);
-    ConvertToFloat(data + half, info_.dtype, static_cast<size_t>(n) * d, out->v.data() + row * d);
-    out->bytes_read += values[b].size();
-    row += n;
+    (*blocks)[b] = RowBlock{value.data(), value.data() + half, n};
+    *bytes += value.size();
   }
+  return Status::OK();
+}
+
+Status ContextHandleImpl::ReadRows(int layer, int kv_head, const std::vector<uint32_t>& clusters,
+                                   KvRows* out) const {
+  std::vector<rocksdb::PinnableSlice> values;
+  std::vector<RowBlock> blocks;
+  SQZ_RETURN_IF_ERROR(ReadBlocks(layer, kv_head, clusters, &values, &blocks, &out->bytes_read));
+  ConvertBlocks(head(layer, kv_head), blocks, info_.dtype, info_.head_dim, out);
   return Status::OK();
 }
 
@@ -379,16 +400,36 @@ Status ContextHandleImpl::AttendHead(int layer, int kv_head, const float* q, int
   } release{sc};
 
   t0 = Clock::now();
-  KvRows& kv = sc.kv;
-  SQZ_RETURN_IF_ERROR(ReadRows(layer, kv_head, sel.read, &kv));
+  // The blocks stay pinned in the block cache until this call returns.
+  std::vector<rocksdb::PinnableSlice> values;
+  std::vector<RowBlock>& blocks = sc.blocks;
+  uint64_t bytes = 0;
+  SQZ_RETURN_IF_ERROR(ReadBlocks(layer, kv_head, sel.read, &values, &blocks, &bytes));
   seconds[1] += Since(t0);
 
   t0 = Clock::now();
+  int64_t rows = 0;
+  for (const RowBlock& b : blocks) rows += b.n;
   hs->clusters_selected = static_cast<int64_t>(sel.read.size());
-  hs->keys_selected = kv.rows - kv.n_always;
-  hs->bytes_read = kv.bytes_read;
+  hs->keys_selected = rows - h.n_always;
+  hs->bytes_read = bytes;
   hs->clusters_scored = sel.dot_products / T;
   hs->keys_attended = 0;
+
+  // Decode with one set, which is then everything read (every query head
+  // attends all blocks): attention straight from the stored blocks, no float
+  // copy of K and V (it would cost more memory traffic than the reads).
+  if (T == 1 && sel.sets.size() == 1) {
+    if (AttendBlocks(q, G, blocks.data(), blocks.size(), info_.dtype, d, params.scale, o, lse, &sc.scores)) {
+      hs->keys_attended = static_cast<int64_t>(G) * rows;
+      seconds[2] += Since(t0);
+      return Status::OK();
+    }
+    // A row's float scores overflowed: the general path below (double fallback).
+  }
+  KvRows& kv = sc.kv;
+  ConvertBlocks(h, blocks, info_.dtype, d, &kv);
+  kv.bytes_read = bytes;
 
   std::vector<float>&qm = sc.qm, &om = sc.om, &lm = sc.lm, &ks = sc.ks, &vs = sc.vs, &scratch = sc.scores;
   std::vector<int64_t> members;

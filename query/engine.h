@@ -6,7 +6,9 @@
 // head's centroids and selects fine clusters (query/selection.h), reads the
 // always block plus the union of the selected blocks in one MultiGet and
 // converts them to float once, then computes exact attention of every query
-// head over its set (query/attention.h).
+// head over its set (query/attention.h). Decode (T = 1) with one attended set
+// (budget + union, the default; threshold + union) skips the float copy:
+// attention converts the pinned blocks tile by tile (AttendBlocks).
 //
 // Thread-safety: immutable after Open; every method is const and uses
 // per-call scratch (buffers kept per thread between calls, never shared), so
@@ -21,6 +23,7 @@
 #include <string>
 #include <vector>
 
+#include "query/attention.h"
 #include "query/selection.h"
 #include "sqz/db.h"
 #include "sqz/query.h"
@@ -28,6 +31,9 @@
 
 namespace sqz::storage {
 class DBImpl;
+}
+namespace rocksdb {
+class PinnableSlice;
 }
 
 namespace sqz::query {
@@ -77,6 +83,13 @@ class ContextHandleImpl final : public ContextHandle {
                      std::vector<HeadSelection>* out) const;
   // Reads the always block and the fine blocks `clusters` of (layer, kv_head).
   Status ReadRows(int layer, int kv_head, const std::vector<uint32_t>& clusters, KvRows* out) const;
+  // The blocks of ReadRows as stored, pinned in the block cache (no copy):
+  // blocks[i] = {K rows, V rows, count}, the always block first (if the head
+  // has one), then `clusters` in order. `values` owns the pins; blocks points
+  // into it. bytes: stored bytes read.
+  Status ReadBlocks(int layer, int kv_head, const std::vector<uint32_t>& clusters,
+                    std::vector<rocksdb::PinnableSlice>* values, std::vector<RowBlock>* blocks,
+                    uint64_t* bytes) const;
 
   const HeadData& head(int layer, int kv_head) const { return heads_[layer * info_.n_kv_heads + kv_head]; }
   IndexView View(int layer, int kv_head) const;

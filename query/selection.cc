@@ -17,6 +17,10 @@ namespace {
 // against many centroids does not allocate T * K2 scores at once.
 constexpr int64_t kScoreTileFloats = int64_t{1} << 20;
 
+// Up to this many query rows, ScoreCentroidRows uses its loop kernel instead
+// of sgemm (see there).
+constexpr int kLoopRows = 16;
+
 int TileRows(int T, int64_t k) {
   int64_t rows = kScoreTileFloats / std::max<int64_t>(k, 1);
   return static_cast<int>(std::clamp<int64_t>(rows, 1, T));
@@ -159,15 +163,22 @@ void ScoreCentroidRows(const float* q, int T, const float* c, int64_t k, int d, 
   const int kk = static_cast<int>(k);
   scratch->resize(static_cast<size_t>(T) * k);
   float* f = scratch->data();
-  if (T == 1) {
-    // Decode: a plain loop (one pass over the centroids) rather than BLAS,
-    // whose own threads would fight the engine's parallel KV heads.
+  if (T <= kLoopRows) {
+    // Few rows (decode: the G query heads of a KV head, T = 1): a plain loop,
+    // centroid-major, so each centroid row is loaded once for all T rows (one
+    // pass over the centroid matrix). BLAS would gain nothing at this size,
+    // and its own threads would fight the engine's parallel KV heads (an
+    // sgemm of 4 rows called from inside the OpenMP region cost ~1 ms per
+    // KV head, 10x the arithmetic).
     for (int64_t j = 0; j < k; ++j) {
       const float* cj = c + j * d;
-      float acc = 0;
+      for (int t = 0; t < T; ++t) {
+        const float* qt = q + static_cast<int64_t>(t) * d;
+        float acc = 0;
 #pragma omp simd reduction(+ : acc)
-      for (int i = 0; i < d; ++i) acc += q[i] * cj[i];
-      f[j] = scale * acc;
+        for (int i = 0; i < d; ++i) acc += qt[i] * cj[i];
+        f[static_cast<int64_t>(t) * k + j] = scale * acc;
+      }
     }
   } else {
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, kk, d, scale, q, d, c, d, 0.0f, f, kk);

@@ -66,8 +66,9 @@ struct HeadSelection {
 // calibration); these helpers feed them scores.
 
 // s[t * k + j] = scale * q_t . c_j, in double, for T queries q [T, d] and k
-// centroids c [k, d]. Computed in float32: a vectorised loop for T == 1
-// (decode: one pass over the centroids, no BLAS threads), sgemm for T > 1;
+// centroids c [k, d]. Computed in float32: a vectorised loop for few rows
+// (T <= 16, e.g. decode's G heads: one pass over the centroids, no BLAS
+// threads), sgemm for more;
 // a row whose float scores overflow (a huge query
 // norm) is recomputed in double (index::ScoreCentroids), so the result is
 // finite for any finite input. `scratch` is reused across calls.
