@@ -36,6 +36,14 @@ class ProgressLine {
     std::fflush(stderr);
     dirty_ = true;
   }
+  // Shown before the first head finishes (one head of a long context can take minutes).
+  void Start(const std::string& ctx, const KvShape& sh) {
+    if (!enabled_) return;
+    std::fprintf(stderr, "\r\033[K%s: layer 1/%d head 1/%d | clustering %lld keys per head ...", ctx.c_str(),
+                 sh.n_layers, sh.n_kv_heads, static_cast<long long>(sh.n_tokens));
+    std::fflush(stderr);
+    dirty_ = true;
+  }
   void Done() {
     if (enabled_ && dirty_) std::fprintf(stderr, "\r\033[K");
     dirty_ = false;
@@ -112,6 +120,7 @@ int RunBuildIndex(const Args& args) {
     BuildStats stats;
     if (s.ok()) {
       ProgressLine progress(!quiet);
+      progress.Start(name, src->shape());
       BuildOptions o = opts;
       o.on_progress = [&, n = name](const BuildProgress& p) { progress.Update(n, p); };
       s = BuildContext(db.get(), name, src.get(), o, &stats);
