@@ -63,9 +63,9 @@ void AttendRowDouble(const float* q, const float* k, const float* v, int64_t n, 
   *lse = static_cast<float>(m + std::log(sum));
 }
 
-// Scores x [rows, n] = scale * Q K^T for a tile of rows; x's rows are ldx
-// apart (ldx >= n).
-void ScoresLoops(const float* q, int rows, const float* k, int64_t n, int d, float scale, float* x, int64_t ldx) {
+}  // namespace
+
+void ScoreRows(const float* q, int rows, const float* k, int64_t n, int d, float scale, float* x, int64_t ldx) {
   // Key-major: each key row is loaded once for all query rows of the tile.
   for (int64_t i = 0; i < n; ++i) {
     const float* ki = k + i * d;
@@ -78,6 +78,8 @@ void ScoresLoops(const float* q, int rows, const float* k, int64_t n, int d, flo
     }
   }
 }
+
+namespace {
 
 // o [rows, d] += P V for normalised weights P = x [rows, n] (rows ldx apart).
 void WeightedSumLoops(const float* x, int rows, const float* v, int64_t n, int d, float* o, int64_t ldx) {
@@ -113,7 +115,7 @@ void AttendRows(const float* q, int64_t m, const float* k, const float* v, int64
     if (kernel == Kernel::kBlas) {
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, nn, d, scale, qt, d, k, d, 0.0f, x, nn);
     } else {
-      ScoresLoops(qt, rows, k, n, d, scale, x, n);
+      ScoreRows(qt, rows, k, n, d, scale, x, n);
     }
     overflowed.clear();
     for (int r = 0; r < rows; ++r) {
@@ -143,7 +145,7 @@ void AttendRows(const float* q, int64_t m, const float* k, const float* v, int64
 }
 
 #ifdef SQZ_ATTN_AVX2
-// AVX2 forms of ScoresLoops / WeightedSumLoops for AttendBlocks (d % 32 == 0):
+// AVX2 forms of ScoreRows / WeightedSumLoops for AttendBlocks (d % 32 == 0):
 // same products, summed in a different order (float rounding only).
 
 float HorizontalSum(__m256 v) {
@@ -176,7 +178,7 @@ void ScoresAvx2(const float* q, int rows, const float* k, int64_t n, int d, floa
       x[static_cast<int64_t>(r + 3) * ldx + i] = scale * HorizontalSum(a3);
     }
   }
-  if (r < rows) ScoresLoops(q + static_cast<int64_t>(r) * d, rows - r, k, n, d, scale, x + r * ldx, ldx);
+  if (r < rows) ScoreRows(q + static_cast<int64_t>(r) * d, rows - r, k, n, d, scale, x + r * ldx, ldx);
 }
 
 // o [rows, d] += P V: per query row and 32 output columns, the accumulators
@@ -249,7 +251,7 @@ bool AttendBlocks(const float* q, int64_t m, const RowBlock* blocks, size_t n_bl
 #ifdef SQZ_ATTN_AVX2
     if (avx2) return ScoresAvx2(q, rows, kt, tr, d, scale, x + col, n);
 #endif
-    ScoresLoops(q, rows, kt, tr, d, scale, x + col, n);
+    ScoreRows(q, rows, kt, tr, d, scale, x + col, n);
   });
   // Softmax per row, as AttendRows does.
   for (int r = 0; r < rows; ++r) {

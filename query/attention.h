@@ -13,6 +13,12 @@
 
 namespace sqz::query {
 
+// x [rows, n] = scale * Q K^T with plain vectorisable loops, key-major (each
+// row of k is loaded once for all `rows` query rows): q [rows, d], k [n, d],
+// x's rows ldx apart (ldx >= n). Used for small row counts, where BLAS (and
+// its threads, inside the engine's OpenMP region) costs more than it saves.
+void ScoreRows(const float* q, int rows, const float* k, int64_t n, int d, float scale, float* x, int64_t ldx);
+
 // Which implementation computes the products. Both give the same result up
 // to float rounding.
 enum class Kernel {

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "index/probability.h"
+#include "query/attention.h"
 
 namespace sqz::query {
 
@@ -170,16 +171,7 @@ void ScoreCentroidRows(const float* q, int T, const float* c, int64_t k, int d, 
     // and its own threads would fight the engine's parallel KV heads (an
     // sgemm of 4 rows called from inside the OpenMP region cost ~1 ms per
     // KV head, 10x the arithmetic).
-    for (int64_t j = 0; j < k; ++j) {
-      const float* cj = c + j * d;
-      for (int t = 0; t < T; ++t) {
-        const float* qt = q + static_cast<int64_t>(t) * d;
-        float acc = 0;
-#pragma omp simd reduction(+ : acc)
-        for (int i = 0; i < d; ++i) acc += qt[i] * cj[i];
-        f[static_cast<int64_t>(t) * k + j] = scale * acc;
-      }
-    }
+    ScoreRows(q, T, c, k, d, scale, f, k);
   } else {
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, kk, d, scale, q, d, c, d, 0.0f, f, kk);
   }
