@@ -1,7 +1,6 @@
-// Built when the CUDA layer is off.
+// Built instead of device.cu when the CUDA layer is off (gpu/CMakeLists.txt).
 #include "gpu/device.h"
 
-#ifndef SQZ_HAVE_CUDA
 namespace sqz::gpu {
 
 bool BuiltWithCuda() { return false; }
@@ -14,4 +13,3 @@ int DeviceCount(std::string* why) {
 std::string DescribeDevice(int) { return "no CUDA device: built without CUDA"; }
 
 }  // namespace sqz::gpu
-#endif

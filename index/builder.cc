@@ -402,8 +402,7 @@ Status BuildContext(DB* db, const std::string& name, KvSource* source, const Bui
     std::string bytes;
     Status s = impl->GetManifest(name, &bytes);
     if (s.ok() && !options.replace) {
-      return Status::AlreadyExists("context '" + name + "' already exists in " + db->path() +
-                                   " (use replace to rebuild it, or drop it first)");
+      return storage::ContextExistsError(name, db->path());
     }
     if (!s.ok() && !s.IsNotFound()) return s;
   }

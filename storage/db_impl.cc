@@ -24,6 +24,11 @@ Status FromRocks(const rocksdb::Status& s, std::string_view what) {
   return Status::IOError(msg);
 }
 
+Status ContextExistsError(const std::string& name, const std::string& db_path) {
+  return Status::AlreadyExists("context '" + name + "' already exists in " + db_path +
+                               " (rebuild it with --replace / BuildOptions::replace, or drop it first)");
+}
+
 namespace {
 
 constexpr size_t kWriterBatchBytes = size_t{32} << 20;  // flush a writer's batch past this size
@@ -367,8 +372,7 @@ Status DBImpl::CommitContext(ContextWriter* writer, const std::string& name, std
     rocksdb::Status gs = db_->Get(rocksdb::ReadOptions(), cf_manifest_, name, &old);
     if (gs.ok()) {
       if (!replace) {
-        return Status::AlreadyExists("context '" + name + "' already exists in " + path_ +
-                                     " (use --replace to rebuild it, or drop it first)");
+        return ContextExistsError(name, path_);
       }
       flatbuffers::Verifier v(reinterpret_cast<const uint8_t*>(old.data()), old.size());
       if (v.VerifyBuffer<fb::Manifest>(nullptr)) {

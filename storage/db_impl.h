@@ -105,6 +105,10 @@ class ContextWriter {
   uint64_t bytes_written_ = 0;
 };
 
+// The AlreadyExists error for a context name that is taken (one wording for
+// the builder's early check and the commit's atomic one).
+Status ContextExistsError(const std::string& name, const std::string& db_path);
+
 // Converts a RocksDB status, prefixing `what` (e.g. "reading manifest of 'x'").
 Status FromRocks(const rocksdb::Status& s, std::string_view what);
 
