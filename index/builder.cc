@@ -23,9 +23,9 @@
 #include "index/calibrate.h"
 #include "index/kmeans.h"
 #include "sqz/build.h"
-#include "storage/db_impl.h"
-#include "storage/format.h"
-#include "storage/format_generated.h"
+#include "db_impl.h"
+#include "format.h"
+#include "format_generated.h"
 #include "util/crc32c.h"
 #include "util/half.h"
 

@@ -1,4 +1,4 @@
-#include "query/engine.h"
+#include "engine.h"
 
 #include <algorithm>
 #include <array>
@@ -9,8 +9,8 @@
 #include <sstream>
 
 #include "query/attention.h"
-#include "storage/db_impl.h"
-#include "storage/format_generated.h"
+#include "db_impl.h"
+#include "format_generated.h"
 #include "util/half.h"
 
 namespace sqz {

@@ -7,7 +7,7 @@
 #include <numeric>
 #include <sstream>
 
-#include "query/engine.h"
+#include "engine.h"
 #include "util/safetensors.h"
 
 namespace sqz::query {

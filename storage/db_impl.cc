@@ -1,4 +1,4 @@
-#include "storage/db_impl.h"
+#include "db_impl.h"
 
 #include <flatbuffers/flatbuffers.h>
 #include <rocksdb/cache.h>

@@ -12,8 +12,8 @@
 #include <vector>
 
 #include "sqz/db.h"
-#include "storage/format.h"
-#include "storage/format_generated.h"
+#include "format.h"
+#include "format_generated.h"
 
 namespace sqz::storage {
 

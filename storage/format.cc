@@ -1,4 +1,4 @@
-#include "storage/format.h"
+#include "format.h"
 
 namespace sqz::storage {
 

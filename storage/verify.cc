@@ -4,7 +4,7 @@
 #include <cmath>
 #include <vector>
 
-#include "storage/db_impl.h"
+#include "db_impl.h"
 #include "util/crc32c.h"
 
 namespace sqz::storage {

@@ -21,7 +21,7 @@
 #include "sqz/kv_source.h"
 #include "storage/db_impl.h"
 #include "storage/format.h"
-#include "storage/format_generated.h"
+#include "format_generated.h"
 #include "util/crc32c.h"
 #include "util/half.h"
 

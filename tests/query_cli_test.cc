@@ -10,7 +10,7 @@
 #include <vector>
 
 #include "tests/test_util.h"
-#include "tools/synth/synthetic.h"
+#include "synth/synthetic.h"
 #include "util/safetensors.h"
 
 namespace sqz {

@@ -15,7 +15,7 @@
 #include "sqz/db.h"
 #include "sqz/query.h"
 #include "storage/db_impl.h"
-#include "storage/format_generated.h"
+#include "format_generated.h"
 #include "tests/index_test_util.h"
 #include "tests/test_util.h"
 #include "util/half.h"

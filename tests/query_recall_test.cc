@@ -18,7 +18,7 @@
 #include "sqz/kv_source.h"
 #include "sqz/query.h"
 #include "tests/test_util.h"
-#include "tools/synth/synthetic.h"
+#include "synth/synthetic.h"
 
 namespace sqz {
 namespace {

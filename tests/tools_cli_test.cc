@@ -6,7 +6,7 @@
 #include <string>
 
 #include "tests/test_util.h"
-#include "tools/synth/synthetic.h"
+#include "synth/synthetic.h"
 
 namespace sqz {
 namespace {

@@ -13,7 +13,7 @@
 #include "sqz/db.h"
 #include "sqz/kv_source.h"
 #include "tests/test_util.h"
-#include "tools/synth/synthetic.h"
+#include "synth/synthetic.h"
 
 namespace sqz {
 namespace {

@@ -26,7 +26,7 @@
 #include <vector>
 
 #include "tests/test_util.h"
-#include "tools/synth/synthetic.h"
+#include "synth/synthetic.h"
 #include "util/half.h"
 #include "util/safetensors.h"
 

@@ -1,4 +1,4 @@
-#include "tools/sqctl/cli.h"
+#include "cli.h"
 
 #include <cerrno>
 #include <cstdio>

@@ -15,9 +15,9 @@
 #include "sqz/db.h"
 #include "sqz/kv_source.h"
 #include "sqz/query.h"
-#include "tools/sqctl/cli.h"
-#include "tools/sqctl/format.h"
-#include "tools/synth/synthetic.h"
+#include "cli.h"
+#include "format.h"
+#include "synth/synthetic.h"
 
 namespace sqz::cli {
 namespace {

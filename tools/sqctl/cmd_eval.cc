@@ -6,7 +6,7 @@
 #include "query/eval.h"
 #include "sqz/db.h"
 #include "sqz/query.h"
-#include "tools/sqctl/cli.h"
+#include "cli.h"
 
 namespace sqz::cli {
 namespace {

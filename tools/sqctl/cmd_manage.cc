@@ -12,8 +12,8 @@
 #include "sqz/build.h"
 #include "sqz/db.h"
 #include "sqz/kv_source.h"
-#include "tools/sqctl/cli.h"
-#include "tools/sqctl/format.h"
+#include "cli.h"
+#include "format.h"
 
 namespace sqz::cli {
 namespace {

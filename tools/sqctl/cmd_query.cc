@@ -8,7 +8,7 @@
 #include "query/eval.h"
 #include "sqz/db.h"
 #include "sqz/query.h"
-#include "tools/sqctl/cli.h"
+#include "cli.h"
 #include "util/safetensors.h"
 
 namespace sqz::cli {

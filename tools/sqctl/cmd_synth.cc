@@ -3,8 +3,8 @@
 #include <string>
 #include <vector>
 
-#include "tools/sqctl/cli.h"
-#include "tools/synth/synthetic.h"
+#include "cli.h"
+#include "synth/synthetic.h"
 
 namespace sqz::cli {
 namespace {

@@ -1,11 +1,11 @@
-#include "tools/sqctl/format.h"
+#include "format.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <ctime>
 
-#include "tools/sqctl/cli.h"
+#include "cli.h"
 
 namespace sqz::cli {
 

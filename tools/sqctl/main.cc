@@ -6,7 +6,7 @@
 #include <cstring>
 #include <string>
 
-#include "tools/sqctl/cli.h"
+#include "cli.h"
 
 namespace {
 

@@ -30,7 +30,7 @@
 // head), so results do not depend on the thread schedule, and changing one
 // count (e.g. n_queries) does not perturb the other tensors.
 
-#include "tools/synth/synthetic.h"
+#include "synth/synthetic.h"
 
 #include <algorithm>
 #include <atomic>
