@@ -25,6 +25,8 @@ class DBImpl final : public DB {
 
   // --- sqz::DB -------------------------------------------------------------
   const std::string& path() const override { return path_; }
+  bool read_only() const override { return false; }
+  Status Refresh() override { return Status::OK(); }
   Status ListContexts(std::vector<std::string>* names) override;
   Status DescribeContext(const std::string& name, ContextInfo* info) override;
   Status DropContext(const std::string& name) override;

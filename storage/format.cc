@@ -1,5 +1,11 @@
 #include "format.h"
 
+#include "sqz/db.h"
+
+size_t sqz::ContextInfo::page_bytes() const {
+  return 2 * static_cast<size_t>(page_rows) * static_cast<size_t>(head_dim) * DTypeSize(dtype);
+}
+
 namespace sqz::storage {
 
 namespace {

@@ -143,7 +143,7 @@ Status DBImpl::VerifyContext(const std::string& name, VerifyReport* report) {
         if (Crc32c(v.data(), v.size()) != h->block_crc()->Get(crc_index)) {
           return Status::Corruption(where + ": KV block " + std::to_string(block) + " fails its CRC32C check");
         }
-        report->kv_blocks_checked++;
+        report->kv_pages_checked++;
         report->bytes_checked += v.size();
         ++expect;
       }

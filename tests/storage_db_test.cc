@@ -184,7 +184,7 @@ TEST(StorageDb, CommitDescribeVerifyReadBack) {
   VerifyReport r;
   Status s = db->VerifyContext("doc", &r);
   ASSERT_TRUE(s.ok()) << s.ToString();
-  EXPECT_EQ(r.kv_blocks_checked, 3);
+  EXPECT_EQ(r.kv_pages_checked, 3);
   TinyContext t = MakeTiny("doc", id);
   std::vector<rocksdb::PinnableSlice> vals;
   uint32_t want[] = {1, kAlwaysBlock};

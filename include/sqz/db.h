@@ -5,8 +5,14 @@
 // header covers opening the database and managing the contexts in it.
 //
 // Thread-safety: a DB may be used from many threads at once; every method is
-// internally synchronised. Only one process may open a directory at a time
-// (RocksDB's LOCK file); a second Open returns IOError.
+// internally synchronised.
+//
+// Processes: one process at a time may open a directory read-write (RocksDB's
+// LOCK file; a second read-write Open returns IOError naming the holder).
+// Any number of processes may open it with Options::read_only at the same
+// time, also while the writer builds, replaces and drops contexts: a reader
+// takes no lock, writes nothing in the directory, and sees the database as it
+// was when it opened (or last called Refresh), never a partial context.
 #pragma once
 
 #include <cstdint>
@@ -24,6 +30,11 @@ struct Options {
   bool create_if_missing = true;
   // Fail if a database already exists at the path.
   bool error_if_exists = false;
+  // Open for reading only: no lock, no write of any kind to the directory
+  // (no leftover cleanup, no space reclamation), create_if_missing ignored.
+  // The reader's view is fixed at Open; Refresh() moves it forward. Drop and
+  // build calls return NotSupported.
+  bool read_only = false;
   // Bytes of RocksDB block cache shared by index records and KV blocks
   // (the in-memory cache that makes repeated queries "warm").
   size_t block_cache_bytes = size_t{512} << 20;
@@ -43,7 +54,11 @@ struct ThresholdInfo {
 
 struct ContextInfo {
   std::string name;
-  uint64_t id = 0;            // internal context id (key prefix on disk)
+  // The context's generation: an id never reused within a database (it
+  // survives reopen, drop, replace and a killed build), so a cache keyed by
+  // it never serves another context's keys. A replace gets a new id.
+  uint64_t id = 0;
+  uint32_t format_version = 0;  // on-disk format the context was written in
   std::string model;          // free text from the KV file
   int n_layers = 0;
   int n_kv_heads = 0;
@@ -65,17 +80,33 @@ struct ContextInfo {
   // query side then uses budget mode).
   int calibration_queries = 0;
   std::vector<ThresholdInfo> thresholds;
-  uint64_t kv_bytes = 0;       // raw (uncompressed) K+V bytes stored
+  // KV pages (docs/FORMAT.md): every (layer, KV head) stores its rows in the
+  // permuted order as pages of `page_rows` rows (K plane then V plane, the
+  // last page of a run zero-padded); the clustered rows take
+  // `clustered_pages` pages, the always set (sinks then window) the next
+  // `always_pages`. Every page has page_bytes() bytes.
+  int page_rows = 0;
+  int64_t clustered_pages = 0;  // per (layer, KV head)
+  int64_t always_pages = 0;     // per (layer, KV head)
+  // Fine-cluster sizes over the whole context: bucket b counts the clusters
+  // of size in [2^b, 2^(b+1)).
+  std::vector<int64_t> cluster_size_histogram;
+  uint64_t kv_bytes = 0;       // raw (uncompressed) K+V bytes stored, padding included
   uint64_t index_bytes = 0;    // raw bytes of the index records
   uint64_t bytes_on_disk = 0;  // RocksDB's estimate for the context's key ranges
   double build_seconds = 0;
   int64_t created_unix = 0;
+
+  int group_size() const { return n_kv_heads > 0 ? n_q_heads / n_kv_heads : 0; }
+  int64_t n_always() const { return n_tokens - n_clustered; }
+  int64_t pages_per_head() const { return clustered_pages + always_pages; }
+  size_t page_bytes() const;  // 2 * page_rows * head_dim * DTypeSize(dtype)
 };
 
 // What VerifyContext checked.
 struct VerifyReport {
   int64_t records_checked = 0;
-  int64_t kv_blocks_checked = 0;
+  int64_t kv_pages_checked = 0;
   uint64_t bytes_checked = 0;
 };
 
@@ -93,6 +124,13 @@ class DB {
   virtual ~DB() = default;  // closes the database
 
   virtual const std::string& path() const = 0;
+  virtual bool read_only() const = 0;
+
+  // Read-only DB: moves the view forward to what the writer has committed
+  // now (new contexts appear, dropped ones disappear). Handles opened before
+  // keep answering from the version they opened. Read-write DB: no-op (it
+  // always sees its own commits).
+  virtual Status Refresh() = 0;
 
   // Names of the committed contexts, sorted.
   virtual Status ListContexts(std::vector<std::string>* names) = 0;
@@ -100,13 +138,16 @@ class DB {
   // Fills *info for context `name`. NotFound if there is none.
   virtual Status DescribeContext(const std::string& name, ContextInfo* info) = 0;
 
-  // Removes context `name` atomically and reclaims its space (range delete
-  // plus compaction of its key ranges). NotFound if there is none.
+  // Removes context `name` atomically. Its space is reclaimed (range delete
+  // plus compaction) once no handle of this process still reads it; a crash
+  // before that is finished by the next read-write open. NotFound if there
+  // is none; NotSupported on a read-only DB.
   virtual Status DropContext(const std::string& name) = 0;
 
   // Reads every record of context `name` and checks it: RocksDB block
-  // checksums, FlatBuffers verification, shapes, offsets, the permutation and
-  // a CRC32C of every KV block. Corruption names the first bad record.
+  // checksums, the records' own validation (the one used by open and query),
+  // the permutation, and a CRC32C of every KV page. Corruption names the
+  // first bad record.
   virtual Status VerifyContext(const std::string& name, VerifyReport* report) = 0;
 };
 

@@ -15,7 +15,7 @@
 
 namespace sqz {
 
-class Status {
+class [[nodiscard]] Status {
  public:
   enum class Code : uint8_t {
     kOk = 0,

@@ -229,7 +229,7 @@ int RunVerify(const Args& args) {
     s = db->VerifyContext(n, &r);
     if (s.ok()) {
       std::printf("%-32s OK  (%lld records, %lld KV blocks, %s checked)\n", n.c_str(),
-                  static_cast<long long>(r.records_checked), static_cast<long long>(r.kv_blocks_checked),
+                  static_cast<long long>(r.records_checked), static_cast<long long>(r.kv_pages_checked),
                   FormatBytes(r.bytes_checked).c_str());
     } else {
       std::printf("%-32s FAILED: %s\n", n.c_str(), s.ToString().c_str());
