@@ -8,10 +8,10 @@
 // the head indexes back from the (uncommitted) records instead of holding
 // every head's centroids in memory.
 
-#include <flatbuffers/flatbuffers.h>
 #include <sys/resource.h>
 
 #include <algorithm>
+#include <bit>
 #include <chrono>
 #include <cmath>
 #include <cstring>
@@ -23,9 +23,7 @@
 #include "index/calibrate.h"
 #include "index/kmeans.h"
 #include "sqz/build.h"
-#include "db_impl.h"
-#include "format.h"
-#include "format_generated.h"
+#include "storage/store.h"
 #include "util/crc32c.h"
 #include "util/half.h"
 
@@ -55,6 +53,10 @@ Status ValidateOptions(const BuildOptions& o) {
   for (double f : o.quantiles) {
     if (!(f > 0 && f < 1)) return bad("calibration quantiles must be in (0, 1), got " + std::to_string(f));
   }
+  if (o.page_rows < storage::kMinPageRows || o.page_rows > storage::kMaxPageRows) {
+    return bad("page_rows must be in [" + std::to_string(storage::kMinPageRows) + ", " +
+               std::to_string(storage::kMaxPageRows) + "], got " + std::to_string(o.page_rows));
+  }
   if (!(o.coarse_share > 0 && o.coarse_share <= 1)) {
     return bad("coarse_share must be in (0, 1], got " + std::to_string(o.coarse_share));
   }
@@ -77,9 +79,8 @@ std::string FirstNonFinite(const uint8_t* data, DType t, int64_t outer, int64_t 
 
 class Builder {
  public:
-  Builder(storage::DBImpl* db, const std::string& name, KvSource* source, const BuildOptions& options,
-          storage::ContextWriter* writer)
-      : db_(db), name_(name), src_(source), opt_(options), shape_(source->shape()), writer_(writer),
+  Builder(const ContextInfo& info, KvSource* source, const BuildOptions& options, storage::ContextWriter* writer)
+      : info_(info), src_(source), opt_(options), shape_(source->shape()), writer_(writer),
         calib_(options.quantiles, options.coarse_share) {}
 
   Status Run(BuildStats* stats);
@@ -87,13 +88,12 @@ class Builder {
  private:
   Status BuildLayer(int layer);
   Status BuildHead(int layer, int head);
-  Status WriteBlocks(int layer, int head, const index::HeadClustering& c, std::vector<uint32_t>* crcs);
+  Status WritePages(int layer, int head, const index::HeadClustering& c, std::vector<uint32_t>* crcs);
   Status CalibrateSecondPass();
   Status Commit();
   void Report(int layer, int head);
 
-  storage::DBImpl* db_;
-  const std::string& name_;
+  ContextInfo info_;  // shapes and page geometry; counts and thresholds filled in as the build goes
   KvSource* src_;
   const BuildOptions& opt_;
   const KvShape shape_;
@@ -109,18 +109,19 @@ class Builder {
   std::vector<uint8_t> k_, v_;
   std::vector<float> q_;
   std::vector<float> keys_;  // one head's clustered keys, float32
-  std::string block_;        // gather buffer of one KV block
+  std::string page_;         // gather buffer of one KV page
 
   std::vector<int32_t> fine_clusters_, coarse_clusters_;
+  std::vector<int64_t> histogram_;
   int64_t heads_done_ = 0;
   BuildStats st_;
 };
 
 Status Builder::Run(BuildStats* stats) {
   t0_ = Clock::now();
-  n_sinks_ = std::min<int64_t>(opt_.n_sinks, shape_.n_tokens);
-  window_ = std::min<int64_t>(opt_.window, shape_.n_tokens - n_sinks_);
-  n_clustered_ = shape_.n_tokens - window_ - n_sinks_;
+  n_sinks_ = info_.n_sinks;
+  window_ = info_.window;
+  n_clustered_ = info_.n_clustered;
   calibrate_ = shape_.q_window_len > 0 && !opt_.quantiles.empty();
   row_bytes_ = static_cast<size_t>(shape_.head_dim) * DTypeSize(shape_.dtype);
 
@@ -129,7 +130,7 @@ Status Builder::Run(BuildStats* stats) {
   k_ = {};
   v_ = {};
   keys_ = {};
-  block_ = {};
+  page_ = {};
   if (calibrate_) SQZ_RETURN_IF_ERROR(CalibrateSecondPass());
   SQZ_RETURN_IF_ERROR(Commit());
   st_.seconds_total = SecondsSince(t0_);
@@ -208,76 +209,72 @@ Status Builder::BuildHead(int layer, int head) {
   }
 
   t = Clock::now();
-  std::vector<uint32_t> crcs;
-  SQZ_RETURN_IF_ERROR(WriteBlocks(layer, head, c, &crcs));
-
-  std::vector<uint32_t> perm(c.permutation.size());
-  for (size_t i = 0; i < perm.size(); ++i) perm[i] = c.permutation[i] + static_cast<uint32_t>(n_sinks_);
-  std::vector<uint32_t> always;
-  always.reserve(static_cast<size_t>(n_sinks_ + window_));
-  for (int64_t p = 0; p < n_sinks_; ++p) always.push_back(static_cast<uint32_t>(p));
-  for (int64_t p = shape_.n_tokens - window_; p < shape_.n_tokens; ++p) always.push_back(static_cast<uint32_t>(p));
-
-  flatbuffers::FlatBufferBuilder fbb(1024 + c.fine_centroids.size() * 4 + perm.size() * 4);
-  auto off = fb::CreateHeadIndex(fbb, layer, head, d, n_clustered_, fbb.CreateVector(c.fine_centroids),
-                                 fbb.CreateVector(c.fine_offsets), fbb.CreateVector(c.coarse_centroids),
-                                 fbb.CreateVector(c.coarse_child_offsets), fbb.CreateVector(perm),
-                                 fbb.CreateVector(always), fbb.CreateVector(crcs));
-  fbb.Finish(off);
-  std::string_view rec(reinterpret_cast<const char*>(fbb.GetBufferPointer()), fbb.GetSize());
-  SQZ_RETURN_IF_ERROR(writer_->PutHeadIndex(static_cast<uint32_t>(layer), static_cast<uint32_t>(head), rec));
-  st_.index_bytes += rec.size();
+  storage::HeadIndexRecord rec;
+  rec.layer = layer;
+  rec.head = head;
+  SQZ_RETURN_IF_ERROR(WritePages(layer, head, c, &rec.page_crc));
+  rec.permutation.resize(c.permutation.size());
+  for (size_t i = 0; i < c.permutation.size(); ++i) {
+    rec.permutation[i] = c.permutation[i] + static_cast<uint32_t>(n_sinks_);
+  }
+  for (int64_t j = 0; j < c.n_fine(); ++j) {
+    const uint32_t size = c.fine_offsets[j + 1] - c.fine_offsets[j];
+    const size_t bucket = static_cast<size_t>(std::bit_width(size) - 1);
+    if (histogram_.size() <= bucket) histogram_.resize(bucket + 1, 0);
+    ++histogram_[bucket];
+  }
+  rec.fine_centroids = std::move(c.fine_centroids);
+  rec.fine_offsets = std::move(c.fine_offsets);
+  rec.coarse_centroids = std::move(c.coarse_centroids);
+  rec.coarse_child_offsets = std::move(c.coarse_child_offsets);
+  const size_t rec_bytes = 4 * (rec.fine_centroids.size() + rec.fine_offsets.size() + rec.coarse_centroids.size() +
+                                rec.coarse_child_offsets.size() + rec.permutation.size() + rec.page_crc.size());
+  SQZ_RETURN_IF_ERROR(writer_->PutHeadIndex(rec));
+  st_.index_bytes += rec_bytes;
   st_.seconds_write += SecondsSince(t);
   return Status::OK();
 }
 
-Status Builder::WriteBlocks(int layer, int head, const index::HeadClustering& c, std::vector<uint32_t>* crcs) {
+// Rows of the head in the permuted order (clustered rows, then the always
+// set: sinks then window) cut into pages of P rows: K plane then V plane,
+// the last page of each run zero-padded (docs/FORMAT.md, "KV pages").
+Status Builder::WritePages(int layer, int head, const index::HeadClustering& c, std::vector<uint32_t>* crcs) {
   const size_t head_off = static_cast<size_t>(head) * shape_.n_tokens * row_bytes_;
   const uint8_t* kh = k_.data() + head_off;
   const uint8_t* vh = v_.data() + head_off;
-  const uint32_t L = static_cast<uint32_t>(layer), H = static_cast<uint32_t>(head);
-  // Gathers rows `pos` (token positions) of K then V into block_ and stores it.
-  auto put = [&](uint32_t block, auto&& positions, size_t n) -> Status {
-    block_.resize(2 * n * row_bytes_);
-    char* dst = block_.data();
-    for (int64_t p : positions) {
-      std::memcpy(dst, kh + p * row_bytes_, row_bytes_);
-      dst += row_bytes_;
-    }
-    for (int64_t p : positions) {
-      std::memcpy(dst, vh + p * row_bytes_, row_bytes_);
-      dst += row_bytes_;
-    }
-    crcs->push_back(Crc32c(block_.data(), block_.size()));
-    st_.kv_bytes += block_.size();
-    return writer_->PutBlock(L, H, block, block_);
-  };
-
-  struct Range {  // token positions n_sinks + permutation[b .. e)
-    const uint32_t* perm;
-    int64_t base;
-    uint32_t b, e;
-    struct It {
-      const uint32_t* p;
-      int64_t base;
-      int64_t operator*() const { return base + *p; }
-      It& operator++() { ++p; return *this; }
-      bool operator!=(const It& o) const { return p != o.p; }
-    };
-    It begin() const { return {perm + b, base}; }
-    It end() const { return {perm + e, base}; }
-  };
-  const int64_t k2 = c.n_fine();
-  crcs->reserve(static_cast<size_t>(k2) + 1);
-  for (int64_t j = 0; j < k2; ++j) {
-    const uint32_t b = c.fine_offsets[j], e = c.fine_offsets[j + 1];
-    SQZ_RETURN_IF_ERROR(put(static_cast<uint32_t>(j), Range{c.permutation.data(), n_sinks_, b, e}, e - b));
-  }
+  const int64_t P = info_.page_rows;
+  const size_t plane = static_cast<size_t>(P) * row_bytes_;
+  std::vector<int64_t> rows;  // token positions of one run
+  rows.reserve(static_cast<size_t>(n_clustered_));
+  for (uint32_t r : c.permutation) rows.push_back(n_sinks_ + r);
   std::vector<int64_t> always;
-  always.reserve(static_cast<size_t>(n_sinks_ + window_));
   for (int64_t p = 0; p < n_sinks_; ++p) always.push_back(p);
   for (int64_t p = shape_.n_tokens - window_; p < shape_.n_tokens; ++p) always.push_back(p);
-  return put(storage::kAlwaysBlock, always, always.size());
+
+  crcs->clear();
+  crcs->reserve(static_cast<size_t>(info_.pages_per_head()));
+  int64_t page_id = 0;
+  for (const std::vector<int64_t>* run : {&rows, &always}) {
+    for (size_t first = 0; first < run->size(); first += static_cast<size_t>(P)) {
+      const size_t n = std::min(run->size() - first, static_cast<size_t>(P));
+      page_.assign(2 * plane, '\0');
+      char* kd = page_.data();
+      char* vd = page_.data() + plane;
+      for (size_t i = 0; i < n; ++i) {
+        const int64_t pos = (*run)[first + i];
+        std::memcpy(kd + i * row_bytes_, kh + pos * row_bytes_, row_bytes_);
+        std::memcpy(vd + i * row_bytes_, vh + pos * row_bytes_, row_bytes_);
+      }
+      crcs->push_back(Crc32c(page_.data(), page_.size()));
+      st_.kv_bytes += page_.size();
+      SQZ_RETURN_IF_ERROR(writer_->PutPage(layer, head, page_id++, page_));
+    }
+  }
+  if (page_id != info_.pages_per_head()) {
+    return Status::Aborted("internal: wrote " + std::to_string(page_id) + " pages, expected " +
+                           std::to_string(info_.pages_per_head()));
+  }
+  return Status::OK();
 }
 
 Status Builder::CalibrateSecondPass() {
@@ -285,29 +282,21 @@ Status Builder::CalibrateSecondPass() {
   calib_.FinishFirstPass();
   // The records are re-read from the database (visible once written, though
   // not yet committed) so no head's centroids had to stay in memory.
-  SQZ_RETURN_IF_ERROR(writer_->Flush());
   const int d = shape_.head_dim;
   const int g = shape_.n_q_heads / shape_.n_kv_heads;
-  std::string bytes;
+  storage::HeadIndexRecord rec;
   for (int layer = 0; layer < shape_.n_layers; ++layer) {
     SQZ_RETURN_IF_ERROR(src_->ReadQWindow(layer, &q_).WithPrefix(src_->Describe() + ": layer " + std::to_string(layer)));
     for (int head = 0; head < shape_.n_kv_heads; ++head) {
-      SQZ_RETURN_IF_ERROR(db_->GetHeadIndex(writer_->id(), static_cast<uint32_t>(layer), static_cast<uint32_t>(head), &bytes));
-      const fb::HeadIndex* hi = flatbuffers::GetRoot<fb::HeadIndex>(bytes.data());
+      SQZ_RETURN_IF_ERROR(writer_->GetHeadIndex(layer, head, &rec));
       index::HeadView v;
       v.dim = d;
-      v.k2 = hi->fine_offsets() ? static_cast<int64_t>(hi->fine_offsets()->size()) - 1 : 0;
-      v.k1 = hi->coarse_child_offsets() ? static_cast<int64_t>(hi->coarse_child_offsets()->size()) - 1 : 0;
-      if (v.k2 < 0 || v.k1 < 0 || !hi->fine_centroids() || !hi->coarse_centroids() ||
-          hi->fine_centroids()->size() != static_cast<size_t>(v.k2) * d ||
-          hi->coarse_centroids()->size() != static_cast<size_t>(v.k1) * d) {
-        return Status::Corruption("re-reading layer " + std::to_string(layer) + " head " + std::to_string(head) +
-                                  ": index record has inconsistent sizes");
-      }
-      v.fine_centroids = hi->fine_centroids()->data();
-      v.fine_offsets = hi->fine_offsets()->data();
-      v.coarse_centroids = hi->coarse_centroids()->data();
-      v.coarse_child_offsets = hi->coarse_child_offsets()->data();
+      v.k2 = rec.n_fine();
+      v.k1 = rec.n_coarse();
+      v.fine_centroids = rec.fine_centroids.data();
+      v.fine_offsets = rec.fine_offsets.data();
+      v.coarse_centroids = rec.coarse_centroids.data();
+      v.coarse_child_offsets = rec.coarse_child_offsets.data();
       const float* q = q_.data() + static_cast<size_t>(head) * g * shape_.q_window_len * d;
       calib_.AddSecondPass(v, q, g, shape_.q_window_len);
     }
@@ -322,43 +311,17 @@ Status Builder::Commit() {
   std::vector<index::Thresholds> th;
   if (calibrate_) th = calib_.Finish();
 
-  flatbuffers::FlatBufferBuilder fbb(4096);
-  std::vector<flatbuffers::Offset<fb::Threshold>> toff;
-  for (const auto& x : th) toff.push_back(fb::CreateThreshold(fbb, x.quantile, x.flat, x.coarse, x.fine));
-  auto name_off = fbb.CreateString(name_);
-  auto model_off = fbb.CreateString(shape_.model);
-  auto fine_off = fbb.CreateVector(fine_clusters_);
-  auto coarse_off = fbb.CreateVector(coarse_clusters_);
-  auto th_off = fbb.CreateVector(toff);
-  fb::ManifestBuilder mb(fbb);
-  mb.add_format_version(storage::kFormatVersion);
-  mb.add_context_id(writer_->id());
-  mb.add_name(name_off);
-  mb.add_model(model_off);
-  mb.add_n_layers(shape_.n_layers);
-  mb.add_n_kv_heads(shape_.n_kv_heads);
-  mb.add_n_q_heads(shape_.n_q_heads);
-  mb.add_head_dim(shape_.head_dim);
-  mb.add_n_tokens(shape_.n_tokens);
-  mb.add_dtype(static_cast<uint8_t>(shape_.dtype));
-  mb.add_window(static_cast<int32_t>(window_));
-  mb.add_n_sinks(static_cast<int32_t>(n_sinks_));
-  mb.add_n_clustered(n_clustered_);
-  mb.add_fine_ratio(opt_.fine_ratio);
-  mb.add_coarse_ratio(opt_.coarse_ratio);
-  mb.add_kmeans_iters(opt_.kmeans_iters);
-  mb.add_seed(opt_.seed);
-  mb.add_fine_clusters(fine_off);
-  mb.add_coarse_clusters(coarse_off);
-  mb.add_calibration_queries(calibrate_ ? shape_.q_window_len : 0);
-  mb.add_thresholds(th_off);
-  mb.add_kv_bytes(st_.kv_bytes);
-  mb.add_index_bytes(st_.index_bytes);
-  mb.add_build_seconds(SecondsSince(t0_));
-  mb.add_created_unix(static_cast<int64_t>(std::time(nullptr)));
-  fbb.Finish(mb.Finish());
-  std::string_view bytes(reinterpret_cast<const char*>(fbb.GetBufferPointer()), fbb.GetSize());
-  Status s = db_->CommitContext(writer_, name_, bytes, opt_.replace);
+  ContextInfo info = info_;
+  for (const auto& x : th) info.thresholds.push_back({x.quantile, x.flat, x.coarse, x.fine});
+  info.fine_clusters = fine_clusters_;
+  info.coarse_clusters = coarse_clusters_;
+  info.cluster_size_histogram = histogram_;
+  info.calibration_queries = calibrate_ ? shape_.q_window_len : 0;
+  info.kv_bytes = st_.kv_bytes;
+  info.index_bytes = st_.index_bytes;
+  info.build_seconds = SecondsSince(t0_);
+  info.created_unix = static_cast<int64_t>(std::time(nullptr));
+  Status s = writer_->Commit(info, opt_.replace);
   st_.seconds_write += SecondsSince(t);
   return s;
 }
@@ -395,23 +358,33 @@ Status BuildContext(DB* db, const std::string& name, KvSource* source, const Bui
       shape.n_q_heads <= 0 || shape.n_q_heads % shape.n_kv_heads != 0) {
     return Status::InvalidArgument(source->Describe() + ": invalid KV shape");
   }
-  storage::DBImpl* impl = storage::Impl(db);
-  // Fail fast rather than after hours of k-means (CommitContext re-checks
-  // atomically, for concurrent builds).
-  {
-    std::string bytes;
-    Status s = impl->GetManifest(name, &bytes);
-    if (s.ok() && !options.replace) {
-      return storage::ContextExistsError(name, db->path());
-    }
-    if (!s.ok() && !s.IsNotFound()) return s;
-  }
+  // The context's shapes and page geometry, known before any k-means.
+  ContextInfo info;
+  info.name = name;
+  info.model = shape.model;
+  info.n_layers = shape.n_layers;
+  info.n_kv_heads = shape.n_kv_heads;
+  info.n_q_heads = shape.n_q_heads;
+  info.head_dim = shape.head_dim;
+  info.n_tokens = shape.n_tokens;
+  info.dtype = shape.dtype;
+  info.n_sinks = static_cast<int>(std::min<int64_t>(options.n_sinks, shape.n_tokens));
+  info.window = static_cast<int>(std::min<int64_t>(options.window, shape.n_tokens - info.n_sinks));
+  info.n_clustered = shape.n_tokens - info.window - info.n_sinks;
+  info.fine_ratio = options.fine_ratio;
+  info.coarse_ratio = options.coarse_ratio;
+  info.kmeans_iters = options.kmeans_iters;
+  info.seed = options.seed;
+  info.page_rows = options.page_rows;
+  info.clustered_pages = storage::PagesFor(info.n_clustered, info.page_rows);
+  info.always_pages = storage::PagesFor(info.n_always(), info.page_rows);
 
   std::unique_ptr<storage::ContextWriter> writer;
-  SQZ_RETURN_IF_ERROR(impl->BeginContext(&writer));
+  SQZ_RETURN_IF_ERROR(db->store()->BeginContext(name, options.replace, info, &writer));
+  info.id = writer->id();
   Status s;
   try {
-    Builder b(impl, name, source, options, writer.get());
+    Builder b(info, source, options, writer.get());
     s = b.Run(stats);
   } catch (const std::bad_alloc&) {
     s = Status::Aborted("building context '" + name + "': out of memory");
@@ -420,7 +393,7 @@ Status BuildContext(DB* db, const std::string& name, KvSource* source, const Bui
   }
   if (!s.ok()) {
     // Leave the database as it was; report the build error, not the cleanup's.
-    Status a = impl->AbortContext(writer.get());
+    Status a = writer->Abort();
     if (!a.ok()) {
       // The leftovers are removed on the next open; say so after the cause.
       s = Status(s).WithPrefix("building context '" + name + "'");

@@ -1,21 +1,20 @@
-// The CPU query engine behind sqz::ContextHandle (internal; the public API is
-// include/sqz/query.h). Exposes the steps of Attend (selection, block reads)
-// so the evaluation (query/eval.h) and the tests can observe them.
+// The CPU query engine behind sqz::ContextHandle (private to query/; the
+// public API is include/sqz/query.h).
 //
-// Per call and KV head the engine: scores the group's query heads against the
-// head's centroids and selects fine clusters (query/selection.h), reads the
-// always block plus the union of the selected blocks in one MultiGet and
-// converts them to float once, then computes exact attention of every query
-// head over its set (query/attention.h). Decode (T = 1) with one attended set
-// (budget + union, the default; threshold + union) skips the float copy:
-// attention converts the pinned blocks tile by tile (AttendBlocks).
+// Attend = Plan + Run, the two steps of the AttentionBackend seam:
+// - Plan: per served KV head, score the group's query heads against the
+//   centroids and select fine clusters (query/selection.h), then express the
+//   selection as a SegmentTable (runs of rows of the stored order, the pages
+//   they touch).
+// - Run: per KV head, read the table's pages through the handle's storage
+//   snapshot (one MultiGet) and compute exact attention of every query row
+//   over its set's segments, straight from the stored pages (decode) or from
+//   a float copy with BLAS (prefill) (query/attention.h).
 //
 // Thread-safety: immutable after Open; every method is const and uses
-// per-call scratch (buffers kept per thread between calls, never shared), so
-// any number of threads may call Attend concurrently.
-// Within one call the KV heads run in parallel (OpenMP); results do not
-// depend on the thread count. AttendStats' stage times are summed over the
-// KV heads (thread-seconds, not wall time, when heads run in parallel).
+// per-call scratch (buffers kept per thread between calls, never shared).
+// Within one call the KV heads run in parallel for decode (OpenMP); results
+// do not depend on the thread count.
 #pragma once
 
 #include <cstdint>
@@ -28,85 +27,82 @@
 #include "sqz/db.h"
 #include "sqz/query.h"
 #include "sqz/status.h"
-
-namespace sqz::storage {
-class DBImpl;
-}
-namespace rocksdb {
-class PinnableSlice;
-}
+#include "storage/store.h"
 
 namespace sqz::query {
 
-// The index of one (layer, KV head) in plain vectors (from its HeadIndex).
+// The index of one (layer, KV head) as the engine uses it.
 struct HeadData {
   int32_t k2 = 0;
   int32_t k1 = 0;
   std::vector<float> fine_centroids;           // [k2, d]
-  std::vector<uint32_t> fine_offsets;          // [k2 + 1] into the permuted order
+  std::vector<uint32_t> fine_offsets;          // [k2 + 1] into the stored rows
   std::vector<uint32_t> fine_sizes;            // [k2]
   std::vector<float> coarse_centroids;         // [k1, d]
   std::vector<uint32_t> coarse_child_offsets;  // [k1 + 1] over fine ids
   std::vector<uint32_t> coarse_sizes;          // [k1]
-  std::vector<uint32_t> always_positions;      // original positions: sinks then window
-  int64_t n_always = 0;                        // always_positions.size()
 };
 
-// Float rows of some KV blocks of one head: the always set first, then the
-// requested fine clusters in the order requested.
-struct KvRows {
-  int64_t rows = 0;
-  int64_t n_always = 0;
-  std::vector<float> k;  // [rows, d]
-  std::vector<float> v;  // [rows, d]
-  // [clusters + 1]: requested cluster i owns rows [cluster_begin[i], cluster_begin[i + 1]).
-  std::vector<int64_t> cluster_begin;
-  uint64_t bytes_read = 0;  // stored bytes of the blocks read
-};
-
-class ContextHandleImpl final : public ContextHandle {
+// The attention seam: a plan step that turns queries into a SegmentTable
+// (and says how much workspace the run needs) and a run step that executes
+// a table. The CPU engine is the first implementation; the GPU engine the
+// second.
+class AttentionBackend {
  public:
-  // Loads and validates the manifest and every head's index.
-  // NotFound for an unknown context; Corruption for an inconsistent record.
-  static Status Open(DB* db, const std::string& name, std::unique_ptr<ContextHandleImpl>* out);
+  virtual ~AttentionBackend() = default;
+  virtual Status Plan(int layer, const float* q, int T, const QueryOptions& options, SegmentTable* table,
+                      size_t* workspace_bytes) const = 0;
+  virtual Status Run(const SegmentTable& table, const float* q, float scale, float* o, float* lse,
+                     AttendStats* stats) const = 0;
+};
 
-  const ContextInfo& info() const override { return info_; }
+class ContextHandleImpl final : public ContextHandle, public AttentionBackend {
+ public:
+  static Status Open(DB* db, const std::string& name, const OpenOptions& options,
+                     std::unique_ptr<ContextHandleImpl>* out);
+
+  // --- ContextHandle ---------------------------------------------------------
+  const ContextInfo& info() const override { return snap_->info(); }
+  int kv_head_begin() const override { return head_begin_; }
+  int kv_head_end() const override { return head_end_; }
   Status Attend(int layer, const float* q, int T, const QueryOptions& options, float* o, float* lse,
                 AttendStats* stats = nullptr) const override;
+  Status Plan(int layer, const float* q, int T, const QueryOptions& options, SegmentTable* table) const override;
+  Status ReadRows(int layer, int kv_head, int64_t first_row, int64_t n_rows, float* k, float* v,
+                  uint64_t* bytes = nullptr) const override;
 
-  // Checks the layer, T, the pointer and that q [n_q_heads, T, d] is finite.
+  // --- AttentionBackend --------------------------------------------------------
+  // Workspace: the CPU engine keeps per-thread scratch; the figure reported is
+  // the float rows a run may materialise (an upper bound, for planning).
+  Status Plan(int layer, const float* q, int T, const QueryOptions& options, SegmentTable* table,
+              size_t* workspace_bytes) const override;
+  Status Run(const SegmentTable& table, const float* q, float scale, float* o, float* lse,
+             AttendStats* stats) const override;
+
+  // Checks the layer, T, the pointer and that q [n_served_q_heads, T, d] is finite.
   Status CheckQueries(int layer, const float* q, int T) const;
   // Turns options into selection parameters (thresholds looked up).
   Status Resolve(const QueryOptions& options, SelectionParams* params) const;
-  // The selection Attend makes for every KV head of `layer` (out: [n_kv_heads]).
-  Status SelectLayer(int layer, const float* q, int T, const QueryOptions& options,
-                     std::vector<HeadSelection>* out) const;
-  // Reads the always block and the fine blocks `clusters` of (layer, kv_head).
-  Status ReadRows(int layer, int kv_head, const std::vector<uint32_t>& clusters, KvRows* out) const;
-  // The blocks of ReadRows as stored, pinned in the block cache (no copy):
-  // blocks[i] = {K rows, V rows, count}, the always block first (if the head
-  // has one), then `clusters` in order. `values` owns the pins; blocks points
-  // into it. bytes: stored bytes read.
-  Status ReadBlocks(int layer, int kv_head, const std::vector<uint32_t>& clusters,
-                    std::vector<rocksdb::PinnableSlice>* values, std::vector<RowBlock>* blocks,
-                    uint64_t* bytes) const;
-
-  const HeadData& head(int layer, int kv_head) const { return heads_[layer * info_.n_kv_heads + kv_head]; }
-  IndexView View(int layer, int kv_head) const;
-  // n_q_heads / n_kv_heads.
-  int group_size() const { return info_.n_q_heads / info_.n_kv_heads; }
+  // kv_head: served-local index.
+  const HeadData& head(int layer, int local_head) const { return heads_[layer * n_served() + local_head]; }
+  IndexView View(int layer, int local_head) const;
+  int group_size() const { return info().group_size(); }
+  int n_served() const { return head_end_ - head_begin_; }
 
  private:
   ContextHandleImpl() = default;
-  Status LoadHead(int layer, int kv_head, const std::string& bytes, HeadData* h) const;
-  // Selection, read and attention of one KV head (o, lse: the group's rows).
-  Status AttendHead(int layer, int kv_head, const float* q, int T, const SelectionParams& params, float* o,
-                    float* lse, HeadStats* hs, double seconds[3]) const;
+  Status LoadHead(const storage::HeadIndexRecord& rec, HeadData* h) const;
+  Status RunHead(const SegmentTable& table, int local_head, const float* q, float scale, float* o, float* lse,
+                 HeadStats* hs, double seconds[2]) const;
   std::string Where(int layer, int kv_head) const;
 
-  storage::DBImpl* db_ = nullptr;
-  ContextInfo info_;
-  std::vector<HeadData> heads_;  // [n_layers * n_kv_heads]
+  std::unique_ptr<storage::ContextSnapshot> snap_;
+  int head_begin_ = 0, head_end_ = 0;
+  std::vector<HeadData> heads_;  // [n_layers * n_served]
 };
+
+// Appends the segments of fine clusters `ids` (ascending) of head `h` to
+// *out: runs of consecutive ids merged into one segment each.
+void ClusterSegments(const HeadData& h, const std::vector<uint32_t>& ids, std::vector<Segment>* out);
 
 }  // namespace sqz::query

@@ -7,7 +7,6 @@
 #include <numeric>
 #include <sstream>
 
-#include "engine.h"
 #include "util/safetensors.h"
 
 namespace sqz::query {
@@ -16,11 +15,18 @@ namespace {
 
 // The dense reference of one (query head, query).
 struct DenseRow {
-  double always_mass = 0;             // true mass on the always set
-  std::vector<double> cluster_mass;   // [k2]: true mass on each fine cluster
-  std::vector<float> sorted_prefix;   // [n_clustered + 1]: mass of the top-k clustered keys
-  std::vector<double> o;              // [d]: dense output
+  std::vector<float> row_prefix;     // [n_tokens + 1]: true mass of stored rows [0, r)
+  std::vector<float> sorted_prefix;  // [n_clustered + 1]: mass of the top-k clustered keys
+  double always_mass = 0;            // true mass on the always set
+  std::vector<double> o;             // [d]: dense output
   double o_norm = 0;
+
+  // True mass on the rows of `segments`.
+  double Mass(const Segment* segments, size_t n) const {
+    double m = 0;
+    for (size_t i = 0; i < n; ++i) m += row_prefix[segments[i].first_row + segments[i].n_rows] - row_prefix[segments[i].first_row];
+    return m;
+  }
 };
 
 // Sums for one aggregate.
@@ -63,15 +69,15 @@ struct ConfigAcc {
   double seconds = 0;
 };
 
-// Dense attention of one query over all rows of a head, in double.
-void DenseReference(const float* q, const KvRows& kv, const HeadData& h, int d, double scale, DenseRow* out,
-                    std::vector<double>* p) {
-  const int64_t n = kv.rows;
+// Dense attention of one query over all n rows of a head (k, v [n, d] in the
+// stored order: n_clustered clustered rows, then the always set), in double.
+void DenseReference(const float* q, const std::vector<float>& k, const std::vector<float>& v, int64_t n,
+                    int64_t n_clustered, int d, double scale, DenseRow* out, std::vector<double>* p) {
   p->resize(n);
   double m = -INFINITY;
   for (int64_t i = 0; i < n; ++i) {
     double dot = 0;
-    for (int c = 0; c < d; ++c) dot += static_cast<double>(q[c]) * kv.k[i * d + c];
+    for (int c = 0; c < d; ++c) dot += static_cast<double>(q[c]) * k[i * d + c];
     (*p)[i] = scale * dot;
     m = std::max(m, (*p)[i]);
   }
@@ -81,24 +87,22 @@ void DenseReference(const float* q, const KvRows& kv, const HeadData& h, int d, 
     z += (*p)[i];
   }
   out->o.assign(d, 0.0);
+  out->row_prefix.assign(n + 1, 0.0f);
+  double acc = 0;
   for (int64_t i = 0; i < n; ++i) {
     (*p)[i] /= z;
-    for (int c = 0; c < d; ++c) out->o[c] += (*p)[i] * kv.v[i * d + c];
+    for (int c = 0; c < d; ++c) out->o[c] += (*p)[i] * v[i * d + c];
+    acc += (*p)[i];
+    out->row_prefix[i + 1] = static_cast<float>(acc);
   }
   out->o_norm = 0;
   for (double x : out->o) out->o_norm += x * x;
   out->o_norm = std::sqrt(out->o_norm);
-
-  out->always_mass = std::accumulate(p->begin(), p->begin() + kv.n_always, 0.0);
-  out->cluster_mass.assign(h.k2, 0.0);
-  for (int32_t j = 0; j < h.k2; ++j) {
-    out->cluster_mass[j] =
-        std::accumulate(p->begin() + kv.cluster_begin[j], p->begin() + kv.cluster_begin[j + 1], 0.0);
-  }
-  std::vector<double> clustered(p->begin() + kv.n_always, p->end());
+  out->always_mass = std::accumulate(p->begin() + n_clustered, p->end(), 0.0);
+  std::vector<double> clustered(p->begin(), p->begin() + n_clustered);
   std::sort(clustered.begin(), clustered.end(), std::greater<double>());
   out->sorted_prefix.assign(clustered.size() + 1, 0.0f);
-  double acc = 0;
+  acc = 0;
   for (size_t i = 0; i < clustered.size(); ++i) {
     acc += clustered[i];
     out->sorted_prefix[i + 1] = static_cast<float>(acc);
@@ -230,10 +234,14 @@ std::vector<EvalConfig> DefaultEvalConfigs(const ContextInfo& info, const std::v
 
 Status Evaluate(const ContextHandle& handle, const std::vector<LayerQueries>& queries,
                 const std::vector<EvalConfig>& configs, const EvalOptions& options, EvalReport* report) {
-  // Every handle is the CPU engine's (ContextHandle::Open makes no other).
-  const auto& impl = static_cast<const ContextHandleImpl&>(handle);
+  // Only the public interface: any engine can be evaluated.
+  const ContextHandle& impl = handle;
   const ContextInfo& info = impl.info();
-  const int d = info.head_dim, G = impl.group_size(), n_q = info.n_q_heads;
+  const int d = info.head_dim, G = info.group_size(), n_q = info.n_q_heads;
+  if (impl.kv_head_begin() != 0 || impl.kv_head_end() != info.n_kv_heads) {
+    return Status::InvalidArgument("eval needs a handle that serves every KV head of context '" + info.name + "'");
+  }
+  const double scale = 1.0 / std::sqrt(static_cast<double>(d));
   const int64_t n_clustered = info.n_clustered;
   const int64_t classify_k =
       std::min<int64_t>(n_clustered, static_cast<int64_t>(std::ceil(options.classify_budget * n_clustered)));
@@ -250,26 +258,21 @@ Status Evaluate(const ContextHandle& handle, const std::vector<LayerQueries>& qu
                                      " values, expected n_q_heads * T * head_dim = " + std::to_string(n_q) + " * " +
                                      std::to_string(T) + " * " + std::to_string(d));
     }
-    SQZ_RETURN_IF_ERROR(impl.CheckQueries(layer, lq.q.data(), T));
     ++report->layers;
 
     // Dense reference, one KV head at a time (its blocks, all of them).
     std::vector<DenseRow> dense(static_cast<size_t>(n_q) * T);
     std::vector<double> p;
     uint64_t layer_dense_bytes = 0;  // what one dense Attend call reads
-    SelectionParams dense_params;
-    SQZ_RETURN_IF_ERROR(impl.Resolve(QueryOptions(), &dense_params));  // the default softmax scale
+    std::vector<float> k(static_cast<size_t>(info.n_tokens) * d), v(k.size());
     for (int g = 0; g < info.n_kv_heads; ++g) {
-      const HeadData& h = impl.head(layer, g);
-      std::vector<uint32_t> all(h.k2);
-      std::iota(all.begin(), all.end(), 0u);
-      KvRows kv;
-      SQZ_RETURN_IF_ERROR(impl.ReadRows(layer, g, all, &kv));
-      layer_dense_bytes += kv.bytes_read;
+      uint64_t bytes = 0;
+      SQZ_RETURN_IF_ERROR(impl.ReadRows(layer, g, 0, info.n_tokens, k.data(), v.data(), &bytes));
+      layer_dense_bytes += bytes;
       for (int qh = g * G; qh < (g + 1) * G; ++qh) {
         for (int t = 0; t < T; ++t) {
           const float* q = lq.q.data() + (static_cast<int64_t>(qh) * T + t) * d;
-          DenseReference(q, kv, h, d, dense_params.scale, &dense[static_cast<size_t>(qh) * T + t], &p);
+          DenseReference(q, k, v, info.n_tokens, n_clustered, d, scale, &dense[static_cast<size_t>(qh) * T + t], &p);
         }
       }
     }
@@ -289,7 +292,7 @@ Status Evaluate(const ContextHandle& handle, const std::vector<LayerQueries>& qu
 
     for (size_t ci = 0; ci < configs.size(); ++ci) {
       const QueryOptions& qo = configs[ci].options;
-      if (qo.softmax_scale != 0 && qo.softmax_scale != dense_params.scale) {
+      if (qo.softmax_scale != 0 && qo.softmax_scale != static_cast<float>(scale)) {
         return Status::InvalidArgument("eval compares against the default softmax scale; config '" +
                                        configs[ci].name + "' sets another");
       }
@@ -309,26 +312,25 @@ Status Evaluate(const ContextHandle& handle, const std::vector<LayerQueries>& qu
         Status s = impl.Attend(layer, qc.data(), Tc, qo, o.data(), lse.data(), &stats);
         acc[ci].seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
         if (!s.ok()) return s.WithPrefix("config '" + configs[ci].name + "'");
-        std::vector<HeadSelection> sels;
-        SQZ_RETURN_IF_ERROR(impl.SelectLayer(layer, qc.data(), Tc, qo, &sels));
+        SegmentTable table;
+        SQZ_RETURN_IF_ERROR(impl.Plan(layer, qc.data(), Tc, qo, &table));
         acc[ci].bytes_dense += layer_dense_bytes;
 
         for (int g = 0; g < info.n_kv_heads; ++g) {
           acc[ci].keys_read += stats.heads[g].keys_selected;
           acc[ci].keys_clustered += n_clustered;
           acc[ci].bytes_read += stats.heads[g].bytes_read;
-          const HeadData& h = impl.head(layer, g);
-          const HeadSelection& sel = sels[g];
           for (int gl = 0; gl < G; ++gl) {
             const int qh = g * G + gl;
             for (int tc = 0; tc < Tc; ++tc) {
               const DenseRow& r = dense[static_cast<size_t>(qh) * T + t0 + tc];
-              const std::vector<uint32_t>& set = sel.sets[sel.set_of[static_cast<size_t>(gl) * Tc + tc]];
-              double recall = r.always_mass;
+              const int32_t set = table.row_set[(static_cast<size_t>(g) * G + gl) * Tc + tc];
+              const Segment* segs = table.segments.data() + table.set_offsets[set];
+              const size_t n_segs = table.set_offsets[set + 1] - table.set_offsets[set];
+              const double recall = r.Mass(segs, n_segs);
               int64_t keys = 0;
-              for (uint32_t j : set) {
-                recall += r.cluster_mass[j];
-                keys += h.fine_sizes[j];
+              for (size_t i = 0; i < n_segs; ++i) {
+                if (segs[i].first_row < n_clustered) keys += segs[i].n_rows;
               }
               const double oracle = r.always_mass + r.sorted_prefix[std::min<int64_t>(keys, n_clustered)];
               const float* ot = o.data() + (static_cast<int64_t>(qh) * Tc + tc) * d;

@@ -1,15 +1,22 @@
 #include "db_impl.h"
 
-#include <flatbuffers/flatbuffers.h>
 #include <rocksdb/cache.h>
 #include <rocksdb/convenience.h>
+#include <rocksdb/env.h>
 #include <rocksdb/table.h>
 #include <rocksdb/write_batch.h>
+#include <stdlib.h>
 
 #include <algorithm>
-#include <cstring>
+#include <chrono>
+#include <cstdarg>
+#include <ctime>
 #include <filesystem>
 #include <set>
+#include <thread>
+
+#include "records.h"
+#include "util/crc32c.h"
 
 namespace sqz::storage {
 
@@ -24,20 +31,16 @@ Status FromRocks(const rocksdb::Status& s, std::string_view what) {
   return Status::IOError(msg);
 }
 
-Status ContextExistsError(const std::string& name, const std::string& db_path) {
-  return Status::AlreadyExists("context '" + name + "' already exists in " + db_path +
-                               " (rebuild it with --replace / BuildOptions::replace, or drop it first)");
-}
-
 namespace {
 
 constexpr size_t kWriterBatchBytes = size_t{32} << 20;  // flush a writer's batch past this size
 
-std::string Be32(uint32_t v) {
-  std::string s(4, '\0');
-  for (int i = 0; i < 4; ++i) s[i] = static_cast<char>((v >> (8 * (3 - i))) & 0xff);
-  return s;
-}
+// Read-only instances must write nothing: their info log goes nowhere.
+class NullLogger : public rocksdb::Logger {
+ public:
+  using rocksdb::Logger::Logv;
+  void Logv(const char* /*format*/, va_list /*ap*/) override {}
+};
 
 rocksdb::ColumnFamilyOptions CfOptions(const std::shared_ptr<rocksdb::Cache>& cache, size_t block_size,
                                        rocksdb::CompressionType compression) {
@@ -52,6 +55,187 @@ rocksdb::ColumnFamilyOptions CfOptions(const std::shared_ptr<rocksdb::Cache>& ca
   o.bottommost_compression = compression;
   return o;
 }
+
+std::string Be32(uint32_t v) { return EncodeBE(v, 4); }
+
+}  // namespace
+
+RocksView::~RocksView() {
+  if (db) {
+    for (auto* h : handles) db->DestroyColumnFamilyHandle(h);
+    db->Close();
+    db.reset();
+  }
+  if (!secondary_dir.empty()) {
+    std::error_code ec;
+    std::filesystem::remove_all(secondary_dir, ec);
+  }
+}
+
+// --- PageSet ---------------------------------------------------------------------
+
+struct PageSet::Rep {
+  std::vector<rocksdb::PinnableSlice> values;
+};
+PageSet::PageSet() : rep_(new Rep()) {}
+PageSet::~PageSet() = default;
+size_t PageSet::size() const { return rep_->values.size(); }
+const uint8_t* PageSet::data(size_t i) const { return reinterpret_cast<const uint8_t*>(rep_->values[i].data()); }
+
+// --- Snapshot ----------------------------------------------------------------------
+
+class SnapshotImpl final : public ContextSnapshot {
+ public:
+  SnapshotImpl(DBImpl* owner, std::shared_ptr<RocksView> view, const rocksdb::Snapshot* snap)
+      : owner_(owner), view_(std::move(view)), snap_(snap) {}
+  ~SnapshotImpl() override {
+    if (snap_) owner_->ReleaseSnapshot(snap_);
+  }
+  const ContextInfo& info() const override { return info_; }
+  ContextInfo* mutable_info() { return &info_; }
+  rocksdb::ReadOptions Read() const {
+    rocksdb::ReadOptions ro;
+    ro.verify_checksums = true;
+    ro.snapshot = snap_;
+    return ro;
+  }
+  RocksView* view() const { return view_.get(); }
+
+  std::string Where(int layer, int head) const {
+    return "context '" + info_.name + "' layer " + std::to_string(layer) + " KV head " + std::to_string(head);
+  }
+
+  Status GetHeadIndex(int layer, int head, HeadIndexRecord* out) const override {
+    return GetHeadIndexImpl(layer, head, false, out);
+  }
+  Status GetHeadIndexImpl(int layer, int head, bool full, HeadIndexRecord* out) const {
+    const std::string where = Where(layer, head);
+    if (layer < 0 || layer >= info_.n_layers || head < 0 || head >= info_.n_kv_heads) {
+      return Status::InvalidArgument(where + ": out of range");
+    }
+    std::string bytes;
+    rocksdb::Status s = view_->db->Get(Read(), view_->cf_index, HeadKey(info_.id, layer, head), &bytes);
+    if (s.IsNotFound()) return Status::Corruption(where + ": index record is missing");
+    SQZ_RETURN_IF_ERROR(FromRocks(s, where + ": reading the index record"));
+    return DecodeHeadIndex(bytes, info_, layer, head, full, where, out);
+  }
+
+  Status ReadPages(int layer, int head, const uint32_t* pages, size_t n, PageSet* out) const override {
+    const std::string where = Where(layer, head);
+    std::vector<std::string> keys(n);
+    std::vector<rocksdb::Slice> slices(n);
+    const uint64_t total = static_cast<uint64_t>(info_.pages_per_head());
+    for (size_t i = 0; i < n; ++i) {
+      if (pages[i] >= total) {
+        return Status::InvalidArgument(where + ": page " + std::to_string(pages[i]) + " out of range");
+      }
+      keys[i] = PageKey(info_.id, layer, head, pages[i]);
+      slices[i] = keys[i];
+    }
+    auto& values = out->rep()->values;
+    values.clear();
+    values.resize(n);
+    std::vector<rocksdb::Status> statuses(n);
+    if (n > 0) {
+      view_->db->MultiGet(Read(), view_->cf_kv, n, slices.data(), values.data(), statuses.data(),
+                          /*sorted_input=*/false);
+    }
+    const size_t want = info_.page_bytes();
+    for (size_t i = 0; i < n; ++i) {
+      if (statuses[i].IsNotFound()) {
+        return Status::Corruption(where + ": KV page " + std::to_string(pages[i]) + " is missing");
+      }
+      SQZ_RETURN_IF_ERROR(FromRocks(statuses[i], where + ": reading KV page " + std::to_string(pages[i])));
+      if (values[i].size() != want) {
+        return Status::Corruption(where + ": KV page " + std::to_string(pages[i]) + " has " +
+                                  std::to_string(values[i].size()) + " bytes, expected " + std::to_string(want));
+      }
+    }
+    return Status::OK();
+  }
+
+ private:
+  DBImpl* owner_;
+  std::shared_ptr<RocksView> view_;
+  const rocksdb::Snapshot* snap_;
+  ContextInfo info_;
+};
+
+namespace {
+
+// --- Writer ------------------------------------------------------------------------
+
+class WriterImpl final : public ContextWriter {
+ public:
+  WriterImpl(DBImpl* db, std::shared_ptr<RocksView> view, uint64_t id, const ContextInfo& shape)
+      : db_(db), view_(std::move(view)), id_(id), shape_(shape) {
+    shape_.id = id;
+  }
+  ~WriterImpl() override {
+    if (!done_) (void)Abort();
+  }
+  uint64_t id() const override { return id_; }
+  uint64_t bytes_written() const override { return bytes_; }
+
+  Status PutHeadIndex(const HeadIndexRecord& rec) override {
+    // The shapes the record needs; counts are checked against the final
+    // manifest at read time.
+    std::string bytes = EncodeHeadIndexForWriter(rec);
+    SQZ_RETURN_IF_ERROR(FromRocks(batch_.Put(view_->cf_index, HeadKey(id_, rec.layer, rec.head), bytes),
+                                  "buffering an index record"));
+    bytes_ += bytes.size();
+    return MaybeFlush();
+  }
+  Status PutPage(int layer, int head, int64_t page, std::string_view value) override {
+    if (page < 0 || page >= (int64_t{1} << 32)) return Status::InvalidArgument("page id out of range");
+    SQZ_RETURN_IF_ERROR(FromRocks(batch_.Put(view_->cf_kv, PageKey(id_, layer, head, static_cast<uint32_t>(page)),
+                                             rocksdb::Slice(value.data(), value.size())),
+                                  "buffering a KV page"));
+    bytes_ += value.size();
+    return MaybeFlush();
+  }
+  Status GetHeadIndex(int layer, int head, HeadIndexRecord* out) override {
+    SQZ_RETURN_IF_ERROR(Flush());
+    std::string bytes;
+    const std::string where = "layer " + std::to_string(layer) + " KV head " + std::to_string(head);
+    rocksdb::Status s = view_->db->Get(rocksdb::ReadOptions(), view_->cf_index, HeadKey(id_, layer, head), &bytes);
+    SQZ_RETURN_IF_ERROR(FromRocks(s, where + ": re-reading the index record"));
+    return DecodeHeadIndex(bytes, shape_, layer, head, false, where, out);
+  }
+  Status Commit(const ContextInfo& info, bool replace) override {
+    if (done_) return Status::InvalidArgument("commit: the writer is finished");
+    if (info.id != id_) return Status::InvalidArgument("commit: the manifest names another context id");
+    SQZ_RETURN_IF_ERROR(Flush());
+    Status s = db_->CommitContext(id_, info, replace);
+    if (s.ok()) done_ = true;
+    return s;
+  }
+  Status Abort() override {
+    done_ = true;
+    batch_.Clear();
+    return db_->AbortContext(id_);
+  }
+  Status Flush() {
+    if (batch_.Count() == 0) return Status::OK();
+    rocksdb::WriteOptions wo;
+    wo.disableWAL = true;  // durability comes from the memtable flush before commit
+    Status s = FromRocks(view_->db->Write(wo, &batch_), db_->path() + ": writing context records");
+    batch_.Clear();
+    return s;
+  }
+
+ private:
+  Status MaybeFlush() { return batch_.GetDataSize() >= kWriterBatchBytes ? Flush() : Status::OK(); }
+  std::string EncodeHeadIndexForWriter(const HeadIndexRecord& rec) { return EncodeHeadIndex(shape_, rec); }
+
+  DBImpl* db_;
+  std::shared_ptr<RocksView> view_;
+  uint64_t id_;
+  rocksdb::WriteBatch batch_;
+  uint64_t bytes_ = 0;
+  bool done_ = false;
+  ContextInfo shape_;
+};
 
 }  // namespace
 
@@ -69,18 +253,86 @@ Status DB::Open(const Options& options, const std::string& path, std::unique_ptr
 namespace sqz::storage {
 
 DBImpl::~DBImpl() {
-  if (db_) {
-    for (auto* h : handles_) db_->DestroyColumnFamilyHandle(h);
-    db_->Close();
+  {
+    std::lock_guard<std::mutex> lock(reclaim_mu_);
+    stop_ = true;
   }
+  reclaim_cv_.notify_all();
+  if (reclaimer_.joinable()) reclaimer_.join();
+}
+
+std::shared_ptr<RocksView> DBImpl::view() const {
+  std::lock_guard<std::mutex> lock(view_mu_);
+  return view_;
+}
+
+Status DBImpl::OpenView(bool fresh_dir, std::shared_ptr<RocksView>* out) {
+  auto v = std::make_shared<RocksView>();
+  rocksdb::DBOptions dbo;
+  dbo.create_if_missing = !read_only_;
+  dbo.create_missing_column_families = !read_only_;
+  dbo.max_background_jobs = std::max(1, options_.max_background_jobs);
+  dbo.paranoid_checks = true;
+  dbo.info_log_level = rocksdb::InfoLogLevel::WARN_LEVEL;
+  dbo.keep_log_file_num = 2;
+  rocksdb::CompressionType zstd = rocksdb::kZSTD;
+  std::vector<rocksdb::CompressionType> supported = rocksdb::GetSupportedCompressions();
+  if (std::find(supported.begin(), supported.end(), zstd) == supported.end()) {
+    return Status::NotSupported("this RocksDB build lacks zstd compression, which the index column family uses");
+  }
+  // KV pages are stored uncompressed: zstd saves little on fp16/bf16 KV and
+  // costs a decompression on every cold read (docs/PERFORMANCE.md).
+  std::vector<rocksdb::ColumnFamilyDescriptor> descs = {
+      {kCfDefault, CfOptions(cache_, 4 << 10, rocksdb::kNoCompression)},
+      {kCfManifest, CfOptions(cache_, 4 << 10, rocksdb::kNoCompression)},
+      {kCfIndex, CfOptions(cache_, 16 << 10, zstd)},
+      {kCfKv, CfOptions(cache_, 32 << 10, rocksdb::kNoCompression)},
+  };
+  rocksdb::DB* raw = nullptr;
+  rocksdb::Status s;
+  if (!read_only_) {
+    s = rocksdb::DB::Open(dbo, path_, descs, &v->handles, &raw);
+    if (!s.ok() && s.IsIOError() && s.ToString().find("lock") != std::string::npos) {
+      return Status::IOError(path_ + ": the database is open read-write in another process (" + s.ToString() +
+                             "); readers can use a read-only open (sqctl's list/info/query/eval/verify do)");
+    }
+  } else {
+    // A secondary instance: no lock, tails nothing until asked (we never ask:
+    // Refresh opens a new one). It needs every table file open from the start
+    // so that files the writer deletes later stay readable.
+    dbo.max_open_files = -1;
+    dbo.info_log = std::make_shared<NullLogger>();
+    char tmpl[] = "/tmp/sqz-reader-XXXXXX";
+    if (!mkdtemp(tmpl)) return Status::IOError("cannot create a scratch directory for a read-only open");
+    v->secondary_dir = tmpl;
+    // The writer may delete a file between our reading its MANIFEST and
+    // opening the file: retry a few times.
+    for (int attempt = 0; attempt < 5; ++attempt) {
+      s = rocksdb::DB::OpenAsSecondary(dbo, path_, v->secondary_dir, descs, &v->handles, &raw);
+      if (s.ok() || !(s.IsIOError() || s.IsPathNotFound() || s.IsCorruption())) break;
+      v->handles.clear();
+      std::this_thread::sleep_for(std::chrono::milliseconds(20 << attempt));
+    }
+  }
+  if (!s.ok()) return FromRocks(s, path_ + ": cannot open the database");
+  v->db.reset(raw);
+  v->cf_default = v->handles[0];
+  v->cf_manifest = v->handles[1];
+  v->cf_index = v->handles[2];
+  v->cf_kv = v->handles[3];
+  SQZ_RETURN_IF_ERROR(CheckFormatVersion(v.get(), fresh_dir));
+  *out = std::move(v);
+  return Status::OK();
 }
 
 Status DBImpl::OpenImpl(const Options& options, const std::string& path) {
+  options_ = options;
   path_ = path;
+  read_only_ = options.read_only;
   std::error_code ec;
-  bool exists = std::filesystem::exists(path + "/CURRENT", ec);
+  const bool exists = std::filesystem::exists(path + "/CURRENT", ec);
   if (exists && options.error_if_exists) return Status::AlreadyExists(path + ": a database already exists here");
-  if (!exists && !options.create_if_missing) {
+  if (!exists && (read_only_ || !options.create_if_missing)) {
     return Status::NotFound(path + ": no squeeze database here (build one with sqctl build-index)");
   }
   if (exists) {
@@ -92,352 +344,436 @@ Status DBImpl::OpenImpl(const Options& options, const std::string& path) {
         return Status::InvalidArgument(path + ": not a squeeze database (unknown column family '" + cf + "')");
       }
     }
+    if (read_only_ && cfs.size() != 4) {
+      return Status::Corruption(path + ": the database lacks some of its column families");
+    }
   } else if (!std::filesystem::create_directories(path, ec) && ec) {
     return Status::IOError(path + ": cannot create directory: " + ec.message());
   }
-
-  rocksdb::DBOptions dbo;
-  dbo.create_if_missing = true;
-  dbo.create_missing_column_families = true;
-  dbo.max_background_jobs = std::max(1, options.max_background_jobs);
-  dbo.paranoid_checks = true;
-  dbo.info_log_level = rocksdb::InfoLogLevel::WARN_LEVEL;
-  dbo.keep_log_file_num = 2;
-
-  auto cache = rocksdb::NewLRUCache(std::max<size_t>(options.block_cache_bytes, 1 << 20));
-  rocksdb::CompressionType zstd = rocksdb::kZSTD;
-  std::vector<rocksdb::CompressionType> supported = rocksdb::GetSupportedCompressions();
-  if (std::find(supported.begin(), supported.end(), zstd) == supported.end()) {
-    return Status::NotSupported("this RocksDB build lacks zstd compression, which the kv column family needs");
-  }
-  std::vector<rocksdb::ColumnFamilyDescriptor> descs = {
-      {kCfDefault, CfOptions(cache, 4 << 10, rocksdb::kNoCompression)},
-      {kCfManifest, CfOptions(cache, 4 << 10, rocksdb::kNoCompression)},
-      {kCfIndex, CfOptions(cache, 16 << 10, zstd)},
-      {kCfKv, CfOptions(cache, 32 << 10, zstd)},
-  };
-  rocksdb::DB* raw = nullptr;
-  rocksdb::Status s = rocksdb::DB::Open(dbo, path, descs, &handles_, &raw);
-  if (!s.ok()) {
-    if (s.IsIOError() && s.ToString().find("lock") != std::string::npos) {
-      return Status::IOError(path + ": the database is in use by another process (" + s.ToString() + ")");
-    }
-    return FromRocks(s, path + ": cannot open the database");
-  }
-  db_.reset(raw);
-  cf_default_ = handles_[0];
-  cf_manifest_ = handles_[1];
-  cf_index_ = handles_[2];
-  cf_kv_ = handles_[3];
-  SQZ_RETURN_IF_ERROR(CheckOrWriteFormatVersion(!exists));
-  return RemoveOrphans();
+  cache_ = rocksdb::NewLRUCache(std::max<size_t>(options.block_cache_bytes, 1 << 20));
+  SQZ_RETURN_IF_ERROR(OpenView(!exists, &view_));
+  if (read_only_) return Status::OK();
+  SQZ_RETURN_IF_ERROR(LoadIds());
+  SQZ_RETURN_IF_ERROR(RemoveOrphans());
+  SQZ_RETURN_IF_ERROR(Reclaim());
+  reclaimer_ = std::thread([this] { ReclaimLoop(); });
+  return Status::OK();
 }
 
-Status DBImpl::CheckOrWriteFormatVersion(bool fresh) {
-  std::string v;
-  rocksdb::Status s = db_->Get(rocksdb::ReadOptions(), cf_default_, kFormatVersionKey, &v);
+Status DBImpl::Refresh() {
+  if (!read_only_) return Status::OK();
+  std::shared_ptr<RocksView> v;
+  SQZ_RETURN_IF_ERROR(OpenView(false, &v));
+  std::lock_guard<std::mutex> lock(view_mu_);
+  view_ = std::move(v);
+  return Status::OK();
+}
+
+Status DBImpl::CheckFormatVersion(RocksView* v, bool fresh) {
+  std::string value;
+  rocksdb::Status s = v->db->Get(rocksdb::ReadOptions(), v->cf_default, kFormatVersionKey, &value);
   if (s.IsNotFound()) {
     // A database without a version is new unless it already holds contexts.
-    std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions(), cf_manifest_));
+    std::unique_ptr<rocksdb::Iterator> it(v->db->NewIterator(rocksdb::ReadOptions(), v->cf_manifest));
     it->SeekToFirst();
     if (!fresh && it->Valid()) {
       return Status::Corruption(path_ + ": the database holds contexts but no format version record");
     }
+    if (read_only_) return Status::OK();  // an empty database another process is creating
     rocksdb::WriteOptions wo;
     wo.sync = true;
-    return FromRocks(db_->Put(wo, cf_default_, kFormatVersionKey, Be32(kFormatVersion)),
+    return FromRocks(v->db->Put(wo, v->cf_default, kFormatVersionKey, Be32(kFormatVersion)),
                      path_ + ": writing the format version");
   }
   if (!s.ok()) return FromRocks(s, path_ + ": reading the format version");
-  if (v.size() != 4) return Status::Corruption(path_ + ": malformed format version record");
-  uint32_t version = 0;
-  for (char c : v) version = (version << 8) | static_cast<uint8_t>(c);
-  if (version > kFormatVersion) {
-    return Status::NotSupported(path_ + ": written by squeeze format version " + std::to_string(version) +
-                                "; this build reads versions up to " + std::to_string(kFormatVersion) +
-                                ". Upgrade squeeze to open it.");
+  uint64_t version = 0;
+  if (value.size() != 4 || !DecodeBE(value, 4, &version)) {
+    return Status::Corruption(path_ + ": malformed format version record");
   }
   if (version == 0) return Status::Corruption(path_ + ": invalid format version 0");
+  if (version > kFormatVersion) {
+    return Status::NotSupported(path_ + ": written by squeeze format version " + std::to_string(version) +
+                                "; this build reads version " + std::to_string(kFormatVersion) +
+                                ". Upgrade squeeze to open it.");
+  }
+  if (version < kFormatVersion) {
+    return Status::NotSupported(path_ + ": written by squeeze format version " + std::to_string(version) +
+                                " (one KV block per cluster); this build reads version " +
+                                std::to_string(kFormatVersion) +
+                                " (fixed-size KV pages). Rebuild the contexts into a new database "
+                                "(sqctl build-index --db NEW --corpus DIR); nothing was changed here.");
+  }
+  return Status::OK();
+}
+
+Status DBImpl::LoadIds() {
+  RocksView* v = view_.get();
+  uint64_t next = 1;
+  std::string value;
+  rocksdb::Status s = v->db->Get(rocksdb::ReadOptions(), v->cf_default, kNextIdKey, &value);
+  if (s.ok()) {
+    if (value.size() != 8 || !DecodeBE(value, 8, &next)) {
+      return Status::Corruption(path_ + ": malformed context id counter");
+    }
+  } else if (!s.IsNotFound()) {
+    return FromRocks(s, path_ + ": reading the context id counter");
+  }
+  // Never below an id present on disk (manifests, records, reclaim markers).
+  std::unique_ptr<rocksdb::Iterator> it(v->db->NewIterator(rocksdb::ReadOptions(), v->cf_manifest));
+  for (it->SeekToFirst(); it->Valid(); it->Next()) {
+    ContextInfo info;
+    SQZ_RETURN_IF_ERROR(DecodeManifest(it->value().ToStringView(),
+                                       path_ + ": context '" + it->key().ToString() + "'", &info));
+    next = std::max(next, info.id + 1);
+  }
+  SQZ_RETURN_IF_ERROR(FromRocks(it->status(), path_ + ": scanning manifests"));
+  for (auto* cf : {v->cf_index, v->cf_kv}) {
+    std::unique_ptr<rocksdb::Iterator> ci(v->db->NewIterator(rocksdb::ReadOptions(), cf));
+    ci->SeekToLast();
+    uint64_t id = 0;
+    if (ci->Valid() && DecodeContextId(ci->key().ToStringView(), &id)) next = std::max(next, id + 1);
+    SQZ_RETURN_IF_ERROR(FromRocks(ci->status(), path_ + ": scanning " + cf->GetName()));
+  }
+  next_ctx_id_ = next;
   return Status::OK();
 }
 
 Status DBImpl::RemoveOrphans() {
-  // Committed context ids.
+  RocksView* v = view_.get();
   std::set<uint64_t> live;
-  uint64_t max_id = 0;
   {
-    std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions(), cf_manifest_));
+    std::unique_ptr<rocksdb::Iterator> it(v->db->NewIterator(rocksdb::ReadOptions(), v->cf_manifest));
     for (it->SeekToFirst(); it->Valid(); it->Next()) {
-      // Copy: RocksDB values carry no alignment guarantee, FlatBuffers
-      // readers need their scalars aligned.
-      const std::string val = it->value().ToString();
-      flatbuffers::Verifier v(reinterpret_cast<const uint8_t*>(val.data()), val.size());
-      if (!fb::VerifyManifestBuffer(v)) {
-        return Status::Corruption(path_ + ": manifest of context '" + it->key().ToString() +
-                                  "' fails FlatBuffers verification");
-      }
-      uint64_t id = fb::GetManifest(val.data())->context_id();
-      live.insert(id);
-      max_id = std::max(max_id, id);
+      ContextInfo info;
+      SQZ_RETURN_IF_ERROR(DecodeManifest(it->value().ToStringView(),
+                                         path_ + ": context '" + it->key().ToString() + "'", &info));
+      live.insert(info.id);
     }
     SQZ_RETURN_IF_ERROR(FromRocks(it->status(), path_ + ": scanning manifests"));
   }
   // Any context id present in the index or kv families without a manifest is
-  // the leftover of a build that never committed (or of a drop whose
-  // compaction did not finish): remove it. Seeking from id to id+1 visits one
-  // key per context, not every record.
+  // the leftover of a build that never committed: remove it. Seeking from id
+  // to id+1 visits one key per context, not every record.
   std::set<uint64_t> orphans;
-  for (auto* cf : {cf_index_, cf_kv_}) {
-    std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions(), cf));
+  for (auto* cf : {v->cf_index, v->cf_kv}) {
+    std::unique_ptr<rocksdb::Iterator> it(v->db->NewIterator(rocksdb::ReadOptions(), cf));
     for (it->SeekToFirst(); it->Valid();) {
       uint64_t id = 0;
       if (!DecodeContextId(it->key().ToStringView(), &id)) {
         return Status::Corruption(path_ + ": malformed key in column family " + cf->GetName());
       }
-      max_id = std::max(max_id, id);
       if (!live.count(id)) orphans.insert(id);
       if (id == UINT64_MAX) break;
       it->Seek(ContextPrefix(id + 1));
     }
     SQZ_RETURN_IF_ERROR(FromRocks(it->status(), path_ + ": scanning " + cf->GetName()));
   }
-  next_ctx_id_ = max_id + 1;
   if (orphans.empty()) return Status::OK();
   rocksdb::WriteBatch batch;
-  for (uint64_t id : orphans) SQZ_RETURN_IF_ERROR(DeleteContextData(id, &batch));
+  for (uint64_t id : orphans) {
+    SQZ_RETURN_IF_ERROR(DeleteContextData(id, &batch));
+    SQZ_RETURN_IF_ERROR(FromRocks(batch.Put(v->cf_default, ReclaimKey(id), ""), "reclaim marker"));
+  }
   rocksdb::WriteOptions wo;
   wo.sync = true;
-  SQZ_RETURN_IF_ERROR(FromRocks(db_->Write(wo, &batch), path_ + ": removing leftovers of unfinished builds"));
-  for (uint64_t id : orphans) SQZ_RETURN_IF_ERROR(CompactContext(id));
-  return Status::OK();
+  return FromRocks(v->db->Write(wo, &batch), path_ + ": removing leftovers of unfinished builds");
 }
 
 Status DBImpl::DeleteContextData(uint64_t ctx, rocksdb::WriteBatch* batch) {
-  std::string begin = ContextPrefix(ctx);
-  std::string end = ctx == UINT64_MAX ? std::string(9, '\xff') : ContextPrefix(ctx + 1);
-  SQZ_RETURN_IF_ERROR(FromRocks(batch->DeleteRange(cf_index_, begin, end), "range delete"));
-  return FromRocks(batch->DeleteRange(cf_kv_, begin, end), "range delete");
+  const std::string begin = ContextPrefix(ctx), end = ContextEnd(ctx);
+  SQZ_RETURN_IF_ERROR(FromRocks(batch->DeleteRange(view_->cf_index, begin, end), "range delete"));
+  return FromRocks(batch->DeleteRange(view_->cf_kv, begin, end), "range delete");
 }
 
 Status DBImpl::CompactContext(uint64_t ctx) {
-  std::string b = ContextPrefix(ctx);
-  std::string e = ctx == UINT64_MAX ? std::string(9, '\xff') : ContextPrefix(ctx + 1);
+  const std::string b = ContextPrefix(ctx), e = ContextEnd(ctx);
   rocksdb::Slice begin(b), end(e);
   rocksdb::CompactRangeOptions co;
   co.bottommost_level_compaction = rocksdb::BottommostLevelCompaction::kForceOptimized;
-  for (auto* cf : {cf_index_, cf_kv_}) {
-    SQZ_RETURN_IF_ERROR(FromRocks(db_->CompactRange(co, cf, &begin, &end), path_ + ": compacting"));
+  for (auto* cf : {view_->cf_index, view_->cf_kv}) {
+    SQZ_RETURN_IF_ERROR(FromRocks(view_->db->CompactRange(co, cf, &begin, &end), path_ + ": compacting"));
   }
   return Status::OK();
+}
+
+// --- reclamation ---------------------------------------------------------------
+
+const rocksdb::Snapshot* DBImpl::AcquireSnapshot() {
+  std::lock_guard<std::mutex> lock(reclaim_mu_);
+  const rocksdb::Snapshot* s = view_->db->GetSnapshot();
+  live_snapshots_.insert(s->GetSequenceNumber());
+  return s;
+}
+
+void DBImpl::ReleaseSnapshot(const rocksdb::Snapshot* s) {
+  bool wake = false;
+  {
+    std::lock_guard<std::mutex> lock(reclaim_mu_);
+    auto it = live_snapshots_.find(s->GetSequenceNumber());
+    if (it != live_snapshots_.end()) live_snapshots_.erase(it);
+    view_->db->ReleaseSnapshot(s);
+    wake = !pending_.empty();
+    if (wake) reclaim_wanted_ = true;
+  }
+  if (wake) reclaim_cv_.notify_all();
+}
+
+Status DBImpl::Reclaim() {
+  if (read_only_) return Status::OK();
+  RocksView* v = view_.get();
+  // Markers persisted by drops, replaces and the orphan scan (also those of a
+  // process that died before reclaiming).
+  {
+    std::unique_ptr<rocksdb::Iterator> it(v->db->NewIterator(rocksdb::ReadOptions(), v->cf_default));
+    std::lock_guard<std::mutex> lock(reclaim_mu_);
+    for (it->Seek(kReclaimPrefix); it->Valid() && it->key().starts_with(kReclaimPrefix); it->Next()) {
+      uint64_t id = 0;
+      if (!DecodeReclaimKey(it->key().ToStringView(), &id)) {
+        return Status::Corruption(path_ + ": malformed reclaim marker");
+      }
+      pending_.emplace(id, 0);  // 0: dropped before this process took any snapshot
+    }
+    SQZ_RETURN_IF_ERROR(FromRocks(it->status(), path_ + ": scanning reclaim markers"));
+  }
+  std::vector<uint64_t> ready;
+  {
+    std::lock_guard<std::mutex> lock(reclaim_mu_);
+    const uint64_t oldest = live_snapshots_.empty() ? UINT64_MAX : *live_snapshots_.begin();
+    for (const auto& [id, seq] : pending_) {
+      if (seq < oldest || live_snapshots_.empty()) ready.push_back(id);
+    }
+  }
+  for (uint64_t id : ready) {
+    SQZ_RETURN_IF_ERROR(CompactContext(id));
+    rocksdb::WriteOptions wo;
+    wo.sync = true;
+    SQZ_RETURN_IF_ERROR(FromRocks(v->db->Delete(wo, v->cf_default, ReclaimKey(id)), path_ + ": reclaim marker"));
+    std::lock_guard<std::mutex> lock(reclaim_mu_);
+    pending_.erase(id);
+  }
+  return Status::OK();
+}
+
+void DBImpl::ReclaimLoop() {
+  std::unique_lock<std::mutex> lock(reclaim_mu_);
+  while (true) {
+    reclaim_cv_.wait(lock, [this] { return stop_ || reclaim_wanted_; });
+    if (stop_) return;
+    reclaim_wanted_ = false;
+    lock.unlock();
+    (void)Reclaim();  // best effort: a failure leaves the marker for the next open
+    lock.lock();
+  }
 }
 
 // --- contexts ----------------------------------------------------------------
 
-Status DBImpl::ListContexts(std::vector<std::string>* names) {
-  names->clear();
-  std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions(), cf_manifest_));
-  for (it->SeekToFirst(); it->Valid(); it->Next()) names->push_back(it->key().ToString());
-  return FromRocks(it->status(), path_ + ": listing contexts");
-}
-
-Status DBImpl::GetManifest(const std::string& name, std::string* bytes) {
-  rocksdb::Status s = db_->Get(rocksdb::ReadOptions(), cf_manifest_, name, bytes);
+Status DBImpl::GetManifest(RocksView* v, const rocksdb::ReadOptions& ro, const std::string& name,
+                           ContextInfo* info) {
+  std::string bytes;
+  rocksdb::Status s = v->db->Get(ro, v->cf_manifest, name, &bytes);
   if (s.IsNotFound()) {
     return Status::NotFound("no context named '" + name + "' in " + path_ + " (sqctl list shows the contexts)");
   }
   SQZ_RETURN_IF_ERROR(FromRocks(s, "reading the manifest of context '" + name + "'"));
-  flatbuffers::Verifier v(reinterpret_cast<const uint8_t*>(bytes->data()), bytes->size());
-  if (!fb::VerifyManifestBuffer(v)) {
-    return Status::Corruption("manifest of context '" + name + "' fails FlatBuffers verification");
-  }
+  SQZ_RETURN_IF_ERROR(DecodeManifest(bytes, "context '" + name + "'", info));
+  if (info->name != name) return Status::Corruption("context '" + name + "': manifest names another context");
   return Status::OK();
 }
 
-Status DBImpl::DescribeContext(const std::string& name, ContextInfo* info) {
-  std::string bytes;
-  SQZ_RETURN_IF_ERROR(GetManifest(name, &bytes));
-  const fb::Manifest* m = fb::GetManifest(bytes.data());
-  *info = ContextInfo();
-  info->name = name;
-  info->id = m->context_id();
-  info->model = m->model() ? m->model()->str() : "";
-  info->n_layers = m->n_layers();
-  info->n_kv_heads = m->n_kv_heads();
-  info->n_q_heads = m->n_q_heads();
-  info->head_dim = m->head_dim();
-  info->n_tokens = m->n_tokens();
-  info->dtype = static_cast<DType>(m->dtype());
-  info->window = m->window();
-  info->n_sinks = m->n_sinks();
-  info->n_clustered = m->n_clustered();
-  info->fine_ratio = m->fine_ratio();
-  info->coarse_ratio = m->coarse_ratio();
-  info->kmeans_iters = m->kmeans_iters();
-  info->seed = m->seed();
-  if (m->fine_clusters()) info->fine_clusters.assign(m->fine_clusters()->begin(), m->fine_clusters()->end());
-  if (m->coarse_clusters()) info->coarse_clusters.assign(m->coarse_clusters()->begin(), m->coarse_clusters()->end());
-  info->calibration_queries = m->calibration_queries();
-  if (m->thresholds()) {
-    for (const fb::Threshold* t : *m->thresholds()) {
-      info->thresholds.push_back({t->quantile(), t->flat(), t->coarse(), t->fine()});
-    }
-  }
-  info->kv_bytes = m->kv_bytes();
-  info->index_bytes = m->index_bytes();
-  info->build_seconds = m->build_seconds();
-  info->created_unix = m->created_unix();
+Status DBImpl::ListContexts(std::vector<std::string>* names) {
+  names->clear();
+  auto v = view();
+  std::unique_ptr<rocksdb::Iterator> it(v->db->NewIterator(rocksdb::ReadOptions(), v->cf_manifest));
+  for (it->SeekToFirst(); it->Valid(); it->Next()) names->push_back(it->key().ToString());
+  return FromRocks(it->status(), path_ + ": listing contexts");
+}
 
-  std::string b = ContextPrefix(info->id), e = ContextPrefix(info->id + 1);
+Status DBImpl::DescribeContext(const std::string& name, ContextInfo* info) {
+  auto v = view();
+  SQZ_RETURN_IF_ERROR(GetManifest(v.get(), rocksdb::ReadOptions(), name, info));
+  const std::string b = ContextPrefix(info->id), e = ContextEnd(info->id);
   rocksdb::Range r(b, e);
-  for (auto* cf : {cf_index_, cf_kv_}) {
+  for (auto* cf : {v->cf_index, v->cf_kv}) {
     uint64_t size = 0;
     rocksdb::SizeApproximationOptions so;
     so.include_memtables = true;
     so.include_files = true;
-    SQZ_RETURN_IF_ERROR(FromRocks(db_->GetApproximateSizes(so, cf, &r, 1, &size), "estimating context size"));
+    SQZ_RETURN_IF_ERROR(FromRocks(v->db->GetApproximateSizes(so, cf, &r, 1, &size), "estimating context size"));
     info->bytes_on_disk += size;
   }
   return Status::OK();
 }
 
+Status DBImpl::OpenSnapshot(const std::string& name, std::unique_ptr<ContextSnapshot>* out) {
+  std::unique_ptr<SnapshotImpl> s;
+  SQZ_RETURN_IF_ERROR(OpenSnapshotImpl(name, &s));
+  *out = std::move(s);
+  return Status::OK();
+}
+
+Status DBImpl::OpenSnapshotImpl(const std::string& name, std::unique_ptr<SnapshotImpl>* out) {
+  auto v = view();
+  const rocksdb::Snapshot* snap = read_only_ ? nullptr : AcquireSnapshot();
+  auto s = std::make_unique<SnapshotImpl>(this, v, snap);
+  // The manifest is read at the snapshot: shapes, id and records all come
+  // from one version.
+  SQZ_RETURN_IF_ERROR(GetManifest(v.get(), s->Read(), name, s->mutable_info()));
+  *out = std::move(s);
+  return Status::OK();
+}
+
 Status DBImpl::DropContext(const std::string& name) {
-  uint64_t id = 0;
+  if (read_only_) return Status::NotSupported(path_ + ": opened read-only; drop needs a read-write open");
   {
     std::lock_guard<std::mutex> lock(commit_mu_);
-    std::string bytes;
-    SQZ_RETURN_IF_ERROR(GetManifest(name, &bytes));
-    id = fb::GetManifest(bytes.data())->context_id();
+    ContextInfo info;
+    SQZ_RETURN_IF_ERROR(GetManifest(view_.get(), rocksdb::ReadOptions(), name, &info));
     rocksdb::WriteBatch batch;
-    SQZ_RETURN_IF_ERROR(FromRocks(batch.Delete(cf_manifest_, name), "drop"));
-    SQZ_RETURN_IF_ERROR(DeleteContextData(id, &batch));
+    SQZ_RETURN_IF_ERROR(FromRocks(batch.Delete(view_->cf_manifest, name), "drop"));
+    SQZ_RETURN_IF_ERROR(DeleteContextData(info.id, &batch));
+    SQZ_RETURN_IF_ERROR(FromRocks(batch.Put(view_->cf_default, ReclaimKey(info.id), ""), "drop"));
     rocksdb::WriteOptions wo;
     wo.sync = true;
-    SQZ_RETURN_IF_ERROR(FromRocks(db_->Write(wo, &batch), "dropping context '" + name + "'"));
+    SQZ_RETURN_IF_ERROR(FromRocks(view_->db->Write(wo, &batch), "dropping context '" + name + "'"));
+    std::lock_guard<std::mutex> rl(reclaim_mu_);
+    pending_[info.id] = view_->db->GetLatestSequenceNumber();
   }
-  return CompactContext(id);
+  return Reclaim();
 }
 
 // --- writing -----------------------------------------------------------------
 
-Status DBImpl::BeginContext(std::unique_ptr<ContextWriter>* writer) {
-  uint64_t id = next_ctx_id_.fetch_add(1);
-  writer->reset(new ContextWriter(this, id));
+Status DBImpl::BeginContext(const std::string& name, bool replace, const ContextInfo& shape,
+                            std::unique_ptr<ContextWriter>* out) {
+  if (read_only_) return Status::NotSupported(path_ + ": opened read-only; building needs a read-write open");
+  if (name.empty()) return Status::InvalidArgument("the context name is empty");
+  // Fail fast rather than after hours of k-means (the commit re-checks
+  // atomically, for concurrent builds).
+  if (!replace) {
+    ContextInfo info;
+    Status s = GetManifest(view_.get(), rocksdb::ReadOptions(), name, &info);
+    if (s.ok()) return ContextExistsError(name, path_);
+    if (!s.IsNotFound()) return s;
+  }
+  uint64_t id = 0;
+  {
+    // The id is persisted before any record uses it, so it is never handed
+    // out again, whatever happens to this build (killed, dropped).
+    std::lock_guard<std::mutex> lock(commit_mu_);
+    id = next_ctx_id_;
+    rocksdb::WriteOptions wo;
+    wo.sync = true;
+    SQZ_RETURN_IF_ERROR(FromRocks(view_->db->Put(wo, view_->cf_default, kNextIdKey, EncodeBE(id + 1, 8)),
+                                  path_ + ": reserving a context id"));
+    next_ctx_id_ = id + 1;
+  }
+  out->reset(new WriterImpl(this, view_, id, shape));
   return Status::OK();
 }
 
-Status ContextWriter::PutHeadIndex(uint32_t layer, uint32_t head, std::string_view bytes) {
-  SQZ_RETURN_IF_ERROR(FromRocks(batch_.Put(db_->cf_index(), HeadKey(id_, layer, head),
-                                           rocksdb::Slice(bytes.data(), bytes.size())),
-                                "buffering an index record"));
-  bytes_written_ += bytes.size();
-  return batch_.GetDataSize() >= kWriterBatchBytes ? Flush() : Status::OK();
-}
-
-Status ContextWriter::PutBlock(uint32_t layer, uint32_t head, uint32_t block, std::string_view value) {
-  SQZ_RETURN_IF_ERROR(FromRocks(batch_.Put(db_->cf_kv(), BlockKey(id_, layer, head, block),
-                                           rocksdb::Slice(value.data(), value.size())),
-                                "buffering a KV block"));
-  bytes_written_ += value.size();
-  return batch_.GetDataSize() >= kWriterBatchBytes ? Flush() : Status::OK();
-}
-
-Status ContextWriter::Flush() {
-  if (batch_.Count() == 0) return Status::OK();
-  rocksdb::WriteOptions wo;
-  wo.disableWAL = true;  // durability comes from the memtable flush before commit
-  Status s = FromRocks(db_->raw()->Write(wo, &batch_), db_->path() + ": writing context records");
-  batch_.Clear();
-  return s;
-}
-
-Status DBImpl::CommitContext(ContextWriter* writer, const std::string& name, std::string_view manifest_bytes,
-                             bool replace) {
-  if (name.empty()) return Status::InvalidArgument("context name is empty");
-  {
-    flatbuffers::Verifier v(reinterpret_cast<const uint8_t*>(manifest_bytes.data()), manifest_bytes.size());
-    if (!fb::VerifyManifestBuffer(v)) return Status::InvalidArgument("commit: manifest fails verification");
-  }
-  SQZ_RETURN_IF_ERROR(writer->Flush());
+Status DBImpl::CommitContext(uint64_t id, const ContextInfo& info_in, bool replace) {
+  ContextInfo info = info_in;
+  info.format_version = kFormatVersion;
+  info.bytes_on_disk = 0;
+  SQZ_RETURN_IF_ERROR(ValidateManifest(info).WithPrefix("commit"));
+  const std::string manifest = EncodeManifest(info);
   // Records were written without WAL: make them durable before the manifest
   // can point at them.
   rocksdb::FlushOptions fo;
   fo.wait = true;
-  SQZ_RETURN_IF_ERROR(FromRocks(db_->Flush(fo, {cf_index_, cf_kv_}), path_ + ": flushing context records"));
-
-  uint64_t old_id = 0;
+  SQZ_RETURN_IF_ERROR(FromRocks(view_->db->Flush(fo, {view_->cf_index, view_->cf_kv}),
+                                path_ + ": flushing context records"));
   bool had_old = false;
   {
     std::lock_guard<std::mutex> lock(commit_mu_);
-    std::string old;
-    rocksdb::Status gs = db_->Get(rocksdb::ReadOptions(), cf_manifest_, name, &old);
-    if (gs.ok()) {
-      if (!replace) {
-        return ContextExistsError(name, path_);
-      }
-      flatbuffers::Verifier v(reinterpret_cast<const uint8_t*>(old.data()), old.size());
-      if (v.VerifyBuffer<fb::Manifest>(nullptr)) {
-        old_id = fb::GetManifest(old.data())->context_id();
-        had_old = true;
-      }
-    } else if (!gs.IsNotFound()) {
-      return FromRocks(gs, "reading the manifest of '" + name + "'");
-    }
+    ContextInfo old;
+    Status gs = GetManifest(view_.get(), rocksdb::ReadOptions(), info.name, &old);
+    if (gs.ok() && !replace) return ContextExistsError(info.name, path_);
+    if (!gs.ok() && !gs.IsNotFound() && !gs.IsCorruption()) return gs;
+    had_old = gs.ok();
     rocksdb::WriteBatch batch;
-    SQZ_RETURN_IF_ERROR(FromRocks(
-        batch.Put(cf_manifest_, name, rocksdb::Slice(manifest_bytes.data(), manifest_bytes.size())), "commit"));
-    if (had_old) SQZ_RETURN_IF_ERROR(DeleteContextData(old_id, &batch));
+    SQZ_RETURN_IF_ERROR(FromRocks(batch.Put(view_->cf_manifest, info.name, manifest), "commit"));
+    if (had_old) {
+      SQZ_RETURN_IF_ERROR(DeleteContextData(old.id, &batch));
+      SQZ_RETURN_IF_ERROR(FromRocks(batch.Put(view_->cf_default, ReclaimKey(old.id), ""), "commit"));
+    }
     rocksdb::WriteOptions wo;
     wo.sync = true;
-    SQZ_RETURN_IF_ERROR(FromRocks(db_->Write(wo, &batch), "committing context '" + name + "'"));
-  }
-  if (had_old) return CompactContext(old_id);
-  return Status::OK();
-}
-
-Status DBImpl::AbortContext(ContextWriter* writer) {
-  writer->batch_.Clear();
-  rocksdb::WriteBatch batch;
-  SQZ_RETURN_IF_ERROR(DeleteContextData(writer->id(), &batch));
-  SQZ_RETURN_IF_ERROR(FromRocks(db_->Write(rocksdb::WriteOptions(), &batch), "removing an unfinished context"));
-  return CompactContext(writer->id());
-}
-
-// --- reading -------------------------------------------------------------------
-
-Status DBImpl::GetHeadIndex(uint64_t ctx, uint32_t layer, uint32_t head, std::string* bytes) {
-  const std::string where = "index record of layer " + std::to_string(layer) + " head " + std::to_string(head);
-  rocksdb::ReadOptions ro;
-  ro.verify_checksums = true;
-  rocksdb::Status s = db_->Get(ro, cf_index_, HeadKey(ctx, layer, head), bytes);
-  if (s.IsNotFound()) return Status::Corruption(where + " is missing");
-  SQZ_RETURN_IF_ERROR(FromRocks(s, "reading the " + where));
-  flatbuffers::Verifier v(reinterpret_cast<const uint8_t*>(bytes->data()), bytes->size());
-  if (!v.VerifyBuffer<fb::HeadIndex>(nullptr)) {
-    return Status::Corruption(where + " fails FlatBuffers verification");
-  }
-  return Status::OK();
-}
-
-Status DBImpl::MultiGetBlocks(uint64_t ctx, uint32_t layer, uint32_t head, const uint32_t* blocks, size_t n,
-                              std::vector<rocksdb::PinnableSlice>* values) {
-  std::vector<std::string> keys(n);
-  std::vector<rocksdb::Slice> slices(n);
-  for (size_t i = 0; i < n; ++i) {
-    keys[i] = BlockKey(ctx, layer, head, blocks[i]);
-    slices[i] = keys[i];
-  }
-  values->clear();
-  values->resize(n);
-  std::vector<rocksdb::Status> statuses(n);
-  rocksdb::ReadOptions ro;
-  ro.verify_checksums = true;
-  if (n > 0) db_->MultiGet(ro, cf_kv_, n, slices.data(), values->data(), statuses.data(), /*sorted_input=*/false);
-  for (size_t i = 0; i < n; ++i) {
-    if (statuses[i].IsNotFound()) {
-      return Status::Corruption("KV block " + std::to_string(blocks[i]) + " of layer " + std::to_string(layer) +
-                                " head " + std::to_string(head) + " is missing");
+    SQZ_RETURN_IF_ERROR(FromRocks(view_->db->Write(wo, &batch), "committing context '" + info.name + "'"));
+    if (had_old) {
+      std::lock_guard<std::mutex> rl(reclaim_mu_);
+      pending_[old.id] = view_->db->GetLatestSequenceNumber();
     }
-    SQZ_RETURN_IF_ERROR(FromRocks(statuses[i], "reading a KV block"));
+  }
+  (void)id;
+  return had_old ? Reclaim() : Status::OK();
+}
+
+Status DBImpl::AbortContext(uint64_t id) {
+  rocksdb::WriteBatch batch;
+  SQZ_RETURN_IF_ERROR(DeleteContextData(id, &batch));
+  SQZ_RETURN_IF_ERROR(FromRocks(view_->db->Write(rocksdb::WriteOptions(), &batch), "removing an unfinished context"));
+  return CompactContext(id);
+}
+
+// --- verify --------------------------------------------------------------------
+
+Status DBImpl::VerifyContext(const std::string& name, VerifyReport* report) {
+  VerifyReport local;
+  if (!report) report = &local;
+  *report = VerifyReport();
+  std::unique_ptr<SnapshotImpl> base;
+  SQZ_RETURN_IF_ERROR(OpenSnapshotImpl(name, &base));
+  const SnapshotImpl& snap = *base;
+  const ContextInfo& m = snap.info();
+  report->records_checked++;
+  const uint64_t page_bytes = m.page_bytes();
+  rocksdb::ReadOptions ro = snap.Read();
+  ro.fill_cache = false;
+  for (int layer = 0; layer < m.n_layers; ++layer) {
+    for (int head = 0; head < m.n_kv_heads; ++head) {
+      const std::string where = snap.Where(layer, head);
+      HeadIndexRecord h;
+      SQZ_RETURN_IF_ERROR(snap.GetHeadIndexImpl(layer, head, /*full=*/true, &h));
+      report->records_checked++;
+      // Walk the head's key range: exactly pages 0 .. pages_per_head - 1.
+      const std::string begin = HeadKey(m.id, layer, head);
+      const std::string end =
+          head + 1 < m.n_kv_heads ? HeadKey(m.id, layer, head + 1) : HeadKey(m.id, layer + 1, 0);
+      rocksdb::Slice upper(end);
+      rocksdb::ReadOptions iro = ro;
+      iro.iterate_upper_bound = &upper;
+      std::unique_ptr<rocksdb::Iterator> it(snap.view()->db->NewIterator(iro, snap.view()->cf_kv));
+      uint64_t expect = 0;
+      const uint64_t total = static_cast<uint64_t>(m.pages_per_head());
+      for (it->Seek(begin); it->Valid(); it->Next()) {
+        uint64_t c;
+        uint32_t l, hh, page;
+        if (!DecodePageKey(it->key().ToStringView(), &c, &l, &hh, &page)) {
+          return Status::Corruption(where + ": malformed KV page key");
+        }
+        if (expect >= total || page != expect) {
+          return Status::Corruption(where + ": unexpected KV page " + std::to_string(page) + " (expected " +
+                                    (expect < total ? std::to_string(expect) : std::string("none")) + ")");
+        }
+        rocksdb::Slice v = it->value();
+        if (v.size() != page_bytes) {
+          return Status::Corruption(where + ": KV page " + std::to_string(page) + " has " + std::to_string(v.size()) +
+                                    " bytes, expected " + std::to_string(page_bytes));
+        }
+        if (Crc32c(v.data(), v.size()) != h.page_crc[page]) {
+          return Status::Corruption(where + ": KV page " + std::to_string(page) + " fails its CRC32C check");
+        }
+        report->kv_pages_checked++;
+        report->bytes_checked += v.size();
+        ++expect;
+      }
+      SQZ_RETURN_IF_ERROR(FromRocks(it->status(), where + ": reading KV pages"));
+      if (expect != total) {
+        return Status::Corruption(where + ": " + std::to_string(total - expect) + " KV page(s) missing");
+      }
+    }
   }
   return Status::OK();
 }

@@ -1,120 +1,116 @@
-// DBImpl: the RocksDB-backed implementation of sqz::DB, plus the internal
-// record-level API used by the index builder (writes) and the query engine
-// (reads). Not part of the public API.
+// DBImpl: the RocksDB-backed implementation of sqz::DB and storage::Store
+// (private to storage/).
+//
+// Versions and readers:
+// - A read-write DB holds one RocksDB instance. A ContextSnapshot holds a
+//   RocksDB snapshot on it, so a replace or drop committed later is not seen
+//   by it; the dropped ranges are compacted away (reclaimed) once no
+//   snapshot older than the drop remains, on a background thread.
+// - A read-only DB opens a RocksDB secondary instance (no lock, nothing
+//   written to the directory) and never catches it up: the instance is the
+//   version. Refresh() opens a new instance; snapshots keep the one they were
+//   opened on alive (its open table files stay readable after the writer
+//   deletes them).
 #pragma once
 
 #include <rocksdb/db.h>
 
-#include <atomic>
+#include <condition_variable>
+#include <map>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <string>
+#include <thread>
 #include <vector>
 
-#include "sqz/db.h"
 #include "format.h"
-#include "format_generated.h"
+#include "sqz/db.h"
+#include "storage/store.h"
 
 namespace sqz::storage {
 
-class ContextWriter;
+// One open RocksDB instance with its column families.
+struct RocksView {
+  ~RocksView();
+  std::unique_ptr<rocksdb::DB> db;
+  std::vector<rocksdb::ColumnFamilyHandle*> handles;
+  rocksdb::ColumnFamilyHandle* cf_default = nullptr;
+  rocksdb::ColumnFamilyHandle* cf_manifest = nullptr;
+  rocksdb::ColumnFamilyHandle* cf_index = nullptr;
+  rocksdb::ColumnFamilyHandle* cf_kv = nullptr;
+  std::string secondary_dir;  // read-only instances: their private scratch directory (outside the database)
+};
 
-class DBImpl final : public DB {
+class SnapshotImpl;
+
+class DBImpl final : public DB, public Store {
  public:
   ~DBImpl() override;
 
   // --- sqz::DB -------------------------------------------------------------
   const std::string& path() const override { return path_; }
-  bool read_only() const override { return false; }
-  Status Refresh() override { return Status::OK(); }
+  bool read_only() const override { return read_only_; }
+  Status Refresh() override;
   Status ListContexts(std::vector<std::string>* names) override;
   Status DescribeContext(const std::string& name, ContextInfo* info) override;
   Status DropContext(const std::string& name) override;
   Status VerifyContext(const std::string& name, VerifyReport* report) override;
+  Store* store() override { return this; }
 
-  // --- Writing a context (index builder) -----------------------------------
-  // Reserves a fresh context id and returns a writer for its records. Nothing
-  // written through it is visible until CommitContext.
-  Status BeginContext(std::unique_ptr<ContextWriter>* writer);
+  // --- storage::Store ------------------------------------------------------
+  Status BeginContext(const std::string& name, bool replace, const ContextInfo& shape,
+                      std::unique_ptr<ContextWriter>* out) override;
+  Status OpenSnapshot(const std::string& name, std::unique_ptr<ContextSnapshot>* out) override;
 
-  // Atomically publishes the context written by `writer` under
-  // `manifest->name`: flushes its records to SST files, then writes the
-  // manifest (synced WAL) and, with `replace`, range-deletes the previous
-  // context of that name in the same batch. AlreadyExists if the name exists
-  // and !replace. `manifest_bytes` is a finished Manifest FlatBuffer.
-  Status CommitContext(ContextWriter* writer, const std::string& name, std::string_view manifest_bytes,
-                       bool replace);
-
-  // Removes everything written under the writer's id (build failed).
-  Status AbortContext(ContextWriter* writer);
-
-  // --- Reading (query engine, verify) --------------------------------------
-  // The verified Manifest bytes of `name`. NotFound if absent, Corruption if
-  // the FlatBuffer does not verify.
-  Status GetManifest(const std::string& name, std::string* bytes);
-  // The verified HeadIndex bytes of (ctx, layer, head).
-  Status GetHeadIndex(uint64_t ctx, uint32_t layer, uint32_t head, std::string* bytes);
-  // Reads KV blocks (ctx, layer, head, blocks[i]) into values[i] (pinned from
-  // the block cache where possible). Corruption if any is missing.
-  Status MultiGetBlocks(uint64_t ctx, uint32_t layer, uint32_t head, const uint32_t* blocks, size_t n,
-                        std::vector<rocksdb::PinnableSlice>* values);
-
-  rocksdb::DB* raw() { return db_.get(); }
-  rocksdb::ColumnFamilyHandle* cf_manifest() { return cf_manifest_; }
-  rocksdb::ColumnFamilyHandle* cf_index() { return cf_index_; }
-  rocksdb::ColumnFamilyHandle* cf_kv() { return cf_kv_; }
+  // --- internal (writer, snapshots) -----------------------------------------
+  std::shared_ptr<RocksView> view() const;
+  Status CommitContext(uint64_t id, const ContextInfo& info, bool replace);
+  Status AbortContext(uint64_t id);
+  // Snapshot bookkeeping for deferred reclamation (read-write only).
+  const rocksdb::Snapshot* AcquireSnapshot();
+  void ReleaseSnapshot(const rocksdb::Snapshot* s);
 
  private:
   friend class sqz::DB;
   DBImpl() = default;
 
   Status OpenImpl(const Options& options, const std::string& path);
-  Status CheckOrWriteFormatVersion(bool fresh);
+  Status OpenSnapshotImpl(const std::string& name, std::unique_ptr<SnapshotImpl>* out);
+  Status OpenView(bool fresh_dir, std::shared_ptr<RocksView>* out);
+  Status CheckFormatVersion(RocksView* v, bool fresh);
+  Status LoadIds();
   Status RemoveOrphans();
   Status DeleteContextData(uint64_t ctx, rocksdb::WriteBatch* batch);
   Status CompactContext(uint64_t ctx);
+  Status GetManifest(RocksView* v, const rocksdb::ReadOptions& ro, const std::string& name, ContextInfo* info);
+  // Compacts every dropped range no live snapshot still needs and deletes
+  // its reclaim marker. Thread-safe.
+  Status Reclaim();
+  void ReclaimLoop();
 
+  Options options_;
   std::string path_;
-  std::unique_ptr<rocksdb::DB> db_;
-  rocksdb::ColumnFamilyHandle* cf_default_ = nullptr;
-  rocksdb::ColumnFamilyHandle* cf_manifest_ = nullptr;
-  rocksdb::ColumnFamilyHandle* cf_index_ = nullptr;
-  rocksdb::ColumnFamilyHandle* cf_kv_ = nullptr;
-  std::vector<rocksdb::ColumnFamilyHandle*> handles_;
-  std::mutex commit_mu_;  // serialises commits and drops
-  std::atomic<uint64_t> next_ctx_id_{1};
+  bool read_only_ = false;
+  std::shared_ptr<rocksdb::Cache> cache_;
+
+  mutable std::mutex view_mu_;
+  std::shared_ptr<RocksView> view_;
+
+  std::mutex commit_mu_;  // serialises commits, drops and id reservation
+  uint64_t next_ctx_id_ = 1;
+
+  // Deferred reclamation (read-write only).
+  std::mutex reclaim_mu_;
+  std::condition_variable reclaim_cv_;
+  std::multiset<uint64_t> live_snapshots_;   // sequence numbers of open snapshots
+  std::map<uint64_t, uint64_t> pending_;     // dropped context id -> sequence number of its drop
+  bool reclaim_wanted_ = false;
+  bool stop_ = false;
+  std::thread reclaimer_;
 };
-
-// Buffers the records of one uncommitted context and writes them in batches
-// (WAL off: durability comes from the flush in CommitContext).
-// Not thread-safe: one builder thread per writer.
-class ContextWriter {
- public:
-  uint64_t id() const { return id_; }
-  Status PutHeadIndex(uint32_t layer, uint32_t head, std::string_view bytes);
-  // value: K rows [n, d] then V rows [n, d] in the stored dtype.
-  Status PutBlock(uint32_t layer, uint32_t head, uint32_t block, std::string_view value);
-  // Writes what is buffered.
-  Status Flush();
-  uint64_t bytes_written() const { return bytes_written_; }
-
- private:
-  friend class DBImpl;
-  ContextWriter(DBImpl* db, uint64_t id) : db_(db), id_(id) {}
-  DBImpl* db_;
-  uint64_t id_;
-  rocksdb::WriteBatch batch_;
-  uint64_t bytes_written_ = 0;
-};
-
-// The AlreadyExists error for a context name that is taken (one wording for
-// the builder's early check and the commit's atomic one).
-Status ContextExistsError(const std::string& name, const std::string& db_path);
 
 // Converts a RocksDB status, prefixing `what` (e.g. "reading manifest of 'x'").
 Status FromRocks(const rocksdb::Status& s, std::string_view what);
-
-// Casts the public handle to the implementation (all DBs are DBImpl).
-inline DBImpl* Impl(DB* db) { return static_cast<DBImpl*>(db); }
 
 }  // namespace sqz::storage

@@ -1,58 +1,54 @@
 #include "format.h"
 
-#include "sqz/db.h"
-
-size_t sqz::ContextInfo::page_bytes() const {
-  return 2 * static_cast<size_t>(page_rows) * static_cast<size_t>(head_dim) * DTypeSize(dtype);
-}
-
 namespace sqz::storage {
 
-namespace {
-void PutBE(std::string* dst, uint64_t v, int bytes) {
-  for (int i = bytes - 1; i >= 0; --i) dst->push_back(static_cast<char>((v >> (8 * i)) & 0xff));
+std::string EncodeBE(uint64_t v, int bytes) {
+  std::string s;
+  for (int i = bytes - 1; i >= 0; --i) s.push_back(static_cast<char>((v >> (8 * i)) & 0xff));
+  return s;
 }
-uint64_t GetBE(std::string_view s, size_t pos, int bytes) {
-  uint64_t v = 0;
-  for (int i = 0; i < bytes; ++i) v = (v << 8) | static_cast<uint8_t>(s[pos + i]);
-  return v;
-}
-}  // namespace
 
-std::string ContextPrefix(uint64_t ctx) {
-  std::string k;
-  PutBE(&k, ctx, 8);
-  return k;
+bool DecodeBE(std::string_view s, int bytes, uint64_t* v) {
+  if (s.size() < static_cast<size_t>(bytes)) return false;
+  uint64_t x = 0;
+  for (int i = 0; i < bytes; ++i) x = (x << 8) | static_cast<uint8_t>(s[i]);
+  *v = x;
+  return true;
 }
+
+std::string ContextPrefix(uint64_t ctx) { return EncodeBE(ctx, 8); }
+
+std::string ContextEnd(uint64_t ctx) { return ctx == UINT64_MAX ? std::string(9, '\xff') : ContextPrefix(ctx + 1); }
 
 std::string HeadKey(uint64_t ctx, uint32_t layer, uint32_t head) {
-  std::string k;
-  k.reserve(16);
-  PutBE(&k, ctx, 8);
-  PutBE(&k, layer, 4);
-  PutBE(&k, head, 4);
-  return k;
+  return EncodeBE(ctx, 8) + EncodeBE(layer, 4) + EncodeBE(head, 4);
 }
 
-std::string BlockKey(uint64_t ctx, uint32_t layer, uint32_t head, uint32_t block) {
-  std::string k = HeadKey(ctx, layer, head);
-  PutBE(&k, block, 4);
-  return k;
+std::string PageKey(uint64_t ctx, uint32_t layer, uint32_t head, uint32_t page) {
+  return HeadKey(ctx, layer, head) + EncodeBE(page, 4);
 }
 
-bool DecodeContextId(std::string_view key, uint64_t* ctx) {
-  if (key.size() < 8) return false;
-  *ctx = GetBE(key, 0, 8);
-  return true;
-}
+std::string ReclaimKey(uint64_t ctx) { return std::string(kReclaimPrefix) + EncodeBE(ctx, 8); }
 
-bool DecodeBlockKey(std::string_view key, uint64_t* ctx, uint32_t* layer, uint32_t* head, uint32_t* block) {
+bool DecodeContextId(std::string_view key, uint64_t* ctx) { return DecodeBE(key, 8, ctx); }
+
+bool DecodePageKey(std::string_view key, uint64_t* ctx, uint32_t* layer, uint32_t* head, uint32_t* page) {
   if (key.size() != 20) return false;
-  *ctx = GetBE(key, 0, 8);
-  *layer = static_cast<uint32_t>(GetBE(key, 8, 4));
-  *head = static_cast<uint32_t>(GetBE(key, 12, 4));
-  *block = static_cast<uint32_t>(GetBE(key, 16, 4));
+  uint64_t l, h, p;
+  DecodeBE(key, 8, ctx);
+  DecodeBE(key.substr(8), 4, &l);
+  DecodeBE(key.substr(12), 4, &h);
+  DecodeBE(key.substr(16), 4, &p);
+  *layer = static_cast<uint32_t>(l);
+  *head = static_cast<uint32_t>(h);
+  *page = static_cast<uint32_t>(p);
   return true;
+}
+
+bool DecodeReclaimKey(std::string_view key, uint64_t* ctx) {
+  const std::string_view prefix(kReclaimPrefix);
+  if (key.size() != prefix.size() + 8 || key.substr(0, prefix.size()) != prefix) return false;
+  return DecodeBE(key.substr(prefix.size()), 8, ctx);
 }
 
 }  // namespace sqz::storage

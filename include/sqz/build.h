@@ -47,6 +47,10 @@ struct BuildOptions {
   double fine_ratio = 0.05;
   // Coarse level: ceil(coarse_ratio * n_clustered) clusters of fine centroids.
   double coarse_ratio = 0.01;
+  // Rows per KV page (docs/FORMAT.md, "KV pages"): the unit in which keys and
+  // values are stored, read and paged to the GPU. Chosen from the read
+  // amplification and cold-read measurements in docs/PERFORMANCE.md.
+  int page_rows = 32;
   // Lloyd iterations of each k-means.
   int kmeans_iters = 10;
   // Seed of the k-means initialisation; a build is deterministic for a seed.

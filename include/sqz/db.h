@@ -25,6 +25,10 @@
 
 namespace sqz {
 
+namespace storage {
+class Store;  // storage/include/storage/store.h (internal)
+}
+
 struct Options {
   // Create the directory and an empty database when none exists.
   bool create_if_missing = true;
@@ -149,6 +153,11 @@ class DB {
   // the permutation, and a CRC32C of every KV page. Corruption names the
   // first bad record.
   virtual Status VerifyContext(const std::string& name, VerifyReport* report) = 0;
+
+  // Internal: the interface through which the builder and the query engine
+  // reach the records (storage/include/storage/store.h). Not for
+  // applications; its type is incomplete outside the library.
+  virtual storage::Store* store() = 0;
 };
 
 }  // namespace sqz
