@@ -228,7 +228,7 @@ int RunVerify(const Args& args) {
     VerifyReport r;
     s = db->VerifyContext(n, &r);
     if (s.ok()) {
-      std::printf("%-32s OK  (%lld records, %lld KV blocks, %s checked)\n", n.c_str(),
+      std::printf("%-32s OK  (%lld records, %lld KV pages, %s checked)\n", n.c_str(),
                   static_cast<long long>(r.records_checked), static_cast<long long>(r.kv_pages_checked),
                   FormatBytes(r.bytes_checked).c_str());
     } else {
