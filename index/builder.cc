@@ -1,9 +1,11 @@
-// BuildContext: KV source -> clustered, permuted KV blocks + per-head index
+// BuildContext: KV source -> clustered, permuted KV pages + per-head index
 // records + calibrated thresholds -> one atomically committed context.
 //
 // Memory: the source is streamed layer by layer, so the peak is about one
-// layer of K and V (source dtype) plus one head's keys in float32 and the
-// writer's batch (storage flushes it every 32 MiB). Calibration keeps only
+// layer of K and V (source dtype) plus the layer's clustered keys in float32
+// (all KV heads: they are clustered in one batched k-means call, which also
+// holds a normalised copy) and the writer's batch (storage flushes it every
+// 32 MiB). Calibration keeps only
 // weighted samples (one per cluster) between layers; its second pass reads
 // the head indexes back from the (uncommitted) records instead of holding
 // every head's centroids in memory.
@@ -87,7 +89,8 @@ class Builder {
 
  private:
   Status BuildLayer(int layer);
-  Status BuildHead(int layer, int head);
+  Status ClusterLayer(int layer, std::vector<index::HeadClustering>* clusterings);
+  Status BuildHead(int layer, int head, index::HeadClustering& c);
   Status WritePages(int layer, int head, const index::HeadClustering& c, std::vector<uint32_t>* crcs);
   Status CalibrateSecondPass();
   Status Commit();
@@ -108,7 +111,7 @@ class Builder {
   // Current layer (the streaming unit).
   std::vector<uint8_t> k_, v_;
   std::vector<float> q_;
-  std::vector<float> keys_;  // one head's clustered keys, float32
+  std::vector<float> keys_;  // all heads' clustered keys, float32 [n_kv_heads, n_clustered, d]
   std::string page_;         // gather buffer of one KV page
 
   std::vector<int32_t> fine_clusters_, coarse_clusters_;
@@ -170,20 +173,30 @@ Status Builder::BuildLayer(int layer) {
     }
   }
   st_.seconds_read += SecondsSince(t);
+  std::vector<index::HeadClustering> clusterings;
+  SQZ_RETURN_IF_ERROR(ClusterLayer(layer, &clusterings));
   for (int head = 0; head < shape_.n_kv_heads; ++head) {
-    SQZ_RETURN_IF_ERROR(BuildHead(layer, head));
+    SQZ_RETURN_IF_ERROR(BuildHead(layer, head, clusterings[head]));
     Report(layer, head);
   }
   return Status::OK();
 }
 
-Status Builder::BuildHead(int layer, int head) {
+// All KV heads of the layer in one ClusterHeads call (one backend batch per
+// k-means level).
+Status Builder::ClusterLayer(int layer, std::vector<index::HeadClustering>* clusterings) {
   const int d = shape_.head_dim;
-  const size_t head_off = static_cast<size_t>(head) * shape_.n_tokens * row_bytes_;
-
+  const int n_heads = shape_.n_kv_heads;
   auto t = Clock::now();
-  keys_.resize(static_cast<size_t>(n_clustered_) * d);
-  ConvertToFloat(k_.data() + head_off + n_sinks_ * row_bytes_, shape_.dtype, keys_.size(), keys_.data());
+  const size_t head_numel = static_cast<size_t>(n_clustered_) * d;
+  keys_.resize(head_numel * n_heads);
+  std::vector<index::HeadKeys> heads(static_cast<size_t>(n_heads));
+  for (int head = 0; head < n_heads; ++head) {
+    const size_t head_off = static_cast<size_t>(head) * shape_.n_tokens * row_bytes_;
+    float* dst = keys_.data() + head * head_numel;
+    ConvertToFloat(k_.data() + head_off + n_sinks_ * row_bytes_, shape_.dtype, head_numel, dst);
+    heads[head] = {dst, n_clustered_, d};
+  }
   st_.seconds_read += SecondsSince(t);
 
   t = Clock::now();
@@ -192,10 +205,16 @@ Status Builder::BuildHead(int layer, int head) {
   ko.coarse_ratio = opt_.coarse_ratio;
   ko.iters = opt_.kmeans_iters;
   ko.seed = opt_.seed;
-  index::HeadClustering c;
-  SQZ_RETURN_IF_ERROR(index::ClusterHead(keys_.data(), n_clustered_, d, ko, &c)
-                          .WithPrefix("layer " + std::to_string(layer) + " head " + std::to_string(head)));
+  clusterings->resize(static_cast<size_t>(n_heads));
+  SQZ_RETURN_IF_ERROR(index::ClusterHeads(opt_.kmeans, heads.data(), heads.size(), ko, clusterings->data())
+                          .WithPrefix("layer " + std::to_string(layer)));
   st_.seconds_kmeans += SecondsSince(t);
+  return Status::OK();
+}
+
+Status Builder::BuildHead(int layer, int head, index::HeadClustering& c) {
+  const int d = shape_.head_dim;
+  auto t = Clock::now();
   st_.keys_clustered += n_clustered_;
   fine_clusters_.push_back(static_cast<int32_t>(c.n_fine()));
   coarse_clusters_.push_back(static_cast<int32_t>(c.n_coarse()));

@@ -2,10 +2,11 @@
 //
 // Per (layer, KV head) the builder keeps the last `window` tokens (and the
 // first `n_sinks`) aside, clusters the other keys with spherical k-means
-// (FAISS) into a fine level, clusters the fine centroids into a coarse level,
-// stores keys and values permuted so each fine cluster is one contiguous
-// block, and calibrates thresholds from the window queries when the source has
-// them. See docs/ARCHITECTURE.md and DESIGN.md section 2 for the formulas.
+// (FAISS on the CPU unless BuildOptions::kmeans says otherwise) into a fine
+// level, clusters the fine centroids into a coarse level, stores keys and
+// values permuted so each fine cluster is one contiguous block, and
+// calibrates thresholds from the window queries when the source has them.
+// See docs/ARCHITECTURE.md and DESIGN.md section 2 for the formulas.
 //
 // Thread-safety: BuildContext may run concurrently for different names on one
 // DB. Two concurrent builds of the same name: the last to commit wins.
@@ -21,6 +22,8 @@
 #include "sqz/status.h"
 
 namespace sqz {
+
+class KMeansBackend;  // sqz/kmeans.h
 
 struct BuildProgress {
   int layer = 0;           // layer being processed (0-based)
@@ -55,6 +58,10 @@ struct BuildOptions {
   int kmeans_iters = 10;
   // Seed of the k-means initialisation; a build is deterministic for a seed.
   uint64_t seed = 1234;
+  // The k-means engine (sqz/kmeans.h), borrowed for the duration of the
+  // build. The builder gives it all KV heads of a layer in one Run call per
+  // level. Shared by concurrent builds, its Run must be thread-safe.
+  KMeansBackend* kmeans = nullptr;  // null: FAISS on the CPU
   // Calibration quantiles f (fraction of keys dropped by the window queries).
   std::vector<double> quantiles = {0.5, 0.7, 0.8, 0.9, 0.95};
   // Hierarchical calibration: the coarse threshold drops this share of the
