@@ -19,6 +19,7 @@
 #include <cstring>
 #include <ctime>
 #include <exception>
+#include <thread>
 #include <string>
 #include <vector>
 
@@ -88,6 +89,12 @@ class Builder {
   Status Run(BuildStats* stats);
 
  private:
+  struct LayerInput {
+    std::vector<uint8_t> k, v;  // [n_kv_heads, n_tokens, head_dim], source dtype
+    std::vector<float> q;       // window queries (calibration), float32
+    double seconds = 0;         // time spent reading and checking
+  };
+  Status ReadInput(int layer, LayerInput* in);
   Status BuildLayer(int layer);
   Status ClusterLayer(int layer, std::vector<index::HeadClustering>* clusterings);
   Status BuildHead(int layer, int head, index::HeadClustering& c);
@@ -103,6 +110,7 @@ class Builder {
   storage::ContextWriter* writer_;
   index::Calibrator calib_;
 
+  std::string describe_;  // src_->Describe(), taken once (the reader thread owns the source)
   Clock::time_point t0_;
   int64_t n_sinks_ = 0, window_ = 0, n_clustered_ = 0;
   bool calibrate_ = false;
@@ -128,7 +136,44 @@ Status Builder::Run(BuildStats* stats) {
   calibrate_ = shape_.q_window_len > 0 && !opt_.quantiles.empty();
   row_bytes_ = static_cast<size_t>(shape_.head_dim) * DTypeSize(shape_.dtype);
 
-  for (int layer = 0; layer < shape_.n_layers; ++layer) SQZ_RETURN_IF_ERROR(BuildLayer(layer));
+  describe_ = src_->Describe();
+  // The source is read one layer ahead on a second thread, overlapping the
+  // next layer's I/O and checks with this layer's k-means and writes (two
+  // layers of K and V in memory at most).
+  LayerInput cur, next;
+  SQZ_RETURN_IF_ERROR(ReadInput(0, &cur));
+  for (int layer = 0; layer < shape_.n_layers; ++layer) {
+    std::swap(k_, cur.k);
+    std::swap(v_, cur.v);
+    std::swap(q_, cur.q);
+    st_.seconds_read += cur.seconds;
+    Status next_status;
+    std::thread reader;
+    if (layer + 1 < shape_.n_layers) {
+      reader = std::thread([&, layer] {
+        try {
+          next_status = ReadInput(layer + 1, &next);
+        } catch (const std::bad_alloc&) {
+          next_status = Status::Aborted(describe_ + ": out of memory reading layer " + std::to_string(layer + 1));
+        } catch (const std::exception& e) {
+          next_status = Status::Aborted(describe_ + ": " + e.what());
+        }
+      });
+    }
+    Status s;
+    try {
+      s = BuildLayer(layer);
+    } catch (...) {
+      if (reader.joinable()) reader.join();
+      throw;
+    }
+    if (reader.joinable()) reader.join();
+    if (!s.ok()) return s;
+    if (layer + 1 < shape_.n_layers) {
+      if (!next_status.ok()) return next_status;
+      std::swap(cur, next);
+    }
+  }
   // Release the last layer before calibration and commit.
   k_ = {};
   v_ = {};
@@ -142,37 +187,45 @@ Status Builder::Run(BuildStats* stats) {
   return Status::OK();
 }
 
-Status Builder::BuildLayer(int layer) {
+// Stage 1 (a reader thread, one layer ahead): read and check layer `layer`
+// of the source into *in. Touches nothing but *in and the source.
+Status Builder::ReadInput(int layer, LayerInput* in) {
   auto t = Clock::now();
-  const std::string where = src_->Describe() + ": layer " + std::to_string(layer);
-  SQZ_RETURN_IF_ERROR(src_->ReadLayer(layer, &k_, &v_).WithPrefix(where));
+  const std::string where = describe_ + ": layer " + std::to_string(layer);
+  SQZ_RETURN_IF_ERROR(src_->ReadLayer(layer, &in->k, &in->v).WithPrefix(where));
   const size_t expect = static_cast<size_t>(shape_.n_kv_heads) * shape_.n_tokens * row_bytes_;
-  if (k_.size() != expect || v_.size() != expect) {
-    return Status::Corruption(where + ": source returned " + std::to_string(k_.size()) + "/" +
-                              std::to_string(v_.size()) + " K/V bytes, expected " + std::to_string(expect));
+  if (in->k.size() != expect || in->v.size() != expect) {
+    return Status::Corruption(where + ": source returned " + std::to_string(in->k.size()) + "/" +
+                              std::to_string(in->v.size()) + " K/V bytes, expected " + std::to_string(expect));
   }
   const size_t numel = expect / DTypeSize(shape_.dtype);
-  for (const auto& [buf, tname] : {std::pair{&k_, "k"}, std::pair{&v_, "v"}}) {
+  for (const auto& [buf, tname] : {std::pair{&in->k, "k"}, std::pair{&in->v, "v"}}) {
     if (!AllFinite(buf->data(), shape_.dtype, numel)) {
-      return Status::InvalidArgument(src_->Describe() + ": layers." + std::to_string(layer) + "." + tname +
+      return Status::InvalidArgument(describe_ + ": layers." + std::to_string(layer) + "." + tname +
                                      " (layer " + std::to_string(layer) + ") has a NaN or Inf value at " +
                                      FirstNonFinite(buf->data(), shape_.dtype, shape_.n_kv_heads, shape_.n_tokens,
                                                     shape_.head_dim, "KV head"));
     }
   }
   if (calibrate_) {
-    SQZ_RETURN_IF_ERROR(src_->ReadQWindow(layer, &q_).WithPrefix(where));
+    SQZ_RETURN_IF_ERROR(src_->ReadQWindow(layer, &in->q).WithPrefix(where));
     const size_t qn = static_cast<size_t>(shape_.n_q_heads) * shape_.q_window_len * shape_.head_dim;
-    if (q_.size() != qn) return Status::Corruption(where + ": window queries have the wrong size");
-    if (!AllFinite(q_.data(), DType::kF32, qn)) {
+    if (in->q.size() != qn) return Status::Corruption(where + ": window queries have the wrong size");
+    if (!AllFinite(in->q.data(), DType::kF32, qn)) {
       return Status::InvalidArgument(
-          src_->Describe() + ": layers." + std::to_string(layer) + ".q_window (layer " + std::to_string(layer) +
+          describe_ + ": layers." + std::to_string(layer) + ".q_window (layer " + std::to_string(layer) +
           ") has a NaN or Inf value at " +
-          FirstNonFinite(reinterpret_cast<const uint8_t*>(q_.data()), DType::kF32, shape_.n_q_heads,
+          FirstNonFinite(reinterpret_cast<const uint8_t*>(in->q.data()), DType::kF32, shape_.n_q_heads,
                          shape_.q_window_len, shape_.head_dim, "query head"));
     }
   }
-  st_.seconds_read += SecondsSince(t);
+  in->seconds = SecondsSince(t);
+  return Status::OK();
+}
+
+// Stages 2 and 3 (this thread): cluster the layer's heads, write their pages
+// and index records.
+Status Builder::BuildLayer(int layer) {
   std::vector<index::HeadClustering> clusterings;
   SQZ_RETURN_IF_ERROR(ClusterLayer(layer, &clusterings));
   for (int head = 0; head < shape_.n_kv_heads; ++head) {
