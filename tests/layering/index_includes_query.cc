@@ -1,0 +1,3 @@
+// Must NOT compile: index/ may not include a header of a layer above it.
+#include "query/eval.h"
+int main() { return 0; }
