@@ -15,8 +15,8 @@ namespace {
 
 // The dense reference of one (query head, query).
 struct DenseRow {
-  std::vector<float> row_prefix;     // [n_tokens + 1]: true mass of stored rows [0, r)
-  std::vector<float> sorted_prefix;  // [n_clustered + 1]: mass of the top-k clustered keys
+  std::vector<double> row_prefix;    // [n_tokens + 1]: true mass of stored rows [0, r)
+  std::vector<double> sorted_prefix; // [n_clustered + 1]: mass of the top-k clustered keys
   double always_mass = 0;            // true mass on the always set
   std::vector<double> o;             // [d]: dense output
   double o_norm = 0;
@@ -87,13 +87,13 @@ void DenseReference(const float* q, const std::vector<float>& k, const std::vect
     z += (*p)[i];
   }
   out->o.assign(d, 0.0);
-  out->row_prefix.assign(n + 1, 0.0f);
+  out->row_prefix.assign(n + 1, 0.0);
   double acc = 0;
   for (int64_t i = 0; i < n; ++i) {
     (*p)[i] /= z;
     for (int c = 0; c < d; ++c) out->o[c] += (*p)[i] * v[i * d + c];
     acc += (*p)[i];
-    out->row_prefix[i + 1] = static_cast<float>(acc);
+    out->row_prefix[i + 1] = acc;
   }
   out->o_norm = 0;
   for (double x : out->o) out->o_norm += x * x;
@@ -101,11 +101,11 @@ void DenseReference(const float* q, const std::vector<float>& k, const std::vect
   out->always_mass = std::accumulate(p->begin() + n_clustered, p->end(), 0.0);
   std::vector<double> clustered(p->begin(), p->begin() + n_clustered);
   std::sort(clustered.begin(), clustered.end(), std::greater<double>());
-  out->sorted_prefix.assign(clustered.size() + 1, 0.0f);
+  out->sorted_prefix.assign(clustered.size() + 1, 0.0);
   acc = 0;
   for (size_t i = 0; i < clustered.size(); ++i) {
     acc += clustered[i];
-    out->sorted_prefix[i + 1] = static_cast<float>(acc);
+    out->sorted_prefix[i + 1] = acc;
   }
 }
 

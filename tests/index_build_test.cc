@@ -8,6 +8,7 @@
 #include <ctime>
 #include <limits>
 #include <map>
+#include <ostream>
 #include <set>
 #include <string>
 #include <vector>
@@ -48,7 +49,14 @@ struct RoundTripCase {
   int n_kv_heads, n_q_heads;
   int q_window;
   bool from_file;
+  int page_rows;  // BuildOptions::page_rows
 };
+
+// Readable test names (the struct's padding bytes would otherwise be printed).
+void PrintTo(const RoundTripCase& c, std::ostream* os) {
+  *os << DTypeName(c.dtype) << " kv" << c.n_kv_heads << " q" << c.n_q_heads << " window_q" << c.q_window
+      << (c.from_file ? " file" : " memory") << " page_rows" << c.page_rows;
+}
 
 class IndexBuildRoundTrip : public ::testing::TestWithParam<RoundTripCase> {};
 
@@ -73,6 +81,7 @@ TEST_P(IndexBuildRoundTrip, LosslessAfterReopen) {
     src = data.Source();
   }
   BuildOptions o = SmallOptions();
+  o.page_rows = tc.page_rows;
   std::vector<BuildProgress> progress;
   o.on_progress = [&](const BuildProgress& p) { progress.push_back(p); };
   BuildStats stats;
@@ -94,7 +103,13 @@ TEST_P(IndexBuildRoundTrip, LosslessAfterReopen) {
   }
   EXPECT_DOUBLE_EQ(progress.back().eta_seconds, 0);
   EXPECT_EQ(stats.keys_clustered, nc * heads);
-  EXPECT_EQ(stats.kv_bytes, 2ull * heads * spec.n_tokens * spec.head_dim * DTypeSize(spec.dtype));
+  // K+V of every row, in pages of page_rows rows: the clustered run and the
+  // always run each padded up to whole pages.
+  const int64_t pages_per_head = (nc + tc.page_rows - 1) / tc.page_rows +
+                                 (spec.n_tokens - nc + tc.page_rows - 1) / tc.page_rows;
+  const uint64_t page_bytes = 2ull * tc.page_rows * spec.head_dim * DTypeSize(spec.dtype);
+  EXPECT_EQ(stats.kv_bytes, static_cast<uint64_t>(heads * pages_per_head) * page_bytes);
+  EXPECT_GE(stats.kv_bytes, 2ull * heads * spec.n_tokens * spec.head_dim * DTypeSize(spec.dtype));
   EXPECT_GT(stats.index_bytes, 0u);
   EXPECT_GT(stats.peak_rss_bytes, 0u);
   EXPECT_GT(stats.seconds_total, 0);
@@ -120,6 +135,10 @@ TEST_P(IndexBuildRoundTrip, LosslessAfterReopen) {
   EXPECT_EQ(info.coarse_ratio, o.coarse_ratio);
   EXPECT_EQ(info.kmeans_iters, o.kmeans_iters);
   EXPECT_EQ(info.seed, o.seed);
+  EXPECT_EQ(info.format_version, storage::kFormatVersion);
+  EXPECT_EQ(info.page_rows, tc.page_rows);
+  EXPECT_EQ(info.pages_per_head(), pages_per_head);
+  EXPECT_EQ(info.page_bytes(), page_bytes);
   ASSERT_EQ(info.fine_clusters.size(), static_cast<size_t>(heads));
   ASSERT_EQ(info.coarse_clusters.size(), static_cast<size_t>(heads));
   for (int i = 0; i < heads; ++i) {
@@ -149,23 +168,28 @@ TEST_P(IndexBuildRoundTrip, LosslessAfterReopen) {
     EXPECT_EQ(info.calibration_queries, 0);
     EXPECT_TRUE(info.thresholds.empty());
   }
-  std::string mbytes;
-  ASSERT_TRUE(storage::Impl(db.get())->GetManifest("ctx", &mbytes).ok());
+  // The manifest record as stored.
+  const std::string mbytes = index_test::RawManifest(db.get(), "ctx");
   const fb::Manifest* m = fb::GetManifest(mbytes.data());
   EXPECT_EQ(m->format_version(), storage::kFormatVersion);
   EXPECT_EQ(m->name()->str(), "ctx");
   EXPECT_EQ(m->context_id(), info.id);
+  EXPECT_EQ(m->page_rows(), tc.page_rows);
+  EXPECT_EQ(m->clustered_pages() + m->always_pages(), pages_per_head);
 
   VerifyReport vr;
   Status vs = db->VerifyContext("ctx", &vr);
   EXPECT_TRUE(vs.ok()) << vs.ToString();
+  EXPECT_EQ(vr.records_checked, 1 + heads);  // the manifest and every head index
+  EXPECT_EQ(vr.kv_pages_checked, heads * pages_per_head);
+  EXPECT_EQ(vr.bytes_checked, stats.kv_bytes);
 }
 
 INSTANTIATE_TEST_SUITE_P(Cases, IndexBuildRoundTrip,
-                         ::testing::Values(RoundTripCase{DType::kF16, 2, 2, 0, false},     // MHA
-                                           RoundTripCase{DType::kBF16, 2, 8, 16, false},   // GQA, calibrated
-                                           RoundTripCase{DType::kF32, 1, 4, 8, true},      // file, GQA
-                                           RoundTripCase{DType::kF16, 2, 6, 10, true}));   // file, GQA
+                         ::testing::Values(RoundTripCase{DType::kF16, 2, 2, 0, false, 32},    // MHA
+                                           RoundTripCase{DType::kBF16, 2, 8, 16, false, 7},   // GQA, calibrated
+                                           RoundTripCase{DType::kF32, 1, 4, 8, true, 1},      // file, GQA
+                                           RoundTripCase{DType::kF16, 2, 6, 10, true, 64}));  // file, GQA
 
 TEST(IndexBuildTest, DeterministicForASeed) {
   ScopedTempDir dir("sqz-build");
@@ -179,7 +203,6 @@ TEST(IndexBuildTest, DeterministicForASeed) {
     auto src = data.Source();
     ASSERT_TRUE(BuildContext(db.get(), name, src.get(), o).ok());
   }
-  storage::DBImpl* impl = storage::Impl(db.get());
   ContextInfo ia, ib;
   ASSERT_TRUE(db->DescribeContext("a", &ia).ok());
   ASSERT_TRUE(db->DescribeContext("b", &ib).ok());
@@ -192,9 +215,10 @@ TEST(IndexBuildTest, DeterministicForASeed) {
   }
   for (int l = 0; l < spec.n_layers; ++l) {
     for (int h = 0; h < spec.n_kv_heads; ++h) {
-      std::string xa, xb;
-      ASSERT_TRUE(impl->GetHeadIndex(ia.id, l, h, &xa).ok());
-      ASSERT_TRUE(impl->GetHeadIndex(ib.id, l, h, &xb).ok());
+      // The index records are byte-identical (their page CRCs included).
+      const std::string xa = index_test::RawHeadIndex(db.get(), ia.id, l, h);
+      const std::string xb = index_test::RawHeadIndex(db.get(), ib.id, l, h);
+      EXPECT_FALSE(xa.empty());
       EXPECT_EQ(xa, xb) << "layer " << l << " head " << h;
     }
   }
@@ -222,20 +246,23 @@ TEST(IndexBuildTest, ThresholdsMatchCalibratorOnStoredIndex) {
 
   index::Calibrator cal(o.quantiles, o.coarse_share);
   const int g = spec.n_q_heads / spec.n_kv_heads;
+  std::unique_ptr<storage::ContextSnapshot> snap;
+  ASSERT_TRUE(db->store()->OpenSnapshot("c", &snap).ok());
+  ASSERT_EQ(snap->info().id, info.id);
   for (int pass = 0; pass < 2; ++pass) {
     for (int l = 0; l < spec.n_layers; ++l) {
       for (int h = 0; h < spec.n_kv_heads; ++h) {
-        std::string bytes;
-        ASSERT_TRUE(storage::Impl(db.get())->GetHeadIndex(info.id, l, h, &bytes).ok());
-        const fb::HeadIndex* hi = flatbuffers::GetRoot<fb::HeadIndex>(bytes.data());
+        storage::HeadIndexRecord rec;
+        Status rs = snap->GetHeadIndex(l, h, &rec);
+        ASSERT_TRUE(rs.ok()) << rs.ToString();
         index::HeadView v;
         v.dim = spec.head_dim;
-        v.k2 = hi->fine_offsets()->size() - 1;
-        v.k1 = hi->coarse_child_offsets()->size() - 1;
-        v.fine_centroids = hi->fine_centroids()->data();
-        v.fine_offsets = hi->fine_offsets()->data();
-        v.coarse_centroids = hi->coarse_centroids()->data();
-        v.coarse_child_offsets = hi->coarse_child_offsets()->data();
+        v.k2 = rec.n_fine();
+        v.k1 = rec.n_coarse();
+        v.fine_centroids = rec.fine_centroids.data();
+        v.fine_offsets = rec.fine_offsets.data();
+        v.coarse_centroids = rec.coarse_centroids.data();
+        v.coarse_child_offsets = rec.coarse_child_offsets.data();
         const float* q = data.q[l].data() + static_cast<size_t>(h) * g * spec.q_window * spec.head_dim;
         if (pass == 0) {
           cal.AddFirstPass(v, q, g, spec.q_window);
@@ -288,6 +315,7 @@ TEST(IndexBuildTest, WindowAndSinkClamps) {
     EXPECT_EQ(info.window, std::min(c.window, 40 - sinks));
     if (info.n_clustered == 0) {
       EXPECT_EQ(info.fine_clusters[0], 0);
+      EXPECT_EQ(info.clustered_pages, 0);
     }
     VerifyReport vr;
     Status vs = db->VerifyContext(name, &vr);
@@ -501,6 +529,12 @@ TEST_F(IndexBuildFailureTest, BadOptions) {
   o = SmallOptions();
   o.coarse_share = 0;
   expect_bad(o, "coarse_share");
+  o = SmallOptions();
+  o.page_rows = 0;
+  expect_bad(o, "page_rows");
+  o = SmallOptions();
+  o.page_rows = storage::kMaxPageRows + 1;
+  expect_bad(o, "page_rows");
   ExpectUnchanged();
 }
 

@@ -2,13 +2,13 @@
 // build leaves no visible context, and the next Open removes its records.
 //
 // The build runs in a child process started with fork() + exec of this very
-// test binary (filter IndexCrashChild.*): exec gives the child a clean
-// process (RocksDB's background threads do not survive a bare fork).
+// test binary (filter IndexCrashChild.*, testing::RunSelfChild): exec gives
+// the child a clean process (RocksDB's background threads do not survive a
+// bare fork).
 #include <gtest/gtest.h>
 #include <rocksdb/db.h>
 #include <signal.h>
 #include <sys/wait.h>
-#include <unistd.h>
 
 #include <chrono>
 #include <cstdio>
@@ -22,8 +22,6 @@
 #include "sqz/db.h"
 #include "tests/index_test_util.h"
 #include "tests/test_util.h"
-
-extern char** environ;
 
 namespace sqz {
 namespace {
@@ -143,40 +141,10 @@ TEST(IndexCrashTest, CrashMidBuild) {
     live_before = index_test::LiveContextIds(db.get());
   }
 
-  // Child: exec this binary on the disabled child test.
-  std::vector<std::string> env_strings;
-  for (char** e = environ; *e; ++e) env_strings.emplace_back(*e);
-  env_strings.push_back(std::string(kEnvDb) + "=" + path);
-  std::vector<char*> envp;
-  for (auto& e : env_strings) envp.push_back(e.data());
-  envp.push_back(nullptr);
-  std::string a0 = "/proc/self/exe", a1 = "--gtest_filter=IndexCrashChild.DISABLED_BuildAndDie",
-              a2 = "--gtest_also_run_disabled_tests";
-  std::vector<char*> argv = {a0.data(), a1.data(), a2.data(), nullptr};
-  // Resolve the binary before fork so the child only calls execve.
-  char exe[4096];
-  ssize_t n = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
-  ASSERT_GT(n, 0);
-  exe[n] = '\0';
-  pid_t pid = fork();
-  ASSERT_GE(pid, 0);
-  if (pid == 0) {
-    execve(exe, argv.data(), envp.data());
-    _exit(127);
-  }
-  int status = 0;
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::minutes(5);
-  while (true) {
-    pid_t r = waitpid(pid, &status, WNOHANG);
-    ASSERT_GE(r, 0);
-    if (r == pid) break;
-    if (std::chrono::steady_clock::now() > deadline) {
-      kill(pid, SIGKILL);
-      waitpid(pid, &status, 0);
-      FAIL() << "the child build did not finish in time";
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));
-  }
+  // Child: this binary again, on the disabled child test.
+  const int status = sqz::testing::RunSelfChild("IndexCrashChild.DISABLED_BuildAndDie",
+                                                {std::string(kEnvDb) + "=" + path}, 5 * 60);
+  ASSERT_NE(status, -1) << "the child build could not run or did not finish in time";
   ASSERT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL)
       << "child did not die by SIGKILL (exit status " << (WIFEXITED(status) ? WEXITSTATUS(status) : -1) << ")";
 

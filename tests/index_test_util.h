@@ -218,12 +218,16 @@ inline std::map<std::string, std::string> KvMetadata(const KvData& data) {
 
 // --- Raw database inspection ---------------------------------------------------
 
+// The RocksDB instance under `db` (test-only downcast: library code reaches
+// storage through DB::store()).
+inline std::shared_ptr<storage::RocksView> RawView(DB* db) { return static_cast<storage::DBImpl*>(db)->view(); }
+
 // Context ids present in the index and kv column families.
 inline std::set<uint64_t> RawContextIds(DB* db) {
-  storage::DBImpl* impl = storage::Impl(db);
+  auto v = RawView(db);
   std::set<uint64_t> ids;
-  for (auto* cf : {impl->cf_index(), impl->cf_kv()}) {
-    std::unique_ptr<rocksdb::Iterator> it(impl->raw()->NewIterator(rocksdb::ReadOptions(), cf));
+  for (auto* cf : {v->cf_index, v->cf_kv}) {
+    std::unique_ptr<rocksdb::Iterator> it(v->db->NewIterator(rocksdb::ReadOptions(), cf));
     for (it->SeekToFirst(); it->Valid(); it->Next()) {
       uint64_t id = 0;
       EXPECT_TRUE(storage::DecodeContextId(it->key().ToStringView(), &id));
@@ -240,86 +244,175 @@ inline std::set<uint64_t> LiveContextIds(DB* db) {
   EXPECT_TRUE(db->ListContexts(&names).ok());
   std::set<uint64_t> ids;
   for (const auto& n : names) {
-    std::string bytes;
-    EXPECT_TRUE(storage::Impl(db)->GetManifest(n, &bytes).ok());
-    ids.insert(fb::GetManifest(bytes.data())->context_id());
+    ContextInfo info;
+    Status s = db->DescribeContext(n, &info);
+    EXPECT_TRUE(s.ok()) << s.ToString();
+    ids.insert(info.id);
   }
   return ids;
 }
 
-// Checks that every stored K/V value of context `name` equals `data` bit for
-// bit (through the head index, the permutation and the always block), plus
-// block CRCs and the structure of every head index.
+// The raw manifest record of context `name` (a Manifest FlatBuffer).
+inline std::string RawManifest(DB* db, const std::string& name) {
+  auto v = RawView(db);
+  std::string bytes;
+  rocksdb::Status s = v->db->Get(rocksdb::ReadOptions(), v->cf_manifest, name, &bytes);
+  EXPECT_TRUE(s.ok()) << s.ToString();
+  return bytes;
+}
+
+// The raw head index record of (context id, layer, head) (a HeadIndex FlatBuffer).
+inline std::string RawHeadIndex(DB* db, uint64_t id, int layer, int head) {
+  auto v = RawView(db);
+  std::string bytes;
+  rocksdb::Status s = v->db->Get(rocksdb::ReadOptions(), v->cf_index, storage::HeadKey(id, layer, head), &bytes);
+  EXPECT_TRUE(s.ok()) << s.ToString();
+  return bytes;
+}
+
+// Checks that every stored K/V row of context `name` equals `data` bit for
+// bit, in the page layout of format version 2: per (layer, KV head) the rows
+// in the permuted order (clustered row r = token permutation[r], fine
+// clusters contiguous; then the always set: sinks, then the window) cut into
+// pages of page_rows rows, K plane then V plane, the last page of each run
+// zero-padded, clustered pages first. Also checks the manifest's page
+// geometry, that the kv column family holds exactly those pages (and the
+// index family one record per head), every page's size and CRC32C, and the
+// structure of every head index (every token stored exactly once).
 inline void ExpectRoundTrip(DB* db, const std::string& name, const KvData& data, int window, int n_sinks) {
-  storage::DBImpl* impl = storage::Impl(db);
-  std::string mbytes;
-  ASSERT_TRUE(impl->GetManifest(name, &mbytes).ok());
-  const fb::Manifest* m = fb::GetManifest(mbytes.data());
+  std::unique_ptr<storage::ContextSnapshot> snap;
+  Status st = db->store()->OpenSnapshot(name, &snap);
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  const ContextInfo& m = snap->info();
   const KvSpec& s = data.spec;
   const int64_t n = s.n_tokens;
   const int64_t sinks = std::min<int64_t>(n_sinks, n);
   const int64_t win = std::min<int64_t>(window, n - sinks);
   const int64_t nc = n - sinks - win;
-  ASSERT_EQ(m->n_layers(), s.n_layers);
-  ASSERT_EQ(m->n_kv_heads(), s.n_kv_heads);
-  ASSERT_EQ(m->n_clustered(), nc);
+  const int64_t na = sinks + win;
+  ASSERT_EQ(m.format_version, storage::kFormatVersion);
+  ASSERT_EQ(m.name, name);
+  ASSERT_EQ(m.n_layers, s.n_layers);
+  ASSERT_EQ(m.n_kv_heads, s.n_kv_heads);
+  ASSERT_EQ(m.n_q_heads, s.n_q_heads);
+  ASSERT_EQ(m.head_dim, s.head_dim);
+  ASSERT_EQ(m.n_tokens, n);
+  ASSERT_EQ(m.dtype, s.dtype);
+  ASSERT_EQ(m.n_sinks, sinks);
+  ASSERT_EQ(m.window, win);
+  ASSERT_EQ(m.n_clustered, nc);
+  // Page geometry.
+  const int64_t P = m.page_rows;
+  ASSERT_GE(P, storage::kMinPageRows);
+  ASSERT_LE(P, storage::kMaxPageRows);
+  const int64_t cp = (nc + P - 1) / P, ap = (na + P - 1) / P;
+  ASSERT_EQ(m.clustered_pages, cp);
+  ASSERT_EQ(m.always_pages, ap);
   const size_t row = static_cast<size_t>(s.head_dim) * DTypeSize(s.dtype);
+  const size_t plane = static_cast<size_t>(P) * row;
+  ASSERT_EQ(m.page_bytes(), 2 * plane);
+  const int64_t heads = static_cast<int64_t>(s.n_layers) * s.n_kv_heads;
+  EXPECT_EQ(m.kv_bytes, static_cast<uint64_t>(heads * (cp + ap)) * 2 * plane);
+
+  // The column families hold exactly the context's records: one index record
+  // per head and pages 0 .. cp + ap - 1 of every head, in key order.
+  {
+    auto v = RawView(db);
+    const std::string begin = storage::ContextPrefix(m.id), end = storage::ContextEnd(m.id);
+    std::unique_ptr<rocksdb::Iterator> it(v->db->NewIterator(rocksdb::ReadOptions(), v->cf_kv));
+    int64_t i = 0;
+    for (it->Seek(begin); it->Valid() && it->key().ToString() < end; it->Next(), ++i) {
+      uint64_t c;
+      uint32_t l, h, p;
+      ASSERT_TRUE(storage::DecodePageKey(it->key().ToStringView(), &c, &l, &h, &p)) << "kv record " << i;
+      const int64_t per_head = cp + ap;
+      ASSERT_EQ(c, m.id);
+      ASSERT_EQ(static_cast<int64_t>(l), i / (s.n_kv_heads * per_head)) << "kv record " << i;
+      ASSERT_EQ(static_cast<int64_t>(h), (i / per_head) % s.n_kv_heads) << "kv record " << i;
+      ASSERT_EQ(static_cast<int64_t>(p), i % per_head) << "kv record " << i;
+      ASSERT_EQ(it->value().size(), 2 * plane) << "kv record " << i;
+    }
+    ASSERT_TRUE(it->status().ok());
+    EXPECT_EQ(i, heads * (cp + ap)) << "pages in the kv column family";
+    it.reset(v->db->NewIterator(rocksdb::ReadOptions(), v->cf_index));
+    i = 0;
+    for (it->Seek(begin); it->Valid() && it->key().ToString() < end; it->Next(), ++i) {
+      ASSERT_EQ(it->key().ToString(), storage::HeadKey(m.id, static_cast<uint32_t>(i / s.n_kv_heads),
+                                                       static_cast<uint32_t>(i % s.n_kv_heads)));
+    }
+    ASSERT_TRUE(it->status().ok());
+    EXPECT_EQ(i, heads) << "records in the index column family";
+  }
+
   for (int l = 0; l < s.n_layers; ++l) {
     for (int h = 0; h < s.n_kv_heads; ++h) {
       SCOPED_TRACE("layer " + std::to_string(l) + " head " + std::to_string(h));
-      std::string ib;
-      ASSERT_TRUE(impl->GetHeadIndex(m->context_id(), l, h, &ib).ok());
-      const fb::HeadIndex* hi = flatbuffers::GetRoot<fb::HeadIndex>(ib.data());
-      ASSERT_EQ(hi->layer(), l);
-      ASSERT_EQ(hi->head(), h);
-      ASSERT_EQ(hi->head_dim(), s.head_dim);
-      ASSERT_EQ(hi->n_clustered(), nc);
-      const auto* fo = hi->fine_offsets();
-      const auto* perm = hi->permutation();
-      const auto* always = hi->always_positions();
-      const auto* crc = hi->block_crc();
-      const int64_t k2 = static_cast<int64_t>(fo->size()) - 1;
-      ASSERT_EQ(m->fine_clusters()->Get(l * s.n_kv_heads + h), k2);
-      ASSERT_EQ(m->coarse_clusters()->Get(l * s.n_kv_heads + h),
-                static_cast<int64_t>(hi->coarse_child_offsets()->size()) - 1);
-      ASSERT_EQ(static_cast<int64_t>(perm->size()), nc);
-      ASSERT_EQ(static_cast<int64_t>(always->size()), sinks + win);
-      ASSERT_EQ(static_cast<int64_t>(crc->size()), k2 + 1);
-      // Every token exactly once: clustered via the permutation, else always.
+      storage::HeadIndexRecord rec;
+      st = snap->GetHeadIndex(l, h, &rec);
+      ASSERT_TRUE(st.ok()) << st.ToString();
+      ASSERT_EQ(rec.layer, l);
+      ASSERT_EQ(rec.head, h);
+      const int64_t k2 = rec.n_fine(), k1 = rec.n_coarse();
+      ASSERT_EQ(m.fine_clusters[l * s.n_kv_heads + h], k2);
+      ASSERT_EQ(m.coarse_clusters[l * s.n_kv_heads + h], k1);
+      ASSERT_EQ(static_cast<int64_t>(rec.fine_centroids.size()), k2 * s.head_dim);
+      ASSERT_EQ(static_cast<int64_t>(rec.coarse_centroids.size()), k1 * s.head_dim);
+      // Fine clusters: contiguous, non-empty runs of rows covering [0, nc).
+      if (nc > 0) {
+        ASSERT_GE(k2, 1);
+        ASSERT_EQ(rec.fine_offsets.front(), 0u);
+        ASSERT_EQ(rec.fine_offsets.back(), static_cast<uint32_t>(nc));
+        for (int64_t j = 0; j < k2; ++j) ASSERT_LT(rec.fine_offsets[j], rec.fine_offsets[j + 1]);
+        ASSERT_EQ(rec.coarse_child_offsets.front(), 0u);
+        ASSERT_EQ(rec.coarse_child_offsets.back(), static_cast<uint32_t>(k2));
+        for (int64_t a = 0; a < k1; ++a) ASSERT_LT(rec.coarse_child_offsets[a], rec.coarse_child_offsets[a + 1]);
+      }
+      ASSERT_EQ(static_cast<int64_t>(rec.permutation.size()), nc);
+      ASSERT_EQ(static_cast<int64_t>(rec.page_crc.size()), cp + ap);
+      // Token of every stored row; every token exactly once: clustered via
+      // the permutation, else in the always set.
+      std::vector<int64_t> token(static_cast<size_t>(n));
       std::vector<int> seen(static_cast<size_t>(n), 0);
-      for (uint32_t p : *perm) {
+      for (int64_t r = 0; r < nc; ++r) {
+        const uint32_t p = rec.permutation[r];
         ASSERT_GE(p, sinks);
         ASSERT_LT(p, n - win);
+        token[r] = p;
         ++seen[p];
       }
-      for (int64_t i = 0; i < sinks + win; ++i) {
-        const int64_t expect = i < sinks ? i : n - win + (i - sinks);
-        ASSERT_EQ(always->Get(static_cast<uint32_t>(i)), expect);
-        ++seen[expect];
+      for (int64_t i = 0; i < na; ++i) {
+        token[nc + i] = i < sinks ? i : n - win + (i - sinks);
+        ++seen[token[nc + i]];
       }
       for (int64_t t = 0; t < n; ++t) ASSERT_EQ(seen[t], 1) << "token " << t;
 
       std::vector<uint32_t> ids;
-      for (int64_t j = 0; j < k2; ++j) ids.push_back(static_cast<uint32_t>(j));
-      ids.push_back(storage::kAlwaysBlock);
-      std::vector<rocksdb::PinnableSlice> blocks;
-      ASSERT_TRUE(impl->MultiGetBlocks(m->context_id(), l, h, ids.data(), ids.size(), &blocks).ok());
+      for (int64_t p = 0; p < cp + ap; ++p) ids.push_back(static_cast<uint32_t>(p));
+      storage::PageSet pages;
+      st = snap->ReadPages(l, h, ids.data(), ids.size(), &pages);
+      ASSERT_TRUE(st.ok()) << st.ToString();
+      ASSERT_EQ(pages.size(), ids.size());
       const uint8_t* kin = data.k[l].data() + static_cast<size_t>(h) * n * row;
       const uint8_t* vin = data.v[l].data() + static_cast<size_t>(h) * n * row;
-      for (int64_t j = 0; j <= k2; ++j) {
-        std::vector<int64_t> pos;
-        if (j < k2) {
-          for (uint32_t p = fo->Get(j); p < fo->Get(j + 1); ++p) pos.push_back(perm->Get(p));
-        } else {
-          for (uint32_t p : *always) pos.push_back(p);
+      std::vector<uint8_t> expect(2 * plane);
+      for (int64_t p = 0; p < cp + ap; ++p) {
+        // Rows of page p: clustered rows [p * P, ...) or always rows.
+        const bool clustered = p < cp;
+        const int64_t first = clustered ? p * P : nc + (p - cp) * P;
+        const int64_t used = std::min<int64_t>(P, (clustered ? nc : n) - first);
+        ASSERT_GT(used, 0);
+        std::fill(expect.begin(), expect.end(), 0);  // padding rows are zero
+        for (int64_t i = 0; i < used; ++i) {
+          std::memcpy(expect.data() + i * row, kin + token[first + i] * row, row);
+          std::memcpy(expect.data() + plane + i * row, vin + token[first + i] * row, row);
         }
-        const rocksdb::PinnableSlice& b = blocks[j];
-        ASSERT_EQ(b.size(), 2 * pos.size() * row) << "block " << j;
-        ASSERT_EQ(Crc32c(b.data(), b.size()), crc->Get(j)) << "block " << j;
-        for (size_t i = 0; i < pos.size(); ++i) {
-          ASSERT_EQ(0, std::memcmp(b.data() + i * row, kin + pos[i] * row, row)) << "K block " << j << " row " << i;
-          ASSERT_EQ(0, std::memcmp(b.data() + (pos.size() + i) * row, vin + pos[i] * row, row))
-              << "V block " << j << " row " << i;
+        const uint8_t* got = pages.data(static_cast<size_t>(p));
+        ASSERT_EQ(Crc32c(got, 2 * plane), rec.page_crc[p]) << "page " << p;
+        for (int64_t i = 0; i < P; ++i) {
+          ASSERT_EQ(0, std::memcmp(got + i * row, expect.data() + i * row, row))
+              << "K page " << p << " slot " << i << (i < used ? "" : " (padding)");
+          ASSERT_EQ(0, std::memcmp(got + plane + i * row, expect.data() + plane + i * row, row))
+              << "V page " << p << " slot " << i << (i < used ? "" : " (padding)");
         }
       }
     }

@@ -3,6 +3,7 @@
 // attention restricted to the selection, statistics, errors, concurrency.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <memory>
 #include <set>
@@ -11,11 +12,12 @@
 #include <vector>
 
 #include "query/engine.h"
+#include "query/selection.h"
 #include "sqz/build.h"
 #include "sqz/db.h"
 #include "sqz/query.h"
 #include "storage/db_impl.h"
-#include "format_generated.h"
+#include "storage/format.h"
 #include "tests/index_test_util.h"
 #include "tests/test_util.h"
 #include "util/half.h"
@@ -35,6 +37,9 @@ struct TestContext {
   std::vector<std::vector<float>> q;     // per layer [n_q, T, d] test queries
   int T = 0;
   std::unique_ptr<ContextHandle> handle;
+  // The stored index records of the version the handle reads, [layer * n_kv + head].
+  std::vector<storage::HeadIndexRecord> records;
+  const storage::HeadIndexRecord& record(int layer, int g) const { return records[layer * spec.n_kv_heads + g]; }
 };
 
 class QueryEngineTest : public ::testing::Test {
@@ -70,6 +75,17 @@ class QueryEngineTest : public ::testing::Test {
     ASSERT_TRUE(s.ok()) << s.ToString();
     s = ContextHandle::Open(db_.get(), name, &ctx->handle);
     ASSERT_TRUE(s.ok()) << s.ToString();
+    std::unique_ptr<storage::ContextSnapshot> snap;
+    s = db_->store()->OpenSnapshot(name, &snap);
+    ASSERT_TRUE(s.ok()) << s.ToString();
+    ASSERT_EQ(snap->info().id, ctx->handle->generation());
+    ctx->records.resize(static_cast<size_t>(spec.n_layers) * spec.n_kv_heads);
+    for (int l = 0; l < spec.n_layers; ++l) {
+      for (int g = 0; g < spec.n_kv_heads; ++g) {
+        s = snap->GetHeadIndex(l, g, &ctx->records[l * spec.n_kv_heads + g]);
+        ASSERT_TRUE(s.ok()) << s.ToString();
+      }
+    }
   }
 
   // Dense attention in double over the original token positions `pos` of
@@ -130,21 +146,79 @@ class QueryEngineTest : public ::testing::Test {
     }
   }
 
+  // Original token position of stored row `row` of (layer, kv head g):
+  // clustered rows through the stored permutation, then the always set
+  // (sinks, then the window).
+  static uint32_t TokenOfRow(const TestContext& c, int layer, int g, int64_t row) {
+    const ContextInfo& info = c.handle->info();
+    if (row < info.n_clustered) return c.record(layer, g).permutation[row];
+    const int64_t i = row - info.n_clustered;
+    return static_cast<uint32_t>(i < info.n_sinks ? i : info.n_tokens - info.window + (i - info.n_sinks));
+  }
+
   // Original token positions of fine clusters `clusters` plus the always set
   // of (layer, kv head), from the stored index record.
-  std::vector<uint32_t> Positions(const TestContext& c, int layer, int g, const std::vector<uint32_t>& clusters) {
-    std::string bytes;
-    Status s = storage::Impl(db_.get())->GetHeadIndex(c.handle->info().id, layer, g, &bytes);
-    EXPECT_TRUE(s.ok()) << s.ToString();
-    const auto* r = flatbuffers::GetRoot<fb::HeadIndex>(bytes.data());
-    std::vector<uint32_t> pos(r->always_positions()->begin(), r->always_positions()->end());
+  static std::vector<uint32_t> Positions(const TestContext& c, int layer, int g,
+                                         const std::vector<uint32_t>& clusters) {
+    const ContextInfo& info = c.handle->info();
+    const storage::HeadIndexRecord& r = c.record(layer, g);
+    std::vector<uint32_t> pos;
+    for (int64_t row = info.n_clustered; row < info.n_tokens; ++row) pos.push_back(TokenOfRow(c, layer, g, row));
     for (uint32_t j : clusters) {
-      for (uint32_t p = r->fine_offsets()->Get(j); p < r->fine_offsets()->Get(j + 1); ++p) {
-        pos.push_back(r->permutation()->Get(p));
-      }
+      for (uint32_t p = r.fine_offsets[j]; p < r.fine_offsets[j + 1]; ++p) pos.push_back(r.permutation[p]);
     }
     return pos;
   }
+
+  // Brute force: the maximal runs of stored rows covered by fine clusters
+  // `clusters` of (layer, g), then the always set, as segments.
+  static std::vector<Segment> Runs(const TestContext& c, int layer, int g, const std::vector<uint32_t>& clusters) {
+    const ContextInfo& info = c.handle->info();
+    const storage::HeadIndexRecord& r = c.record(layer, g);
+    std::vector<bool> in(static_cast<size_t>(info.n_clustered), false);
+    for (uint32_t j : clusters) {
+      for (uint32_t p = r.fine_offsets[j]; p < r.fine_offsets[j + 1]; ++p) in[p] = true;
+    }
+    std::vector<Segment> out;
+    for (int64_t row = 0; row < info.n_clustered;) {
+      if (!in[row]) {
+        ++row;
+        continue;
+      }
+      int64_t end = row;
+      while (end < info.n_clustered && in[end]) ++end;
+      out.push_back(Segment{static_cast<uint32_t>(row), static_cast<uint32_t>(end - row)});
+      row = end;
+    }
+    if (info.n_always() > 0) {
+      out.push_back(Segment{static_cast<uint32_t>(info.n_clustered), static_cast<uint32_t>(info.n_always())});
+    }
+    return out;
+  }
+
+  // The pages holding `segments` (ascending page ids), from the page geometry:
+  // clustered row r in page r / P, always row n_clustered + i in page
+  // clustered_pages + i / P.
+  static std::vector<uint32_t> PagesOf(const ContextInfo& info, const std::vector<Segment>& segments) {
+    std::set<uint32_t> pages;
+    for (const Segment& s : segments) {
+      for (int64_t row = s.first_row; row < static_cast<int64_t>(s.first_row) + s.n_rows; ++row) {
+        pages.insert(static_cast<uint32_t>(row < info.n_clustered
+                                               ? row / info.page_rows
+                                               : info.clustered_pages + (row - info.n_clustered) / info.page_rows));
+      }
+    }
+    return std::vector<uint32_t>(pages.begin(), pages.end());
+  }
+
+  // Segments as (first_row, n_rows) pairs (comparable, printable).
+  using Runs_t = std::vector<std::pair<uint32_t, uint32_t>>;
+  static Runs_t Pairs(const Segment* b, const Segment* e) {
+    Runs_t out;
+    for (; b != e; ++b) out.emplace_back(b->first_row, b->n_rows);
+    return out;
+  }
+  static Runs_t Pairs(const std::vector<Segment>& v) { return Pairs(v.data(), v.data() + v.size()); }
 
   // The first T of the context's test queries of every head: [n_q, T, d].
   static std::vector<float> FirstQueries(const TestContext& c, int layer, int T) {
@@ -208,9 +282,13 @@ TEST_F(QueryEngineTest, DenseAndFullBudgetEqualDenseAttention) {
           ASSERT_TRUE(s.ok()) << s.ToString();
           ExpectMatchesFor(c, layer, q, T, o, lse, [&](int, int, int) { return all; },
                            std::string(cs.name) + " T " + std::to_string(T) + " variant " + std::to_string(variant));
-          // Everything was read: all K+V bytes of the layer.
-          EXPECT_EQ(st.bytes_read(),
-                    static_cast<uint64_t>(c.spec.n_kv_heads) * c.spec.n_tokens * c.spec.head_dim * 2 * 2);
+          // Everything was read: every page of the layer (all K+V bytes,
+          // padding included).
+          const ContextInfo& info = c.handle->info();
+          EXPECT_GE(info.pages_per_head() * static_cast<int64_t>(info.page_rows), c.spec.n_tokens);
+          EXPECT_EQ(st.bytes_read(), static_cast<uint64_t>(c.spec.n_kv_heads * info.pages_per_head()) *
+                                         2 * info.page_rows * c.spec.head_dim * 2);
+          for (const HeadStats& hs : st.heads) EXPECT_EQ(hs.pages_read, info.pages_per_head());
           EXPECT_EQ(st.keys_selected(), c.handle->info().n_clustered * c.spec.n_kv_heads);
         }
       }
@@ -225,6 +303,7 @@ TEST_F(QueryEngineTest, AttentionIsExactOverTheSelection) {
   bo.n_sinks = 3;
   Build("sel", SmallSpec(2, 6), 5, true, bo, &c);
   const auto& impl = static_cast<const query::ContextHandleImpl&>(*c.handle);
+  const ContextInfo& info = c.handle->info();
   const int G = 3;
   int variants = 0;
   for (int layer = 0; layer < 2; ++layer) {
@@ -242,9 +321,48 @@ TEST_F(QueryEngineTest, AttentionIsExactOverTheSelection) {
               qo.mode = SelectionMode::kThreshold;
               qo.threshold_quantile = 0.8;
             }
-            std::vector<query::HeadSelection> sels;
-            Status s = impl.SelectLayer(layer, c.q[layer].data(), c.T, qo, &sels);
+            // The selection, brute force from the selection functions.
+            query::SelectionParams params;
+            Status s = impl.Resolve(qo, &params);
             ASSERT_TRUE(s.ok()) << s.ToString();
+            const int d = c.spec.head_dim;
+            std::vector<query::HeadSelection> sels(2);
+            for (int g = 0; g < 2; ++g) {
+              query::SelectHead(impl.View(layer, g), c.q[layer].data() + static_cast<size_t>(g) * G * c.T * d, G,
+                                c.T, params, &sels[g]);
+            }
+            // The plan is exactly that selection as runs of stored rows.
+            SegmentTable table;
+            s = c.handle->Plan(layer, c.q[layer].data(), c.T, qo, &table);
+            ASSERT_TRUE(s.ok()) << s.ToString();
+            ASSERT_EQ(table.n_kv_heads, 2);
+            ASSERT_EQ(table.group_size, G);
+            ASSERT_EQ(table.T, c.T);
+            ASSERT_EQ(table.page_rows, info.page_rows);
+            ASSERT_EQ(table.row_set.size(), static_cast<size_t>(2 * G * c.T));
+            for (int g = 0; g < 2; ++g) {
+              for (int gl = 0; gl < G; ++gl) {
+                for (int t = 0; t < c.T; ++t) {
+                  const int32_t set = table.row_set[(static_cast<size_t>(g) * G + gl) * c.T + t];
+                  ASSERT_GE(set, 0);
+                  ASSERT_LT(set, table.n_sets());
+                  EXPECT_EQ(table.set_kv_head[set], g);
+                  const auto& sel = sels[g];
+                  EXPECT_EQ(Pairs(table.segments.data() + table.set_offsets[set],
+                                  table.segments.data() + table.set_offsets[set + 1]),
+                            Pairs(Runs(c, layer, g, sel.sets[sel.set_of[static_cast<size_t>(gl) * c.T + t]])))
+                      << "head " << g << " query head " << gl << " t " << t;
+                }
+              }
+              const std::vector<Segment> read = Runs(c, layer, g, sels[g].read);
+              EXPECT_EQ(Pairs(table.read_segments.data() + table.read_offsets[g],
+                              table.read_segments.data() + table.read_offsets[g + 1]),
+                        Pairs(read));
+              EXPECT_EQ(std::vector<uint32_t>(table.pages.begin() + table.page_offsets[g],
+                                              table.pages.begin() + table.page_offsets[g + 1]),
+                        PagesOf(info, read));
+              EXPECT_EQ(table.clusters_read[g], static_cast<int64_t>(sels[g].read.size()));
+            }
             std::vector<float> o(c.q[layer].size()), lse(o.size() / c.spec.head_dim);
             AttendStats st;
             s = c.handle->Attend(layer, c.q[layer].data(), c.T, qo, o.data(), lse.data(), &st);
@@ -262,14 +380,24 @@ TEST_F(QueryEngineTest, AttentionIsExactOverTheSelection) {
               const auto& h = impl.head(layer, g);
               int64_t keys = 0;
               for (uint32_t j : sels[g].read) keys += h.fine_sizes[j];
+              const std::vector<Segment> read = Runs(c, layer, g, sels[g].read);
+              const int64_t pages = static_cast<int64_t>(PagesOf(info, read).size());
               EXPECT_EQ(st.heads[g].keys_selected, keys);
               EXPECT_EQ(st.heads[g].clusters_selected, static_cast<int64_t>(sels[g].read.size()));
-              EXPECT_EQ(st.heads[g].bytes_read,
-                        static_cast<uint64_t>(keys + h.n_always) * c.spec.head_dim * 2 * 2);
+              EXPECT_EQ(st.heads[g].clusters_scored, table.clusters_scored[g]);
+              EXPECT_EQ(st.heads[g].segments_read, static_cast<int64_t>(read.size()));
+              EXPECT_EQ(st.heads[g].pages_read, pages);
+              EXPECT_EQ(st.heads[g].bytes_read, static_cast<uint64_t>(pages) * info.page_bytes());
+              EXPECT_EQ(info.page_bytes(), static_cast<size_t>(2 * info.page_rows * c.spec.head_dim * 2));
+              // Whole pages: at least the rows read, at most one partial
+              // page per end of every run.
+              EXPECT_GE(pages * info.page_rows, keys + info.n_always());
+              EXPECT_LE(pages * info.page_rows, keys + info.n_always() + 2 * static_cast<int64_t>(read.size()) *
+                                                                          (info.page_rows - 1));
               int64_t attended = 0;
               for (int gl = 0; gl < G; ++gl) {
                 for (int t = 0; t < c.T; ++t) {
-                  attended += h.n_always;
+                  attended += info.n_always();
                   for (uint32_t j : sels[g].sets[sels[g].set_of[static_cast<size_t>(gl) * c.T + t]]) {
                     attended += h.fine_sizes[j];
                   }
@@ -415,26 +543,97 @@ TEST_F(QueryEngineTest, ConcurrentAttendEqualsSerial) {
   for (int t = 0; t < 4; ++t) EXPECT_EQ(mismatches[t], 0) << "thread " << t;
 }
 
-TEST_F(QueryEngineTest, WrongBlockSizeIsCorruption) {
+TEST_F(QueryEngineTest, WrongPageSizeIsCorruption) {
   TestContext c;
   BuildOptions bo;
   bo.window = 32;
   Build("corrupt", SmallSpec(1, 2), 2, false, bo, &c);
-  // Replace fine block 0 of layer 1 with one that lost a row.
-  auto* impl = storage::Impl(db_.get());
-  const std::string key = storage::BlockKey(c.handle->info().id, 1, 0, 0);
+  // Replace KV page 0 of layer 1 with one that lost a row's worth of bytes.
+  auto v = index_test::RawView(db_.get());
+  const std::string key = storage::PageKey(c.handle->info().id, 1, 0, 0);
   std::string value;
-  ASSERT_TRUE(impl->raw()->Get(rocksdb::ReadOptions(), impl->cf_kv(), key, &value).ok());
+  ASSERT_TRUE(v->db->Get(rocksdb::ReadOptions(), v->cf_kv, key, &value).ok());
+  ASSERT_EQ(value.size(), c.handle->info().page_bytes());
   value.resize(value.size() - 2 * c.spec.head_dim);
-  ASSERT_TRUE(impl->raw()->Put(rocksdb::WriteOptions(), impl->cf_kv(), key, value).ok());
+  ASSERT_TRUE(v->db->Put(rocksdb::WriteOptions(), v->cf_kv, key, value).ok());
   std::vector<float> o(c.q[1].size()), lse(o.size() / c.spec.head_dim);
   QueryOptions qo;
   qo.mode = SelectionMode::kDense;
+  // The handle opened before the damage reads its own version, intact.
   Status s = c.handle->Attend(1, c.q[1].data(), 2, qo, o.data(), lse.data());
+  EXPECT_TRUE(s.ok()) << s.ToString();
+  // A handle opened now reads the damaged page.
+  std::unique_ptr<ContextHandle> h;
+  ASSERT_TRUE(ContextHandle::Open(db_.get(), "corrupt", &h).ok());
+  s = h->Attend(1, c.q[1].data(), 2, qo, o.data(), lse.data());
   EXPECT_TRUE(s.IsCorruption()) << s.ToString();
-  EXPECT_NE(s.message().find("layer 1 KV head 0: KV block 0 has"), std::string::npos) << s.ToString();
+  EXPECT_NE(s.message().find("layer 1 KV head 0: KV page 0 has"), std::string::npos) << s.ToString();
+  std::vector<float> k(static_cast<size_t>(c.spec.head_dim)), vv(k.size());
+  s = h->ReadRows(1, 0, 0, 1, k.data(), vv.data());
+  EXPECT_TRUE(s.IsCorruption()) << s.ToString();
   // Layer 0 is intact.
-  EXPECT_TRUE(c.handle->Attend(0, c.q[0].data(), 2, qo, o.data(), lse.data()).ok());
+  EXPECT_TRUE(h->Attend(0, c.q[0].data(), 2, qo, o.data(), lse.data()).ok());
+}
+
+TEST_F(QueryEngineTest, ReadRowsReturnsTheStoredRowsInPermutedOrder) {
+  TestContext c;
+  BuildOptions bo;
+  bo.window = 40;
+  bo.n_sinks = 3;
+  bo.page_rows = 24;  // pages straddle cluster boundaries; both runs end in a partial page
+  Build("rows", SmallSpec(2, 4, 1000, 32, DType::kBF16), 2, false, bo, &c);
+  const ContextInfo& info = c.handle->info();
+  ASSERT_EQ(info.page_rows, 24);
+  const int d = c.spec.head_dim;
+  const int64_t n = info.n_tokens;
+  for (int layer = 0; layer < 2; ++layer) {
+    for (int g = 0; g < 2; ++g) {
+      SCOPED_TRACE("layer " + std::to_string(layer) + " head " + std::to_string(g));
+      // Every row, bit for bit the stored (source) value of its token.
+      std::vector<float> k(static_cast<size_t>(n) * d), v(k.size());
+      uint64_t bytes = 0;
+      Status s = c.handle->ReadRows(layer, g, 0, n, k.data(), v.data(), &bytes);
+      ASSERT_TRUE(s.ok()) << s.ToString();
+      EXPECT_EQ(bytes, static_cast<uint64_t>(info.pages_per_head()) * info.page_bytes());
+      const float* kh = c.k[layer].data() + static_cast<size_t>(g) * n * d;
+      const float* vh = c.v[layer].data() + static_cast<size_t>(g) * n * d;
+      for (int64_t row = 0; row < n; ++row) {
+        const uint32_t tok = TokenOfRow(c, layer, g, row);
+        for (int e = 0; e < d; ++e) {
+          ASSERT_EQ(k[row * d + e], kh[static_cast<size_t>(tok) * d + e]) << "K row " << row;
+          ASSERT_EQ(v[row * d + e], vh[static_cast<size_t>(tok) * d + e]) << "V row " << row;
+        }
+      }
+      // A range across the clustered/always boundary reads the same rows and
+      // only the pages holding them.
+      const int64_t first = info.n_clustered - 30, count = 45;
+      std::vector<float> k2(static_cast<size_t>(count) * d), v2(k2.size());
+      s = c.handle->ReadRows(layer, g, first, count, k2.data(), v2.data(), &bytes);
+      ASSERT_TRUE(s.ok()) << s.ToString();
+      EXPECT_TRUE(std::equal(k2.begin(), k2.end(), k.begin() + first * d));
+      EXPECT_TRUE(std::equal(v2.begin(), v2.end(), v.begin() + first * d));
+      const std::vector<Segment> segs = {
+          Segment{static_cast<uint32_t>(first), static_cast<uint32_t>(info.n_clustered - first)},
+          Segment{static_cast<uint32_t>(info.n_clustered), static_cast<uint32_t>(first + count - info.n_clustered)}};
+      EXPECT_EQ(bytes, PagesOf(info, segs).size() * info.page_bytes());
+    }
+  }
+  std::vector<float> k(static_cast<size_t>(d)), v(k.size());
+  EXPECT_TRUE(c.handle->ReadRows(0, 0, n, 1, k.data(), v.data()).IsInvalidArgument());
+  EXPECT_TRUE(c.handle->ReadRows(0, 0, -1, 1, k.data(), v.data()).IsInvalidArgument());
+  EXPECT_TRUE(c.handle->ReadRows(2, 0, 0, 1, k.data(), v.data()).IsInvalidArgument());
+  EXPECT_TRUE(c.handle->ReadRows(0, 2, 0, 1, k.data(), v.data()).IsInvalidArgument());
+  // A handle serving KV head 1 only reads only that head.
+  OpenOptions oo;
+  oo.kv_head_begin = 1;
+  std::unique_ptr<ContextHandle> h1;
+  ASSERT_TRUE(ContextHandle::Open(db_.get(), "rows", oo, &h1).ok());
+  EXPECT_TRUE(h1->ReadRows(0, 0, 0, 1, k.data(), v.data()).IsInvalidArgument());
+  std::vector<float> k1(k.size()), v1(k.size());
+  ASSERT_TRUE(h1->ReadRows(0, 1, 5, 1, k1.data(), v1.data()).ok());
+  ASSERT_TRUE(c.handle->ReadRows(0, 1, 5, 1, k.data(), v.data()).ok());
+  EXPECT_EQ(k1, k);
+  EXPECT_EQ(v1, v);
 }
 
 TEST_F(QueryEngineTest, OnlyTheAlwaysSetWhenNothingIsClustered) {

@@ -38,8 +38,13 @@ double RandomSelectionRatio(const query::ContextHandleImpl& impl, const std::vec
       const query::HeadData& h = impl.head(lq.layer, g);
       std::vector<uint32_t> all(h.k2);
       std::iota(all.begin(), all.end(), 0u);
-      query::KvRows kv;
-      EXPECT_TRUE(impl.ReadRows(lq.layer, g, all, &kv).ok());
+      // Every row of the head in the stored order: the clustered rows (fine
+      // cluster j is rows [fine_offsets[j], fine_offsets[j + 1])), then the
+      // always set.
+      const int64_t n = info.n_tokens, nc = info.n_clustered;
+      std::vector<float> k(static_cast<size_t>(n) * d), v(k.size());
+      Status s = impl.ReadRows(lq.layer, g, 0, n, k.data(), v.data());
+      EXPECT_TRUE(s.ok()) << s.ToString();
       for (int qh = g * G; qh < (g + 1) * G; ++qh) {
         bool concentrated = false;
         for (const auto& e : report.heads) {
@@ -48,27 +53,27 @@ double RandomSelectionRatio(const query::ContextHandleImpl& impl, const std::vec
         if (!concentrated) continue;
         for (int t = 0; t < lq.T; ++t) {
           const float* q = lq.q.data() + (static_cast<size_t>(qh) * lq.T + t) * d;
-          std::vector<double> p(kv.rows);
+          std::vector<double> p(static_cast<size_t>(n));
           double m = -INFINITY, z = 0;
-          for (int64_t i = 0; i < kv.rows; ++i) {
+          for (int64_t i = 0; i < n; ++i) {
             double dot = 0;
-            for (int c = 0; c < d; ++c) dot += static_cast<double>(q[c]) * kv.k[i * d + c];
+            for (int c = 0; c < d; ++c) dot += static_cast<double>(q[c]) * k[i * d + c];
             p[i] = scale * dot;
             m = std::max(m, p[i]);
           }
           for (double& x : p) z += (x = std::exp(x - m));
           for (double& x : p) x /= z;
-          const double always = std::accumulate(p.begin(), p.begin() + kv.n_always, 0.0);
+          const double always = std::accumulate(p.begin() + nc, p.end(), 0.0);
           std::vector<uint32_t> order = all;
           std::shuffle(order.begin(), order.end(), rng);
           double r = always;
           int64_t taken = 0;
           for (size_t i = 0; i < order.size() && taken < keys; ++i) {
             const uint32_t j = order[i];
-            r += std::accumulate(p.begin() + kv.cluster_begin[j], p.begin() + kv.cluster_begin[j + 1], 0.0);
+            r += std::accumulate(p.begin() + h.fine_offsets[j], p.begin() + h.fine_offsets[j + 1], 0.0);
             taken += h.fine_sizes[j];
           }
-          std::vector<double> clustered(p.begin() + kv.n_always, p.end());
+          std::vector<double> clustered(p.begin(), p.begin() + nc);
           std::sort(clustered.begin(), clustered.end(), std::greater<double>());
           const double best =
               always + std::accumulate(clustered.begin(), clustered.begin() + std::min<int64_t>(taken, clustered.size()), 0.0);

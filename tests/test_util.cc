@@ -1,13 +1,19 @@
 #include "tests/test_util.h"
 
+#include <signal.h>
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include <array>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <random>
 #include <stdexcept>
+#include <thread>
+
+extern char** environ;
 
 namespace sqz::testing {
 
@@ -43,6 +49,41 @@ int RunCommand(const std::string& cmd, std::string* output) {
   int st = pclose(p);
   if (st == -1) return -1;
   return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+}
+
+int RunSelfChild(const std::string& gtest_filter, const std::vector<std::string>& env_extra, int timeout_s) {
+  std::vector<std::string> env_strings;
+  for (char** e = environ; *e; ++e) env_strings.emplace_back(*e);
+  for (const auto& e : env_extra) env_strings.push_back(e);
+  std::vector<char*> envp;
+  for (auto& e : env_strings) envp.push_back(e.data());
+  envp.push_back(nullptr);
+  std::string a0 = "/proc/self/exe", a1 = "--gtest_filter=" + gtest_filter, a2 = "--gtest_also_run_disabled_tests";
+  std::vector<char*> argv = {a0.data(), a1.data(), a2.data(), nullptr};
+  // Resolve the binary before fork so the child only calls execve.
+  char exe[4096];
+  const ssize_t n = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
+  if (n <= 0) return -1;
+  exe[n] = '\0';
+  const pid_t pid = fork();
+  if (pid < 0) return -1;
+  if (pid == 0) {
+    execve(exe, argv.data(), envp.data());
+    _exit(127);
+  }
+  int status = 0;
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(timeout_s);
+  while (true) {
+    const pid_t r = waitpid(pid, &status, WNOHANG);
+    if (r < 0) return -1;
+    if (r == pid) return status;
+    if (std::chrono::steady_clock::now() > deadline) {
+      kill(pid, SIGKILL);
+      waitpid(pid, &status, 0);
+      return -1;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
 }
 
 std::string SqctlPath() {

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <string>
+#include <vector>
 
 namespace sqz::testing {
 
@@ -21,6 +22,14 @@ class ScopedTempDir {
 // Runs a shell command, returns its exit status (-1 if it could not run)
 // and appends stdout+stderr to *output when given.
 int RunCommand(const std::string& cmd, std::string* output = nullptr);
+
+// Runs this test binary again in a child process on the tests matching
+// `gtest_filter` (disabled tests included), with `env_extra` ("NAME=value")
+// added to the environment. fork() + exec give the child a clean process
+// (RocksDB's and OpenMP's threads do not survive a bare fork). Waits at most
+// `timeout_s` seconds (then kills the child and returns -1); returns the
+// child's raw wait status (WIFSIGNALED etc.), -1 if it could not run.
+int RunSelfChild(const std::string& gtest_filter, const std::vector<std::string>& env_extra, int timeout_s);
 
 // Path of the built sqctl binary ($SQZ_SQCTL overrides it).
 std::string SqctlPath();
