@@ -321,8 +321,50 @@ Status DBImpl::OpenView(bool fresh_dir, std::shared_ptr<RocksView>* out) {
   v->cf_index = v->handles[2];
   v->cf_kv = v->handles[3];
   SQZ_RETURN_IF_ERROR(CheckFormatVersion(v.get(), fresh_dir));
+  if (read_only_) SQZ_RETURN_IF_ERROR(CatchUpUntilConsistent(v.get()));
   *out = std::move(v);
   return Status::OK();
+}
+
+// A secondary instance reads RocksDB's MANIFEST (the table files) before the
+// WAL (the latest writes). A commit flushes a context's records (MANIFEST)
+// and then writes its manifest record (WAL); if the flush landed between the
+// two reads, the instance sees the manifest record without the records.
+// Catching up re-reads the MANIFEST, which then holds that flush: repeat
+// until every visible context has its records (the first and last index
+// record and the last KV page of its last head), so a reader never sees a
+// partial context.
+Status DBImpl::CatchUpUntilConsistent(RocksView* v) {
+  std::string missing;
+  for (int attempt = 0; attempt < 50; ++attempt) {
+    missing.clear();
+    std::unique_ptr<rocksdb::Iterator> it(v->db->NewIterator(rocksdb::ReadOptions(), v->cf_manifest));
+    for (it->SeekToFirst(); it->Valid() && missing.empty(); it->Next()) {
+      ContextInfo info;
+      SQZ_RETURN_IF_ERROR(DecodeManifest(it->value().ToStringView(),
+                                         path_ + ": context '" + it->key().ToString() + "'", &info));
+      const uint32_t L = static_cast<uint32_t>(info.n_layers - 1), H = static_cast<uint32_t>(info.n_kv_heads - 1);
+      const uint32_t P = static_cast<uint32_t>(info.pages_per_head() - 1);
+      const std::pair<rocksdb::ColumnFamilyHandle*, std::string> keys[] = {
+          {v->cf_index, HeadKey(info.id, 0, 0)}, {v->cf_index, HeadKey(info.id, L, H)},
+          {v->cf_kv, PageKey(info.id, L, H, P)}};
+      for (const auto& [cf, key] : keys) {
+        rocksdb::PinnableSlice value;
+        rocksdb::Status gs = v->db->Get(rocksdb::ReadOptions(), cf, key, &value);
+        if (gs.IsNotFound()) {
+          missing = info.name;
+          break;
+        }
+        SQZ_RETURN_IF_ERROR(FromRocks(gs, path_ + ": checking context '" + info.name + "'"));
+      }
+    }
+    SQZ_RETURN_IF_ERROR(FromRocks(it->status(), path_ + ": scanning manifests"));
+    if (missing.empty()) return Status::OK();
+    std::this_thread::sleep_for(std::chrono::milliseconds(std::min(5 * (attempt + 1), 100)));
+    SQZ_RETURN_IF_ERROR(FromRocks(v->db->TryCatchUpWithPrimary(), path_ + ": catching up with the writer"));
+  }
+  return Status::Corruption(path_ + ": context '" + missing +
+                            "' has a manifest but its records are missing (also after catching up with the writer)");
 }
 
 Status DBImpl::OpenImpl(const Options& options, const std::string& path) {

@@ -79,6 +79,7 @@ class DBImpl final : public DB, public Store {
   Status OpenSnapshotImpl(const std::string& name, std::unique_ptr<SnapshotImpl>* out);
   Status OpenView(bool fresh_dir, std::shared_ptr<RocksView>* out);
   Status CheckFormatVersion(RocksView* v, bool fresh);
+  Status CatchUpUntilConsistent(RocksView* v);
   Status LoadIds();
   Status RemoveOrphans();
   Status DeleteContextData(uint64_t ctx, rocksdb::WriteBatch* batch);

@@ -53,7 +53,7 @@ struct BuildOptions {
   // Rows per KV page (docs/FORMAT.md, "KV pages"): the unit in which keys and
   // values are stored, read and paged to the GPU. Chosen from the read
   // amplification and cold-read measurements in docs/PERFORMANCE.md.
-  int page_rows = 32;
+  int page_rows = 16;
   // Lloyd iterations of each k-means.
   int kmeans_iters = 10;
   // Seed of the k-means initialisation; a build is deterministic for a seed.
