@@ -581,8 +581,10 @@ Status DBImpl::Reclaim() {
   {
     std::lock_guard<std::mutex> lock(reclaim_mu_);
     const uint64_t oldest = live_snapshots_.empty() ? UINT64_MAX : *live_snapshots_.begin();
+    // A snapshot whose sequence number is >= the drop's already sees the
+    // drop: only older ones still need the data.
     for (const auto& [id, seq] : pending_) {
-      if (seq < oldest || live_snapshots_.empty()) ready.push_back(id);
+      if (seq <= oldest) ready.push_back(id);
     }
   }
   for (uint64_t id : ready) {
@@ -677,8 +679,10 @@ Status DBImpl::DropContext(const std::string& name) {
     SQZ_RETURN_IF_ERROR(FromRocks(batch.Put(view_->cf_default, ReclaimKey(info.id), ""), "drop"));
     rocksdb::WriteOptions wo;
     wo.sync = true;
-    SQZ_RETURN_IF_ERROR(FromRocks(view_->db->Write(wo, &batch), "dropping context '" + name + "'"));
+    // The marker and its sequence number appear together for Reclaim (which
+    // scans markers under reclaim_mu_).
     std::lock_guard<std::mutex> rl(reclaim_mu_);
+    SQZ_RETURN_IF_ERROR(FromRocks(view_->db->Write(wo, &batch), "dropping context '" + name + "'"));
     pending_[info.id] = view_->db->GetLatestSequenceNumber();
   }
   return Reclaim();
@@ -742,11 +746,9 @@ Status DBImpl::CommitContext(uint64_t id, const ContextInfo& info_in, bool repla
     }
     rocksdb::WriteOptions wo;
     wo.sync = true;
+    std::lock_guard<std::mutex> rl(reclaim_mu_);  // see DropContext
     SQZ_RETURN_IF_ERROR(FromRocks(view_->db->Write(wo, &batch), "committing context '" + info.name + "'"));
-    if (had_old) {
-      std::lock_guard<std::mutex> rl(reclaim_mu_);
-      pending_[old.id] = view_->db->GetLatestSequenceNumber();
-    }
+    if (had_old) pending_[old.id] = view_->db->GetLatestSequenceNumber();
   }
   (void)id;
   return had_old ? Reclaim() : Status::OK();
