@@ -22,6 +22,13 @@ class ScopedTempDir {
 // and appends stdout+stderr to *output when given.
 int RunCommand(const std::string& cmd, std::string* output = nullptr);
 
+// Like RunCommand, but keeps stdout (*out) and stderr (*err) apart, e.g. to
+// parse a command's --json output.
+int RunCommandSplit(const std::string& cmd, std::string* out, std::string* err);
+
+// `s` as one word for /bin/sh (single-quoted; any bytes but NUL).
+std::string ShellQuote(const std::string& s);
+
 // Path of the built sqctl binary ($SQZ_SQCTL overrides it).
 std::string SqctlPath();
 

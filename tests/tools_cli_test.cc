@@ -2,8 +2,12 @@
 // binary, its exit codes and its messages.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <string>
+#include <vector>
 
 #include "tests/test_util.h"
 #include "synth/synthetic.h"
@@ -12,6 +16,8 @@ namespace sqz {
 namespace {
 
 using sqz::testing::RunCommand;
+using sqz::testing::RunCommandSplit;
+using sqz::testing::ShellQuote;
 using sqz::testing::ScopedTempDir;
 using sqz::testing::SqctlPath;
 
@@ -33,7 +39,17 @@ class SqctlCli : public ::testing::Test {
     out->clear();
     return RunCommand(SqctlPath() + " " + args, out);
   }
+  // Runs `sqctl <args>` and parses its stdout as JSON (a parse failure is a
+  // discarded value, reported with the text).
+  int RunJson(const std::string& args, nlohmann::json* j, std::string* err) {
+    std::string out;
+    const int rc = RunCommandSplit(SqctlPath() + " " + args, &out, err);
+    *j = nlohmann::json::parse(out, nullptr, /*allow_exceptions=*/false);
+    if (j->is_discarded()) *err += "\nnot valid JSON:\n" + out;
+    return rc;
+  }
   std::string Db() const { return dir_.Sub("db"); }
+  std::string Kv(int i) const { return dir_.Sub("corpus/ctx_00" + std::to_string(i) + ".safetensors"); }
   ScopedTempDir dir_;
 };
 
@@ -122,6 +138,71 @@ TEST_F(SqctlCli, BadInputNamesTheFileAndLeavesTheDatabaseAlone) {
   // A database directory that does not exist is not created by read commands.
   EXPECT_EQ(Run("list --db " + dir_.Sub("nowhere"), &out), 1);
   EXPECT_NE(out.find("no squeeze database"), std::string::npos) << out;
+}
+
+// --json output is real JSON whatever the context name holds: long names
+// (a fixed buffer used to cut them), quotes, backslashes, newlines and other
+// control characters come back intact.
+TEST_F(SqctlCli, JsonOutputParsesWithAnyContextName) {
+  const std::string long_name(1000, 'n');
+  const std::string odd_name = std::string("say \"hi\" C:\\dir\\ it's\nline two\ttab") + char(1) + "/x";
+  std::string err;
+  nlohmann::json j;
+  for (const std::string& name : {long_name, odd_name}) {
+    ASSERT_EQ(RunJson("build-index --db " + Db() + " --kv " + Kv(0) + " --iters 2 --json --name " + ShellQuote(name),
+                      &j, &err),
+              0)
+        << err;
+    ASSERT_FALSE(j.is_discarded()) << err;
+    ASSERT_TRUE(j.is_array() && j.size() == 1) << j.dump();
+    EXPECT_EQ(j[0]["name"], name);
+    for (const char* field : {"seconds", "seconds_read", "seconds_kmeans", "seconds_calibrate", "seconds_write",
+                              "keys_clustered", "keys_per_second", "kv_bytes", "index_bytes", "peak_rss_bytes"}) {
+      EXPECT_TRUE(j[0].contains(field) && j[0][field].is_number()) << field << " in " << j.dump();
+    }
+    EXPECT_GT(j[0]["keys_clustered"].get<int64_t>(), 0);
+
+    ASSERT_EQ(RunJson("info --db " + Db() + " --json --context " + ShellQuote(name), &j, &err), 0) << err;
+    ASSERT_FALSE(j.is_discarded()) << err;
+    EXPECT_EQ(j["name"], name);
+    EXPECT_EQ(j["n_tokens"], 2048);
+    EXPECT_EQ(j["n_layers"], 2);
+    EXPECT_EQ(j["dtype"], "F16");
+    EXPECT_EQ(j["calibration_queries"], 32);
+    ASSERT_TRUE(j["fine_clusters"].is_array());
+    EXPECT_EQ(j["fine_clusters"].size(), 4u);  // 2 layers x 2 KV heads
+    ASSERT_TRUE(j["thresholds"].is_array());
+    ASSERT_EQ(j["thresholds"].size(), 5u);
+    EXPECT_DOUBLE_EQ(j["thresholds"][3]["quantile"].get<double>(), 0.9);
+    EXPECT_TRUE(j["thresholds"][3]["flat"].is_number());
+
+    // The text form is not cut either.
+    std::string out;
+    ASSERT_EQ(Run("info --db " + Db() + " --context " + ShellQuote(name), &out), 0) << out;
+    EXPECT_NE(out.find(name + " (id "), std::string::npos) << out;
+  }
+  ASSERT_EQ(RunJson("list --db " + Db() + " --json", &j, &err), 0) << err;
+  ASSERT_FALSE(j.is_discarded()) << err;
+  ASSERT_TRUE(j.is_array() && j.size() == 2) << j.dump();
+  std::vector<std::string> names;
+  for (const auto& c : j) {
+    names.push_back(c["name"]);
+    EXPECT_EQ(c["n_layers"], 2);
+    EXPECT_EQ(c["n_tokens"], 2048);
+    EXPECT_TRUE(c["bytes_on_disk"].is_number_unsigned());
+  }
+  std::sort(names.begin(), names.end());
+  EXPECT_EQ(names, (std::vector<std::string>{long_name, odd_name}));
+
+  // Several contexts in one build: one array element each.
+  ASSERT_EQ(RunJson("build-index --db " + dir_.Sub("db2") + " --corpus " + dir_.Sub("corpus") + " --iters 2 --json", &j,
+                    &err),
+            0)
+      << err;
+  ASSERT_FALSE(j.is_discarded()) << err;
+  ASSERT_TRUE(j.is_array() && j.size() == 2) << j.dump();
+  EXPECT_EQ(j[0]["name"], "ctx_000");
+  EXPECT_EQ(j[1]["name"], "ctx_001");
 }
 
 }  // namespace

@@ -1,6 +1,8 @@
 #include "cli.h"
 
 #include <cerrno>
+#include <charconv>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 
@@ -78,24 +80,13 @@ int Fail(const std::string& cmd, const Status& s) {
   return 1;
 }
 
-std::string JsonEscape(const std::string& s) {
-  std::string out;
-  for (char c : s) {
-    unsigned char u = static_cast<unsigned char>(c);
-    if (c == '"' || c == '\\') {
-      out += '\\';
-      out += c;
-    } else if (c == '\n') {
-      out += "\\n";
-    } else if (u < 0x20) {
-      char buf[8];
-      std::snprintf(buf, sizeof(buf), "\\u%04x", u);
-      out += buf;
-    } else {
-      out += c;
-    }
-  }
-  return out;
+std::string JsonDump(const Json& j) { return j.dump(-1, ' ', false, Json::error_handler_t::replace); }
+
+Json JsonFloat(float f) {
+  if (!std::isfinite(f)) return Json(nullptr);  // JSON has no NaN or infinity
+  char buf[32];
+  auto r = std::to_chars(buf, buf + sizeof(buf), f);
+  return Json(std::strtod(std::string(buf, r.ptr).c_str(), nullptr));
 }
 
 }  // namespace sqz::cli

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <map>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
@@ -51,7 +52,14 @@ struct Registrar {
 // Prints "sqctl <cmd>: <status message>" to stderr and returns 1.
 int Fail(const std::string& cmd, const Status& s);
 
-// Minimal JSON helpers for --json output.
-std::string JsonEscape(const std::string& s);
+// --json output: every command builds an nlohmann::ordered_json (fields in
+// the order they are added) and prints JsonDump(j) followed by a newline.
+// Invalid UTF-8 in strings (a context name is any byte string) is replaced by
+// U+FFFD rather than failing the command.
+using Json = nlohmann::ordered_json;
+std::string JsonDump(const Json& j);
+// A float as the shortest decimal that reads back to the same float (0.1f is
+// written 0.1, not 0.10000000149011612).
+Json JsonFloat(float f);
 
 }  // namespace sqz::cli

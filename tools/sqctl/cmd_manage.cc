@@ -113,7 +113,7 @@ int RunBuildIndex(const Args& args) {
   const bool quiet = args.Has("quiet");
   const bool json = args.Has("json");
   int failures = 0;
-  std::string json_out = "[";
+  Json json_out = Json::array();
   for (const auto& [name, path] : inputs) {
     std::unique_ptr<KvSource> src;
     s = OpenSafetensorsKvSource(path, &src);
@@ -134,18 +134,19 @@ int RunBuildIndex(const Args& args) {
     const KvShape& sh = src->shape();
     double keys_rate = stats.keys_clustered / std::max(stats.seconds_total, 1e-9);
     if (json) {
-      if (json_out.size() > 1) json_out += ",";
-      char buf[768];
-      std::snprintf(buf, sizeof(buf),
-                    "{\"name\":\"%s\",\"seconds\":%.3f,\"seconds_read\":%.3f,\"seconds_kmeans\":%.3f,"
-                    "\"seconds_calibrate\":%.3f,\"seconds_write\":%.3f,\"keys_clustered\":%lld,"
-                    "\"keys_per_second\":%.1f,\"kv_bytes\":%llu,\"index_bytes\":%llu,\"peak_rss_bytes\":%llu}",
-                    JsonEscape(name).c_str(), stats.seconds_total, stats.seconds_read, stats.seconds_kmeans,
-                    stats.seconds_calibrate, stats.seconds_write, static_cast<long long>(stats.keys_clustered),
-                    keys_rate, static_cast<unsigned long long>(stats.kv_bytes),
-                    static_cast<unsigned long long>(stats.index_bytes),
-                    static_cast<unsigned long long>(stats.peak_rss_bytes));
-      json_out += buf;
+      Json j;
+      j["name"] = name;
+      j["seconds"] = stats.seconds_total;
+      j["seconds_read"] = stats.seconds_read;
+      j["seconds_kmeans"] = stats.seconds_kmeans;
+      j["seconds_calibrate"] = stats.seconds_calibrate;
+      j["seconds_write"] = stats.seconds_write;
+      j["keys_clustered"] = stats.keys_clustered;
+      j["keys_per_second"] = keys_rate;
+      j["kv_bytes"] = stats.kv_bytes;
+      j["index_bytes"] = stats.index_bytes;
+      j["peak_rss_bytes"] = stats.peak_rss_bytes;
+      json_out.push_back(std::move(j));
     } else if (!quiet) {
       std::printf("built '%s': %d layers x %d KV heads x %lld tokens x %d dims (%s) in %s; %.2f Mkeys/s; "
                   "KV %s, index %s; peak RSS %s\n",
@@ -155,7 +156,7 @@ int RunBuildIndex(const Args& args) {
                   FormatBytes(stats.peak_rss_bytes).c_str());
     }
   }
-  if (json) std::printf("%s]\n", json_out.c_str());
+  if (json) std::printf("%s\n", JsonDump(json_out).c_str());
   return failures ? 1 : 0;
 }
 
@@ -167,17 +168,19 @@ int RunList(const Args& args) {
   s = db->ListContexts(&names);
   if (!s.ok()) return Fail("list", s);
   if (args.Has("json")) {
-    std::string out = "[";
+    Json out = Json::array();
     for (const auto& n : names) {
       ContextInfo info;
       s = db->DescribeContext(n, &info);
       if (!s.ok()) return Fail("list", s);
-      if (out.size() > 1) out += ",";
-      out += "{\"name\":\"" + JsonEscape(n) + "\",\"n_layers\":" + std::to_string(info.n_layers) +
-             ",\"n_tokens\":" + std::to_string(info.n_tokens) + ",\"bytes_on_disk\":" +
-             std::to_string(info.bytes_on_disk) + "}";
+      Json j;
+      j["name"] = n;
+      j["n_layers"] = info.n_layers;
+      j["n_tokens"] = info.n_tokens;
+      j["bytes_on_disk"] = info.bytes_on_disk;
+      out.push_back(std::move(j));
     }
-    std::printf("%s]\n", out.c_str());
+    std::printf("%s\n", JsonDump(out).c_str());
     return 0;
   }
   for (const auto& n : names) {

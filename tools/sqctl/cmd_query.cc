@@ -103,7 +103,7 @@ int Run(const Args& args) {
   int64_t keys_selected = 0, keys_clustered = 0, queries = 0;
   uint64_t bytes_read = 0;
   double sec_score = 0, sec_read = 0, sec_attend = 0;
-  std::ostringstream layers_json;
+  Json layers_json = Json::array();
   const auto t0 = std::chrono::steady_clock::now();
   for (size_t i = 0; i < layers.size(); ++i) {
     const query::LayerQueries& lq = layers[i];
@@ -122,12 +122,16 @@ int Run(const Args& args) {
     sec_score += stats.seconds_score;
     sec_read += stats.seconds_read;
     sec_attend += stats.seconds_attend;
-    layers_json << (i ? "," : "") << "{\"layer\":" << lq.layer << ",\"T\":" << lq.T
-                << ",\"keys_selected\":" << stats.keys_selected() << ",\"keys_fraction\":"
-                << (clustered ? static_cast<double>(stats.keys_selected()) / clustered : 0.0)
-                << ",\"bytes_read\":" << stats.bytes_read() << ",\"seconds_score\":" << stats.seconds_score
-                << ",\"seconds_read\":" << stats.seconds_read << ",\"seconds_attend\":" << stats.seconds_attend
-                << "}";
+    Json lj;
+    lj["layer"] = lq.layer;
+    lj["T"] = lq.T;
+    lj["keys_selected"] = stats.keys_selected();
+    lj["keys_fraction"] = clustered ? static_cast<double>(stats.keys_selected()) / clustered : 0.0;
+    lj["bytes_read"] = stats.bytes_read();
+    lj["seconds_score"] = stats.seconds_score;
+    lj["seconds_read"] = stats.seconds_read;
+    lj["seconds_attend"] = stats.seconds_attend;
+    layers_json.push_back(std::move(lj));
   }
   const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   s = writer.WriteFile(out_path);
@@ -138,15 +142,22 @@ int Run(const Args& args) {
   const double dense_bytes = static_cast<double>(info.kv_bytes) / info.n_layers * layers.size();
   const double bytes_fraction = dense_bytes > 0 ? bytes_read / dense_bytes : 0.0;
   if (args.Has("json")) {
-    std::printf(
-        "{\"context\":\"%s\",\"queries\":\"%s\",\"out\":\"%s\",\"selection\":\"%s\",\"layers\":[%s],"
-        "\"queries_total\":%lld,\"keys_selected\":%lld,\"keys_fraction\":%.6g,\"bytes_read\":%llu,"
-        "\"bytes_fraction\":%.6g,\"seconds_score\":%.6g,\"seconds_read\":%.6g,\"seconds_attend\":%.6g,"
-        "\"seconds_wall\":%.6g}\n",
-        JsonEscape(name).c_str(), JsonEscape(qpath).c_str(), JsonEscape(out_path).c_str(), JsonEscape(mode).c_str(),
-        layers_json.str().c_str(), static_cast<long long>(queries), static_cast<long long>(keys_selected),
-        keys_fraction, static_cast<unsigned long long>(bytes_read), bytes_fraction, sec_score, sec_read, sec_attend,
-        wall);
+    Json j;
+    j["context"] = name;
+    j["queries"] = qpath;
+    j["out"] = out_path;
+    j["selection"] = mode;
+    j["layers"] = std::move(layers_json);
+    j["queries_total"] = queries;
+    j["keys_selected"] = keys_selected;
+    j["keys_fraction"] = keys_fraction;
+    j["bytes_read"] = bytes_read;
+    j["bytes_fraction"] = bytes_fraction;
+    j["seconds_score"] = sec_score;
+    j["seconds_read"] = sec_read;
+    j["seconds_attend"] = sec_attend;
+    j["seconds_wall"] = wall;
+    std::printf("%s\n", JsonDump(j).c_str());
   } else {
     std::printf("context '%s': %zu layer(s), %lld query vectors; selection: %s\n", name.c_str(), layers.size(),
                 static_cast<long long>(queries), mode.c_str());
