@@ -200,5 +200,44 @@ TEST_F(QueryCliTest, ErrorsNameTheCulpritAndExitNonZero) {
   EXPECT_EQ(Sqctl(Base("eval") + " --budgets 0", &out), 2) << out;
 }
 
+// Floating-point options: NaN and infinities are refused, and so is a value
+// outside the option's domain; the message names the flag, the value and
+// what is allowed (exit 2, nothing written).
+TEST_F(QueryCliTest, FloatingPointOptionsAreRangeChecked) {
+  const std::string o_path = dir_->Sub("o_range.safetensors");
+  const std::string query = Base("query") + " --out " + o_path;
+  struct Case {
+    std::string args;
+    std::vector<std::string> expect;
+  };
+  const std::vector<Case> cases = {
+      {query + " --budget 0", {"--budget 0 is out of range", "(0, 1]"}},
+      {query + " --budget 1.0001", {"--budget 1.0001 is out of range", "(0, 1]"}},
+      {query + " --budget nan", {"--budget nan is out of range", "(0, 1]"}},
+      {query + " --budget inf", {"--budget inf is out of range", "(0, 1]"}},
+      {query + " --budget 1e999", {"--budget 1e999 is out of range", "(0, 1]"}},
+      {query + " --budget half", {"--budget expects a number in (0, 1], got 'half'"}},
+      {query + " --threshold-quantile 0", {"--threshold-quantile 0 is out of range", "(0, 1)"}},
+      {query + " --threshold-quantile 1", {"--threshold-quantile 1 is out of range", "(0, 1)"}},
+      {query + " --threshold-quantile -nan", {"--threshold-quantile -nan is out of range", "(0, 1)"}},
+      {query + " --threshold nan", {"--threshold nan is out of range", "any finite number"}},
+      {query + " --threshold -inf", {"--threshold -inf is out of range", "any finite number"}},
+      {query + " --threshold 0.001 --hierarchical --threshold-coarse infinity",
+       {"--threshold-coarse infinity is out of range", "any finite number"}},
+      {Base("eval") + " --budgets 0.125,nan", {"--budgets nan is out of range", "(0, 1]"}},
+      {Base("eval") + " --budgets 0.125,2", {"--budgets 2 is out of range", "(0, 1]"}},
+      {Base("eval") + " --budgets -0.5", {"--budgets -0.5 is out of range", "(0, 1]"}},
+  };
+  for (const Case& c : cases) {
+    std::string out;
+    EXPECT_EQ(Sqctl(c.args, &out), 2) << c.args << "\n" << out;
+    for (const auto& e : c.expect) EXPECT_NE(out.find(e), std::string::npos) << c.args << "\n" << out;
+  }
+  EXPECT_FALSE(std::filesystem::exists(o_path));
+  // The closed end of (0, 1] is accepted.
+  std::string out;
+  EXPECT_EQ(Sqctl(query + " --budget 1", &out), 0) << out;
+}
+
 }  // namespace
 }  // namespace sqz

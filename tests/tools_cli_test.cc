@@ -75,8 +75,77 @@ TEST_F(SqctlCli, UsageErrorsExitTwoAndSayWhat) {
   EXPECT_NE(out.find("exactly one of --kv FILE or --corpus DIR"), std::string::npos) << out;
   EXPECT_EQ(Run("build-index --db " + Db() + " --kv x --bogus", &out), 2);
   EXPECT_NE(out.find("unknown option '--bogus'"), std::string::npos) << out;
-  EXPECT_EQ(Run("build-index --db " + Db() + " --kv x --window abc", &out), 1);
+  EXPECT_EQ(Run("build-index --db " + Db() + " --kv x --window abc", &out), 2);
   EXPECT_NE(out.find("--window expects an integer"), std::string::npos) << out;
+}
+
+// Every numeric option is checked against the range of the field it feeds:
+// a value out of range is a usage error (exit 2) naming the flag, the value
+// and the allowed range, never silently wrapped or cast.
+TEST_F(SqctlCli, NumericOptionsAreRangeChecked) {
+  struct Case {
+    std::string args;
+    std::vector<std::string> expect;  // substrings of the message
+  };
+  const std::string build = "build-index --db " + Db() + " --kv " + Kv(0) + " --quiet ";
+  const std::vector<Case> cases = {
+      // An int field: 2^32 + 100 used to become 100.
+      {build + "--window 4294967396", {"--window 4294967396 is out of range", "[0, 2147483647]"}},
+      {build + "--window 2147483648", {"--window 2147483648 is out of range", "[0, 2147483647]"}},
+      {build + "--window 99999999999999999999999", {"--window 99999999999999999999999", "[0, 2147483647]"}},
+      {build + "--sinks -1", {"--sinks -1 is out of range", "[0, 2147483647]"}},
+      {build + "--iters 0", {"--iters 0 is out of range", "[1, 2147483647]"}},
+      // Malformed integers.
+      {build + "--iters 2.5", {"--iters expects an integer in [1, 2147483647], got '2.5'"}},
+      {build + "--window=", {"--window expects an integer", "got ''"}},
+      {build + "--window 12abc", {"--window expects an integer", "got '12abc'"}},
+      // A uint64 seed: no negative values, no wrap-around.
+      {build + "--seed -1", {"--seed -1 is out of range", "[0, 18446744073709551615]"}},
+      {build + "--seed 18446744073709551616", {"--seed 18446744073709551616 is out of range"}},
+      // Doubles: NaN, infinities and values outside the option's domain.
+      {build + "--fine nan", {"--fine nan is out of range", "(0, 1]"}},
+      {build + "--fine inf", {"--fine inf is out of range", "(0, 1]"}},
+      {build + "--coarse 0", {"--coarse 0 is out of range", "(0, 1]"}},
+      {build + "--coarse 1.5", {"--coarse 1.5 is out of range", "(0, 1]"}},
+      {build + "--fine x", {"--fine expects a number in (0, 1], got 'x'"}},
+      {build + "--quantiles 0.5,1", {"--quantiles 1 is out of range", "(0, 1)"}},
+      {build + "--quantiles 0,0.5", {"--quantiles 0 is out of range", "(0, 1)"}},
+      {build + "--quantiles 0.5,NaN", {"--quantiles NaN is out of range", "(0, 1)"}},
+      {build + "--quantiles 0.5,,0.9", {"--quantiles expects a number"}},
+      // synth and demo.
+      {"synth --out " + dir_.Sub("s") + " --contexts 0", {"--contexts 0 is out of range", "[1, 2147483647]"}},
+      {"synth --out " + dir_.Sub("s") + " --tokens 0", {"--tokens 0 is out of range", "[1, 9223372036854775807]"}},
+      {"synth --out " + dir_.Sub("s") + " --head-dim 4294967424",
+       {"--head-dim 4294967424 is out of range", "[1, 2147483647]"}},
+      {"synth --out " + dir_.Sub("s") + " --layers -3", {"--layers -3 is out of range"}},
+      {"synth --out " + dir_.Sub("s") + " --window -1", {"--window -1 is out of range", "[0, 2147483647]"}},
+      {"synth --out " + dir_.Sub("s") + " --seed -7", {"--seed -7 is out of range"}},
+      {"synth --out " + dir_.Sub("s") + " --q-heads 6 --kv-heads 4", {"--q-heads must be a multiple of --kv-heads"}},
+      {"demo --dir " + dir_.Sub("demo") + " --tokens 1000", {"--tokens 1000 is out of range", "[1024, "}},
+  };
+  for (const Case& c : cases) {
+    std::string out;
+    EXPECT_EQ(Run(c.args, &out), 2) << c.args << "\n" << out;
+    for (const auto& e : c.expect) EXPECT_NE(out.find(e), std::string::npos) << c.args << "\n" << out;
+    EXPECT_NE(out.find("--help"), std::string::npos) << out;
+  }
+  // Nothing was created by the refused commands.
+  EXPECT_FALSE(std::filesystem::exists(Db()));
+  EXPECT_FALSE(std::filesystem::exists(dir_.Sub("s")));
+  EXPECT_FALSE(std::filesystem::exists(dir_.Sub("demo")));
+
+  // The ends of the ranges are accepted: the largest seed is stored as given.
+  std::string err;
+  nlohmann::json j;
+  ASSERT_EQ(RunJson(build + "--seed 18446744073709551615 --window 2147483647 --sinks 0 --iters 1 --fine 1 --coarse 1",
+                    &j, &err),
+            0)
+      << err;
+  ASSERT_EQ(RunJson("info --db " + Db() + " --context ctx_000 --json", &j, &err), 0) << err;
+  ASSERT_FALSE(j.is_discarded()) << err;
+  EXPECT_EQ(j["seed"].get<uint64_t>(), 18446744073709551615ull);
+  EXPECT_EQ(j["n_sinks"], 0);
+  EXPECT_EQ(j["kmeans_iters"], 1);
 }
 
 TEST_F(SqctlCli, BuildListInfoVerifyDrop) {

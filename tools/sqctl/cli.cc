@@ -1,5 +1,6 @@
 #include "cli.h"
 
+#include <cctype>
 #include <cerrno>
 #include <charconv>
 #include <cmath>
@@ -18,66 +19,172 @@ std::string Args::Get(const std::string& name, const std::string& def) const {
   return it == values_.end() ? def : it->second;
 }
 
-Status Args::GetDouble(const std::string& name, double def, double* out) const {
-  auto it = values_.find(name);
-  if (it == values_.end()) {
-    *out = def;
-    return Status::OK();
-  }
+namespace {
+
+std::string FormatDouble(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%.17g", v);
+  return buf;
+}
+
+template <typename T>
+std::string IntRange(T lo, T hi) {
+  return "[" + std::to_string(lo) + ", " + std::to_string(hi) + "]";
+}
+
+Status Malformed(const std::string& name, const char* what, const std::string& allowed, const std::string& value) {
+  return Status::InvalidArgument("--" + name + " expects " + what + " in " + allowed + ", got '" + value + "'");
+}
+
+Status OutOfRange(const std::string& name, const std::string& value, const std::string& allowed) {
+  return Status::InvalidArgument("--" + name + " " + value + " is out of range; allowed: " + allowed);
+}
+
+enum class IntText { kOk, kMalformed, kTooLarge };
+
+// Decimal integer with an optional sign, as a sign and a 64-bit magnitude.
+IntText ParseIntText(const std::string& text, bool* negative, uint64_t* magnitude) {
+  const char* p = text.data();
+  const char* end = p + text.size();
+  *negative = false;
+  if (p != end && (*p == '-' || *p == '+')) *negative = *p++ == '-';
+  if (p == end || *p < '0' || *p > '9') return IntText::kMalformed;
+  auto r = std::from_chars(p, end, *magnitude);
+  if (r.ptr != end) return IntText::kMalformed;
+  if (r.ec == std::errc::result_out_of_range) return IntText::kTooLarge;
+  return r.ec == std::errc() ? IntText::kOk : IntText::kMalformed;
+}
+
+// Parses a finite double in `range` (one value of flag `name`).
+Status ParseDouble(const std::string& name, const std::string& text, const Range& range, double* out) {
   errno = 0;
   char* end = nullptr;
-  double v = std::strtod(it->second.c_str(), &end);
-  if (it->second.empty() || *end != '\0' || errno == ERANGE) {
-    return Status::InvalidArgument("--" + name + " expects a number, got '" + it->second + "'");
+  const double v = std::strtod(text.c_str(), &end);
+  if (text.empty() || *end != '\0' || std::isspace(static_cast<unsigned char>(text[0]))) {
+    return Malformed(name, "a number", range.ToString(), text);
   }
+  if (!std::isfinite(v) || errno == ERANGE || !range.Contains(v)) return OutOfRange(name, text, range.ToString());
   *out = v;
   return Status::OK();
 }
 
-Status Args::GetInt(const std::string& name, long long def, long long* out) const {
+}  // namespace
+
+bool Range::Contains(double v) const {
+  if (!std::isfinite(v)) return false;
+  const bool above = lo_open ? v > lo : v >= lo;
+  const bool below = hi_open ? v < hi : v <= hi;
+  return above && below;
+}
+
+std::string Range::ToString() const {
+  if (std::isinf(lo) && std::isinf(hi)) return "any finite number";
+  if (std::isinf(hi)) return (lo_open ? "> " : ">= ") + FormatDouble(lo);
+  if (std::isinf(lo)) return (hi_open ? "< " : "<= ") + FormatDouble(hi);
+  return (lo_open ? "(" : "[") + FormatDouble(lo) + ", " + FormatDouble(hi) + (hi_open ? ")" : "]");
+}
+
+Status Args::GetInt(const std::string& name, int64_t def, int64_t min, int64_t max, int64_t* out) const {
   auto it = values_.find(name);
   if (it == values_.end()) {
     *out = def;
     return Status::OK();
   }
-  errno = 0;
-  char* end = nullptr;
-  long long v = std::strtoll(it->second.c_str(), &end, 10);
-  if (it->second.empty() || *end != '\0' || errno == ERANGE) {
-    return Status::InvalidArgument("--" + name + " expects an integer, got '" + it->second + "'");
+  const std::string& text = it->second;
+  const std::string allowed = IntRange(min, max);
+  bool negative;
+  uint64_t magnitude;
+  switch (ParseIntText(text, &negative, &magnitude)) {
+    case IntText::kMalformed:
+      return Malformed(name, "an integer", allowed, text);
+    case IntText::kTooLarge:
+      return OutOfRange(name, text, allowed);
+    case IntText::kOk:
+      break;
   }
+  constexpr uint64_t kMaxPositive = static_cast<uint64_t>(std::numeric_limits<int64_t>::max());
+  if (magnitude > kMaxPositive + (negative ? 1 : 0)) return OutOfRange(name, text, allowed);
+  const int64_t v = !negative                  ? static_cast<int64_t>(magnitude)
+                    : magnitude > kMaxPositive ? std::numeric_limits<int64_t>::min()
+                                               : -static_cast<int64_t>(magnitude);
+  if (v < min || v > max) return OutOfRange(name, text, allowed);
   *out = v;
   return Status::OK();
 }
 
-Status Args::GetDoubleList(const std::string& name, const std::vector<double>& def, std::vector<double>* out) const {
+Status Args::GetInt(const std::string& name, int def, int min, int max, int* out) const {
+  int64_t v;
+  SQZ_RETURN_IF_ERROR(GetInt(name, static_cast<int64_t>(def), min, max, &v));
+  *out = static_cast<int>(v);  // in [min, max], so it fits
+  return Status::OK();
+}
+
+Status Args::GetUint64(const std::string& name, uint64_t def, uint64_t min, uint64_t max, uint64_t* out) const {
   auto it = values_.find(name);
   if (it == values_.end()) {
     *out = def;
     return Status::OK();
   }
-  out->clear();
+  const std::string& text = it->second;
+  const std::string allowed = IntRange(min, max);
+  bool negative;
+  uint64_t v;
+  switch (ParseIntText(text, &negative, &v)) {
+    case IntText::kMalformed:
+      return Malformed(name, "an integer", allowed, text);
+    case IntText::kTooLarge:
+      return OutOfRange(name, text, allowed);
+    case IntText::kOk:
+      break;
+  }
+  if ((negative && v != 0) || v < min || v > max) return OutOfRange(name, text, allowed);
+  *out = v;
+  return Status::OK();
+}
+
+Status Args::GetDouble(const std::string& name, double def, const Range& range, double* out) const {
+  auto it = values_.find(name);
+  if (it == values_.end()) {
+    *out = def;
+    return Status::OK();
+  }
+  return ParseDouble(name, it->second, range, out);
+}
+
+Status Args::GetDoubleList(const std::string& name, const std::vector<double>& def, const Range& range,
+                           std::vector<double>* out) const {
+  auto it = values_.find(name);
+  if (it == values_.end()) {
+    *out = def;
+    return Status::OK();
+  }
+  std::vector<double> values;
   const std::string& s = it->second;
   size_t start = 0;
-  while (start <= s.size()) {
-    size_t comma = s.find(',', start);
-    std::string item = s.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
-    char* end = nullptr;
-    errno = 0;
-    double v = std::strtod(item.c_str(), &end);
-    if (item.empty() || *end != '\0' || errno == ERANGE) {
-      return Status::InvalidArgument("--" + name + " expects comma-separated numbers, got '" + s + "'");
+  while (true) {
+    const size_t comma = s.find(',', start);
+    const std::string item = s.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
+    double v;
+    Status st = ParseDouble(name, item, range, &v);
+    if (!st.ok()) {
+      return Status::InvalidArgument(st.message() + (s == item ? "" : " (in '" + s + "')"));
     }
-    out->push_back(v);
+    values.push_back(v);
     if (comma == std::string::npos) break;
     start = comma + 1;
   }
+  *out = std::move(values);
   return Status::OK();
 }
 
 int Fail(const std::string& cmd, const Status& s) {
   std::fprintf(stderr, "sqctl %s: %s\n", cmd.c_str(), s.ToString().c_str());
   return 1;
+}
+
+int Usage(const std::string& cmd, const std::string& message) {
+  std::fprintf(stderr, "sqctl %s: %s (see sqctl %s --help)\n", cmd.c_str(), message.c_str(), cmd.c_str());
+  return 2;
 }
 
 std::string JsonDump(const Json& j) { return j.dump(-1, ' ', false, Json::error_handler_t::replace); }

@@ -15,17 +15,8 @@ constexpr const char* kName = "eval";
 
 int Run(const Args& args) {
   std::vector<double> budgets;
-  Status s = args.GetDoubleList("budgets", {0.05, 0.125, 0.25}, &budgets);
-  if (!s.ok()) {
-    std::fprintf(stderr, "sqctl %s: %s (see sqctl %s --help)\n", kName, s.message().c_str(), kName);
-    return 2;
-  }
-  for (double b : budgets) {
-    if (!(b > 0 && b <= 1)) {
-      std::fprintf(stderr, "sqctl %s: --budgets values must be in (0, 1], got %g\n", kName, b);
-      return 2;
-    }
-  }
+  Status s = args.GetDoubleList("budgets", {0.05, 0.125, 0.25}, kFractionOpenClosed, &budgets);
+  if (!s.ok()) return Usage(kName, s.message());
   const std::string db_path = args.Get("db"), name = args.Get("context"), qpath = args.Get("queries");
 
   Options db_options;

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -54,19 +55,17 @@ class ProgressLine {
   bool dirty_ = false;
 };
 
+constexpr int kIntMax = std::numeric_limits<int>::max();
+constexpr uint64_t kU64Max = std::numeric_limits<uint64_t>::max();
+
 Status ParseBuildOptions(const Args& args, BuildOptions* o) {
-  long long window, sinks, iters, seed;
-  SQZ_RETURN_IF_ERROR(args.GetInt("window", o->window, &window));
-  SQZ_RETURN_IF_ERROR(args.GetInt("sinks", o->n_sinks, &sinks));
-  SQZ_RETURN_IF_ERROR(args.GetInt("iters", o->kmeans_iters, &iters));
-  SQZ_RETURN_IF_ERROR(args.GetInt("seed", static_cast<long long>(o->seed), &seed));
-  SQZ_RETURN_IF_ERROR(args.GetDouble("fine", o->fine_ratio, &o->fine_ratio));
-  SQZ_RETURN_IF_ERROR(args.GetDouble("coarse", o->coarse_ratio, &o->coarse_ratio));
-  SQZ_RETURN_IF_ERROR(args.GetDoubleList("quantiles", o->quantiles, &o->quantiles));
-  o->window = static_cast<int>(window);
-  o->n_sinks = static_cast<int>(sinks);
-  o->kmeans_iters = static_cast<int>(iters);
-  o->seed = static_cast<uint64_t>(seed);
+  SQZ_RETURN_IF_ERROR(args.GetInt("window", o->window, 0, kIntMax, &o->window));
+  SQZ_RETURN_IF_ERROR(args.GetInt("sinks", o->n_sinks, 0, kIntMax, &o->n_sinks));
+  SQZ_RETURN_IF_ERROR(args.GetInt("iters", o->kmeans_iters, 1, kIntMax, &o->kmeans_iters));
+  SQZ_RETURN_IF_ERROR(args.GetUint64("seed", o->seed, 0, kU64Max, &o->seed));
+  SQZ_RETURN_IF_ERROR(args.GetDouble("fine", o->fine_ratio, kFractionOpenClosed, &o->fine_ratio));
+  SQZ_RETURN_IF_ERROR(args.GetDouble("coarse", o->coarse_ratio, kFractionOpenClosed, &o->coarse_ratio));
+  SQZ_RETURN_IF_ERROR(args.GetDoubleList("quantiles", o->quantiles, kFractionOpen, &o->quantiles));
   o->replace = args.Has("replace");
   return Status::OK();
 }
@@ -83,7 +82,7 @@ int RunBuildIndex(const Args& args) {
   }
   BuildOptions opts;
   Status s = ParseBuildOptions(args, &opts);
-  if (!s.ok()) return Fail(cmd, s);
+  if (!s.ok()) return Usage(cmd, s.message());
 
   // Inputs: (name, path) pairs.
   std::vector<std::pair<std::string, std::string>> inputs;

@@ -16,10 +16,7 @@ namespace {
 
 constexpr const char* kName = "query";
 
-int Usage(const std::string& msg) {
-  std::fprintf(stderr, "sqctl %s: %s (see sqctl %s --help)\n", kName, msg.c_str(), kName);
-  return 2;
-}
+int Usage(const std::string& msg) { return cli::Usage(kName, msg); }
 
 // Parses the selection flags into options; returns 0, or 2 after printing a
 // usage error.
@@ -33,24 +30,20 @@ int ParseSelection(const Args& args, QueryOptions* o, std::string* describe) {
     d << "dense";
   } else if (args.Has("threshold-quantile")) {
     o->mode = SelectionMode::kThreshold;
-    s = args.GetDouble("threshold-quantile", -1, &o->threshold_quantile);
-    if (s.ok() && !(o->threshold_quantile >= 0 && o->threshold_quantile < 1)) {
-      return Usage("--threshold-quantile must be in [0, 1)");
-    }
+    s = args.GetDouble("threshold-quantile", -1, kFractionOpen, &o->threshold_quantile);
     d << "threshold at quantile " << o->threshold_quantile;
   } else if (args.Has("threshold")) {
     o->mode = SelectionMode::kThreshold;
     double t = 0, tc = 0;
-    s = args.GetDouble("threshold", 0, &t);
-    if (s.ok()) s = args.GetDouble("threshold-coarse", t, &tc);
+    s = args.GetDouble("threshold", 0, kAnyFinite, &t);
+    if (s.ok()) s = args.GetDouble("threshold-coarse", t, kAnyFinite, &tc);
     o->threshold = static_cast<float>(t);
     o->threshold_coarse = static_cast<float>(tc);
     d << "threshold " << t;
     if (args.Has("hierarchical")) d << " (coarse " << tc << ")";
   } else {
     o->mode = SelectionMode::kBudget;
-    s = args.GetDouble("budget", o->budget, &o->budget);
-    if (s.ok() && !(o->budget > 0 && o->budget <= 1)) return Usage("--budget must be in (0, 1]");
+    s = args.GetDouble("budget", o->budget, kFractionOpenClosed, &o->budget);
     d << "budget " << o->budget;
   }
   if (!s.ok()) return Usage(s.message());
