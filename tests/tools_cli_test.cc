@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "sqz/db.h"
 #include "tests/test_util.h"
 #include "synth/synthetic.h"
 
@@ -17,8 +18,8 @@ namespace {
 
 using sqz::testing::RunCommand;
 using sqz::testing::RunCommandSplit;
-using sqz::testing::ShellQuote;
 using sqz::testing::ScopedTempDir;
+using sqz::testing::ShellQuote;
 using sqz::testing::SqctlPath;
 
 class SqctlCli : public ::testing::Test {
@@ -207,6 +208,54 @@ TEST_F(SqctlCli, BadInputNamesTheFileAndLeavesTheDatabaseAlone) {
   // A database directory that does not exist is not created by read commands.
   EXPECT_EQ(Run("list --db " + dir_.Sub("nowhere"), &out), 1);
   EXPECT_NE(out.find("no squeeze database"), std::string::npos) << out;
+}
+
+// list, info, verify, query and eval open the database read-only: on a path
+// with no database they say so and exit 1, and create nothing.
+TEST_F(SqctlCli, ReadCommandsNeedADatabaseAndCreateNothing) {
+  const std::string q = " --queries " + dir_.Sub("corpus/queries/ctx_000.safetensors");
+  const std::string empty = dir_.Sub("empty");
+  std::filesystem::create_directories(empty);
+  for (const std::string& path : {dir_.Sub("nowhere"), empty}) {
+    for (const std::string& cmd :
+         {"list --db " + path, "list --db " + path + " --json", "info --db " + path + " --context ctx_000",
+          "verify --db " + path, "query --db " + path + " --context ctx_000" + q + " --out " + dir_.Sub("o"),
+          "eval --db " + path + " --context ctx_000" + q, "drop --db " + path + " --context ctx_000"}) {
+      std::string out;
+      EXPECT_EQ(Run(cmd, &out), 1) << cmd << "\n" << out;
+      EXPECT_NE(out.find("no squeeze database"), std::string::npos) << cmd << "\n" << out;
+    }
+  }
+  EXPECT_FALSE(std::filesystem::exists(dir_.Sub("nowhere")));
+  EXPECT_TRUE(std::filesystem::is_empty(empty));
+  EXPECT_FALSE(std::filesystem::exists(dir_.Sub("o")));
+}
+
+// Read-only commands take no lock: they run while a writer holds the
+// database open. Skipped while the storage layer ignores Options::read_only.
+TEST_F(SqctlCli, ReadCommandsRunBesideAWriter) {
+  std::string out;
+  ASSERT_EQ(Run("build-index --db " + Db() + " --kv " + Kv(0) + " --iters 2 --quiet", &out), 0) << out;
+  {
+    Options ro;
+    ro.read_only = true;
+    std::unique_ptr<DB> probe;
+    Status s = DB::Open(ro, Db(), &probe);
+    ASSERT_TRUE(s.ok()) << s.ToString();
+    if (!probe->read_only()) GTEST_SKIP() << "the storage layer does not implement Options::read_only yet";
+  }
+  std::unique_ptr<DB> writer;
+  Status s = DB::Open(Options(), Db(), &writer);
+  ASSERT_TRUE(s.ok()) << s.ToString();
+  const std::string q = " --queries " + dir_.Sub("corpus/queries/ctx_000.safetensors");
+  for (const std::string& cmd :
+       {"list --db " + Db(), "info --db " + Db() + " --context ctx_000", "verify --db " + Db(),
+        "query --db " + Db() + " --context ctx_000" + q + " --out " + dir_.Sub("o.safetensors"),
+        "eval --db " + Db() + " --context ctx_000" + q}) {
+    EXPECT_EQ(Run(cmd, &out), 0) << cmd << "\n" << out;
+  }
+  // Writers still need the lock.
+  EXPECT_EQ(Run("drop --db " + Db() + " --context ctx_000", &out), 1) << out;
 }
 
 // --json output is real JSON whatever the context name holds: long names

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 
 namespace sqz::cli {
 
@@ -180,6 +181,22 @@ Status Args::GetDoubleList(const std::string& name, const std::vector<double>& d
 int Fail(const std::string& cmd, const Status& s) {
   std::fprintf(stderr, "sqctl %s: %s\n", cmd.c_str(), s.ToString().c_str());
   return 1;
+}
+
+Status OpenDatabase(const std::string& path, OpenMode mode, std::unique_ptr<DB>* db) {
+  Options o;
+  o.read_only = mode == OpenMode::kReadOnly;
+  o.create_if_missing = mode == OpenMode::kCreate;
+  if (mode != OpenMode::kCreate) {
+    // Said here rather than left to the storage layer, whose read-only open
+    // ignores create_if_missing: a missing or empty directory is no database.
+    std::error_code ec;
+    if (!std::filesystem::exists(path, ec) ||
+        (std::filesystem::is_directory(path, ec) && std::filesystem::is_empty(path, ec))) {
+      return Status::NotFound(path + ": no squeeze database here (build one with sqctl build-index)");
+    }
+  }
+  return DB::Open(o, path, db);
 }
 
 int Usage(const std::string& cmd, const std::string& message) {

@@ -9,10 +9,12 @@
 #include <cstdint>
 #include <limits>
 #include <map>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
+#include "sqz/db.h"
 #include "sqz/status.h"
 
 namespace sqz::cli {
@@ -76,6 +78,16 @@ struct Registrar {
 
 // Prints "sqctl <cmd>: <status message>" to stderr and returns 1.
 int Fail(const std::string& cmd, const Status& s);
+// How a command opens the database of --db.
+enum class OpenMode {
+  kReadOnly,   // list, info, query, eval, verify: no lock, nothing written
+  kReadWrite,  // drop: an existing database
+  kCreate,     // build-index, demo: created when missing
+};
+// Opens the database at `path`. Without kCreate, a path with no database is
+// NotFound ("no squeeze database here") and nothing is created.
+Status OpenDatabase(const std::string& path, OpenMode mode, std::unique_ptr<DB>* db);
+
 // A usage error: prints "sqctl <cmd>: <message> (see sqctl <cmd> --help)" to
 // stderr and returns 2.
 int Usage(const std::string& cmd, const std::string& message);

@@ -66,7 +66,7 @@ int RunDemo(const Args& args) {
 
   std::printf("== 2. build the index into %s\n", (dir / "db").c_str());
   std::unique_ptr<DB> db;
-  s = DB::Open(Options(), (dir / "db").string(), &db);
+  s = OpenDatabase((dir / "db").string(), OpenMode::kCreate, &db);
   if (!s.ok()) return Fail(cmd, s);
   for (const auto& p : paths) {
     std::unique_ptr<KvSource> src;

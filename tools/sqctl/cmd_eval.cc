@@ -19,10 +19,8 @@ int Run(const Args& args) {
   if (!s.ok()) return Usage(kName, s.message());
   const std::string db_path = args.Get("db"), name = args.Get("context"), qpath = args.Get("queries");
 
-  Options db_options;
-  db_options.create_if_missing = false;
   std::unique_ptr<DB> db;
-  s = DB::Open(db_options, db_path, &db);
+  s = OpenDatabase(db_path, OpenMode::kReadOnly, &db);
   if (!s.ok()) return Fail(kName, s.WithPrefix("opening database " + db_path));
   std::unique_ptr<ContextHandle> handle;
   s = ContextHandle::Open(db.get(), name, &handle);

@@ -19,10 +19,8 @@
 namespace sqz::cli {
 namespace {
 
-Status OpenDb(const Args& args, bool create, std::unique_ptr<DB>* db) {
-  Options o;
-  o.create_if_missing = create;
-  return DB::Open(o, args.Get("db"), db);
+Status OpenDb(const Args& args, OpenMode mode, std::unique_ptr<DB>* db) {
+  return OpenDatabase(args.Get("db"), mode, db);
 }
 
 // Terminal progress line, redrawn in place; silent when stderr is not a TTY.
@@ -107,7 +105,7 @@ int RunBuildIndex(const Args& args) {
   }
 
   std::unique_ptr<DB> db;
-  s = OpenDb(args, true, &db);
+  s = OpenDb(args, OpenMode::kCreate, &db);
   if (!s.ok()) return Fail(cmd, s);
   const bool quiet = args.Has("quiet");
   const bool json = args.Has("json");
@@ -161,7 +159,7 @@ int RunBuildIndex(const Args& args) {
 
 int RunList(const Args& args) {
   std::unique_ptr<DB> db;
-  Status s = OpenDb(args, false, &db);
+  Status s = OpenDb(args, OpenMode::kReadOnly, &db);
   if (!s.ok()) return Fail("list", s);
   std::vector<std::string> names;
   s = db->ListContexts(&names);
@@ -195,7 +193,7 @@ int RunList(const Args& args) {
 
 int RunInfo(const Args& args) {
   std::unique_ptr<DB> db;
-  Status s = OpenDb(args, false, &db);
+  Status s = OpenDb(args, OpenMode::kReadOnly, &db);
   if (!s.ok()) return Fail("info", s);
   ContextInfo info;
   s = db->DescribeContext(args.Get("context"), &info);
@@ -206,7 +204,7 @@ int RunInfo(const Args& args) {
 
 int RunDrop(const Args& args) {
   std::unique_ptr<DB> db;
-  Status s = OpenDb(args, false, &db);
+  Status s = OpenDb(args, OpenMode::kReadWrite, &db);
   if (!s.ok()) return Fail("drop", s);
   s = db->DropContext(args.Get("context"));
   if (!s.ok()) return Fail("drop", s);
@@ -216,7 +214,7 @@ int RunDrop(const Args& args) {
 
 int RunVerify(const Args& args) {
   std::unique_ptr<DB> db;
-  Status s = OpenDb(args, false, &db);
+  Status s = OpenDb(args, OpenMode::kReadOnly, &db);
   if (!s.ok()) return Fail("verify", s);
   std::vector<std::string> names;
   if (args.Has("context")) {
