@@ -28,9 +28,16 @@ std::string FormatDouble(double v) {
   return buf;
 }
 
+// Strings are built by appending to a std::string: GCC 12 at -O3 reports a
+// false -Wrestrict for `"literal" + std::string` (operator+(const char*, string&&)).
 template <typename T>
 std::string IntRange(T lo, T hi) {
-  return "[" + std::to_string(lo) + ", " + std::to_string(hi) + "]";
+  std::string s = "[";
+  s += std::to_string(lo);
+  s += ", ";
+  s += std::to_string(hi);
+  s += ']';
+  return s;
 }
 
 Status Malformed(const std::string& name, const char* what, const std::string& allowed, const std::string& value) {
@@ -80,9 +87,21 @@ bool Range::Contains(double v) const {
 
 std::string Range::ToString() const {
   if (std::isinf(lo) && std::isinf(hi)) return "any finite number";
-  if (std::isinf(hi)) return (lo_open ? "> " : ">= ") + FormatDouble(lo);
-  if (std::isinf(lo)) return (hi_open ? "< " : "<= ") + FormatDouble(hi);
-  return (lo_open ? "(" : "[") + FormatDouble(lo) + ", " + FormatDouble(hi) + (hi_open ? ")" : "]");
+  std::string s;
+  if (std::isinf(hi)) {
+    s = lo_open ? "> " : ">= ";
+    s += FormatDouble(lo);
+  } else if (std::isinf(lo)) {
+    s = hi_open ? "< " : "<= ";
+    s += FormatDouble(hi);
+  } else {
+    s = lo_open ? "(" : "[";
+    s += FormatDouble(lo);
+    s += ", ";
+    s += FormatDouble(hi);
+    s += hi_open ? ')' : ']';
+  }
+  return s;
 }
 
 Status Args::GetInt(const std::string& name, int64_t def, int64_t min, int64_t max, int64_t* out) const {
