@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything squeeze needs on Debian 12 (idempotent), then configures
-# and builds the project into build/ (or $SQZ_BUILD_DIR).
+# and builds the project into build/ (or $SQZ_BUILD_DIR) with warnings as
+# errors (-DSQZ_WERROR=ON; SQZ_CMAKE_ARGS is passed after it).
 #
 #   scripts/setup.sh            # install + build everything
 #   SQZ_SKIP_BUILD=1 scripts/setup.sh   # install only
@@ -13,6 +14,7 @@ PKGS=(
   libfaiss-dev libopenblas-dev liblapack-dev
   libflatbuffers-dev flatbuffers-compiler
   libgtest-dev libgmock-dev libbenchmark-dev
+  nlohmann-json3-dev clang-format
   python3 python3-venv python3-pip time
 )
 
@@ -54,5 +56,5 @@ fi
 if [ "${SQZ_SKIP_BUILD:-0}" = "1" ]; then exit 0; fi
 
 BUILD_DIR=${SQZ_BUILD_DIR:-build}
-cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo ${SQZ_CMAKE_ARGS:-} >/dev/null
+cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DSQZ_WERROR=ON ${SQZ_CMAKE_ARGS:-} >/dev/null
 cmake --build "$BUILD_DIR" -j "$(nproc)"

@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <fstream>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
@@ -52,6 +53,14 @@ class QueryCliTest : public ::testing::Test {
     out->clear();
     return testing::RunCommand(testing::SqctlPath() + " " + args, out);
   }
+  // Runs `sqctl <args>` and parses its stdout as JSON (discarded if invalid).
+  static int SqctlJson(const std::string& args, nlohmann::json* j, std::string* err) {
+    std::string out;
+    const int rc = testing::RunCommandSplit(testing::SqctlPath() + " " + args, &out, err);
+    *j = nlohmann::json::parse(out, nullptr, /*allow_exceptions=*/false);
+    if (j->is_discarded()) *err += "\nnot valid JSON:\n" + out;
+    return rc;
+  }
   static std::string Base(const std::string& cmd) {
     return cmd + " --db " + Db() + " --context ctx --queries " + Queries();
   }
@@ -84,14 +93,33 @@ TEST_F(QueryCliTest, QueryWritesOAndLse) {
     for (float x : values) ASSERT_TRUE(std::isfinite(x));
   }
 
-  ASSERT_EQ(Sqctl(Base("query") + " --out " + o_path + " --dense --json", &out), 0) << out;
-  EXPECT_NE(out.find("\"keys_fraction\":1,"), std::string::npos) << out;
-  ASSERT_EQ(Sqctl(Base("query") + " --out " + o_path +
-                      " --threshold-quantile 0.9 --hierarchical --gqa per-head --per-query --json",
-                  &out),
+  nlohmann::json j;
+  std::string err;
+  ASSERT_EQ(SqctlJson(Base("query") + " --out " + o_path + " --dense --json", &j, &err), 0) << err;
+  ASSERT_FALSE(j.is_discarded()) << err;
+  EXPECT_EQ(j["keys_fraction"], 1.0) << j.dump();
+  EXPECT_EQ(j["context"], "ctx");
+  EXPECT_EQ(j["queries"], Queries());
+  EXPECT_EQ(j["out"], o_path);
+  EXPECT_EQ(j["selection"], "dense");
+  EXPECT_EQ(j["queries_total"], 2 * 4 * 4);  // layers x query heads x T
+  ASSERT_TRUE(j["layers"].is_array());
+  ASSERT_EQ(j["layers"].size(), 2u);
+  EXPECT_EQ(j["layers"][1]["layer"], 1);
+  EXPECT_EQ(j["layers"][1]["T"], 4);
+  EXPECT_EQ(j["layers"][1]["keys_fraction"], 1.0);
+  for (const char* field : {"keys_selected", "bytes_read", "bytes_fraction", "seconds_score", "seconds_read",
+                            "seconds_attend", "seconds_wall"}) {
+    EXPECT_TRUE(j.contains(field) && j[field].is_number()) << field << " in " << j.dump();
+  }
+  ASSERT_EQ(SqctlJson(Base("query") + " --out " + o_path +
+                          " --threshold-quantile 0.9 --hierarchical --gqa per-head --per-query --json",
+                      &j, &err),
             0)
-      << out;
-  EXPECT_NE(out.find("\"bytes_read\""), std::string::npos) << out;
+      << err;
+  ASSERT_FALSE(j.is_discarded()) << err;
+  EXPECT_TRUE(j["bytes_read"].is_number_unsigned()) << j.dump();
+  EXPECT_LT(j["keys_fraction"].get<double>(), 1.0) << j.dump();
   ASSERT_EQ(Sqctl(Base("query") + " --out " + o_path + " --threshold 0.0005 --hierarchical --threshold-coarse 0.0001",
                   &out),
             0)
@@ -170,6 +198,45 @@ TEST_F(QueryCliTest, ErrorsNameTheCulpritAndExitNonZero) {
   EXPECT_EQ(Sqctl(Base("query"), &out), 2) << out;  // no --out
   EXPECT_EQ(Sqctl(Base("eval") + " --budgets 0.1,x", &out), 2) << out;
   EXPECT_EQ(Sqctl(Base("eval") + " --budgets 0", &out), 2) << out;
+}
+
+// Floating-point options: NaN and infinities are refused, and so is a value
+// outside the option's domain; the message names the flag, the value and
+// what is allowed (exit 2, nothing written).
+TEST_F(QueryCliTest, FloatingPointOptionsAreRangeChecked) {
+  const std::string o_path = dir_->Sub("o_range.safetensors");
+  const std::string query = Base("query") + " --out " + o_path;
+  struct Case {
+    std::string args;
+    std::vector<std::string> expect;
+  };
+  const std::vector<Case> cases = {
+      {query + " --budget 0", {"--budget 0 is out of range", "(0, 1]"}},
+      {query + " --budget 1.0001", {"--budget 1.0001 is out of range", "(0, 1]"}},
+      {query + " --budget nan", {"--budget nan is out of range", "(0, 1]"}},
+      {query + " --budget inf", {"--budget inf is out of range", "(0, 1]"}},
+      {query + " --budget 1e999", {"--budget 1e999 is out of range", "(0, 1]"}},
+      {query + " --budget half", {"--budget expects a number in (0, 1], got 'half'"}},
+      {query + " --threshold-quantile 0", {"--threshold-quantile 0 is out of range", "(0, 1)"}},
+      {query + " --threshold-quantile 1", {"--threshold-quantile 1 is out of range", "(0, 1)"}},
+      {query + " --threshold-quantile -nan", {"--threshold-quantile -nan is out of range", "(0, 1)"}},
+      {query + " --threshold nan", {"--threshold nan is out of range", "any finite number"}},
+      {query + " --threshold -inf", {"--threshold -inf is out of range", "any finite number"}},
+      {query + " --threshold 0.001 --hierarchical --threshold-coarse infinity",
+       {"--threshold-coarse infinity is out of range", "any finite number"}},
+      {Base("eval") + " --budgets 0.125,nan", {"--budgets nan is out of range", "(0, 1]"}},
+      {Base("eval") + " --budgets 0.125,2", {"--budgets 2 is out of range", "(0, 1]"}},
+      {Base("eval") + " --budgets -0.5", {"--budgets -0.5 is out of range", "(0, 1]"}},
+  };
+  for (const Case& c : cases) {
+    std::string out;
+    EXPECT_EQ(Sqctl(c.args, &out), 2) << c.args << "\n" << out;
+    for (const auto& e : c.expect) EXPECT_NE(out.find(e), std::string::npos) << c.args << "\n" << out;
+  }
+  EXPECT_FALSE(std::filesystem::exists(o_path));
+  // The closed end of (0, 1] is accepted.
+  std::string out;
+  EXPECT_EQ(Sqctl(query + " --budget 1", &out), 0) << out;
 }
 
 }  // namespace

@@ -9,6 +9,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <random>
 #include <stdexcept>
 #include <thread>
@@ -84,6 +86,41 @@ int RunSelfChild(const std::string& gtest_filter, const std::vector<std::string>
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
+}
+
+int RunCommandSplit(const std::string& cmd, std::string* out, std::string* err) {
+  out->clear();
+  err->clear();
+  char err_path[] = "/tmp/sqz-stderr.XXXXXX";
+  const int fd = mkstemp(err_path);
+  if (fd < 0) return -1;
+  close(fd);
+  // Braces so the stderr redirection applies to the whole command line.
+  const std::string full = "{ " + cmd + "\n} 2>" + err_path;
+  int rc = -1;
+  if (FILE* p = popen(full.c_str(), "r")) {
+    std::array<char, 4096> buf;
+    size_t n;
+    while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) out->append(buf.data(), n);
+    const int st = pclose(p);
+    if (st != -1) rc = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+  }
+  std::ifstream f(err_path, std::ios::binary);
+  err->assign(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
+  std::remove(err_path);
+  return rc;
+}
+
+std::string ShellQuote(const std::string& s) {
+  std::string q = "'";
+  for (char c : s) {
+    if (c == '\'') {
+      q += "'\\''";
+    } else {
+      q += c;
+    }
+  }
+  return q + "'";
 }
 
 std::string SqctlPath() {

@@ -31,6 +31,13 @@ int RunCommand(const std::string& cmd, std::string* output = nullptr);
 // child's raw wait status (WIFSIGNALED etc.), -1 if it could not run.
 int RunSelfChild(const std::string& gtest_filter, const std::vector<std::string>& env_extra, int timeout_s);
 
+// Like RunCommand, but keeps stdout (*out) and stderr (*err) apart, e.g. to
+// parse a command's --json output.
+int RunCommandSplit(const std::string& cmd, std::string* out, std::string* err);
+
+// `s` as one word for /bin/sh (single-quoted; any bytes but NUL).
+std::string ShellQuote(const std::string& s);
+
 // Path of the built sqctl binary ($SQZ_SQCTL overrides it).
 std::string SqctlPath();
 

@@ -2,9 +2,14 @@
 // binary, its exit codes and its messages.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <string>
+#include <vector>
 
+#include "sqz/db.h"
 #include "tests/test_util.h"
 #include "synth/synthetic.h"
 
@@ -12,7 +17,9 @@ namespace sqz {
 namespace {
 
 using sqz::testing::RunCommand;
+using sqz::testing::RunCommandSplit;
 using sqz::testing::ScopedTempDir;
+using sqz::testing::ShellQuote;
 using sqz::testing::SqctlPath;
 
 class SqctlCli : public ::testing::Test {
@@ -33,7 +40,17 @@ class SqctlCli : public ::testing::Test {
     out->clear();
     return RunCommand(SqctlPath() + " " + args, out);
   }
+  // Runs `sqctl <args>` and parses its stdout as JSON (a parse failure is a
+  // discarded value, reported with the text).
+  int RunJson(const std::string& args, nlohmann::json* j, std::string* err) {
+    std::string out;
+    const int rc = RunCommandSplit(SqctlPath() + " " + args, &out, err);
+    *j = nlohmann::json::parse(out, nullptr, /*allow_exceptions=*/false);
+    if (j->is_discarded()) *err += "\nnot valid JSON:\n" + out;
+    return rc;
+  }
   std::string Db() const { return dir_.Sub("db"); }
+  std::string Kv(int i) const { return dir_.Sub("corpus/ctx_00" + std::to_string(i) + ".safetensors"); }
   ScopedTempDir dir_;
 };
 
@@ -59,8 +76,77 @@ TEST_F(SqctlCli, UsageErrorsExitTwoAndSayWhat) {
   EXPECT_NE(out.find("exactly one of --kv FILE or --corpus DIR"), std::string::npos) << out;
   EXPECT_EQ(Run("build-index --db " + Db() + " --kv x --bogus", &out), 2);
   EXPECT_NE(out.find("unknown option '--bogus'"), std::string::npos) << out;
-  EXPECT_EQ(Run("build-index --db " + Db() + " --kv x --window abc", &out), 1);
+  EXPECT_EQ(Run("build-index --db " + Db() + " --kv x --window abc", &out), 2);
   EXPECT_NE(out.find("--window expects an integer"), std::string::npos) << out;
+}
+
+// Every numeric option is checked against the range of the field it feeds:
+// a value out of range is a usage error (exit 2) naming the flag, the value
+// and the allowed range, never silently wrapped or cast.
+TEST_F(SqctlCli, NumericOptionsAreRangeChecked) {
+  struct Case {
+    std::string args;
+    std::vector<std::string> expect;  // substrings of the message
+  };
+  const std::string build = "build-index --db " + Db() + " --kv " + Kv(0) + " --quiet ";
+  const std::vector<Case> cases = {
+      // An int field: 2^32 + 100 used to become 100.
+      {build + "--window 4294967396", {"--window 4294967396 is out of range", "[0, 2147483647]"}},
+      {build + "--window 2147483648", {"--window 2147483648 is out of range", "[0, 2147483647]"}},
+      {build + "--window 99999999999999999999999", {"--window 99999999999999999999999", "[0, 2147483647]"}},
+      {build + "--sinks -1", {"--sinks -1 is out of range", "[0, 2147483647]"}},
+      {build + "--iters 0", {"--iters 0 is out of range", "[1, 2147483647]"}},
+      // Malformed integers.
+      {build + "--iters 2.5", {"--iters expects an integer in [1, 2147483647], got '2.5'"}},
+      {build + "--window=", {"--window expects an integer", "got ''"}},
+      {build + "--window 12abc", {"--window expects an integer", "got '12abc'"}},
+      // A uint64 seed: no negative values, no wrap-around.
+      {build + "--seed -1", {"--seed -1 is out of range", "[0, 18446744073709551615]"}},
+      {build + "--seed 18446744073709551616", {"--seed 18446744073709551616 is out of range"}},
+      // Doubles: NaN, infinities and values outside the option's domain.
+      {build + "--fine nan", {"--fine nan is out of range", "(0, 1]"}},
+      {build + "--fine inf", {"--fine inf is out of range", "(0, 1]"}},
+      {build + "--coarse 0", {"--coarse 0 is out of range", "(0, 1]"}},
+      {build + "--coarse 1.5", {"--coarse 1.5 is out of range", "(0, 1]"}},
+      {build + "--fine x", {"--fine expects a number in (0, 1], got 'x'"}},
+      {build + "--quantiles 0.5,1", {"--quantiles 1 is out of range", "(0, 1)"}},
+      {build + "--quantiles 0,0.5", {"--quantiles 0 is out of range", "(0, 1)"}},
+      {build + "--quantiles 0.5,NaN", {"--quantiles NaN is out of range", "(0, 1)"}},
+      {build + "--quantiles 0.5,,0.9", {"--quantiles expects a number"}},
+      // synth and demo.
+      {"synth --out " + dir_.Sub("s") + " --contexts 0", {"--contexts 0 is out of range", "[1, 2147483647]"}},
+      {"synth --out " + dir_.Sub("s") + " --tokens 0", {"--tokens 0 is out of range", "[1, 9223372036854775807]"}},
+      {"synth --out " + dir_.Sub("s") + " --head-dim 4294967424",
+       {"--head-dim 4294967424 is out of range", "[1, 2147483647]"}},
+      {"synth --out " + dir_.Sub("s") + " --layers -3", {"--layers -3 is out of range"}},
+      {"synth --out " + dir_.Sub("s") + " --window -1", {"--window -1 is out of range", "[0, 2147483647]"}},
+      {"synth --out " + dir_.Sub("s") + " --seed -7", {"--seed -7 is out of range"}},
+      {"synth --out " + dir_.Sub("s") + " --q-heads 6 --kv-heads 4", {"--q-heads must be a multiple of --kv-heads"}},
+      {"demo --dir " + dir_.Sub("demo") + " --tokens 1000", {"--tokens 1000 is out of range", "[1024, "}},
+  };
+  for (const Case& c : cases) {
+    std::string out;
+    EXPECT_EQ(Run(c.args, &out), 2) << c.args << "\n" << out;
+    for (const auto& e : c.expect) EXPECT_NE(out.find(e), std::string::npos) << c.args << "\n" << out;
+    EXPECT_NE(out.find("--help"), std::string::npos) << out;
+  }
+  // Nothing was created by the refused commands.
+  EXPECT_FALSE(std::filesystem::exists(Db()));
+  EXPECT_FALSE(std::filesystem::exists(dir_.Sub("s")));
+  EXPECT_FALSE(std::filesystem::exists(dir_.Sub("demo")));
+
+  // The ends of the ranges are accepted: the largest seed is stored as given.
+  std::string err;
+  nlohmann::json j;
+  ASSERT_EQ(RunJson(build + "--seed 18446744073709551615 --window 2147483647 --sinks 0 --iters 1 --fine 1 --coarse 1",
+                    &j, &err),
+            0)
+      << err;
+  ASSERT_EQ(RunJson("info --db " + Db() + " --context ctx_000 --json", &j, &err), 0) << err;
+  ASSERT_FALSE(j.is_discarded()) << err;
+  EXPECT_EQ(j["seed"].get<uint64_t>(), 18446744073709551615ull);
+  EXPECT_EQ(j["n_sinks"], 0);
+  EXPECT_EQ(j["kmeans_iters"], 1);
 }
 
 TEST_F(SqctlCli, BuildListInfoVerifyDrop) {
@@ -122,6 +208,119 @@ TEST_F(SqctlCli, BadInputNamesTheFileAndLeavesTheDatabaseAlone) {
   // A database directory that does not exist is not created by read commands.
   EXPECT_EQ(Run("list --db " + dir_.Sub("nowhere"), &out), 1);
   EXPECT_NE(out.find("no squeeze database"), std::string::npos) << out;
+}
+
+// list, info, verify, query and eval open the database read-only: on a path
+// with no database they say so and exit 1, and create nothing.
+TEST_F(SqctlCli, ReadCommandsNeedADatabaseAndCreateNothing) {
+  const std::string q = " --queries " + dir_.Sub("corpus/queries/ctx_000.safetensors");
+  const std::string empty = dir_.Sub("empty");
+  std::filesystem::create_directories(empty);
+  for (const std::string& path : {dir_.Sub("nowhere"), empty}) {
+    for (const std::string& cmd :
+         {"list --db " + path, "list --db " + path + " --json", "info --db " + path + " --context ctx_000",
+          "verify --db " + path, "query --db " + path + " --context ctx_000" + q + " --out " + dir_.Sub("o"),
+          "eval --db " + path + " --context ctx_000" + q, "drop --db " + path + " --context ctx_000"}) {
+      std::string out;
+      EXPECT_EQ(Run(cmd, &out), 1) << cmd << "\n" << out;
+      EXPECT_NE(out.find("no squeeze database"), std::string::npos) << cmd << "\n" << out;
+    }
+  }
+  EXPECT_FALSE(std::filesystem::exists(dir_.Sub("nowhere")));
+  EXPECT_TRUE(std::filesystem::is_empty(empty));
+  EXPECT_FALSE(std::filesystem::exists(dir_.Sub("o")));
+}
+
+// Read-only commands take no lock: they run while a writer holds the
+// database open. Skipped while the storage layer ignores Options::read_only.
+TEST_F(SqctlCli, ReadCommandsRunBesideAWriter) {
+  std::string out;
+  ASSERT_EQ(Run("build-index --db " + Db() + " --kv " + Kv(0) + " --iters 2 --quiet", &out), 0) << out;
+  {
+    Options ro;
+    ro.read_only = true;
+    std::unique_ptr<DB> probe;
+    Status s = DB::Open(ro, Db(), &probe);
+    ASSERT_TRUE(s.ok()) << s.ToString();
+    if (!probe->read_only()) GTEST_SKIP() << "the storage layer does not implement Options::read_only yet";
+  }
+  std::unique_ptr<DB> writer;
+  Status s = DB::Open(Options(), Db(), &writer);
+  ASSERT_TRUE(s.ok()) << s.ToString();
+  const std::string q = " --queries " + dir_.Sub("corpus/queries/ctx_000.safetensors");
+  for (const std::string& cmd :
+       {"list --db " + Db(), "info --db " + Db() + " --context ctx_000", "verify --db " + Db(),
+        "query --db " + Db() + " --context ctx_000" + q + " --out " + dir_.Sub("o.safetensors"),
+        "eval --db " + Db() + " --context ctx_000" + q}) {
+    EXPECT_EQ(Run(cmd, &out), 0) << cmd << "\n" << out;
+  }
+  // Writers still need the lock.
+  EXPECT_EQ(Run("drop --db " + Db() + " --context ctx_000", &out), 1) << out;
+}
+
+// --json output is real JSON whatever the context name holds: long names
+// (a fixed buffer used to cut them), quotes, backslashes, newlines and other
+// control characters come back intact.
+TEST_F(SqctlCli, JsonOutputParsesWithAnyContextName) {
+  const std::string long_name(1000, 'n');
+  const std::string odd_name = std::string("say \"hi\" C:\\dir\\ it's\nline two\ttab") + char(1) + "/x";
+  std::string err;
+  nlohmann::json j;
+  for (const std::string& name : {long_name, odd_name}) {
+    ASSERT_EQ(RunJson("build-index --db " + Db() + " --kv " + Kv(0) + " --iters 2 --json --name " + ShellQuote(name),
+                      &j, &err),
+              0)
+        << err;
+    ASSERT_FALSE(j.is_discarded()) << err;
+    ASSERT_TRUE(j.is_array() && j.size() == 1) << j.dump();
+    EXPECT_EQ(j[0]["name"], name);
+    for (const char* field : {"seconds", "seconds_read", "seconds_kmeans", "seconds_calibrate", "seconds_write",
+                              "keys_clustered", "keys_per_second", "kv_bytes", "index_bytes", "peak_rss_bytes"}) {
+      EXPECT_TRUE(j[0].contains(field) && j[0][field].is_number()) << field << " in " << j.dump();
+    }
+    EXPECT_GT(j[0]["keys_clustered"].get<int64_t>(), 0);
+
+    ASSERT_EQ(RunJson("info --db " + Db() + " --json --context " + ShellQuote(name), &j, &err), 0) << err;
+    ASSERT_FALSE(j.is_discarded()) << err;
+    EXPECT_EQ(j["name"], name);
+    EXPECT_EQ(j["n_tokens"], 2048);
+    EXPECT_EQ(j["n_layers"], 2);
+    EXPECT_EQ(j["dtype"], "F16");
+    EXPECT_EQ(j["calibration_queries"], 32);
+    ASSERT_TRUE(j["fine_clusters"].is_array());
+    EXPECT_EQ(j["fine_clusters"].size(), 4u);  // 2 layers x 2 KV heads
+    ASSERT_TRUE(j["thresholds"].is_array());
+    ASSERT_EQ(j["thresholds"].size(), 5u);
+    EXPECT_DOUBLE_EQ(j["thresholds"][3]["quantile"].get<double>(), 0.9);
+    EXPECT_TRUE(j["thresholds"][3]["flat"].is_number());
+
+    // The text form is not cut either.
+    std::string out;
+    ASSERT_EQ(Run("info --db " + Db() + " --context " + ShellQuote(name), &out), 0) << out;
+    EXPECT_NE(out.find(name + " (id "), std::string::npos) << out;
+  }
+  ASSERT_EQ(RunJson("list --db " + Db() + " --json", &j, &err), 0) << err;
+  ASSERT_FALSE(j.is_discarded()) << err;
+  ASSERT_TRUE(j.is_array() && j.size() == 2) << j.dump();
+  std::vector<std::string> names;
+  for (const auto& c : j) {
+    names.push_back(c["name"]);
+    EXPECT_EQ(c["n_layers"], 2);
+    EXPECT_EQ(c["n_tokens"], 2048);
+    EXPECT_TRUE(c["bytes_on_disk"].is_number_unsigned());
+  }
+  std::sort(names.begin(), names.end());
+  EXPECT_EQ(names, (std::vector<std::string>{long_name, odd_name}));
+
+  // Several contexts in one build: one array element each.
+  ASSERT_EQ(RunJson("build-index --db " + dir_.Sub("db2") + " --corpus " + dir_.Sub("corpus") + " --iters 2 --json", &j,
+                    &err),
+            0)
+      << err;
+  ASSERT_FALSE(j.is_discarded()) << err;
+  ASSERT_TRUE(j.is_array() && j.size() == 2) << j.dump();
+  EXPECT_EQ(j[0]["name"], "ctx_000");
+  EXPECT_EQ(j[1]["name"], "ctx_001");
 }
 
 }  // namespace

@@ -248,20 +248,10 @@ class MultiProcess : public ::testing::Test {
   Result ref_a_, ref_b_;
 };
 
-// DISABLED: bug in tools/sqctl/cmd_query.cc, cmd_manage.cc (OpenDb) and
-// cmd_eval.cc: `sqctl query`, `list`, `info`, `verify` and `eval` open the
-// database read-write (Options::read_only is never set), although the
-// documentation (include/sqz/db.h, the lock error message in
-// storage/db_impl.cc: "sqctl's list/info/query/eval/verify do") says they
-// open it read-only. While `sqctl build-index` runs, every one of them fails
-// with "IOError: ... the database is open read-write in another process";
-// and while one of them runs, the writer's build-index / drop fails the same
-// way. Reproduction: start `sqctl build-index` of a large context, then run
-// `sqctl list --db DIR` beside it: exit 1, "the database is open read-write
-// in another process". Once sqctl opens read-only, this test also depends on
-// the partial-context bug described at
-// DISABLED_LibraryReadersSeeOnlyCommittedVersions below.
-TEST_F(MultiProcess, DISABLED_SqctlReadersSeeOnlyCommittedVersions) {
+// sqctl's read commands (read-only opens) beside an sqctl writer: every
+// reader call succeeds and answers exactly A or B; listed contexts describe
+// and verify.
+TEST_F(MultiProcess, SqctlReadersSeeOnlyCommittedVersions) {
   Failures failures;
   std::atomic<int> seen_a{0}, seen_b{0}, lists{0};
   int iterations = 0;

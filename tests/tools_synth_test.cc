@@ -485,7 +485,10 @@ void DumpForPython(const std::string& dir, const std::string& file, std::ofstrea
       Spill(dir + "/" + f32_name, vals.data(), vals.size() * sizeof(float));
     }
     std::string dims;
-    for (size_t j = 0; j < e.shape.size(); ++j) dims += (j ? "," : "") + std::to_string(e.shape[j]);
+    for (size_t j = 0; j < e.shape.size(); ++j) {
+      if (j) dims += ',';
+      dims += std::to_string(e.shape[j]);
+    }
     *manifest << "tensor " << file << " " << Hex(e.name) << " " << e.dtype_name << " " << (dims.empty() ? "-" : dims)
               << " " << f32_name << " " << base << ".raw\n";
   }
@@ -600,7 +603,10 @@ TEST(PyCheck, ReadPythonFiles) {
       ASSERT_NE(entry, nullptr);
       EXPECT_EQ(entry->dtype_name, e.dtype);
       std::string dims;
-      for (size_t j = 0; j < entry->shape.size(); ++j) dims += (j ? "," : "") + std::to_string(entry->shape[j]);
+      for (size_t j = 0; j < entry->shape.size(); ++j) {
+        if (j) dims += ',';
+        dims += std::to_string(entry->shape[j]);
+      }
       EXPECT_EQ(dims.empty() ? "-" : dims, e.dims);
       const std::string raw = Slurp(dir + "/" + e.raw);
       ASSERT_EQ(entry->nbytes, raw.size());

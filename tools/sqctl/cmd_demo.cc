@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -42,10 +43,9 @@ double MedianAttend(const ContextHandle& h, int layer, const std::vector<float>&
 int RunDemo(const Args& args) {
   const std::string cmd = "demo";
   const std::filesystem::path dir = args.Get("dir", "demo-data");
-  long long tokens;
-  Status s = args.GetInt("tokens", 16384, &tokens);
-  if (!s.ok()) return Fail(cmd, s);
-  if (tokens < 1024) return Fail(cmd, Status::InvalidArgument("--tokens must be at least 1024"));
+  int64_t tokens;
+  Status s = args.GetInt("tokens", int64_t{16384}, int64_t{1024}, std::numeric_limits<int64_t>::max(), &tokens);
+  if (!s.ok()) return Usage(cmd, s.message());
 
   synth::Spec spec;
   spec.n_layers = 2;
@@ -60,13 +60,13 @@ int RunDemo(const Args& args) {
   std::vector<std::string> paths;
   s = synth::WriteCorpus(spec, n_contexts, (dir / "corpus").string(), &paths);
   if (!s.ok()) return Fail(cmd, s);
-  std::printf("   %d contexts x %lld tokens, %d layers, %d query / %d KV heads, head_dim %d, fp16 -> %s\n",
-              n_contexts, tokens, spec.n_layers, spec.n_q_heads, spec.n_kv_heads, spec.head_dim,
+  std::printf("   %d contexts x %lld tokens, %d layers, %d query / %d KV heads, head_dim %d, fp16 -> %s\n", n_contexts,
+              static_cast<long long>(tokens), spec.n_layers, spec.n_q_heads, spec.n_kv_heads, spec.head_dim,
               (dir / "corpus").c_str());
 
   std::printf("== 2. build the index into %s\n", (dir / "db").c_str());
   std::unique_ptr<DB> db;
-  s = DB::Open(Options(), (dir / "db").string(), &db);
+  s = OpenDatabase((dir / "db").string(), OpenMode::kCreate, &db);
   if (!s.ok()) return Fail(cmd, s);
   for (const auto& p : paths) {
     std::unique_ptr<KvSource> src;

@@ -15,23 +15,12 @@ constexpr const char* kName = "eval";
 
 int Run(const Args& args) {
   std::vector<double> budgets;
-  Status s = args.GetDoubleList("budgets", {0.05, 0.125, 0.25}, &budgets);
-  if (!s.ok()) {
-    std::fprintf(stderr, "sqctl %s: %s (see sqctl %s --help)\n", kName, s.message().c_str(), kName);
-    return 2;
-  }
-  for (double b : budgets) {
-    if (!(b > 0 && b <= 1)) {
-      std::fprintf(stderr, "sqctl %s: --budgets values must be in (0, 1], got %g\n", kName, b);
-      return 2;
-    }
-  }
+  Status s = args.GetDoubleList("budgets", {0.05, 0.125, 0.25}, kFractionOpenClosed, &budgets);
+  if (!s.ok()) return Usage(kName, s.message());
   const std::string db_path = args.Get("db"), name = args.Get("context"), qpath = args.Get("queries");
 
-  Options db_options;
-  db_options.create_if_missing = false;
   std::unique_ptr<DB> db;
-  s = DB::Open(db_options, db_path, &db);
+  s = OpenDatabase(db_path, OpenMode::kReadOnly, &db);
   if (!s.ok()) return Fail(kName, s.WithPrefix("opening database " + db_path));
   std::unique_ptr<ContextHandle> handle;
   s = ContextHandle::Open(db.get(), name, &handle);

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -18,10 +19,8 @@
 namespace sqz::cli {
 namespace {
 
-Status OpenDb(const Args& args, bool create, std::unique_ptr<DB>* db) {
-  Options o;
-  o.create_if_missing = create;
-  return DB::Open(o, args.Get("db"), db);
+Status OpenDb(const Args& args, OpenMode mode, std::unique_ptr<DB>* db) {
+  return OpenDatabase(args.Get("db"), mode, db);
 }
 
 // Terminal progress line, redrawn in place; silent when stderr is not a TTY.
@@ -54,19 +53,17 @@ class ProgressLine {
   bool dirty_ = false;
 };
 
+constexpr int kIntMax = std::numeric_limits<int>::max();
+constexpr uint64_t kU64Max = std::numeric_limits<uint64_t>::max();
+
 Status ParseBuildOptions(const Args& args, BuildOptions* o) {
-  long long window, sinks, iters, seed;
-  SQZ_RETURN_IF_ERROR(args.GetInt("window", o->window, &window));
-  SQZ_RETURN_IF_ERROR(args.GetInt("sinks", o->n_sinks, &sinks));
-  SQZ_RETURN_IF_ERROR(args.GetInt("iters", o->kmeans_iters, &iters));
-  SQZ_RETURN_IF_ERROR(args.GetInt("seed", static_cast<long long>(o->seed), &seed));
-  SQZ_RETURN_IF_ERROR(args.GetDouble("fine", o->fine_ratio, &o->fine_ratio));
-  SQZ_RETURN_IF_ERROR(args.GetDouble("coarse", o->coarse_ratio, &o->coarse_ratio));
-  SQZ_RETURN_IF_ERROR(args.GetDoubleList("quantiles", o->quantiles, &o->quantiles));
-  o->window = static_cast<int>(window);
-  o->n_sinks = static_cast<int>(sinks);
-  o->kmeans_iters = static_cast<int>(iters);
-  o->seed = static_cast<uint64_t>(seed);
+  SQZ_RETURN_IF_ERROR(args.GetInt("window", o->window, 0, kIntMax, &o->window));
+  SQZ_RETURN_IF_ERROR(args.GetInt("sinks", o->n_sinks, 0, kIntMax, &o->n_sinks));
+  SQZ_RETURN_IF_ERROR(args.GetInt("iters", o->kmeans_iters, 1, kIntMax, &o->kmeans_iters));
+  SQZ_RETURN_IF_ERROR(args.GetUint64("seed", o->seed, 0, kU64Max, &o->seed));
+  SQZ_RETURN_IF_ERROR(args.GetDouble("fine", o->fine_ratio, kFractionOpenClosed, &o->fine_ratio));
+  SQZ_RETURN_IF_ERROR(args.GetDouble("coarse", o->coarse_ratio, kFractionOpenClosed, &o->coarse_ratio));
+  SQZ_RETURN_IF_ERROR(args.GetDoubleList("quantiles", o->quantiles, kFractionOpen, &o->quantiles));
   o->replace = args.Has("replace");
   return Status::OK();
 }
@@ -83,7 +80,7 @@ int RunBuildIndex(const Args& args) {
   }
   BuildOptions opts;
   Status s = ParseBuildOptions(args, &opts);
-  if (!s.ok()) return Fail(cmd, s);
+  if (!s.ok()) return Usage(cmd, s.message());
 
   // Inputs: (name, path) pairs.
   std::vector<std::pair<std::string, std::string>> inputs;
@@ -108,12 +105,12 @@ int RunBuildIndex(const Args& args) {
   }
 
   std::unique_ptr<DB> db;
-  s = OpenDb(args, true, &db);
+  s = OpenDb(args, OpenMode::kCreate, &db);
   if (!s.ok()) return Fail(cmd, s);
   const bool quiet = args.Has("quiet");
   const bool json = args.Has("json");
   int failures = 0;
-  std::string json_out = "[";
+  Json json_out = Json::array();
   for (const auto& [name, path] : inputs) {
     std::unique_ptr<KvSource> src;
     s = OpenSafetensorsKvSource(path, &src);
@@ -134,18 +131,19 @@ int RunBuildIndex(const Args& args) {
     const KvShape& sh = src->shape();
     double keys_rate = stats.keys_clustered / std::max(stats.seconds_total, 1e-9);
     if (json) {
-      if (json_out.size() > 1) json_out += ",";
-      char buf[768];
-      std::snprintf(buf, sizeof(buf),
-                    "{\"name\":\"%s\",\"seconds\":%.3f,\"seconds_read\":%.3f,\"seconds_kmeans\":%.3f,"
-                    "\"seconds_calibrate\":%.3f,\"seconds_write\":%.3f,\"keys_clustered\":%lld,"
-                    "\"keys_per_second\":%.1f,\"kv_bytes\":%llu,\"index_bytes\":%llu,\"peak_rss_bytes\":%llu}",
-                    JsonEscape(name).c_str(), stats.seconds_total, stats.seconds_read, stats.seconds_kmeans,
-                    stats.seconds_calibrate, stats.seconds_write, static_cast<long long>(stats.keys_clustered),
-                    keys_rate, static_cast<unsigned long long>(stats.kv_bytes),
-                    static_cast<unsigned long long>(stats.index_bytes),
-                    static_cast<unsigned long long>(stats.peak_rss_bytes));
-      json_out += buf;
+      Json j;
+      j["name"] = name;
+      j["seconds"] = stats.seconds_total;
+      j["seconds_read"] = stats.seconds_read;
+      j["seconds_kmeans"] = stats.seconds_kmeans;
+      j["seconds_calibrate"] = stats.seconds_calibrate;
+      j["seconds_write"] = stats.seconds_write;
+      j["keys_clustered"] = stats.keys_clustered;
+      j["keys_per_second"] = keys_rate;
+      j["kv_bytes"] = stats.kv_bytes;
+      j["index_bytes"] = stats.index_bytes;
+      j["peak_rss_bytes"] = stats.peak_rss_bytes;
+      json_out.push_back(std::move(j));
     } else if (!quiet) {
       std::printf("built '%s': %d layers x %d KV heads x %lld tokens x %d dims (%s) in %s; %.2f Mkeys/s; "
                   "KV %s, index %s; peak RSS %s\n",
@@ -155,29 +153,31 @@ int RunBuildIndex(const Args& args) {
                   FormatBytes(stats.peak_rss_bytes).c_str());
     }
   }
-  if (json) std::printf("%s]\n", json_out.c_str());
+  if (json) std::printf("%s\n", JsonDump(json_out).c_str());
   return failures ? 1 : 0;
 }
 
 int RunList(const Args& args) {
   std::unique_ptr<DB> db;
-  Status s = OpenDb(args, false, &db);
+  Status s = OpenDb(args, OpenMode::kReadOnly, &db);
   if (!s.ok()) return Fail("list", s);
   std::vector<std::string> names;
   s = db->ListContexts(&names);
   if (!s.ok()) return Fail("list", s);
   if (args.Has("json")) {
-    std::string out = "[";
+    Json out = Json::array();
     for (const auto& n : names) {
       ContextInfo info;
       s = db->DescribeContext(n, &info);
       if (!s.ok()) return Fail("list", s);
-      if (out.size() > 1) out += ",";
-      out += "{\"name\":\"" + JsonEscape(n) + "\",\"n_layers\":" + std::to_string(info.n_layers) +
-             ",\"n_tokens\":" + std::to_string(info.n_tokens) + ",\"bytes_on_disk\":" +
-             std::to_string(info.bytes_on_disk) + "}";
+      Json j;
+      j["name"] = n;
+      j["n_layers"] = info.n_layers;
+      j["n_tokens"] = info.n_tokens;
+      j["bytes_on_disk"] = info.bytes_on_disk;
+      out.push_back(std::move(j));
     }
-    std::printf("%s]\n", out.c_str());
+    std::printf("%s\n", JsonDump(out).c_str());
     return 0;
   }
   for (const auto& n : names) {
@@ -193,7 +193,7 @@ int RunList(const Args& args) {
 
 int RunInfo(const Args& args) {
   std::unique_ptr<DB> db;
-  Status s = OpenDb(args, false, &db);
+  Status s = OpenDb(args, OpenMode::kReadOnly, &db);
   if (!s.ok()) return Fail("info", s);
   ContextInfo info;
   s = db->DescribeContext(args.Get("context"), &info);
@@ -204,7 +204,7 @@ int RunInfo(const Args& args) {
 
 int RunDrop(const Args& args) {
   std::unique_ptr<DB> db;
-  Status s = OpenDb(args, false, &db);
+  Status s = OpenDb(args, OpenMode::kReadWrite, &db);
   if (!s.ok()) return Fail("drop", s);
   s = db->DropContext(args.Get("context"));
   if (!s.ok()) return Fail("drop", s);
@@ -214,7 +214,7 @@ int RunDrop(const Args& args) {
 
 int RunVerify(const Args& args) {
   std::unique_ptr<DB> db;
-  Status s = OpenDb(args, false, &db);
+  Status s = OpenDb(args, OpenMode::kReadOnly, &db);
   if (!s.ok()) return Fail("verify", s);
   std::vector<std::string> names;
   if (args.Has("context")) {

@@ -16,10 +16,7 @@ namespace {
 
 constexpr const char* kName = "query";
 
-int Usage(const std::string& msg) {
-  std::fprintf(stderr, "sqctl %s: %s (see sqctl %s --help)\n", kName, msg.c_str(), kName);
-  return 2;
-}
+int Usage(const std::string& msg) { return cli::Usage(kName, msg); }
 
 // Parses the selection flags into options; returns 0, or 2 after printing a
 // usage error.
@@ -33,24 +30,20 @@ int ParseSelection(const Args& args, QueryOptions* o, std::string* describe) {
     d << "dense";
   } else if (args.Has("threshold-quantile")) {
     o->mode = SelectionMode::kThreshold;
-    s = args.GetDouble("threshold-quantile", -1, &o->threshold_quantile);
-    if (s.ok() && !(o->threshold_quantile >= 0 && o->threshold_quantile < 1)) {
-      return Usage("--threshold-quantile must be in [0, 1)");
-    }
+    s = args.GetDouble("threshold-quantile", -1, kFractionOpen, &o->threshold_quantile);
     d << "threshold at quantile " << o->threshold_quantile;
   } else if (args.Has("threshold")) {
     o->mode = SelectionMode::kThreshold;
     double t = 0, tc = 0;
-    s = args.GetDouble("threshold", 0, &t);
-    if (s.ok()) s = args.GetDouble("threshold-coarse", t, &tc);
+    s = args.GetDouble("threshold", 0, kAnyFinite, &t);
+    if (s.ok()) s = args.GetDouble("threshold-coarse", t, kAnyFinite, &tc);
     o->threshold = static_cast<float>(t);
     o->threshold_coarse = static_cast<float>(tc);
     d << "threshold " << t;
     if (args.Has("hierarchical")) d << " (coarse " << tc << ")";
   } else {
     o->mode = SelectionMode::kBudget;
-    s = args.GetDouble("budget", o->budget, &o->budget);
-    if (s.ok() && !(o->budget > 0 && o->budget <= 1)) return Usage("--budget must be in (0, 1]");
+    s = args.GetDouble("budget", o->budget, kFractionOpenClosed, &o->budget);
     d << "budget " << o->budget;
   }
   if (!s.ok()) return Usage(s.message());
@@ -82,10 +75,8 @@ int Run(const Args& args) {
   const std::string db_path = args.Get("db"), name = args.Get("context"), qpath = args.Get("queries"),
                     out_path = args.Get("out");
 
-  Options db_options;
-  db_options.create_if_missing = false;
   std::unique_ptr<DB> db;
-  Status s = DB::Open(db_options, db_path, &db);
+  Status s = OpenDatabase(db_path, OpenMode::kReadOnly, &db);
   if (!s.ok()) return Fail(kName, s.WithPrefix("opening database " + db_path));
   std::unique_ptr<ContextHandle> handle;
   s = ContextHandle::Open(db.get(), name, &handle);
@@ -103,7 +94,7 @@ int Run(const Args& args) {
   int64_t keys_selected = 0, keys_clustered = 0, queries = 0;
   uint64_t bytes_read = 0;
   double sec_score = 0, sec_read = 0, sec_attend = 0;
-  std::ostringstream layers_json;
+  Json layers_json = Json::array();
   const auto t0 = std::chrono::steady_clock::now();
   for (size_t i = 0; i < layers.size(); ++i) {
     const query::LayerQueries& lq = layers[i];
@@ -122,12 +113,16 @@ int Run(const Args& args) {
     sec_score += stats.seconds_score;
     sec_read += stats.seconds_read;
     sec_attend += stats.seconds_attend;
-    layers_json << (i ? "," : "") << "{\"layer\":" << lq.layer << ",\"T\":" << lq.T
-                << ",\"keys_selected\":" << stats.keys_selected() << ",\"keys_fraction\":"
-                << (clustered ? static_cast<double>(stats.keys_selected()) / clustered : 0.0)
-                << ",\"bytes_read\":" << stats.bytes_read() << ",\"seconds_score\":" << stats.seconds_score
-                << ",\"seconds_read\":" << stats.seconds_read << ",\"seconds_attend\":" << stats.seconds_attend
-                << "}";
+    Json lj;
+    lj["layer"] = lq.layer;
+    lj["T"] = lq.T;
+    lj["keys_selected"] = stats.keys_selected();
+    lj["keys_fraction"] = clustered ? static_cast<double>(stats.keys_selected()) / clustered : 0.0;
+    lj["bytes_read"] = stats.bytes_read();
+    lj["seconds_score"] = stats.seconds_score;
+    lj["seconds_read"] = stats.seconds_read;
+    lj["seconds_attend"] = stats.seconds_attend;
+    layers_json.push_back(std::move(lj));
   }
   const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   s = writer.WriteFile(out_path);
@@ -138,15 +133,22 @@ int Run(const Args& args) {
   const double dense_bytes = static_cast<double>(info.kv_bytes) / info.n_layers * layers.size();
   const double bytes_fraction = dense_bytes > 0 ? bytes_read / dense_bytes : 0.0;
   if (args.Has("json")) {
-    std::printf(
-        "{\"context\":\"%s\",\"queries\":\"%s\",\"out\":\"%s\",\"selection\":\"%s\",\"layers\":[%s],"
-        "\"queries_total\":%lld,\"keys_selected\":%lld,\"keys_fraction\":%.6g,\"bytes_read\":%llu,"
-        "\"bytes_fraction\":%.6g,\"seconds_score\":%.6g,\"seconds_read\":%.6g,\"seconds_attend\":%.6g,"
-        "\"seconds_wall\":%.6g}\n",
-        JsonEscape(name).c_str(), JsonEscape(qpath).c_str(), JsonEscape(out_path).c_str(), JsonEscape(mode).c_str(),
-        layers_json.str().c_str(), static_cast<long long>(queries), static_cast<long long>(keys_selected),
-        keys_fraction, static_cast<unsigned long long>(bytes_read), bytes_fraction, sec_score, sec_read, sec_attend,
-        wall);
+    Json j;
+    j["context"] = name;
+    j["queries"] = qpath;
+    j["out"] = out_path;
+    j["selection"] = mode;
+    j["layers"] = std::move(layers_json);
+    j["queries_total"] = queries;
+    j["keys_selected"] = keys_selected;
+    j["keys_fraction"] = keys_fraction;
+    j["bytes_read"] = bytes_read;
+    j["bytes_fraction"] = bytes_fraction;
+    j["seconds_score"] = sec_score;
+    j["seconds_read"] = sec_read;
+    j["seconds_attend"] = sec_attend;
+    j["seconds_wall"] = wall;
+    std::printf("%s\n", JsonDump(j).c_str());
   } else {
     std::printf("context '%s': %zu layer(s), %lld query vectors; selection: %s\n", name.c_str(), layers.size(),
                 static_cast<long long>(queries), mode.c_str());

@@ -1,5 +1,6 @@
 // sqctl synth: writes a synthetic corpus (KV files + queries files).
 #include <cstdio>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -9,30 +10,20 @@
 namespace sqz::cli {
 namespace {
 
+constexpr int kIntMax = std::numeric_limits<int>::max();
+
 Status ParseSpec(const Args& args, synth::Spec* spec) {
-  long long v;
-  SQZ_RETURN_IF_ERROR(args.GetInt("layers", spec->n_layers, &v));
-  spec->n_layers = static_cast<int>(v);
-  SQZ_RETURN_IF_ERROR(args.GetInt("kv-heads", spec->n_kv_heads, &v));
-  spec->n_kv_heads = static_cast<int>(v);
-  SQZ_RETURN_IF_ERROR(args.GetInt("q-heads", spec->n_q_heads, &v));
-  spec->n_q_heads = static_cast<int>(v);
-  SQZ_RETURN_IF_ERROR(args.GetInt("tokens", spec->n_tokens, &v));
-  spec->n_tokens = v;
-  SQZ_RETURN_IF_ERROR(args.GetInt("head-dim", spec->head_dim, &v));
-  spec->head_dim = static_cast<int>(v);
-  SQZ_RETURN_IF_ERROR(args.GetInt("window", spec->q_window, &v));
-  spec->q_window = static_cast<int>(v);
-  SQZ_RETURN_IF_ERROR(args.GetInt("queries", spec->n_queries, &v));
-  spec->n_queries = static_cast<int>(v);
-  SQZ_RETURN_IF_ERROR(args.GetInt("seed", static_cast<long long>(spec->seed), &v));
-  spec->seed = static_cast<uint64_t>(v);
+  SQZ_RETURN_IF_ERROR(args.GetInt("layers", spec->n_layers, 1, kIntMax, &spec->n_layers));
+  SQZ_RETURN_IF_ERROR(args.GetInt("kv-heads", spec->n_kv_heads, 1, kIntMax, &spec->n_kv_heads));
+  SQZ_RETURN_IF_ERROR(args.GetInt("q-heads", spec->n_q_heads, 1, kIntMax, &spec->n_q_heads));
+  SQZ_RETURN_IF_ERROR(
+      args.GetInt("tokens", spec->n_tokens, int64_t{1}, std::numeric_limits<int64_t>::max(), &spec->n_tokens));
+  SQZ_RETURN_IF_ERROR(args.GetInt("head-dim", spec->head_dim, 1, kIntMax, &spec->head_dim));
+  SQZ_RETURN_IF_ERROR(args.GetInt("window", spec->q_window, 0, kIntMax, &spec->q_window));
+  SQZ_RETURN_IF_ERROR(args.GetInt("queries", spec->n_queries, 1, kIntMax, &spec->n_queries));
+  SQZ_RETURN_IF_ERROR(args.GetUint64("seed", spec->seed, 0, std::numeric_limits<uint64_t>::max(), &spec->seed));
   if (args.Has("dtype") && !ParseDType(args.Get("dtype"), &spec->dtype)) {
     return Status::InvalidArgument("--dtype must be F16, BF16 or F32, got '" + args.Get("dtype") + "'");
-  }
-  if (spec->n_layers < 1 || spec->n_kv_heads < 1 || spec->n_q_heads < 1 || spec->n_tokens < 1 ||
-      spec->head_dim < 1 || spec->n_queries < 1 || spec->q_window < 0) {
-    return Status::InvalidArgument("layers, heads, tokens, head-dim and queries must be positive");
   }
   if (spec->n_q_heads % spec->n_kv_heads != 0) {
     return Status::InvalidArgument("--q-heads must be a multiple of --kv-heads");
@@ -43,12 +34,11 @@ Status ParseSpec(const Args& args, synth::Spec* spec) {
 int RunSynth(const Args& args) {
   synth::Spec spec;
   Status s = ParseSpec(args, &spec);
-  if (!s.ok()) return Fail("synth", s);
-  long long n;
-  s = args.GetInt("contexts", 1, &n);
-  if (!s.ok() || n < 1) return Fail("synth", s.ok() ? Status::InvalidArgument("--contexts must be >= 1") : s);
+  int n = 1;
+  if (s.ok()) s = args.GetInt("contexts", 1, 1, kIntMax, &n);
+  if (!s.ok()) return Usage("synth", s.message());
   std::vector<std::string> paths;
-  s = synth::WriteCorpus(spec, static_cast<int>(n), args.Get("out"), &paths);
+  s = synth::WriteCorpus(spec, n, args.Get("out"), &paths);
   if (!s.ok()) return Fail("synth", s);
   for (const auto& p : paths) std::printf("wrote %s\n", p.c_str());
   std::printf("queries files in %s/queries/ (SYNTHETIC data: LLM-like structure, not a real model)\n",

@@ -52,10 +52,14 @@ std::string Date(int64_t unix) {
 
 std::string ContextInfoText(const ContextInfo& i) {
   std::string out;
-  char buf[512];
+  // Each line sized to fit (a context name may be any length).
   auto line = [&](const char* fmt, auto... a) {
-    std::snprintf(buf, sizeof(buf), fmt, a...);
-    out += buf;
+    const int n = std::snprintf(nullptr, 0, fmt, a...);
+    if (n <= 0) return;
+    const size_t at = out.size();
+    out.resize(at + static_cast<size_t>(n) + 1);
+    std::snprintf(out.data() + at, static_cast<size_t>(n) + 1, fmt, a...);
+    out.resize(at + static_cast<size_t>(n));
   };
   int32_t fmin, fmax, cmin, cmax;
   int64_t fsum, csum;
@@ -88,35 +92,40 @@ std::string ContextInfoText(const ContextInfo& i) {
 }
 
 std::string ContextInfoJson(const ContextInfo& i) {
-  auto arr = [](const std::vector<int32_t>& v) {
-    std::string s = "[";
-    for (size_t k = 0; k < v.size(); ++k) s += (k ? "," : "") + std::to_string(v[k]);
-    return s + "]";
-  };
-  std::string th = "[";
-  for (size_t k = 0; k < i.thresholds.size(); ++k) {
-    char buf[160];
-    std::snprintf(buf, sizeof(buf), "%s{\"quantile\":%.6g,\"flat\":%.9g,\"coarse\":%.9g,\"fine\":%.9g}", k ? "," : "",
-                  i.thresholds[k].quantile, i.thresholds[k].flat, i.thresholds[k].coarse, i.thresholds[k].fine);
-    th += buf;
+  Json thresholds = Json::array();
+  for (const auto& t : i.thresholds) {
+    thresholds.push_back({{"quantile", t.quantile},
+                          {"flat", JsonFloat(t.flat)},
+                          {"coarse", JsonFloat(t.coarse)},
+                          {"fine", JsonFloat(t.fine)}});
   }
-  th += "]";
-  char buf[1024];
-  std::snprintf(buf, sizeof(buf),
-                "{\"name\":\"%s\",\"id\":%llu,\"model\":\"%s\",\"n_layers\":%d,\"n_q_heads\":%d,\"n_kv_heads\":%d,"
-                "\"head_dim\":%d,\"n_tokens\":%lld,\"dtype\":\"%s\",\"window\":%d,\"n_sinks\":%d,"
-                "\"n_clustered\":%lld,\"fine_ratio\":%.6g,\"coarse_ratio\":%.6g,\"kmeans_iters\":%d,\"seed\":%llu,"
-                "\"calibration_queries\":%d,\"kv_bytes\":%llu,\"index_bytes\":%llu,\"bytes_on_disk\":%llu,"
-                "\"build_seconds\":%.3f,\"created_unix\":%lld,",
-                JsonEscape(i.name).c_str(), static_cast<unsigned long long>(i.id), JsonEscape(i.model).c_str(),
-                i.n_layers, i.n_q_heads, i.n_kv_heads, i.head_dim, static_cast<long long>(i.n_tokens),
-                DTypeName(i.dtype), i.window, i.n_sinks, static_cast<long long>(i.n_clustered), i.fine_ratio,
-                i.coarse_ratio, i.kmeans_iters, static_cast<unsigned long long>(i.seed), i.calibration_queries,
-                static_cast<unsigned long long>(i.kv_bytes), static_cast<unsigned long long>(i.index_bytes),
-                static_cast<unsigned long long>(i.bytes_on_disk), i.build_seconds,
-                static_cast<long long>(i.created_unix));
-  return std::string(buf) + "\"fine_clusters\":" + arr(i.fine_clusters) + ",\"coarse_clusters\":" +
-         arr(i.coarse_clusters) + ",\"thresholds\":" + th + "}\n";
+  Json j;
+  j["name"] = i.name;
+  j["id"] = i.id;
+  j["model"] = i.model;
+  j["n_layers"] = i.n_layers;
+  j["n_q_heads"] = i.n_q_heads;
+  j["n_kv_heads"] = i.n_kv_heads;
+  j["head_dim"] = i.head_dim;
+  j["n_tokens"] = i.n_tokens;
+  j["dtype"] = DTypeName(i.dtype);
+  j["window"] = i.window;
+  j["n_sinks"] = i.n_sinks;
+  j["n_clustered"] = i.n_clustered;
+  j["fine_ratio"] = i.fine_ratio;
+  j["coarse_ratio"] = i.coarse_ratio;
+  j["kmeans_iters"] = i.kmeans_iters;
+  j["seed"] = i.seed;
+  j["calibration_queries"] = i.calibration_queries;
+  j["kv_bytes"] = i.kv_bytes;
+  j["index_bytes"] = i.index_bytes;
+  j["bytes_on_disk"] = i.bytes_on_disk;
+  j["build_seconds"] = i.build_seconds;
+  j["created_unix"] = i.created_unix;
+  j["fine_clusters"] = i.fine_clusters;
+  j["coarse_clusters"] = i.coarse_clusters;
+  j["thresholds"] = std::move(thresholds);
+  return JsonDump(j) + "\n";
 }
 
 }  // namespace sqz::cli
