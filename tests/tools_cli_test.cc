@@ -323,5 +323,40 @@ TEST_F(SqctlCli, JsonOutputParsesWithAnyContextName) {
   EXPECT_EQ(j[1]["name"], "ctx_001");
 }
 
+TEST_F(SqctlCli, PageRowsOptionAndPageGeometryInInfo) {
+  std::string err;
+  nlohmann::json j;
+  ASSERT_EQ(RunJson("build-index --db " + Db() + " --kv " + Kv(0) + " --iters 2 --page-rows 7 --json --name p7", &j,
+                    &err),
+            0)
+      << err;
+  ASSERT_EQ(RunJson("info --db " + Db() + " --json --context p7", &j, &err), 0) << err;
+  ASSERT_FALSE(j.is_discarded()) << err;
+  const int64_t n_clustered = j["n_clustered"].get<int64_t>();
+  const int64_t n_always = j["n_tokens"].get<int64_t>() - n_clustered;
+  EXPECT_EQ(j["format_version"], 2);
+  EXPECT_EQ(j["page_rows"], 7);
+  EXPECT_EQ(j["clustered_pages"].get<int64_t>(), (n_clustered + 6) / 7);
+  EXPECT_EQ(j["always_pages"].get<int64_t>(), (n_always + 6) / 7);
+  EXPECT_EQ(j["page_bytes"].get<int64_t>(), 2 * 7 * j["head_dim"].get<int64_t>() * 2);  // fp16 K and V planes
+  // The histogram counts every fine cluster of every (layer, head) once.
+  int64_t clusters = 0, hist = 0;
+  for (const auto& c : j["fine_clusters"]) clusters += c.get<int64_t>();
+  for (const auto& c : j["cluster_size_histogram"]) hist += c.get<int64_t>();
+  EXPECT_EQ(hist, clusters);
+  // Pages are what verify walks: heads * pages per head.
+  std::string out;
+  ASSERT_EQ(Run("verify --db " + Db() + " --context p7", &out), 0) << out;
+  const int64_t pages = (j["clustered_pages"].get<int64_t>() + j["always_pages"].get<int64_t>()) *
+                        j["n_layers"].get<int64_t>() * j["n_kv_heads"].get<int64_t>();
+  EXPECT_NE(out.find(std::to_string(pages) + " KV pages"), std::string::npos) << out;
+  // Out of range: usage error, nothing built.
+  ASSERT_EQ(Run("build-index --db " + Db() + " --kv " + Kv(0) + " --page-rows 4097 --name big", &out), 2) << out;
+  EXPECT_NE(out.find("--page-rows 4097 is out of range"), std::string::npos) << out;
+  ASSERT_EQ(Run("list --db " + Db(), &out), 0);
+  EXPECT_EQ(out.find("big"), std::string::npos) << out;
+}
+
+
 }  // namespace
 }  // namespace sqz

@@ -60,6 +60,7 @@ Status ParseBuildOptions(const Args& args, BuildOptions* o) {
   SQZ_RETURN_IF_ERROR(args.GetInt("window", o->window, 0, kIntMax, &o->window));
   SQZ_RETURN_IF_ERROR(args.GetInt("sinks", o->n_sinks, 0, kIntMax, &o->n_sinks));
   SQZ_RETURN_IF_ERROR(args.GetInt("iters", o->kmeans_iters, 1, kIntMax, &o->kmeans_iters));
+  SQZ_RETURN_IF_ERROR(args.GetInt("page-rows", o->page_rows, 1, 4096, &o->page_rows));
   SQZ_RETURN_IF_ERROR(args.GetUint64("seed", o->seed, 0, kU64Max, &o->seed));
   SQZ_RETURN_IF_ERROR(args.GetDouble("fine", o->fine_ratio, kFractionOpenClosed, &o->fine_ratio));
   SQZ_RETURN_IF_ERROR(args.GetDouble("coarse", o->coarse_ratio, kFractionOpenClosed, &o->coarse_ratio));
@@ -255,6 +256,7 @@ Registrar build_index({"build-index",
                         {"fine", "R", "fine clusters per clustered key (default 0.05)"},
                         {"coarse", "R", "coarse clusters per clustered key (default 0.01)"},
                         {"iters", "N", "k-means iterations per level (default 10)"},
+                        {"page-rows", "N", "rows per stored KV page, 1..4096 (default 16; docs/FORMAT.md)"},
                         {"seed", "N", "k-means seed; builds are deterministic per seed (default 1234)"},
                         {"quantiles", "LIST", "calibration quantiles (default 0.5,0.7,0.8,0.9,0.95)"},
                         {"quiet", "", "no progress display"},

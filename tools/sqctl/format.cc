@@ -76,6 +76,18 @@ std::string ContextInfoText(const ContextInfo& i) {
   line("coarse level   ratio %.3f: %d..%d clusters per head (%lld in all)\n", i.coarse_ratio, cmin, cmax,
        static_cast<long long>(csum));
   line("k-means        %d iterations, seed %llu\n", i.kmeans_iters, static_cast<unsigned long long>(i.seed));
+  {
+    std::string hist;
+    for (size_t b = 0; b < i.cluster_size_histogram.size(); ++b) {
+      if (i.cluster_size_histogram[b] == 0) continue;
+      hist += (hist.empty() ? "" : ", ") + std::string("[") + std::to_string(int64_t{1} << b) + "," +
+              std::to_string(int64_t{1} << (b + 1)) + "): " + std::to_string(i.cluster_size_histogram[b]);
+    }
+    line("cluster sizes  %s\n", hist.empty() ? "-" : hist.c_str());
+  }
+  line("KV pages       %d rows each (%s); %lld clustered + %lld always pages per head (format version %u)\n",
+       i.page_rows, FormatBytes(i.page_bytes()).c_str(), static_cast<long long>(i.clustered_pages),
+       static_cast<long long>(i.always_pages), i.format_version);
   if (i.calibration_queries > 0) {
     line("thresholds     calibrated on %d window queries per head\n", i.calibration_queries);
     line("               %8s %12s %12s %12s\n", "quantile", "flat", "hier coarse", "hier fine");
@@ -117,6 +129,12 @@ std::string ContextInfoJson(const ContextInfo& i) {
   j["kmeans_iters"] = i.kmeans_iters;
   j["seed"] = i.seed;
   j["calibration_queries"] = i.calibration_queries;
+  j["format_version"] = i.format_version;
+  j["page_rows"] = i.page_rows;
+  j["page_bytes"] = i.page_bytes();
+  j["clustered_pages"] = i.clustered_pages;
+  j["always_pages"] = i.always_pages;
+  j["cluster_size_histogram"] = i.cluster_size_histogram;
   j["kv_bytes"] = i.kv_bytes;
   j["index_bytes"] = i.index_bytes;
   j["bytes_on_disk"] = i.bytes_on_disk;
