@@ -18,9 +18,7 @@
 
 namespace {
 
-double Now() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
+double Now() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
 
 // k-means assignment shape: n keys x K centroids x d.
 double GemmGflops(int n, int k, int d) {
@@ -96,7 +94,8 @@ int main(int argc, char** argv) {
   std::printf("  memory read (1 GiB, 4 streams):              %.1f GB/s\n", rd);
   double wr = WriteGBps(dir, size_t{1} << 30);
   std::printf("  sequential write + fsync (1 GiB to %s):  %.2f GB/s\n", dir.c_str(), wr);
-  std::printf("JSON {\"sgemm_gflops\":%.2f,\"sgemm_small_gflops\":%.2f,\"mem_read_gbps\":%.2f,\"disk_write_gbps\":%.3f}\n",
-              g32, g8, rd, wr);
+  std::printf(
+      "JSON {\"sgemm_gflops\":%.2f,\"sgemm_small_gflops\":%.2f,\"mem_read_gbps\":%.2f,\"disk_write_gbps\":%.3f}\n", g32,
+      g8, rd, wr);
   return 0;
 }

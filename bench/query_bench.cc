@@ -78,7 +78,8 @@ void DenseDecode(const DenseKv& kv, const float* q, int hq, float* o, float* lse
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
 #pragma omp parallel for schedule(static)
   for (int hk = 0; hk < kv.h_kv; ++hk) {
-    std::vector<float> kt(kTile * d), vt(kTile * d), p(static_cast<size_t>(g) * kTile), acc(static_cast<size_t>(g) * d, 0.0f);
+    std::vector<float> kt(kTile * d), vt(kTile * d), p(static_cast<size_t>(g) * kTile),
+        acc(static_cast<size_t>(g) * d, 0.0f);
     std::vector<float> m(g, -INFINITY), l(g, 0.0f);
     const uint16_t* K = kv.k16.data() + static_cast<size_t>(hk) * kv.n * d;
     const uint16_t* V = kv.v16.data() + static_cast<size_t>(hk) * kv.n * d;
@@ -166,16 +167,25 @@ int main(int argc, char** argv) {
   int layer = 0, reps = 5, prefill_t = 256;
   for (int i = 1; i + 1 < argc; i += 2) {
     std::string a = argv[i];
-    if (a == "--db") db_path = argv[i + 1];
-    else if (a == "--context") ctx = argv[i + 1];
-    else if (a == "--kv") kv_path = argv[i + 1];
-    else if (a == "--queries") q_path = argv[i + 1];
-    else if (a == "--layer") layer = std::atoi(argv[i + 1]);
-    else if (a == "--reps") reps = std::atoi(argv[i + 1]);
-    else if (a == "--prefill") prefill_t = std::atoi(argv[i + 1]);
+    if (a == "--db")
+      db_path = argv[i + 1];
+    else if (a == "--context")
+      ctx = argv[i + 1];
+    else if (a == "--kv")
+      kv_path = argv[i + 1];
+    else if (a == "--queries")
+      q_path = argv[i + 1];
+    else if (a == "--layer")
+      layer = std::atoi(argv[i + 1]);
+    else if (a == "--reps")
+      reps = std::atoi(argv[i + 1]);
+    else if (a == "--prefill")
+      prefill_t = std::atoi(argv[i + 1]);
   }
   if (db_path.empty() || ctx.empty() || kv_path.empty() || q_path.empty()) {
-    std::fprintf(stderr, "usage: query_bench --db DIR --context NAME --kv FILE --queries FILE [--layer L] [--reps N] [--prefill T]\n");
+    std::fprintf(
+        stderr,
+        "usage: query_bench --db DIR --context NAME --kv FILE --queries FILE [--layer L] [--reps N] [--prefill T]\n");
     return 2;
   }
 
@@ -195,7 +205,8 @@ int main(int argc, char** argv) {
   kv.d = static_cast<int>(ke->shape[2]);
   kv.k16.resize(ke->nbytes / 2);
   kv.v16.resize(ve->nbytes / 2);
-  if (!(s = kvf->ReadRaw(*ke, kv.k16.data())).ok() || !(s = kvf->ReadRaw(*ve, kv.v16.data())).ok()) Die("reading KV", s);
+  if (!(s = kvf->ReadRaw(*ke, kv.k16.data())).ok() || !(s = kvf->ReadRaw(*ve, kv.v16.data())).ok())
+    Die("reading KV", s);
   kv.k32.resize(kv.k16.size());
   kv.v32.resize(kv.v16.size());
   sqz::ConvertToFloat(kv.k16.data(), sqz::DType::kF16, kv.k16.size(), kv.k32.data());
@@ -224,7 +235,8 @@ int main(int argc, char** argv) {
 
   const double dense_bytes = 2.0 * kv.k16.size() * 2;  // K + V fp16
   double dense_decode = Median(reps, [&] { DenseDecode(kv, q1.data(), hq, o.data(), lse.data()); });
-  double dense_prefill = Median(std::max(1, reps / 2), [&] { DensePrefill(kv, qp.data(), hq, prefill_t, o.data(), lse.data()); });
+  double dense_prefill =
+      Median(std::max(1, reps / 2), [&] { DensePrefill(kv, qp.data(), hq, prefill_t, o.data(), lse.data()); });
 
   // Sanity check: the baseline computes the same attention as the engine's dense mode.
   {
@@ -250,8 +262,8 @@ int main(int argc, char** argv) {
               kv.h_kv, kv.n, kv.d, omp_get_max_threads());
   std::printf("dense in-memory baseline: decode %.2f ms (%.1f GB/s of fp16 K+V), prefill T=%d %.1f ms\n",
               dense_decode * 1e3, dense_bytes / dense_decode / 1e9, prefill_t, dense_prefill * 1e3);
-  std::printf("\n%-22s %-6s %-5s %10s %8s %11s %7s %9s  %s\n", "mode", "T", "cache", "ms/layer", "keys",
-              "bytes read", "GB/s", "vs dense", "score/read/attend (thread-ms)");
+  std::printf("\n%-22s %-6s %-5s %10s %8s %11s %7s %9s  %s\n", "mode", "T", "cache", "ms/layer", "keys", "bytes read",
+              "GB/s", "vs dense", "score/read/attend (thread-ms)");
 
   struct Config {
     const char* name;

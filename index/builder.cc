@@ -19,8 +19,8 @@
 #include <cstring>
 #include <ctime>
 #include <exception>
-#include <thread>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "index/calibrate.h"
@@ -48,7 +48,8 @@ Status ValidateOptions(const BuildOptions& o) {
   auto bad = [](const std::string& m) { return Status::InvalidArgument("build options: " + m); };
   if (o.window < 0) return bad("window must be >= 0, got " + std::to_string(o.window));
   if (o.n_sinks < 0) return bad("n_sinks must be >= 0, got " + std::to_string(o.n_sinks));
-  if (!(o.fine_ratio > 0 && o.fine_ratio <= 1)) return bad("fine_ratio must be in (0, 1], got " + std::to_string(o.fine_ratio));
+  if (!(o.fine_ratio > 0 && o.fine_ratio <= 1))
+    return bad("fine_ratio must be in (0, 1], got " + std::to_string(o.fine_ratio));
   if (!(o.coarse_ratio > 0 && o.coarse_ratio <= 1)) {
     return bad("coarse_ratio must be in (0, 1], got " + std::to_string(o.coarse_ratio));
   }
@@ -83,7 +84,11 @@ std::string FirstNonFinite(const uint8_t* data, DType t, int64_t outer, int64_t 
 class Builder {
  public:
   Builder(const ContextInfo& info, KvSource* source, const BuildOptions& options, storage::ContextWriter* writer)
-      : info_(info), src_(source), opt_(options), shape_(source->shape()), writer_(writer),
+      : info_(info),
+        src_(source),
+        opt_(options),
+        shape_(source->shape()),
+        writer_(writer),
         calib_(options.quantiles, options.coarse_share) {}
 
   Status Run(BuildStats* stats);
@@ -201,10 +206,10 @@ Status Builder::ReadInput(int layer, LayerInput* in) {
   const size_t numel = expect / DTypeSize(shape_.dtype);
   for (const auto& [buf, tname] : {std::pair{&in->k, "k"}, std::pair{&in->v, "v"}}) {
     if (!AllFinite(buf->data(), shape_.dtype, numel)) {
-      return Status::InvalidArgument(describe_ + ": layers." + std::to_string(layer) + "." + tname +
-                                     " (layer " + std::to_string(layer) + ") has a NaN or Inf value at " +
-                                     FirstNonFinite(buf->data(), shape_.dtype, shape_.n_kv_heads, shape_.n_tokens,
-                                                    shape_.head_dim, "KV head"));
+      return Status::InvalidArgument(
+          describe_ + ": layers." + std::to_string(layer) + "." + tname + " (layer " + std::to_string(layer) +
+          ") has a NaN or Inf value at " +
+          FirstNonFinite(buf->data(), shape_.dtype, shape_.n_kv_heads, shape_.n_tokens, shape_.head_dim, "KV head"));
     }
   }
   if (calibrate_) {
@@ -212,11 +217,11 @@ Status Builder::ReadInput(int layer, LayerInput* in) {
     const size_t qn = static_cast<size_t>(shape_.n_q_heads) * shape_.q_window_len * shape_.head_dim;
     if (in->q.size() != qn) return Status::Corruption(where + ": window queries have the wrong size");
     if (!AllFinite(in->q.data(), DType::kF32, qn)) {
-      return Status::InvalidArgument(
-          describe_ + ": layers." + std::to_string(layer) + ".q_window (layer " + std::to_string(layer) +
-          ") has a NaN or Inf value at " +
-          FirstNonFinite(reinterpret_cast<const uint8_t*>(in->q.data()), DType::kF32, shape_.n_q_heads,
-                         shape_.q_window_len, shape_.head_dim, "query head"));
+      return Status::InvalidArgument(describe_ + ": layers." + std::to_string(layer) + ".q_window (layer " +
+                                     std::to_string(layer) + ") has a NaN or Inf value at " +
+                                     FirstNonFinite(reinterpret_cast<const uint8_t*>(in->q.data()), DType::kF32,
+                                                    shape_.n_q_heads, shape_.q_window_len, shape_.head_dim,
+                                                    "query head"));
     }
   }
   in->seconds = SecondsSince(t);
@@ -358,7 +363,8 @@ Status Builder::CalibrateSecondPass() {
   const int g = shape_.n_q_heads / shape_.n_kv_heads;
   storage::HeadIndexRecord rec;
   for (int layer = 0; layer < shape_.n_layers; ++layer) {
-    SQZ_RETURN_IF_ERROR(src_->ReadQWindow(layer, &q_).WithPrefix(src_->Describe() + ": layer " + std::to_string(layer)));
+    SQZ_RETURN_IF_ERROR(
+        src_->ReadQWindow(layer, &q_).WithPrefix(src_->Describe() + ": layer " + std::to_string(layer)));
     for (int head = 0; head < shape_.n_kv_heads; ++head) {
       SQZ_RETURN_IF_ERROR(writer_->GetHeadIndex(layer, head, &rec));
       index::HeadView v;
@@ -416,8 +422,7 @@ void Builder::Report(int layer, int head) {
 
 }  // namespace
 
-Status BuildContext(DB* db, const std::string& name, KvSource* source, const BuildOptions& options,
-                    BuildStats* stats) {
+Status BuildContext(DB* db, const std::string& name, KvSource* source, const BuildOptions& options, BuildStats* stats) {
   if (db == nullptr || source == nullptr) return Status::InvalidArgument("BuildContext: null db or source");
   if (name.empty()) return Status::InvalidArgument("BuildContext: the context name is empty");
   SQZ_RETURN_IF_ERROR(ValidateOptions(options));

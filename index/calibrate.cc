@@ -80,8 +80,8 @@ void ScoreQueries(const float* q, int w, const float* centroids, int64_t k, int 
 
 // Mean over the w queries of each query's cluster probabilities (flat p_j
 // over all k clusters): r[j] = (1/w) sum_t p_j(q_t).
-void MeanProbabilities(const float* centroids, const uint32_t* sizes, int64_t k, int dim, double scale,
-                       const float* q, int w, std::vector<double>* r) {
+void MeanProbabilities(const float* centroids, const uint32_t* sizes, int64_t k, int dim, double scale, const float* q,
+                       int w, std::vector<double>* r) {
   r->assign(static_cast<size_t>(k), 0.0);
   if (k == 0 || w == 0) return;
   std::vector<float> fbuf;
@@ -148,8 +148,8 @@ void Calibrator::AddSecondPass(const HeadView& head, const float* q, int n_q, in
   const double scale = ScaleFor(head.dim);
   const size_t nf = quantiles_.size();
   std::vector<double> rc;
-  std::vector<std::vector<uint32_t>> ids(nf);   // surviving fine ids per quantile
-  std::vector<std::vector<double>> acc(nf);     // sum over queries of p'_j, by position in ids
+  std::vector<std::vector<uint32_t>> ids(nf);  // surviving fine ids per quantile
+  std::vector<std::vector<double>> acc(nf);    // sum over queries of p'_j, by position in ids
   std::vector<float> fbuf;
   std::vector<double> s, p(static_cast<size_t>(head.k2));
   for (int h = 0; h < n_q; ++h) {
@@ -162,7 +162,8 @@ void Calibrator::AddSecondPass(const HeadView& head, const float* q, int n_q, in
         // Compare the value as sampled (float) so the cluster AT the
         // quantile is dropped exactly as the quantile definition says.
         if (static_cast<float>(rc[a]) > tau_coarse_[f]) {
-          for (uint32_t j = head.coarse_child_offsets[a]; j < head.coarse_child_offsets[a + 1]; ++j) ids[f].push_back(j);
+          for (uint32_t j = head.coarse_child_offsets[a]; j < head.coarse_child_offsets[a + 1]; ++j)
+            ids[f].push_back(j);
         }
       }
       acc[f].assign(ids[f].size(), 0.0);

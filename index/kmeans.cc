@@ -143,8 +143,7 @@ void FinishFine(const float* keys, int64_t n, int d, int64_t k2_asked, std::vect
 // the fine clusters: empty coarse clusters dropped, fine ids renumbered so
 // each coarse cluster's children are contiguous, the permutation, the
 // output centroids.
-void FinishCoarse(int64_t n, int d, int64_t k1_asked, std::vector<int64_t> parent, FineLevel* f,
-                  HeadClustering* out) {
+void FinishCoarse(int64_t n, int d, int64_t k1_asked, std::vector<int64_t> parent, FineLevel* f, HeadClustering* out) {
   const int64_t kf = f->kf;
   const std::vector<int64_t>& count = f->count;
   const std::vector<double>& sum = f->sum;
@@ -168,8 +167,7 @@ void FinishCoarse(int64_t n, int d, int64_t k1_asked, std::vector<int64_t> paren
   out->fine_offsets.assign(static_cast<size_t>(kf) + 1, 0);
   for (int64_t j = 0; j < kf; ++j) {
     const int64_t old = order[j];
-    std::copy(f->fine_raw.begin() + old * d, f->fine_raw.begin() + (old + 1) * d,
-              out->fine_centroids.begin() + j * d);
+    std::copy(f->fine_raw.begin() + old * d, f->fine_raw.begin() + (old + 1) * d, out->fine_centroids.begin() + j * d);
     out->fine_offsets[j + 1] = out->fine_offsets[j] + static_cast<uint32_t>(count[old]);
   }
   // Counting sort of the keys by new fine id; within a cluster the
@@ -232,7 +230,11 @@ Status ClusterHeadsImpl(KMeansBackend* backend, const HeadKeys* heads, size_t n_
   for (size_t i = 0; i < active.size(); ++i) {
     const HeadKeys& hk = heads[active[i]];
     FineLevel& f = fine[i];
-    problems[i] = {f.cn.data(), f.kf, hk.d, ClusterCount(options.coarse_ratio, hk.n, f.kf), f.weight.data(),
+    problems[i] = {f.cn.data(),
+                   f.kf,
+                   hk.d,
+                   ClusterCount(options.coarse_ratio, hk.n, f.kf),
+                   f.weight.data(),
                    CoarseSeed(options.seed)};
   }
   SQZ_RETURN_IF_ERROR(RunBackend(backend, problems, params, &results));

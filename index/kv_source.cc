@@ -32,9 +32,7 @@ struct LayerDescs {
   std::optional<TensorDesc> k, v, q;
 };
 
-std::string LayerName(int layer, const char* suffix) {
-  return "layers." + std::to_string(layer) + "." + suffix;
-}
+std::string LayerName(int layer, const char* suffix) { return "layers." + std::to_string(layer) + "." + suffix; }
 
 // Parses "layers.<i>.<suffix>" with suffix k, v or q_window. Indices are
 // canonical decimal (no sign, no leading zeros) so one layer has one name.
@@ -61,8 +59,7 @@ bool ParseLayerName(const std::string& name, int* layer, std::string* suffix) {
 // Validates the per-layer tensors and fills *shape (all but `model`).
 // `what` names the source in messages (a path, or "in-memory KV").
 Status ValidateLayers(const std::string& what, const std::vector<LayerDescs>& layers,
-                      std::optional<std::string> n_q_heads_text, std::optional<int> n_q_heads_value,
-                      KvShape* shape) {
+                      std::optional<std::string> n_q_heads_text, std::optional<int> n_q_heads_value, KvShape* shape) {
   auto bad = [&](const std::string& msg) { return Status::InvalidArgument(what + ": " + msg); };
   if (layers.empty()) return bad("no KV tensors (expected layers.0.k, layers.0.v, ...)");
   const int n_layers = static_cast<int>(layers.size());
@@ -95,9 +92,11 @@ Status ValidateLayers(const std::string& what, const std::vector<LayerDescs>& la
   }
   const int64_t n_kv_heads = ref.shape[0], n_tokens = ref.shape[1], head_dim = ref.shape[2];
   if (n_kv_heads == 0) return bad(ref.name + " has shape " + ShapeToString(ref.shape) + ": no KV heads");
-  if (n_tokens == 0) return bad("empty context: " + ref.name + " has shape " + ShapeToString(ref.shape) + " (0 tokens)");
+  if (n_tokens == 0)
+    return bad("empty context: " + ref.name + " has shape " + ShapeToString(ref.shape) + " (0 tokens)");
   if (head_dim == 0) return bad(ref.name + " has shape " + ShapeToString(ref.shape) + ": head_dim is 0");
-  if (n_kv_heads > INT_MAX || head_dim > INT_MAX) return bad(ref.name + " has shape " + ShapeToString(ref.shape) + ": too large");
+  if (n_kv_heads > INT_MAX || head_dim > INT_MAX)
+    return bad(ref.name + " has shape " + ShapeToString(ref.shape) + ": too large");
 
   int n_q_heads = 0;
   if (n_q_heads_value) {
@@ -248,13 +247,14 @@ Status OpenSafetensorsKvSource(const std::string& path, std::unique_ptr<KvSource
     int layer;
     std::string suffix;
     if (!ParseLayerName(e.name, &layer, &suffix)) continue;
-    auto& slot = by_layer.try_emplace(layer, std::array<const SafetensorsEntry*, 3>{nullptr, nullptr, nullptr})
-                     .first->second;
+    auto& slot =
+        by_layer.try_emplace(layer, std::array<const SafetensorsEntry*, 3>{nullptr, nullptr, nullptr}).first->second;
     slot[suffix == "k" ? 0 : suffix == "v" ? 1 : 2] = &e;
   }
   const int n_layers = by_layer.empty() ? 0 : by_layer.rbegin()->first + 1;
   std::vector<LayerDescs> descs(static_cast<size_t>(n_layers));
-  std::vector<std::array<const SafetensorsEntry*, 3>> entries(static_cast<size_t>(n_layers), {nullptr, nullptr, nullptr});
+  std::vector<std::array<const SafetensorsEntry*, 3>> entries(static_cast<size_t>(n_layers),
+                                                              {nullptr, nullptr, nullptr});
   for (const auto& [layer, slot] : by_layer) {
     entries[layer] = slot;
     std::optional<TensorDesc>* dst[3] = {&descs[layer].k, &descs[layer].v, &descs[layer].q};

@@ -96,8 +96,8 @@ void WeightedSumLoops(const float* x, int rows, const float* v, int64_t n, int d
 
 }  // namespace
 
-void AttendRows(const float* q, int64_t m, const float* k, const float* v, int64_t n, int d, float scale,
-                float* o, float* lse, Kernel kernel, std::vector<float>* scratch) {
+void AttendRows(const float* q, int64_t m, const float* k, const float* v, int64_t n, int d, float scale, float* o,
+                float* lse, Kernel kernel, std::vector<float>* scratch) {
   if (n == 0) {
     std::fill_n(o, m * d, 0.0f);
     std::fill_n(lse, m, -INFINITY);
@@ -207,8 +207,8 @@ void WeightedSumAvx2(const float* x, int rows, const float* v, int64_t n, int d,
 }
 #endif
 
-bool AttendBlocks(const float* q, int64_t m, const RowBlock* blocks, size_t n_blocks, DType dtype, int d,
-                  float scale, float* o, float* lse, std::vector<float>* scratch) {
+bool AttendBlocks(const float* q, int64_t m, const RowBlock* blocks, size_t n_blocks, DType dtype, int d, float scale,
+                  float* o, float* lse, std::vector<float>* scratch) {
   // Rows converted per tile: 64 rows of d = 128 floats are 32 KiB, in L1/L2.
   constexpr int64_t kTileRows = 64;
   int64_t n = 0;
@@ -277,8 +277,7 @@ bool AttendBlocks(const float* q, int64_t m, const RowBlock* blocks, size_t n_bl
 
 namespace sqz {
 
-void MergeAttentionStates(float* o_a, float* lse_a, const float* o_b, const float* lse_b, int64_t n,
-                          int head_dim) {
+void MergeAttentionStates(float* o_a, float* lse_a, const float* o_b, const float* lse_b, int64_t n, int head_dim) {
   for (int64_t r = 0; r < n; ++r) {
     float* oa = o_a + r * head_dim;
     const float* ob = o_b + r * head_dim;

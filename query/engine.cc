@@ -157,8 +157,9 @@ Status ContextHandleImpl::Open(DB* db, const std::string& name, const OpenOption
                                std::unique_ptr<ContextHandleImpl>* out) {
   if (db == nullptr) return Status::InvalidArgument("ContextHandle::Open: db is null");
   if (options.device != Device::kCpu) {
-    return Status::NotSupported("ContextHandle::Open: device cuda is not available in this build yet (the GPU "
-                                "query engine); use Device::kCpu");
+    return Status::NotSupported(
+        "ContextHandle::Open: device cuda is not available in this build yet (the GPU "
+        "query engine); use Device::kCpu");
   }
   if (options.residency != Residency::kStorage) {
     return Status::NotSupported("ContextHandle::Open: the CPU engine reads pages from storage (Residency::kStorage)");
@@ -209,8 +210,9 @@ Status ContextHandleImpl::CheckQueries(int layer, const float* q, int T) const {
     return Status::InvalidArgument(ctx + ": layer " + std::to_string(layer) + " out of range [0, " +
                                    std::to_string(info().n_layers) + ")");
   }
-  if (T < 1) return Status::InvalidArgument(ctx + " layer " + std::to_string(layer) + ": T must be >= 1, got " +
-                                            std::to_string(T));
+  if (T < 1)
+    return Status::InvalidArgument(ctx + " layer " + std::to_string(layer) + ": T must be >= 1, got " +
+                                   std::to_string(T));
   if (q == nullptr) return Status::InvalidArgument(ctx + " layer " + std::to_string(layer) + ": queries are null");
   const int64_t per_head = static_cast<int64_t>(T) * info().head_dim;
   const int64_t n = per_head * n_served_q_heads();
@@ -447,8 +449,8 @@ Status ContextHandleImpl::Run(const SegmentTable& t, const float* q, float scale
   return Status::OK();
 }
 
-Status ContextHandleImpl::Attend(int layer, const float* q, int T, const QueryOptions& options, float* o,
-                                 float* lse, AttendStats* stats) const {
+Status ContextHandleImpl::Attend(int layer, const float* q, int T, const QueryOptions& options, float* o, float* lse,
+                                 AttendStats* stats) const {
   if (o == nullptr || lse == nullptr) {
     return Status::InvalidArgument("context '" + info().name + "' layer " + std::to_string(layer) +
                                    ": output buffers are null");
@@ -478,7 +480,8 @@ Status ContextHandleImpl::ReadRows(int layer, int kv_head, int64_t first_row, in
   std::vector<Segment> segs;
   const int64_t end = first_row + n_rows;
   if (first_row < ci.n_clustered && end > first_row) {
-    segs.push_back({static_cast<uint32_t>(first_row), static_cast<uint32_t>(std::min(end, ci.n_clustered) - first_row)});
+    segs.push_back(
+        {static_cast<uint32_t>(first_row), static_cast<uint32_t>(std::min(end, ci.n_clustered) - first_row)});
   }
   if (end > ci.n_clustered) {
     const int64_t b = std::max(first_row, ci.n_clustered);

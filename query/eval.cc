@@ -15,16 +15,17 @@ namespace {
 
 // The dense reference of one (query head, query).
 struct DenseRow {
-  std::vector<double> row_prefix;    // [n_tokens + 1]: true mass of stored rows [0, r)
-  std::vector<double> sorted_prefix; // [n_clustered + 1]: mass of the top-k clustered keys
-  double always_mass = 0;            // true mass on the always set
-  std::vector<double> o;             // [d]: dense output
+  std::vector<double> row_prefix;     // [n_tokens + 1]: true mass of stored rows [0, r)
+  std::vector<double> sorted_prefix;  // [n_clustered + 1]: mass of the top-k clustered keys
+  double always_mass = 0;             // true mass on the always set
+  std::vector<double> o;              // [d]: dense output
   double o_norm = 0;
 
   // True mass on the rows of `segments`.
   double Mass(const Segment* segments, size_t n) const {
     double m = 0;
-    for (size_t i = 0; i < n; ++i) m += row_prefix[segments[i].first_row + segments[i].n_rows] - row_prefix[segments[i].first_row];
+    for (size_t i = 0; i < n; ++i)
+      m += row_prefix[segments[i].first_row + segments[i].n_rows] - row_prefix[segments[i].first_row];
     return m;
   }
 };
@@ -164,18 +165,17 @@ Status ReadQueriesFile(const std::string& path, const ContextInfo& info, std::ve
     const std::string where = path + ": tensor '" + e.name + "'";
     const int layer = std::stoi(digits);
     if (layer >= info.n_layers) {
-      return Status::InvalidArgument(where + ": context '" + info.name + "' has only " +
-                                     std::to_string(info.n_layers) + " layers");
+      return Status::InvalidArgument(where + ": context '" + info.name + "' has only " + std::to_string(info.n_layers) +
+                                     " layers");
     }
     if (!e.dtype_supported) {
       return Status::InvalidArgument(where + ": dtype " + e.dtype_name + " is not F32, F16 or BF16");
     }
     if (e.shape.size() != 3 || e.shape[0] != info.n_q_heads || e.shape[1] < 1 || e.shape[1] > (1 << 30) ||
         e.shape[2] != info.head_dim) {
-      return Status::InvalidArgument(where + ": shape " + ShapeToString(e.shape) +
-                                     " does not match [n_q_heads=" + std::to_string(info.n_q_heads) +
-                                     ", T >= 1, head_dim=" + std::to_string(info.head_dim) + "] of context '" +
-                                     info.name + "'");
+      return Status::InvalidArgument(
+          where + ": shape " + ShapeToString(e.shape) + " does not match [n_q_heads=" + std::to_string(info.n_q_heads) +
+          ", T >= 1, head_dim=" + std::to_string(info.head_dim) + "] of context '" + info.name + "'");
     }
     LayerQueries lq;
     lq.layer = layer;
@@ -189,7 +189,8 @@ Status ReadQueriesFile(const std::string& path, const ContextInfo& info, std::ve
     }
     out->push_back(std::move(lq));
   }
-  if (out->empty()) return Status::InvalidArgument(path + ": no layers.{i}.q tensor (queries [n_q_heads, T, head_dim])");
+  if (out->empty())
+    return Status::InvalidArgument(path + ": no layers.{i}.q tensor (queries [n_q_heads, T, head_dim])");
   std::sort(out->begin(), out->end(), [](const LayerQueries& a, const LayerQueries& b) { return a.layer < b.layer; });
   for (size_t i = 1; i < out->size(); ++i) {
     if ((*out)[i].layer == (*out)[i - 1].layer) {
@@ -293,8 +294,8 @@ Status Evaluate(const ContextHandle& handle, const std::vector<LayerQueries>& qu
     for (size_t ci = 0; ci < configs.size(); ++ci) {
       const QueryOptions& qo = configs[ci].options;
       if (qo.softmax_scale != 0 && qo.softmax_scale != static_cast<float>(scale)) {
-        return Status::InvalidArgument("eval compares against the default softmax scale; config '" +
-                                       configs[ci].name + "' sets another");
+        return Status::InvalidArgument("eval compares against the default softmax scale; config '" + configs[ci].name +
+                                       "' sets another");
       }
       // Per-query selection is evaluated as decode: one Attend call per query
       // (so reads are those of one step); shared selection as one prefill.
@@ -365,11 +366,12 @@ Status Evaluate(const ContextHandle& handle, const std::vector<LayerQueries>& qu
 
 std::string FormatEvalReport(const EvalReport& report) {
   std::ostringstream os;
-  os << "context '" << report.context << "': " << report.layers << " layer(s); (layer, query head) pairs: "
-     << report.heads_concentrated << " concentrated, " << report.heads_spread << " spread\n";
+  os << "context '" << report.context << "': " << report.layers
+     << " layer(s); (layer, query head) pairs: " << report.heads_concentrated << " concentrated, "
+     << report.heads_spread << " spread\n";
   char line[512];
-  std::snprintf(line, sizeof(line), "%-20s %-13s %7s %8s %8s %8s %9s %9s %8s %8s %8s\n", "config", "heads",
-                "recall", "worst", "oracle", "rec/orc", "err_mean", "err_worst", "keys", "read", "bytes");
+  std::snprintf(line, sizeof(line), "%-20s %-13s %7s %8s %8s %8s %9s %9s %8s %8s %8s\n", "config", "heads", "recall",
+                "worst", "oracle", "rec/orc", "err_mean", "err_worst", "keys", "read", "bytes");
   os << line;
   for (const EvalConfigResult& r : report.results) {
     const std::pair<const char*, const EvalAggregate*> kinds[] = {
@@ -377,12 +379,11 @@ std::string FormatEvalReport(const EvalReport& report) {
     for (const auto& [name, a] : kinds) {
       if (a->samples == 0) continue;
       const bool first = a == &r.all;
-      std::snprintf(line, sizeof(line), "%-20s %-13s %7.4f %8.4f %8.4f %8.4f %9.2e %9.2e %8.4f %8s %8s\n",
-                    first ? r.config.name.c_str() : "", name, a->recall_mean, a->recall_min, a->oracle_mean,
-                    a->ratio, a->error_mean, a->error_max, a->keys_fraction,
-                    first ? Num(r.read_fraction, 4).c_str() : "",
-                    first ? Num(r.bytes_dense ? static_cast<double>(r.bytes_read) / r.bytes_dense : 0.0, 4).c_str()
-                          : "");
+      std::snprintf(
+          line, sizeof(line), "%-20s %-13s %7.4f %8.4f %8.4f %8.4f %9.2e %9.2e %8.4f %8s %8s\n",
+          first ? r.config.name.c_str() : "", name, a->recall_mean, a->recall_min, a->oracle_mean, a->ratio,
+          a->error_mean, a->error_max, a->keys_fraction, first ? Num(r.read_fraction, 4).c_str() : "",
+          first ? Num(r.bytes_dense ? static_cast<double>(r.bytes_read) / r.bytes_dense : 0.0, 4).c_str() : "");
       os << line;
     }
   }

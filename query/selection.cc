@@ -120,8 +120,8 @@ void SelectUnits(const IndexView& idx, const float* q, int U, int R, const Selec
     MeanProbabilities(q, U, R, d, params.scale, idx.fine_centroids, idx.fine_sizes, idx.k2, &p);
     *dot_products += rows * idx.k2;
     for (int u = 0; u < U; ++u) {
-      Keep(params, p.data() + static_cast<int64_t>(u) * idx.k2, ids.data(), idx.fine_sizes, idx.k2,
-           params.tau_flat, fine_target, &(*out)[u]);
+      Keep(params, p.data() + static_cast<int64_t>(u) * idx.k2, ids.data(), idx.fine_sizes, idx.k2, params.tau_flat,
+           fine_target, &(*out)[u]);
     }
     return;
   }
@@ -146,8 +146,8 @@ void SelectUnits(const IndexView& idx, const float* q, int U, int R, const Selec
     *dot_products += static_cast<int64_t>(R) * static_cast<int64_t>(survivors.size());
     sizes.resize(survivors.size());
     for (size_t i = 0; i < survivors.size(); ++i) sizes[i] = idx.fine_sizes[survivors[i]];
-    Keep(params, p.data(), survivors.data(), sizes.data(), static_cast<int64_t>(survivors.size()),
-         params.tau_fine, fine_target, &(*out)[u]);
+    Keep(params, p.data(), survivors.data(), sizes.data(), static_cast<int64_t>(survivors.size()), params.tau_fine,
+         fine_target, &(*out)[u]);
   }
 }
 
@@ -225,8 +225,7 @@ void SelectBudget(const double* p, const uint32_t* ids, const uint32_t* sizes, i
   std::sort(out->begin() + static_cast<std::ptrdiff_t>(first), out->end());
 }
 
-void SelectHead(const IndexView& idx, const float* q, int G, int T, const SelectionParams& params,
-                  HeadSelection* out) {
+void SelectHead(const IndexView& idx, const float* q, int G, int T, const SelectionParams& params, HeadSelection* out) {
   out->sets.clear();
   out->set_of.assign(static_cast<size_t>(G) * T, 0);
   out->read.clear();
@@ -270,8 +269,7 @@ void SelectHead(const IndexView& idx, const float* q, int G, int T, const Select
     // Each query head selects alone (threshold mode, or the per-head policy).
     std::vector<std::vector<std::vector<uint32_t>>> own(G);  // [g][u]
     for (int g = 0; g < G; ++g) {
-      SelectUnits(idx, q + static_cast<int64_t>(g) * T * d, U, per_query ? 1 : T, params, &own[g],
-                  &out->dot_products);
+      SelectUnits(idx, q + static_cast<int64_t>(g) * T * d, U, per_query ? 1 : T, params, &own[g], &out->dot_products);
     }
     if (params.gqa == GqaPolicy::kUnion) {
       // Threshold + union: each head attends the union of the group's sets.

@@ -181,8 +181,8 @@ class WriterImpl final : public ContextWriter {
     // The shapes the record needs; counts are checked against the final
     // manifest at read time.
     std::string bytes = EncodeHeadIndexForWriter(rec);
-    SQZ_RETURN_IF_ERROR(FromRocks(batch_.Put(view_->cf_index, HeadKey(id_, rec.layer, rec.head), bytes),
-                                  "buffering an index record"));
+    SQZ_RETURN_IF_ERROR(
+        FromRocks(batch_.Put(view_->cf_index, HeadKey(id_, rec.layer, rec.head), bytes), "buffering an index record"));
     bytes_ += bytes.size();
     return MaybeFlush();
   }
@@ -341,13 +341,13 @@ Status DBImpl::CatchUpUntilConsistent(RocksView* v) {
     std::unique_ptr<rocksdb::Iterator> it(v->db->NewIterator(rocksdb::ReadOptions(), v->cf_manifest));
     for (it->SeekToFirst(); it->Valid() && missing.empty(); it->Next()) {
       ContextInfo info;
-      SQZ_RETURN_IF_ERROR(DecodeManifest(it->value().ToStringView(),
-                                         path_ + ": context '" + it->key().ToString() + "'", &info));
+      SQZ_RETURN_IF_ERROR(
+          DecodeManifest(it->value().ToStringView(), path_ + ": context '" + it->key().ToString() + "'", &info));
       const uint32_t L = static_cast<uint32_t>(info.n_layers - 1), H = static_cast<uint32_t>(info.n_kv_heads - 1);
       const uint32_t P = static_cast<uint32_t>(info.pages_per_head() - 1);
-      const std::pair<rocksdb::ColumnFamilyHandle*, std::string> keys[] = {
-          {v->cf_index, HeadKey(info.id, 0, 0)}, {v->cf_index, HeadKey(info.id, L, H)},
-          {v->cf_kv, PageKey(info.id, L, H, P)}};
+      const std::pair<rocksdb::ColumnFamilyHandle*, std::string> keys[] = {{v->cf_index, HeadKey(info.id, 0, 0)},
+                                                                           {v->cf_index, HeadKey(info.id, L, H)},
+                                                                           {v->cf_kv, PageKey(info.id, L, H, P)}};
       for (const auto& [cf, key] : keys) {
         rocksdb::PinnableSlice value;
         rocksdb::Status gs = v->db->Get(rocksdb::ReadOptions(), cf, key, &value);
@@ -464,8 +464,8 @@ Status DBImpl::LoadIds() {
   std::unique_ptr<rocksdb::Iterator> it(v->db->NewIterator(rocksdb::ReadOptions(), v->cf_manifest));
   for (it->SeekToFirst(); it->Valid(); it->Next()) {
     ContextInfo info;
-    SQZ_RETURN_IF_ERROR(DecodeManifest(it->value().ToStringView(),
-                                       path_ + ": context '" + it->key().ToString() + "'", &info));
+    SQZ_RETURN_IF_ERROR(
+        DecodeManifest(it->value().ToStringView(), path_ + ": context '" + it->key().ToString() + "'", &info));
     next = std::max(next, info.id + 1);
   }
   SQZ_RETURN_IF_ERROR(FromRocks(it->status(), path_ + ": scanning manifests"));
@@ -487,8 +487,8 @@ Status DBImpl::RemoveOrphans() {
     std::unique_ptr<rocksdb::Iterator> it(v->db->NewIterator(rocksdb::ReadOptions(), v->cf_manifest));
     for (it->SeekToFirst(); it->Valid(); it->Next()) {
       ContextInfo info;
-      SQZ_RETURN_IF_ERROR(DecodeManifest(it->value().ToStringView(),
-                                         path_ + ": context '" + it->key().ToString() + "'", &info));
+      SQZ_RETURN_IF_ERROR(
+          DecodeManifest(it->value().ToStringView(), path_ + ": context '" + it->key().ToString() + "'", &info));
       live.insert(info.id);
     }
     SQZ_RETURN_IF_ERROR(FromRocks(it->status(), path_ + ": scanning manifests"));
@@ -612,8 +612,7 @@ void DBImpl::ReclaimLoop() {
 
 // --- contexts ----------------------------------------------------------------
 
-Status DBImpl::GetManifest(RocksView* v, const rocksdb::ReadOptions& ro, const std::string& name,
-                           ContextInfo* info) {
+Status DBImpl::GetManifest(RocksView* v, const rocksdb::ReadOptions& ro, const std::string& name, ContextInfo* info) {
   std::string bytes;
   rocksdb::Status s = v->db->Get(ro, v->cf_manifest, name, &bytes);
   if (s.IsNotFound()) {
@@ -728,8 +727,8 @@ Status DBImpl::CommitContext(uint64_t id, const ContextInfo& info_in, bool repla
   // can point at them.
   rocksdb::FlushOptions fo;
   fo.wait = true;
-  SQZ_RETURN_IF_ERROR(FromRocks(view_->db->Flush(fo, {view_->cf_index, view_->cf_kv}),
-                                path_ + ": flushing context records"));
+  SQZ_RETURN_IF_ERROR(
+      FromRocks(view_->db->Flush(fo, {view_->cf_index, view_->cf_kv}), path_ + ": flushing context records"));
   bool had_old = false;
   {
     std::lock_guard<std::mutex> lock(commit_mu_);
@@ -783,8 +782,7 @@ Status DBImpl::VerifyContext(const std::string& name, VerifyReport* report) {
       report->records_checked++;
       // Walk the head's key range: exactly pages 0 .. pages_per_head - 1.
       const std::string begin = HeadKey(m.id, layer, head);
-      const std::string end =
-          head + 1 < m.n_kv_heads ? HeadKey(m.id, layer, head + 1) : HeadKey(m.id, layer + 1, 0);
+      const std::string end = head + 1 < m.n_kv_heads ? HeadKey(m.id, layer, head + 1) : HeadKey(m.id, layer + 1, 0);
       rocksdb::Slice upper(end);
       rocksdb::ReadOptions iro = ro;
       iro.iterate_upper_bound = &upper;

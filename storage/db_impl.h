@@ -104,8 +104,8 @@ class DBImpl final : public DB, public Store {
   // Deferred reclamation (read-write only).
   std::mutex reclaim_mu_;
   std::condition_variable reclaim_cv_;
-  std::multiset<uint64_t> live_snapshots_;   // sequence numbers of open snapshots
-  std::map<uint64_t, uint64_t> pending_;     // dropped context id -> sequence number of its drop
+  std::multiset<uint64_t> live_snapshots_;  // sequence numbers of open snapshots
+  std::map<uint64_t, uint64_t> pending_;    // dropped context id -> sequence number of its drop
   bool reclaim_wanted_ = false;
   bool stop_ = false;
   std::thread reclaimer_;

@@ -122,9 +122,8 @@ Status ValidateHeadIndex(const ContextInfo& m, int layer, int head, const HeadIn
   const int64_t k2 = h.n_fine(), k1 = h.n_coarse();
   if (layer < 0 || layer >= m.n_layers || head < 0 || head >= m.n_kv_heads) return bad("layer/head out of range");
   const size_t cell = static_cast<size_t>(layer) * m.n_kv_heads + head;
-  if (!m.fine_clusters.empty() &&
-      (cell >= m.fine_clusters.size() || cell >= m.coarse_clusters.size() || m.fine_clusters[cell] != k2 ||
-       m.coarse_clusters[cell] != k1)) {
+  if (!m.fine_clusters.empty() && (cell >= m.fine_clusters.size() || cell >= m.coarse_clusters.size() ||
+                                   m.fine_clusters[cell] != k2 || m.coarse_clusters[cell] != k1)) {
     return bad("cluster counts differ from the manifest");
   }
   if (!ValidCsr(h.fine_offsets, static_cast<uint64_t>(n))) {

@@ -105,8 +105,8 @@ TEST_P(IndexBuildRoundTrip, LosslessAfterReopen) {
   EXPECT_EQ(stats.keys_clustered, nc * heads);
   // K+V of every row, in pages of page_rows rows: the clustered run and the
   // always run each padded up to whole pages.
-  const int64_t pages_per_head = (nc + tc.page_rows - 1) / tc.page_rows +
-                                 (spec.n_tokens - nc + tc.page_rows - 1) / tc.page_rows;
+  const int64_t pages_per_head =
+      (nc + tc.page_rows - 1) / tc.page_rows + (spec.n_tokens - nc + tc.page_rows - 1) / tc.page_rows;
   const uint64_t page_bytes = 2ull * tc.page_rows * spec.head_dim * DTypeSize(spec.dtype);
   EXPECT_EQ(stats.kv_bytes, static_cast<uint64_t>(heads * pages_per_head) * page_bytes);
   EXPECT_GE(stats.kv_bytes, 2ull * heads * spec.n_tokens * spec.head_dim * DTypeSize(spec.dtype));
@@ -366,7 +366,8 @@ class IndexBuildFailureTest : public ::testing::Test {
 
   static void ExpectMentions(const Status& s, const std::vector<std::string>& needles) {
     ASSERT_FALSE(s.ok());
-    for (const auto& n : needles) EXPECT_NE(s.message().find(n), std::string::npos) << s.ToString() << " lacks '" << n << "'";
+    for (const auto& n : needles)
+      EXPECT_NE(s.message().find(n), std::string::npos) << s.ToString() << " lacks '" << n << "'";
   }
 
   std::unique_ptr<ScopedTempDir> dir_;
@@ -418,7 +419,8 @@ TEST_F(IndexBuildFailureTest, WrongDtype) {
   KvData d = BadData(2);
   auto t = index_test::KvTensors(d);
   t[2].dtype = "I16";
-  ExpectMentions(OpenAndBuild(WriteKv(t, index_test::KvMetadata(d))), {"layers.1.k has dtype I16; expected F16, BF16 or F32"});
+  ExpectMentions(OpenAndBuild(WriteKv(t, index_test::KvMetadata(d))),
+                 {"layers.1.k has dtype I16; expected F16, BF16 or F32"});
   ExpectUnchanged();
 }
 
@@ -458,7 +460,7 @@ TEST_F(IndexBuildFailureTest, NaNInALateLayer) {
 
 TEST_F(IndexBuildFailureTest, InfInMemorySource) {
   KvData d = BadData(3);
-  const uint16_t inf = 0xfc00;  // -inf in fp16
+  const uint16_t inf = 0xfc00;                   // -inf in fp16
   std::memcpy(d.k[2].data() + 2 * 17, &inf, 2);  // head 0, token 1
   auto src = d.Source();
   Status s = BuildContext(db_.get(), "new", src.get(), SmallOptions());

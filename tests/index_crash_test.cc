@@ -95,10 +95,8 @@ TEST(IndexCrashChild, DISABLED_BuildAndDie) {
 // Number of raw kv/index records per context id, read with plain RocksDB
 // (before sqz's Open removes orphans).
 std::map<uint64_t, int64_t> RawRecordCounts(const std::string& path) {
-  std::vector<rocksdb::ColumnFamilyDescriptor> cfs = {{storage::kCfDefault, {}},
-                                                      {storage::kCfManifest, {}},
-                                                      {storage::kCfIndex, {}},
-                                                      {storage::kCfKv, {}}};
+  std::vector<rocksdb::ColumnFamilyDescriptor> cfs = {
+      {storage::kCfDefault, {}}, {storage::kCfManifest, {}}, {storage::kCfIndex, {}}, {storage::kCfKv, {}}};
   std::vector<rocksdb::ColumnFamilyHandle*> handles;
   rocksdb::DB* raw = nullptr;
   rocksdb::Status s = rocksdb::DB::OpenForReadOnly(rocksdb::DBOptions(), path, cfs, &handles, &raw);
@@ -142,8 +140,8 @@ TEST(IndexCrashTest, CrashMidBuild) {
   }
 
   // Child: this binary again, on the disabled child test.
-  const int status = sqz::testing::RunSelfChild("IndexCrashChild.DISABLED_BuildAndDie",
-                                                {std::string(kEnvDb) + "=" + path}, 5 * 60);
+  const int status =
+      sqz::testing::RunSelfChild("IndexCrashChild.DISABLED_BuildAndDie", {std::string(kEnvDb) + "=" + path}, 5 * 60);
   ASSERT_NE(status, -1) << "the child build could not run or did not finish in time";
   ASSERT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL)
       << "child did not die by SIGKILL (exit status " << (WIFEXITED(status) ? WEXITSTATUS(status) : -1) << ")";

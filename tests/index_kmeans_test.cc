@@ -163,7 +163,8 @@ TEST(IndexKMeansTest, DeterministicForASeed) {
   o.seed = 100;
   ASSERT_TRUE(ClusterHead(keys.data(), n, d, o, &c).ok());
   CheckClustering(c, keys, n, d);
-  EXPECT_TRUE(a.permutation != c.permutation || a.fine_offsets != c.fine_offsets) << "a new seed changes the clustering";
+  EXPECT_TRUE(a.permutation != c.permutation || a.fine_offsets != c.fine_offsets)
+      << "a new seed changes the clustering";
 }
 
 TEST(IndexKMeansTest, EdgeCases) {

@@ -47,7 +47,8 @@ Status OpenBytes(const ScopedTempDir& dir, const std::string& bytes, std::unique
 
 void ExpectError(const Status& s, const std::vector<std::string>& needles) {
   ASSERT_FALSE(s.ok());
-  for (const auto& n : needles) EXPECT_NE(s.message().find(n), std::string::npos) << s.ToString() << " lacks '" << n << "'";
+  for (const auto& n : needles)
+    EXPECT_NE(s.message().find(n), std::string::npos) << s.ToString() << " lacks '" << n << "'";
 }
 
 TEST(IndexKvSourceTest, ReadsWhatWasWritten) {
@@ -64,8 +65,8 @@ TEST(IndexKvSourceTest, ReadsWhatWasWritten) {
     KvData data(spec);
     std::unique_ptr<KvSource> src;
     std::string path;
-    ASSERT_TRUE(OpenBytes(dir, SafetensorsBytes(index_test::KvTensors(data), index_test::KvMetadata(data)), &src, &path)
-                    .ok());
+    ASSERT_TRUE(
+        OpenBytes(dir, SafetensorsBytes(index_test::KvTensors(data), index_test::KvMetadata(data)), &src, &path).ok());
     const KvShape& s = src->shape();
     EXPECT_EQ(s.n_layers, 3);
     EXPECT_EQ(s.n_kv_heads, 2);
@@ -103,7 +104,7 @@ TEST(IndexKvSourceTest, ReadsWhatWasWritten) {
 TEST(IndexKvSourceTest, NoWindowQueriesAndExtraTensors) {
   ScopedTempDir dir("sqz-kvsrc");
   auto t = TinyTensors();
-  t.push_back({"lm_head.weight", "I32", {2}, std::string(8, '\0')});     // unknown: ignored
+  t.push_back({"lm_head.weight", "I32", {2}, std::string(8, '\0')});      // unknown: ignored
   t.push_back({"layers.0.attn_bias", "F16", {1}, std::string(2, '\0')});  // unknown suffix: ignored
   std::unique_ptr<KvSource> src;
   ASSERT_TRUE(OpenBytes(dir, SafetensorsBytes(t, {{"n_q_heads", "4"}}), &src).ok());
@@ -131,9 +132,10 @@ TEST(IndexKvSourceTest, MalformedFiles) {
   // Garbage length.
   ExpectError(OpenBytes(dir, std::string(100, '\xff'), &src), {"kv.safetensors", "header length"});
   // Header offsets beyond the file.
-  std::string header = "{\"__metadata__\":{\"n_q_heads\":\"4\"},\"layers.0.k\":{\"dtype\":\"F16\",\"shape\":[2,3,4],"
-                       "\"data_offsets\":[0,48]},\"layers.0.v\":{\"dtype\":\"F16\",\"shape\":[2,3,4],"
-                       "\"data_offsets\":[48000,48048]}}";
+  std::string header =
+      "{\"__metadata__\":{\"n_q_heads\":\"4\"},\"layers.0.k\":{\"dtype\":\"F16\",\"shape\":[2,3,4],"
+      "\"data_offsets\":[0,48]},\"layers.0.v\":{\"dtype\":\"F16\",\"shape\":[2,3,4],"
+      "\"data_offsets\":[48000,48048]}}";
   std::string bytes(8, '\0');
   for (int i = 0; i < 8; ++i) bytes[i] = static_cast<char>((header.size() >> (8 * i)) & 0xff);
   bytes += header + std::string(96, '\0');
@@ -170,7 +172,8 @@ TEST(IndexKvSourceTest, ValidationErrors) {
   // Wrong rank.
   t = TinyTensors();
   for (auto& x : t) x.shape = {6, 4};
-  ExpectError(OpenBytes(dir, SafetensorsBytes(t, meta), &src), {"layers.0.k", "expected [n_kv_heads, n_tokens, head_dim]"});
+  ExpectError(OpenBytes(dir, SafetensorsBytes(t, meta), &src),
+              {"layers.0.k", "expected [n_kv_heads, n_tokens, head_dim]"});
   // Missing layer (0 and 2 present).
   t = TinyTensors();
   t[2].name = "layers.2.k";

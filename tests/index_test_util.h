@@ -17,11 +17,11 @@
 #include <string>
 #include <vector>
 
+#include "format_generated.h"
 #include "sqz/db.h"
 #include "sqz/kv_source.h"
 #include "storage/db_impl.h"
 #include "storage/format.h"
-#include "format_generated.h"
 #include "util/crc32c.h"
 #include "util/half.h"
 
@@ -208,8 +208,8 @@ inline std::vector<RawTensor> KvTensors(const KvData& data) {
     t.push_back({p + "v", dt, data.KvShape(), Str(data.v[l])});
     if (data.spec.q_window > 0) {
       const auto& q = data.q[l];
-      t.push_back({p + "q_window", "F32", data.QShape(),
-                   std::string(reinterpret_cast<const char*>(q.data()), q.size() * 4)});
+      t.push_back(
+          {p + "q_window", "F32", data.QShape(), std::string(reinterpret_cast<const char*>(q.data()), q.size() * 4)});
     }
   }
   return t;

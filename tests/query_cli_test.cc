@@ -10,8 +10,8 @@
 #include <string>
 #include <vector>
 
-#include "tests/test_util.h"
 #include "synth/synthetic.h"
+#include "tests/test_util.h"
 #include "util/safetensors.h"
 
 namespace sqz {
@@ -34,10 +34,9 @@ class QueryCliTest : public ::testing::Test {
     Status s = synth::WriteContextFiles(spec, dir_->Sub("kv.safetensors"), dir_->Sub("q.safetensors"));
     ASSERT_TRUE(s.ok()) << s.ToString();
     std::string out;
-    const int rc = testing::RunCommand(
-        testing::SqctlPath() + " build-index --db " + Db() + " --kv " + dir_->Sub("kv.safetensors") +
-            " --name ctx --quiet",
-        &out);
+    const int rc = testing::RunCommand(testing::SqctlPath() + " build-index --db " + Db() + " --kv " +
+                                           dir_->Sub("kv.safetensors") + " --name ctx --quiet",
+                                       &out);
     ASSERT_EQ(rc, 0) << out;
   }
   static void TearDownTestSuite() {
@@ -120,9 +119,9 @@ TEST_F(QueryCliTest, QueryWritesOAndLse) {
   ASSERT_FALSE(j.is_discarded()) << err;
   EXPECT_TRUE(j["bytes_read"].is_number_unsigned()) << j.dump();
   EXPECT_LT(j["keys_fraction"].get<double>(), 1.0) << j.dump();
-  ASSERT_EQ(Sqctl(Base("query") + " --out " + o_path + " --threshold 0.0005 --hierarchical --threshold-coarse 0.0001",
-                  &out),
-            0)
+  ASSERT_EQ(
+      Sqctl(Base("query") + " --out " + o_path + " --threshold 0.0005 --hierarchical --threshold-coarse 0.0001", &out),
+      0)
       << out;
 }
 

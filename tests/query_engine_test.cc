@@ -44,9 +44,7 @@ struct TestContext {
 
 class QueryEngineTest : public ::testing::Test {
  protected:
-  void SetUp() override {
-    ASSERT_TRUE(DB::Open(Options(), dir_.Sub("db"), &db_).ok());
-  }
+  void SetUp() override { ASSERT_TRUE(DB::Open(Options(), dir_.Sub("db"), &db_).ok()); }
 
   // Builds `name` from synthetic data; queries are the generator's window
   // queries (T of them per head), which point at topics like real ones.
@@ -117,8 +115,8 @@ class QueryEngineTest : public ::testing::Test {
   // Checks (o, lse) of every query row against Reference over the positions
   // positions_of(kv head, query head in group, t).
   template <typename PositionsOf>
-  static void ExpectMatches(const TestContext& c, int layer, const std::vector<float>& o,
-                            const std::vector<float>& lse, PositionsOf positions_of, const std::string& what) {
+  static void ExpectMatches(const TestContext& c, int layer, const std::vector<float>& o, const std::vector<float>& lse,
+                            PositionsOf positions_of, const std::string& what) {
     ExpectMatchesFor(c, layer, c.q[layer], c.T, o, lse, positions_of, what);
   }
   // Same for queries q [n_q, T, d].
@@ -259,8 +257,8 @@ TEST_F(QueryEngineTest, DenseAndFullBudgetEqualDenseAttention) {
     int n_kv, n_q;
     DType dtype;
   };
-  for (const Case& cs : {Case{"mha", 2, 2, DType::kF16}, Case{"gqa", 2, 4, DType::kF16},
-                         Case{"gqa_bf16", 1, 4, DType::kBF16}}) {
+  for (const Case& cs :
+       {Case{"mha", 2, 2, DType::kF16}, Case{"gqa", 2, 4, DType::kF16}, Case{"gqa_bf16", 1, 4, DType::kBF16}}) {
     TestContext c;
     BuildOptions bo;
     bo.window = 64;
@@ -280,14 +278,15 @@ TEST_F(QueryEngineTest, DenseAndFullBudgetEqualDenseAttention) {
           AttendStats st;
           Status s = c.handle->Attend(layer, q.data(), T, qo, o.data(), lse.data(), &st);
           ASSERT_TRUE(s.ok()) << s.ToString();
-          ExpectMatchesFor(c, layer, q, T, o, lse, [&](int, int, int) { return all; },
-                           std::string(cs.name) + " T " + std::to_string(T) + " variant " + std::to_string(variant));
+          ExpectMatchesFor(
+              c, layer, q, T, o, lse, [&](int, int, int) { return all; },
+              std::string(cs.name) + " T " + std::to_string(T) + " variant " + std::to_string(variant));
           // Everything was read: every page of the layer (all K+V bytes,
           // padding included).
           const ContextInfo& info = c.handle->info();
           EXPECT_GE(info.pages_per_head() * static_cast<int64_t>(info.page_rows), c.spec.n_tokens);
-          EXPECT_EQ(st.bytes_read(), static_cast<uint64_t>(c.spec.n_kv_heads * info.pages_per_head()) *
-                                         2 * info.page_rows * c.spec.head_dim * 2);
+          EXPECT_EQ(st.bytes_read(), static_cast<uint64_t>(c.spec.n_kv_heads * info.pages_per_head()) * 2 *
+                                         info.page_rows * c.spec.head_dim * 2);
           for (const HeadStats& hs : st.heads) EXPECT_EQ(hs.pages_read, info.pages_per_head());
           EXPECT_EQ(st.keys_selected(), c.handle->info().n_clustered * c.spec.n_kv_heads);
         }
@@ -328,8 +327,8 @@ TEST_F(QueryEngineTest, AttentionIsExactOverTheSelection) {
             const int d = c.spec.head_dim;
             std::vector<query::HeadSelection> sels(2);
             for (int g = 0; g < 2; ++g) {
-              query::SelectHead(impl.View(layer, g), c.q[layer].data() + static_cast<size_t>(g) * G * c.T * d, G,
-                                c.T, params, &sels[g]);
+              query::SelectHead(impl.View(layer, g), c.q[layer].data() + static_cast<size_t>(g) * G * c.T * d, G, c.T,
+                                params, &sels[g]);
             }
             // The plan is exactly that selection as runs of stored rows.
             SegmentTable table;
@@ -392,8 +391,8 @@ TEST_F(QueryEngineTest, AttentionIsExactOverTheSelection) {
               // Whole pages: at least the rows read, at most one partial
               // page per end of every run.
               EXPECT_GE(pages * info.page_rows, keys + info.n_always());
-              EXPECT_LE(pages * info.page_rows, keys + info.n_always() + 2 * static_cast<int64_t>(read.size()) *
-                                                                          (info.page_rows - 1));
+              EXPECT_LE(pages * info.page_rows,
+                        keys + info.n_always() + 2 * static_cast<int64_t>(read.size()) * (info.page_rows - 1));
               int64_t attended = 0;
               for (int gl = 0; gl < G; ++gl) {
                 for (int t = 0; t < c.T; ++t) {
@@ -654,7 +653,8 @@ TEST_F(QueryEngineTest, OnlyTheAlwaysSetWhenNothingIsClustered) {
       AttendStats st;
       Status s = c.handle->Attend(0, c.q[0].data(), 2, qo, o.data(), lse.data(), &st);
       ASSERT_TRUE(s.ok()) << s.ToString();
-      ExpectMatches(c, 0, o, lse, [&](int, int, int) { return all; }, "no clusters");
+      ExpectMatches(
+          c, 0, o, lse, [&](int, int, int) { return all; }, "no clusters");
       EXPECT_EQ(st.keys_selected(), 0);
     }
   }

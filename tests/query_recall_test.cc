@@ -17,8 +17,8 @@
 #include "sqz/db.h"
 #include "sqz/kv_source.h"
 #include "sqz/query.h"
-#include "tests/test_util.h"
 #include "synth/synthetic.h"
+#include "tests/test_util.h"
 
 namespace sqz {
 namespace {
@@ -76,7 +76,8 @@ double RandomSelectionRatio(const query::ContextHandleImpl& impl, const std::vec
           std::vector<double> clustered(p.begin(), p.begin() + nc);
           std::sort(clustered.begin(), clustered.end(), std::greater<double>());
           const double best =
-              always + std::accumulate(clustered.begin(), clustered.begin() + std::min<int64_t>(taken, clustered.size()), 0.0);
+              always +
+              std::accumulate(clustered.begin(), clustered.begin() + std::min<int64_t>(taken, clustered.size()), 0.0);
           recall += r;
           oracle += best;
         }
@@ -148,8 +149,8 @@ TEST(QueryRecallTest, SyntheticCorpusNearOracleOnConcentratedHeads) {
     // A random selection of the same size reaches 0.26.
     const bool per_head = r.config.options.gqa == GqaPolicy::kPerHead;
     const double bound = per_head ? 0.85 : 0.80;
-    const double random_ratio =
-        RandomSelectionRatio(impl, queries, report, std::llround(r.concentrated.keys_fraction * handle->info().n_clustered));
+    const double random_ratio = RandomSelectionRatio(
+        impl, queries, report, std::llround(r.concentrated.keys_fraction * handle->info().n_clustered));
     std::printf("%s: concentrated recall/oracle %.4f (random selection of the same size: %.4f)\n",
                 r.config.name.c_str(), r.concentrated.ratio, random_ratio);
     EXPECT_GE(r.concentrated.ratio, bound) << r.config.name;

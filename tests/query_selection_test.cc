@@ -107,9 +107,8 @@ std::set<uint32_t> BruteKeep(const SelectionParams& params, const std::vector<do
   }
   std::vector<size_t> order(ids.size());
   std::iota(order.begin(), order.end(), 0);
-  std::sort(order.begin(), order.end(), [&](size_t a, size_t b) {
-    return p[a] != p[b] ? p[a] > p[b] : ids[a] < ids[b];
-  });
+  std::sort(order.begin(), order.end(),
+            [&](size_t a, size_t b) { return p[a] != p[b] ? p[a] > p[b] : ids[a] < ids[b]; });
   double kept = 0;
   for (size_t i : order) {
     if (kept >= target) break;
@@ -303,9 +302,8 @@ TEST(QuerySelectionTest, JointBudgetReadsTheBudgetPerKvHead) {
               auto score = BruteMeanProbs(rows.data(), static_cast<int>(rows.size()) / d, d, p.scale, ix.fine,
                                           ix.fine_sizes, all);
               std::vector<uint32_t> order = all;
-              std::sort(order.begin(), order.end(), [&](uint32_t a, uint32_t c) {
-                return score[a] != score[c] ? score[a] > score[c] : a < c;
-              });
+              std::sort(order.begin(), order.end(),
+                        [&](uint32_t a, uint32_t c) { return score[a] != score[c] ? score[a] > score[c] : a < c; });
               std::set<uint32_t> prefix;
               int64_t keys = 0;
               for (size_t i = 0; i < order.size() && keys < target; ++i) {

@@ -102,8 +102,8 @@ TEST(SlowBuildTest, MemoryDoesNotGrowWithLayers) {
   o.coarse_ratio = 0.002;
   o.on_progress = [&](const BuildProgress& p) {
     std::printf("[ progress ] layer %d head %d: %lld/%lld heads, %.0f keys/s, eta %.0f s, rss %.0f MiB\n", p.layer,
-                p.head, static_cast<long long>(p.heads_done), static_cast<long long>(p.heads_total),
-                p.keys_per_second, p.eta_seconds, MiB(CurrentRssBytes()));
+                p.head, static_cast<long long>(p.heads_done), static_cast<long long>(p.heads_total), p.keys_per_second,
+                p.eta_seconds, MiB(CurrentRssBytes()));
     std::fflush(stdout);
     if (p.head == p.n_kv_heads - 1) rss_after_layer.push_back(CurrentRssBytes());
   };
@@ -113,11 +113,11 @@ TEST(SlowBuildTest, MemoryDoesNotGrowWithLayers) {
   ASSERT_EQ(rss_after_layer.size(), static_cast<size_t>(kLayers));
 
   const uint64_t growth = st.peak_rss_bytes > rss_before ? st.peak_rss_bytes - rss_before : 0;
-  std::printf("[ info ] one layer K+V: %.0f MiB; RSS before build %.0f MiB; peak RSS %.0f MiB (growth %.0f MiB = %.2f "
-              "layers); RSS after layer 0: %.0f MiB, after layer 1: %.0f MiB; index %.1f MiB\n",
-              MiB(layer_bytes), MiB(rss_before), MiB(st.peak_rss_bytes), MiB(growth),
-              static_cast<double>(growth) / layer_bytes, MiB(rss_after_layer[0]), MiB(rss_after_layer[1]),
-              MiB(st.index_bytes));
+  std::printf(
+      "[ info ] one layer K+V: %.0f MiB; RSS before build %.0f MiB; peak RSS %.0f MiB (growth %.0f MiB = %.2f "
+      "layers); RSS after layer 0: %.0f MiB, after layer 1: %.0f MiB; index %.1f MiB\n",
+      MiB(layer_bytes), MiB(rss_before), MiB(st.peak_rss_bytes), MiB(growth), static_cast<double>(growth) / layer_bytes,
+      MiB(rss_after_layer[0]), MiB(rss_after_layer[1]), MiB(st.index_bytes));
   std::printf("[ info ] seconds: total %.1f, read %.1f, kmeans %.1f, calibrate %.1f, write %.1f; %lld keys clustered\n",
               st.seconds_total, st.seconds_read, st.seconds_kmeans, st.seconds_calibrate, st.seconds_write,
               static_cast<long long>(st.keys_clustered));

@@ -39,8 +39,8 @@ constexpr const char* kEnvCrashDb = "SQZ_STORAGE_CRASH_DB";
 struct TinyContext {
   static constexpr int kD = 4;
   static constexpr int kTokens = 6;
-  ContextInfo info;              // the manifest to commit (id filled in)
-  HeadIndexRecord head;          // the head index (page CRCs filled in)
+  ContextInfo info;      // the manifest to commit (id filled in)
+  HeadIndexRecord head;  // the head index (page CRCs filled in)
   std::vector<std::string> pages;
 };
 
@@ -161,8 +161,7 @@ std::unique_ptr<DB> OpenOrDie(const std::string& path) {
 }
 
 // Reads pages `ids` of (0, 0) of context `name` through a fresh snapshot.
-Status ReadTinyPages(DB* db, const std::string& name, const std::vector<uint32_t>& ids,
-                     std::vector<std::string>* out) {
+Status ReadTinyPages(DB* db, const std::string& name, const std::vector<uint32_t>& ids, std::vector<std::string>* out) {
   std::unique_ptr<ContextSnapshot> snap;
   SQZ_RETURN_IF_ERROR(db->store()->OpenSnapshot(name, &snap));
   PageSet set;

@@ -10,8 +10,8 @@
 #include <vector>
 
 #include "sqz/db.h"
-#include "tests/test_util.h"
 #include "synth/synthetic.h"
+#include "tests/test_util.h"
 
 namespace sqz {
 namespace {
@@ -170,7 +170,8 @@ TEST_F(SqctlCli, BuildListInfoVerifyDrop) {
   EXPECT_NE(out.find("ctx_000"), std::string::npos);
 
   // Building an existing name needs --replace.
-  EXPECT_EQ(Run("build-index --db " + Db() + " --kv " + dir_.Sub("corpus/ctx_000.safetensors") + " --iters 2", &out), 1);
+  EXPECT_EQ(Run("build-index --db " + Db() + " --kv " + dir_.Sub("corpus/ctx_000.safetensors") + " --iters 2", &out),
+            1);
   EXPECT_NE(out.find("already exists"), std::string::npos) << out;
   EXPECT_EQ(Run("build-index --db " + Db() + " --kv " + dir_.Sub("corpus/ctx_000.safetensors") +
                     " --iters 2 --replace --quiet",
@@ -188,9 +189,9 @@ TEST_F(SqctlCli, BuildListInfoVerifyDrop) {
 
 TEST_F(SqctlCli, BadInputNamesTheFileAndLeavesTheDatabaseAlone) {
   std::string out;
-  ASSERT_EQ(Run("build-index --db " + Db() + " --kv " + dir_.Sub("corpus/ctx_000.safetensors") + " --iters 2 --quiet",
-                &out),
-            0)
+  ASSERT_EQ(
+      Run("build-index --db " + Db() + " --kv " + dir_.Sub("corpus/ctx_000.safetensors") + " --iters 2 --quiet", &out),
+      0)
       << out;
   {
     std::ofstream f(dir_.Sub("garbage.safetensors"), std::ios::binary);
@@ -326,9 +327,8 @@ TEST_F(SqctlCli, JsonOutputParsesWithAnyContextName) {
 TEST_F(SqctlCli, PageRowsOptionAndPageGeometryInInfo) {
   std::string err;
   nlohmann::json j;
-  ASSERT_EQ(RunJson("build-index --db " + Db() + " --kv " + Kv(0) + " --iters 2 --page-rows 7 --json --name p7", &j,
-                    &err),
-            0)
+  ASSERT_EQ(
+      RunJson("build-index --db " + Db() + " --kv " + Kv(0) + " --iters 2 --page-rows 7 --json --name p7", &j, &err), 0)
       << err;
   ASSERT_EQ(RunJson("info --db " + Db() + " --json --context p7", &j, &err), 0) << err;
   ASSERT_FALSE(j.is_discarded()) << err;
@@ -356,7 +356,6 @@ TEST_F(SqctlCli, PageRowsOptionAndPageGeometryInInfo) {
   ASSERT_EQ(Run("list --db " + Db(), &out), 0);
   EXPECT_EQ(out.find("big"), std::string::npos) << out;
 }
-
 
 }  // namespace
 }  // namespace sqz

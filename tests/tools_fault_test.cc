@@ -12,8 +12,8 @@
 #include "sqz/build.h"
 #include "sqz/db.h"
 #include "sqz/kv_source.h"
-#include "tests/test_util.h"
 #include "synth/synthetic.h"
+#include "tests/test_util.h"
 
 namespace sqz {
 namespace {
@@ -55,9 +55,10 @@ TEST(FaultInjection, WriteFailureMidBuildLeavesDatabaseConsistent) {
   // process after it used OpenMP would not be safe). `ulimit -f` caps file
   // size; SIGXFSZ is ignored so writes fail with EFBIG instead.
   std::string out;
-  int rc = sqz::testing::RunCommand("bash -c 'ulimit -f 2048; trap \"\" XFSZ; exec " + sqz::testing::SqctlPath() +
-                                        " build-index --db " + dir.Sub("db") + " --kv " + big + " --name big --iters 2'",
-                                    &out);
+  int rc =
+      sqz::testing::RunCommand("bash -c 'ulimit -f 2048; trap \"\" XFSZ; exec " + sqz::testing::SqctlPath() +
+                                   " build-index --db " + dir.Sub("db") + " --kv " + big + " --name big --iters 2'",
+                               &out);
   EXPECT_EQ(rc, 1) << out;
   EXPECT_NE(out.find("IOError"), std::string::npos) << out;
   EXPECT_NE(out.find("'big'"), std::string::npos) << out;

@@ -25,8 +25,8 @@
 #include <string>
 #include <vector>
 
-#include "tests/test_util.h"
 #include "synth/synthetic.h"
+#include "tests/test_util.h"
 #include "util/half.h"
 #include "util/safetensors.h"
 
@@ -191,12 +191,12 @@ TEST(SynthTest, ConcentratedAndSpreadHeads) {
       const float* keys = l.k.data() + static_cast<size_t>(h / group) * spec.n_tokens * d;
       std::vector<QueryStats> stats;
       for (int i = 0; i < spec.q_window; ++i) {
-        stats.push_back(Attention(l.q_window.data() + (static_cast<size_t>(h) * spec.q_window + i) * d, keys,
-                                  spec.n_tokens, d));
+        stats.push_back(
+            Attention(l.q_window.data() + (static_cast<size_t>(h) * spec.q_window + i) * d, keys, spec.n_tokens, d));
       }
       for (int i = 0; i < spec.n_queries; ++i) {
-        stats.push_back(Attention(l.queries.data() + (static_cast<size_t>(h) * spec.n_queries + i) * d, keys,
-                                  spec.n_tokens, d));
+        stats.push_back(
+            Attention(l.queries.data() + (static_cast<size_t>(h) * spec.n_queries + i) * d, keys, spec.n_tokens, d));
       }
       double top = 0, top_min = 1, sink = 0, gap_min = 1e9;
       for (const QueryStats& s : stats) {
@@ -208,8 +208,8 @@ TEST(SynthTest, ConcentratedAndSpreadHeads) {
       top /= stats.size();
       sink /= stats.size();
       SCOPED_TRACE(::testing::Message() << "layer " << layer << " head " << h << " (" << HeadKindName(kind)
-                                      << "): top-12.5% mass mean " << top << " min " << top_min << ", sink mass "
-                                      << sink << ", min sink gap " << gap_min);
+                                        << "): top-12.5% mass mean " << top << " min " << top_min << ", sink mass "
+                                        << sink << ", min sink gap " << gap_min);
       if (std::getenv("SQZ_SYNTH_VERBOSE")) {
         std::printf("layer %d head %d %-12s top12.5%% mean %.3f min %.3f sink %.3f gap_min %.2f\n", layer, h,
                     HeadKindName(kind), top, top_min, sink, gap_min);
@@ -497,10 +497,32 @@ void DumpForPython(const std::string& dir, const std::string& file, std::ofstrea
 // Values that exercise rounding, subnormals, overflow and NaN in every dtype.
 std::vector<float> SpecialValues() {
   const float inf = std::numeric_limits<float>::infinity();
-  std::vector<float> v = {0.0f, -0.0f, 1.0f, -1.0f, 0.1f, 3.14159265f, 65504.0f, 65519.0f, 65520.0f, 1e6f, -1e30f,
-                          1e-8f, -1e-8f, 0x1p-24f, 0x1p-25f, 3 * 0x1p-25f, 0x1p-14f, 1.0f + 0x1p-11f,
-                          1.0f + 3 * 0x1p-11f, 1.0f + 0x1p-8f, 1.0f + 3 * 0x1p-8f, std::numeric_limits<float>::max(),
-                          std::numeric_limits<float>::denorm_min(), std::numeric_limits<float>::min(), inf, -inf,
+  std::vector<float> v = {0.0f,
+                          -0.0f,
+                          1.0f,
+                          -1.0f,
+                          0.1f,
+                          3.14159265f,
+                          65504.0f,
+                          65519.0f,
+                          65520.0f,
+                          1e6f,
+                          -1e30f,
+                          1e-8f,
+                          -1e-8f,
+                          0x1p-24f,
+                          0x1p-25f,
+                          3 * 0x1p-25f,
+                          0x1p-14f,
+                          1.0f + 0x1p-11f,
+                          1.0f + 3 * 0x1p-11f,
+                          1.0f + 0x1p-8f,
+                          1.0f + 3 * 0x1p-8f,
+                          std::numeric_limits<float>::max(),
+                          std::numeric_limits<float>::denorm_min(),
+                          std::numeric_limits<float>::min(),
+                          inf,
+                          -inf,
                           std::numeric_limits<float>::quiet_NaN()};
   return v;
 }

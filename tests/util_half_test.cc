@@ -141,10 +141,10 @@ TEST(HalfTest, KnownCases) {
   EXPECT_EQ(FloatToHalf(-1e10f), 0xfc00);
   // Subnormals and underflow.
   EXPECT_EQ(FloatToHalf(0x1p-24f), 0x0001);
-  EXPECT_EQ(FloatToHalf(0x1p-25f), 0x0000);             // tie -> 0 (even)
+  EXPECT_EQ(FloatToHalf(0x1p-25f), 0x0000);  // tie -> 0 (even)
   EXPECT_EQ(FloatToHalf(0x1p-25f * 1.0001f), 0x0001);
-  EXPECT_EQ(FloatToHalf(3 * 0x1p-25f), 0x0002);         // tie between 1 and 2 -> 2
-  EXPECT_EQ(FloatToHalf(0x1p-14f), 0x0400);             // smallest normal
+  EXPECT_EQ(FloatToHalf(3 * 0x1p-25f), 0x0002);  // tie between 1 and 2 -> 2
+  EXPECT_EQ(FloatToHalf(0x1p-14f), 0x0400);      // smallest normal
   EXPECT_EQ(FloatToHalf(1e-10f), 0x0000);
   EXPECT_EQ(FloatToHalf(-1e-10f), 0x8000);
   // Inf and NaN.
@@ -308,7 +308,8 @@ TEST(AllFiniteTest, DetectsNanAndInfInEveryDtype) {
     std::vector<float> src(n);
     for (size_t i = 0; i < n; ++i) src[i] = static_cast<float>(i) - 18.5f;
     src[0] = -0.0f;
-    src[1] = t == DType::kF16 ? 65504.0f : (t == DType::kBF16 ? Bf16ToFloat(0x7f7f) : std::numeric_limits<float>::max());
+    src[1] =
+        t == DType::kF16 ? 65504.0f : (t == DType::kBF16 ? Bf16ToFloat(0x7f7f) : std::numeric_limits<float>::max());
     src[2] = t == DType::kF16 ? 0x1p-24f : std::numeric_limits<float>::denorm_min();
     std::vector<uint8_t> buf(n * DTypeSize(t));
     ConvertFromFloat(src.data(), n, t, buf.data());

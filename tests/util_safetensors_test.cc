@@ -201,10 +201,9 @@ TEST(SafetensorsTest, OpenErrorsOnMissingPathAndDirectory) {
 TEST(SafetensorsTest, ListsOtherDtypes) {
   ScopedTempDir dir;
   const std::string data(4 * 3 + 8 + 5, '\x01');
-  const std::string header =
-      R"({"ids":{"dtype":"I32","shape":[3],"data_offsets":[0,12]},)"
-      R"("d":{"dtype":"F64","shape":[1],"data_offsets":[12,20]},)"
-      R"("odd":{"dtype":"NOT_A_DTYPE","shape":[5],"data_offsets":[20,25]}})";
+  const std::string header = R"({"ids":{"dtype":"I32","shape":[3],"data_offsets":[0,12]},)"
+                             R"("d":{"dtype":"F64","shape":[1],"data_offsets":[12,20]},)"
+                             R"("odd":{"dtype":"NOT_A_DTYPE","shape":[5],"data_offsets":[20,25]}})";
   std::unique_ptr<SafetensorsFile> f;
   Status s = OpenBytes(dir, RawFile(header, data), &f);
   ASSERT_TRUE(s.ok()) << s.ToString();
@@ -256,20 +255,20 @@ std::vector<BadCase> BadFiles() {
   c.push_back({"shape not an array", RawFile(R"({"t":{"dtype":"F32","shape":2,"data_offsets":[0,8]}})", data8)});
   c.push_back({"missing data_offsets", RawFile(R"({"t":{"dtype":"F32","shape":[2]}})", data8)});
   c.push_back({"one data offset", RawFile(R"({"t":{"dtype":"F32","shape":[2],"data_offsets":[8]}})", data8)});
-  c.push_back(
-      {"three data offsets", RawFile(R"({"t":{"dtype":"F32","shape":[2],"data_offsets":[0,8,8]}})", data8)});
-  c.push_back(
-      {"string data offsets", RawFile(R"({"t":{"dtype":"F32","shape":[2],"data_offsets":["0","8"]}})", data8)});
+  c.push_back({"three data offsets", RawFile(R"({"t":{"dtype":"F32","shape":[2],"data_offsets":[0,8,8]}})", data8)});
+  c.push_back({"string data offsets", RawFile(R"({"t":{"dtype":"F32","shape":[2],"data_offsets":["0","8"]}})", data8)});
   c.push_back({"negative offset", RawFile(R"({"t":{"dtype":"F32","shape":[2],"data_offsets":[-8,0]}})", data8)});
   c.push_back({"fractional offset", RawFile(R"({"t":{"dtype":"F32","shape":[2],"data_offsets":[0,8.5]}})", data8)});
   c.push_back({"begin > end", RawFile(R"({"t":{"dtype":"F32","shape":[0],"data_offsets":[8,0]}})", data8)});
-  c.push_back({"offsets beyond the file", RawFile(R"({"t":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}})", data8)});
+  c.push_back(
+      {"offsets beyond the file", RawFile(R"({"t":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}})", data8)});
   c.push_back({"offsets far beyond the file",
                RawFile(R"({"t":{"dtype":"F32","shape":[2],"data_offsets":[4611686018427387904,4611686018427387912]}})",
                        data8)});
-  c.push_back({"offset beyond int64", RawFile(R"({"t":{"dtype":"F32","shape":[2],"data_offsets":[0,18446744073709551624]}})", data8)});
-  c.push_back({"size not numel * element size",
-               RawFile(R"({"t":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}})", data8)});
+  c.push_back({"offset beyond int64",
+               RawFile(R"({"t":{"dtype":"F32","shape":[2],"data_offsets":[0,18446744073709551624]}})", data8)});
+  c.push_back(
+      {"size not numel * element size", RawFile(R"({"t":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}})", data8)});
   c.push_back({"F16 size mismatch", RawFile(R"({"t":{"dtype":"F16","shape":[2],"data_offsets":[0,8]}})", data8)});
   c.push_back({"I32 size mismatch", RawFile(R"({"t":{"dtype":"I32","shape":[1],"data_offsets":[0,8]}})", data8)});
   c.push_back({"negative dimension", RawFile(R"({"t":{"dtype":"F32","shape":[-2],"data_offsets":[0,8]}})", data8)});
@@ -385,9 +384,15 @@ TEST(SafetensorsTest, FuzzedHeadersNeverCrash) {
     for (int k = 0; k < flips; ++k) {
       const size_t pos = rng() % span;
       switch (rng() % 3) {
-        case 0: bytes[pos] = static_cast<char>(bytes[pos] ^ (1u << (rng() % 8))); break;
-        case 1: bytes[pos] = static_cast<char>(rng()); break;
-        default: bytes[pos] = interesting[rng() % interesting.size()]; break;
+        case 0:
+          bytes[pos] = static_cast<char>(bytes[pos] ^ (1u << (rng() % 8)));
+          break;
+        case 1:
+          bytes[pos] = static_cast<char>(rng());
+          break;
+        default:
+          bytes[pos] = interesting[rng() % interesting.size()];
+          break;
       }
     }
     if (rng() % 8 == 0) bytes.resize(rng() % (bytes.size() + 1));  // and sometimes truncate

@@ -128,24 +128,44 @@ class JsonParser {
       if (pos_ >= t_.size()) break;
       char e = t_[pos_++];
       switch (e) {
-        case '"': out->push_back('"'); break;
-        case '\\': out->push_back('\\'); break;
-        case '/': out->push_back('/'); break;
-        case 'b': out->push_back('\b'); break;
-        case 'f': out->push_back('\f'); break;
-        case 'n': out->push_back('\n'); break;
-        case 'r': out->push_back('\r'); break;
-        case 't': out->push_back('\t'); break;
+        case '"':
+          out->push_back('"');
+          break;
+        case '\\':
+          out->push_back('\\');
+          break;
+        case '/':
+          out->push_back('/');
+          break;
+        case 'b':
+          out->push_back('\b');
+          break;
+        case 'f':
+          out->push_back('\f');
+          break;
+        case 'n':
+          out->push_back('\n');
+          break;
+        case 'r':
+          out->push_back('\r');
+          break;
+        case 't':
+          out->push_back('\t');
+          break;
         case 'u': {
           if (pos_ + 4 > t_.size()) return Fail("truncated \\u escape");
           unsigned cp = 0;
           for (int k = 0; k < 4; ++k) {
             char h = t_[pos_++];
             cp <<= 4;
-            if (h >= '0' && h <= '9') cp |= h - '0';
-            else if (h >= 'a' && h <= 'f') cp |= h - 'a' + 10;
-            else if (h >= 'A' && h <= 'F') cp |= h - 'A' + 10;
-            else return Fail("bad \\u escape");
+            if (h >= '0' && h <= '9')
+              cp |= h - '0';
+            else if (h >= 'a' && h <= 'f')
+              cp |= h - 'a' + 10;
+            else if (h >= 'A' && h <= 'F')
+              cp |= h - 'A' + 10;
+            else
+              return Fail("bad \\u escape");
           }
           // Encode as UTF-8 (surrogate pairs are kept as two 3-byte units).
           if (cp < 0x80) {
@@ -160,7 +180,8 @@ class JsonParser {
           }
           break;
         }
-        default: return Fail("bad escape");
+        default:
+          return Fail("bad escape");
       }
     }
     return Fail("unterminated string");
@@ -218,7 +239,7 @@ class JsonParser {
 size_t AnyDTypeSize(const std::string& name) {
   static const std::pair<const char*, size_t> kSizes[] = {
       {"BOOL", 1}, {"U8", 1},  {"I8", 1},  {"F8_E5M2", 1}, {"F8_E4M3", 1}, {"I16", 2}, {"U16", 2}, {"F16", 2},
-      {"BF16", 2}, {"I32", 4}, {"U32", 4}, {"F32", 4},      {"F64", 8},     {"I64", 8}, {"U64", 8}};
+      {"BF16", 2}, {"I32", 4}, {"U32", 4}, {"F32", 4},     {"F64", 8},     {"I64", 8}, {"U64", 8}};
   for (const auto& [n, s] : kSizes) {
     if (name == n) return s;
   }
@@ -299,9 +320,12 @@ Status SafetensorsFile::Open(const std::string& path, std::unique_ptr<Safetensor
     const Json* shape = nullptr;
     const Json* offsets = nullptr;
     for (const auto& [k, fv] : v.obj) {
-      if (k == "dtype") dtype = &fv;
-      else if (k == "shape") shape = &fv;
-      else if (k == "data_offsets") offsets = &fv;
+      if (k == "dtype")
+        dtype = &fv;
+      else if (k == "shape")
+        shape = &fv;
+      else if (k == "data_offsets")
+        offsets = &fv;
     }
     if (!dtype || dtype->kind != Json::Kind::kString) return Status::Corruption(tw + "missing or bad 'dtype'");
     if (!shape || shape->kind != Json::Kind::kArray) return Status::Corruption(tw + "missing or bad 'shape'");

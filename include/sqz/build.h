@@ -26,8 +26,8 @@ namespace sqz {
 class KMeansBackend;  // sqz/kmeans.h
 
 struct BuildProgress {
-  int layer = 0;           // layer being processed (0-based)
-  int head = 0;            // KV head being processed (0-based)
+  int layer = 0;  // layer being processed (0-based)
+  int head = 0;   // KV head being processed (0-based)
   int n_layers = 0;
   int n_kv_heads = 0;
   int64_t heads_done = 0;  // (layer, head) pairs finished

@@ -63,7 +63,7 @@ struct ContextInfo {
   // it never serves another context's keys. A replace gets a new id.
   uint64_t id = 0;
   uint32_t format_version = 0;  // on-disk format the context was written in
-  std::string model;          // free text from the KV file
+  std::string model;            // free text from the KV file
   int n_layers = 0;
   int n_kv_heads = 0;
   int n_q_heads = 0;

@@ -29,17 +29,17 @@ namespace sqz {
 // One k-means problem: cluster the n rows of x into k centroids. Borrowed
 // pointers: they must stay valid for the duration of Run.
 struct KMeansProblem {
-  const float* x = nullptr;  // points, size n * d, row-major; finite. For
-                             // spherical k-means the caller has already
-                             // L2-normalised every row (zero rows allowed).
-  int64_t n = 0;             // number of points, >= 1
-  int d = 0;                 // dimension, >= 1
-  int64_t k = 0;             // number of centroids, 1 <= k <= n
+  const float* x = nullptr;        // points, size n * d, row-major; finite. For
+                                   // spherical k-means the caller has already
+                                   // L2-normalised every row (zero rows allowed).
+  int64_t n = 0;                   // number of points, >= 1
+  int d = 0;                       // dimension, >= 1
+  int64_t k = 0;                   // number of centroids, 1 <= k <= n
   const float* weights = nullptr;  // size n, >= 0 (a point counts weights[i]
                                    // times in the centroid update), or nullptr
                                    // (every point weighs 1)
-  uint64_t seed = 0;         // initialisation seed; same problem and seed,
-                             // same result (a backend is deterministic)
+  uint64_t seed = 0;               // initialisation seed; same problem and seed,
+                                   // same result (a backend is deterministic)
 };
 
 // Parameters shared by every problem of one Run call.

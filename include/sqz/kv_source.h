@@ -20,7 +20,7 @@ namespace sqz {
 struct KvShape {
   int n_layers = 0;
   int n_kv_heads = 0;
-  int n_q_heads = 0;        // multiple of n_kv_heads
+  int n_q_heads = 0;  // multiple of n_kv_heads
   int64_t n_tokens = 0;
   int head_dim = 0;
   DType dtype = DType::kF16;  // dtype of K and V (identical for all layers)

@@ -148,7 +148,7 @@ struct DeviceAttendArgs {
   float* lse = nullptr;     // [heads, T] (kHeadMajor) or [T, heads] (kTokenMajor)
   DType dtype = DType::kBF16;
   TensorLayout layout = TensorLayout::kTokenMajor;
-  bool lse_base2 = false;  // false: natural log (ours); true: log2 (FlashInfer-style states)
+  bool lse_base2 = false;     // false: natural log (ours); true: log2 (FlashInfer-style states)
   void* workspace = nullptr;  // DeviceWorkspaceBytes() bytes of device memory
   size_t workspace_bytes = 0;
   void* stream = nullptr;  // cudaStream_t
@@ -156,9 +156,9 @@ struct DeviceAttendArgs {
 
 // Statistics of one Attend call for one KV head.
 struct HeadStats {
-  int64_t keys_selected = 0;      // clustered keys read (union over the group)
-  int64_t keys_attended = 0;      // keys attended incl. window and sinks, summed over the group's query heads and queries
-  int64_t clusters_scored = 0;    // centroid dot products per query (coarse + fine)
+  int64_t keys_selected = 0;    // clustered keys read (union over the group)
+  int64_t keys_attended = 0;    // keys attended incl. window and sinks, summed over the group's query heads and queries
+  int64_t clusters_scored = 0;  // centroid dot products per query (coarse + fine)
   int64_t clusters_selected = 0;  // fine clusters read
   int64_t segments_read = 0;      // row runs read (always set included)
   int64_t pages_read = 0;         // KV pages read
@@ -169,9 +169,9 @@ struct AttendStats {
   std::vector<HeadStats> heads;  // per KV head
   // Stage times are summed over KV heads, which run in parallel for decode:
   // they are thread-seconds (compare them with each other, not with wall time).
-  double seconds_score = 0;      // centroid scoring + selection
-  double seconds_read = 0;       // page reads from storage / cache
-  double seconds_attend = 0;     // attention over the selected keys
+  double seconds_score = 0;   // centroid scoring + selection
+  double seconds_read = 0;    // page reads from storage / cache
+  double seconds_attend = 0;  // attention over the selected keys
   int64_t keys_selected() const;
   uint64_t bytes_read() const;
 };
@@ -182,8 +182,7 @@ class ContextHandle {
   // loads the index of the served heads. NotFound if the context does not
   // exist; InvalidArgument for a bad head range; NotSupported for a device
   // this build or this implementation lacks.
-  static Status Open(DB* db, const std::string& name, const OpenOptions& options,
-                     std::unique_ptr<ContextHandle>* out);
+  static Status Open(DB* db, const std::string& name, const OpenOptions& options, std::unique_ptr<ContextHandle>* out);
   static Status Open(DB* db, const std::string& name, std::unique_ptr<ContextHandle>* out);
 
   virtual ~ContextHandle() = default;
@@ -226,7 +225,6 @@ class ContextHandle {
 //   lse = log(e^lse_a + e^lse_b), o = (e^lse_a o_a + e^lse_b o_b) / e^lse.
 // o_*: [n, head_dim]; lse_*: [n]. An empty state has lse = -inf (its o is
 // ignored); merging two empty states gives an empty state with o = 0.
-void MergeAttentionStates(float* o_a, float* lse_a, const float* o_b, const float* lse_b, int64_t n,
-                          int head_dim);
+void MergeAttentionStates(float* o_a, float* lse_a, const float* o_b, const float* lse_b, int64_t n, int head_dim);
 
 }  // namespace sqz

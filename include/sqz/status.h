@@ -75,8 +75,8 @@ const char* StatusCodeName(Status::Code code);
 }  // namespace sqz
 
 // Internal helper used across the code base (not part of the stable API).
-#define SQZ_RETURN_IF_ERROR(expr)        \
-  do {                                   \
-    ::sqz::Status _sqz_s = (expr);       \
-    if (!_sqz_s.ok()) return _sqz_s;     \
+#define SQZ_RETURN_IF_ERROR(expr)    \
+  do {                               \
+    ::sqz::Status _sqz_s = (expr);   \
+    if (!_sqz_s.ok()) return _sqz_s; \
   } while (0)

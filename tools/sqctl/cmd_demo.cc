@@ -11,13 +11,13 @@
 #include <string>
 #include <vector>
 
+#include "cli.h"
+#include "format.h"
 #include "query/eval.h"
 #include "sqz/build.h"
 #include "sqz/db.h"
 #include "sqz/kv_source.h"
 #include "sqz/query.h"
-#include "cli.h"
-#include "format.h"
 #include "synth/synthetic.h"
 
 namespace sqz::cli {
@@ -134,24 +134,27 @@ int RunDemo(const Args& args) {
     }
   }
   if (b8) {
-    std::printf("\nSummary for %s at budget 1/8 (flat): each KV head read %.1f%% of its clustered keys "
-                "(%s of KV instead of %s).\n",
-                ctx.c_str(), 100 * b8->read_fraction, FormatBytes(b8->bytes_read).c_str(),
-                FormatBytes(b8->bytes_dense).c_str());
-    std::printf("  %lld concentrated heads: captured %.1f%% of the true attention mass (best possible with as many "
-                "keys: %.1f%%); output error %.2f%% mean, %.2f%% worst.\n",
-                static_cast<long long>(report.heads_concentrated), 100 * b8->concentrated.recall_mean,
-                100 * b8->concentrated.oracle_mean, 100 * b8->concentrated.error_mean,
-                100 * b8->concentrated.error_max);
-    std::printf("  %lld spread heads: captured %.1f%% (best possible: %.1f%%). Attention spread thinly over the whole\n"
-                "  context cannot be captured by 1/8 of it (their output error, %.0f%% mean, is relative to a dense\n"
-                "  output close to zero). Such contexts need a larger budget or a calibrated threshold: see the table.\n",
-                static_cast<long long>(report.heads_spread), 100 * b8->spread.recall_mean,
-                100 * b8->spread.oracle_mean, 100 * b8->spread.error_mean);
+    std::printf(
+        "\nSummary for %s at budget 1/8 (flat): each KV head read %.1f%% of its clustered keys "
+        "(%s of KV instead of %s).\n",
+        ctx.c_str(), 100 * b8->read_fraction, FormatBytes(b8->bytes_read).c_str(),
+        FormatBytes(b8->bytes_dense).c_str());
+    std::printf(
+        "  %lld concentrated heads: captured %.1f%% of the true attention mass (best possible with as many "
+        "keys: %.1f%%); output error %.2f%% mean, %.2f%% worst.\n",
+        static_cast<long long>(report.heads_concentrated), 100 * b8->concentrated.recall_mean,
+        100 * b8->concentrated.oracle_mean, 100 * b8->concentrated.error_mean, 100 * b8->concentrated.error_max);
+    std::printf(
+        "  %lld spread heads: captured %.1f%% (best possible: %.1f%%). Attention spread thinly over the whole\n"
+        "  context cannot be captured by 1/8 of it (their output error, %.0f%% mean, is relative to a dense\n"
+        "  output close to zero). Such contexts need a larger budget or a calibrated threshold: see the table.\n",
+        static_cast<long long>(report.heads_spread), 100 * b8->spread.recall_mean, 100 * b8->spread.oracle_mean,
+        100 * b8->spread.error_mean);
   }
-  std::printf("Next: sqctl info --db %s --context %s; sqctl query --db %s --context %s --queries %s --out o.safetensors\n",
-              (dir / "db").c_str(), ctx.c_str(), (dir / "db").c_str(), ctx.c_str(),
-              (dir / "corpus" / "queries" / (ctx + ".safetensors")).c_str());
+  std::printf(
+      "Next: sqctl info --db %s --context %s; sqctl query --db %s --context %s --queries %s --out o.safetensors\n",
+      (dir / "db").c_str(), ctx.c_str(), (dir / "db").c_str(), ctx.c_str(),
+      (dir / "corpus" / "queries" / (ctx + ".safetensors")).c_str());
   return 0;
 }
 

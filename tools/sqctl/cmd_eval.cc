@@ -3,10 +3,10 @@
 #include <string>
 #include <vector>
 
+#include "cli.h"
 #include "query/eval.h"
 #include "sqz/db.h"
 #include "sqz/query.h"
-#include "cli.h"
 
 namespace sqz::cli {
 namespace {
@@ -50,8 +50,9 @@ const Registrar kRegistrar(Command{
         {"db", "DIR", "database directory", true},
         {"context", "NAME", "context to evaluate", true},
         {"queries", "FILE", "safetensors with layers.{i}.q [n_q_heads, T, head_dim], any layers", true},
-        {"budgets", "LIST", "comma-separated KV budgets, flat and hierarchical each (default 0.05,0.125,0.25); "
-                            "every calibrated threshold quantile is evaluated too"},
+        {"budgets", "LIST",
+         "comma-separated KV budgets, flat and hierarchical each (default 0.05,0.125,0.25); "
+         "every calibrated threshold quantile is evaluated too"},
         {"shared-selection", "", "one selection shared by a layer's T queries (prefill) instead of one per query"},
         {"json", "", "print the report as JSON"},
     },

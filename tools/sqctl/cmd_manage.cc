@@ -10,11 +10,11 @@
 #include <string>
 #include <vector>
 
+#include "cli.h"
+#include "format.h"
 #include "sqz/build.h"
 #include "sqz/db.h"
 #include "sqz/kv_source.h"
-#include "cli.h"
-#include "format.h"
 
 namespace sqz::cli {
 namespace {
@@ -146,12 +146,13 @@ int RunBuildIndex(const Args& args) {
       j["peak_rss_bytes"] = stats.peak_rss_bytes;
       json_out.push_back(std::move(j));
     } else if (!quiet) {
-      std::printf("built '%s': %d layers x %d KV heads x %lld tokens x %d dims (%s) in %s; %.2f Mkeys/s; "
-                  "KV %s, index %s; peak RSS %s\n",
-                  name.c_str(), sh.n_layers, sh.n_kv_heads, static_cast<long long>(sh.n_tokens), sh.head_dim,
-                  DTypeName(sh.dtype), FormatSeconds(stats.seconds_total).c_str(), keys_rate / 1e6,
-                  FormatBytes(stats.kv_bytes).c_str(), FormatBytes(stats.index_bytes).c_str(),
-                  FormatBytes(stats.peak_rss_bytes).c_str());
+      std::printf(
+          "built '%s': %d layers x %d KV heads x %lld tokens x %d dims (%s) in %s; %.2f Mkeys/s; "
+          "KV %s, index %s; peak RSS %s\n",
+          name.c_str(), sh.n_layers, sh.n_kv_heads, static_cast<long long>(sh.n_tokens), sh.head_dim,
+          DTypeName(sh.dtype), FormatSeconds(stats.seconds_total).c_str(), keys_rate / 1e6,
+          FormatBytes(stats.kv_bytes).c_str(), FormatBytes(stats.index_bytes).c_str(),
+          FormatBytes(stats.peak_rss_bytes).c_str());
     }
   }
   if (json) std::printf("%s\n", JsonDump(json_out).c_str());
@@ -185,9 +186,8 @@ int RunList(const Args& args) {
     ContextInfo info;
     s = db->DescribeContext(n, &info);
     if (!s.ok()) return Fail("list", s);
-    std::printf("%-32s %3d layers %3d/%-3d heads %8lld tokens  %s on disk\n", n.c_str(), info.n_layers,
-                info.n_q_heads, info.n_kv_heads, static_cast<long long>(info.n_tokens),
-                FormatBytes(info.bytes_on_disk).c_str());
+    std::printf("%-32s %3d layers %3d/%-3d heads %8lld tokens  %s on disk\n", n.c_str(), info.n_layers, info.n_q_heads,
+                info.n_kv_heads, static_cast<long long>(info.n_tokens), FormatBytes(info.bytes_on_disk).c_str());
   }
   return 0;
 }
@@ -262,15 +262,26 @@ Registrar build_index({"build-index",
                         {"quiet", "", "no progress display"},
                         {"json", "", "print build statistics as JSON"}},
                        RunBuildIndex});
-Registrar list({"list", "list the contexts of a database", "sqctl list --db DIR [--json]",
-                {kDb, {"json", "", "JSON output"}}, RunList});
-Registrar info({"info", "describe one context (shapes, levels, thresholds, bytes, build time)",
+Registrar list({"list",
+                "list the contexts of a database",
+                "sqctl list --db DIR [--json]",
+                {kDb, {"json", "", "JSON output"}},
+                RunList});
+Registrar info({"info",
+                "describe one context (shapes, levels, thresholds, bytes, build time)",
                 "sqctl info --db DIR --context NAME [--json]",
-                {kDb, {"context", "NAME", "context name", true}, {"json", "", "JSON output"}}, RunInfo});
-Registrar drop({"drop", "delete a context and reclaim its space", "sqctl drop --db DIR --context NAME",
-                {kDb, {"context", "NAME", "context name", true}}, RunDrop});
-Registrar verify({"verify", "check every record of one or all contexts", "sqctl verify --db DIR [--context NAME]",
-                  {kDb, {"context", "NAME", "only this context (default: all)"}}, RunVerify});
+                {kDb, {"context", "NAME", "context name", true}, {"json", "", "JSON output"}},
+                RunInfo});
+Registrar drop({"drop",
+                "delete a context and reclaim its space",
+                "sqctl drop --db DIR --context NAME",
+                {kDb, {"context", "NAME", "context name", true}},
+                RunDrop});
+Registrar verify({"verify",
+                  "check every record of one or all contexts",
+                  "sqctl verify --db DIR [--context NAME]",
+                  {kDb, {"context", "NAME", "only this context (default: all)"}},
+                  RunVerify});
 
 }  // namespace
 }  // namespace sqz::cli

@@ -5,10 +5,10 @@
 #include <string>
 #include <vector>
 
+#include "cli.h"
 #include "query/eval.h"
 #include "sqz/db.h"
 #include "sqz/query.h"
-#include "cli.h"
 #include "util/safetensors.h"
 
 namespace sqz::cli {
@@ -152,8 +152,8 @@ int Run(const Args& args) {
   } else {
     std::printf("context '%s': %zu layer(s), %lld query vectors; selection: %s\n", name.c_str(), layers.size(),
                 static_cast<long long>(queries), mode.c_str());
-    std::printf("keys read:  %.2f%% of the clustered keys (%lld keys, always set not counted)\n",
-                100 * keys_fraction, static_cast<long long>(keys_selected));
+    std::printf("keys read:  %.2f%% of the clustered keys (%lld keys, always set not counted)\n", 100 * keys_fraction,
+                static_cast<long long>(keys_selected));
     std::printf("bytes read: %.3f MiB (%.2f%% of dense, always set included)\n", bytes_read / 1048576.0,
                 100 * bytes_fraction);
     std::printf("time:       score %.3f ms, read %.3f ms, attend %.3f ms (summed over KV heads); wall %.3f ms\n",
@@ -171,8 +171,7 @@ const Registrar kRegistrar(Command{
     {
         {"db", "DIR", "database directory", true},
         {"context", "NAME", "context to query", true},
-        {"queries", "FILE", "safetensors with layers.{i}.q [n_q_heads, T, head_dim] (F32/F16/BF16), any layers",
-         true},
+        {"queries", "FILE", "safetensors with layers.{i}.q [n_q_heads, T, head_dim] (F32/F16/BF16), any layers", true},
         {"out", "FILE", "output safetensors: layers.{i}.o [n_q_heads, T, head_dim] F32, layers.{i}.lse F32", true},
         {"budget", "F", "keep clusters by estimated mass up to this fraction of the clustered keys (default 0.125)"},
         {"threshold-quantile", "F", "keep clusters above the context's threshold calibrated at quantile F"},

@@ -25,11 +25,16 @@ std::string FormatBytes(uint64_t bytes) {
 std::string FormatSeconds(double s) {
   char buf[32];
   if (!std::isfinite(s) || s < 0) return "?";
-  if (s < 1e-3) std::snprintf(buf, sizeof(buf), "%.0f us", s * 1e6);
-  else if (s < 1) std::snprintf(buf, sizeof(buf), "%.1f ms", s * 1e3);
-  else if (s < 120) std::snprintf(buf, sizeof(buf), "%.1f s", s);
-  else if (s < 7200) std::snprintf(buf, sizeof(buf), "%dm%02ds", static_cast<int>(s) / 60, static_cast<int>(s) % 60);
-  else std::snprintf(buf, sizeof(buf), "%dh%02dm", static_cast<int>(s) / 3600, (static_cast<int>(s) / 60) % 60);
+  if (s < 1e-3)
+    std::snprintf(buf, sizeof(buf), "%.0f us", s * 1e6);
+  else if (s < 1)
+    std::snprintf(buf, sizeof(buf), "%.1f ms", s * 1e3);
+  else if (s < 120)
+    std::snprintf(buf, sizeof(buf), "%.1f s", s);
+  else if (s < 7200)
+    std::snprintf(buf, sizeof(buf), "%dm%02ds", static_cast<int>(s) / 60, static_cast<int>(s) % 60);
+  else
+    std::snprintf(buf, sizeof(buf), "%dh%02dm", static_cast<int>(s) / 3600, (static_cast<int>(s) / 60) % 60);
   return buf;
 }
 

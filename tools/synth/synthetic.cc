@@ -154,11 +154,11 @@ class Rng {
 // Model constants (documented in the file comment)
 // ---------------------------------------------------------------------------
 
-constexpr double kTopicScale = 0.7;     // a = kTopicScale * sqrt(d)
-constexpr double kNoiseStd = 0.5;       // sigma, per channel
-constexpr double kSinkScale = 2.5;      // A = kSinkScale * a
-constexpr double kOutlierVar = 0.05;    // relative per-token jitter of outlier offsets
-constexpr int64_t kMinRun = 32;         // topic run lengths, log-uniform in [kMinRun, kMaxRun]
+constexpr double kTopicScale = 0.7;   // a = kTopicScale * sqrt(d)
+constexpr double kNoiseStd = 0.5;     // sigma, per channel
+constexpr double kSinkScale = 2.5;    // A = kSinkScale * a
+constexpr double kOutlierVar = 0.05;  // relative per-token jitter of outlier offsets
+constexpr int64_t kMinRun = 32;       // topic run lengths, log-uniform in [kMinRun, kMaxRun]
 constexpr int64_t kMaxRun = 512;
 
 void Unit(std::vector<double>* x) {
@@ -393,8 +393,10 @@ void AddTensor(SafetensorsWriter* w, const std::string& name, DType dtype, std::
 
 const char* HeadKindName(HeadKind k) {
   switch (k) {
-    case HeadKind::kConcentrated: return "concentrated";
-    case HeadKind::kSpread: return "spread";
+    case HeadKind::kConcentrated:
+      return "concentrated";
+    case HeadKind::kSpread:
+      return "spread";
   }
   return "?";
 }
@@ -480,8 +482,7 @@ Status WriteContextFiles(const Spec& spec, const std::string& kv_path, const std
       AddTensor(&kv, prefix + "k", spec.dtype, {spec.n_kv_heads, spec.n_tokens, d}, layer.k, &scratch);
       AddTensor(&kv, prefix + "v", spec.dtype, {spec.n_kv_heads, spec.n_tokens, d}, layer.v, &scratch);
       if (spec.q_window > 0) {
-        AddTensor(&kv, prefix + "q_window", spec.dtype, {spec.n_q_heads, spec.q_window, d}, layer.q_window,
-                  &scratch);
+        AddTensor(&kv, prefix + "q_window", spec.dtype, {spec.n_q_heads, spec.q_window, d}, layer.q_window, &scratch);
       }
     }
     if (!queries_path.empty()) {

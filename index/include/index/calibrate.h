@@ -26,10 +26,10 @@ namespace sqz::index {
 struct HeadView {
   int dim = 0;
   int64_t k2 = 0;
-  const float* fine_centroids = nullptr;  // [k2 * dim]
+  const float* fine_centroids = nullptr;   // [k2 * dim]
   const uint32_t* fine_offsets = nullptr;  // [k2 + 1]
   int64_t k1 = 0;
-  const float* coarse_centroids = nullptr;  // [k1 * dim]
+  const float* coarse_centroids = nullptr;         // [k1 * dim]
   const uint32_t* coarse_child_offsets = nullptr;  // [k1 + 1]
 };
 

@@ -66,8 +66,7 @@ inline void ClusterProbabilities(const double* s, const uint32_t* sizes, int64_t
 //   p'_j = exp(s_j - m_S) / sum_{k in S} N_k exp(s_k - m_S),  m_S = max_{k in S} s_k.
 // s and sizes are indexed by cluster id; p is written by position in ids
 // (p[i] belongs to cluster ids[i]).
-inline void SubsetProbabilities(const double* s, const uint32_t* sizes, const uint32_t* ids, int64_t n,
-                                double* p) {
+inline void SubsetProbabilities(const double* s, const uint32_t* sizes, const uint32_t* ids, int64_t n, double* p) {
   if (n <= 0) return;
   double m = -std::numeric_limits<double>::infinity();
   for (int64_t i = 0; i < n; ++i) m = s[ids[i]] > m ? s[ids[i]] : m;

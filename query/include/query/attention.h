@@ -39,8 +39,8 @@ enum class Kernel {
 // Rows are processed in tiles so the score scratch stays bounded. A row whose
 // float32 scores overflow (a huge query norm) is recomputed in double, so
 // any finite input gives a finite result. `scratch` is reused across calls.
-void AttendRows(const float* q, int64_t m, const float* k, const float* v, int64_t n, int d, float scale,
-                float* o, float* lse, Kernel kernel, std::vector<float>* scratch);
+void AttendRows(const float* q, int64_t m, const float* k, const float* v, int64_t n, int d, float scale, float* o,
+                float* lse, Kernel kernel, std::vector<float>* scratch);
 
 // A block of n key rows and n value rows in a stored dtype (e.g. a KV block as
 // read from storage: k and v point into it; may be unaligned).
@@ -62,7 +62,7 @@ struct RowBlock {
 // double fallback handles it). Meant for few query rows (decode): the scores
 // of all m rows over all keys are kept (m * n floats in `scratch`, which is
 // reused across calls).
-bool AttendBlocks(const float* q, int64_t m, const RowBlock* blocks, size_t n_blocks, DType dtype, int d,
-                  float scale, float* o, float* lse, std::vector<float>* scratch);
+bool AttendBlocks(const float* q, int64_t m, const RowBlock* blocks, size_t n_blocks, DType dtype, int d, float scale,
+                  float* o, float* lse, std::vector<float>* scratch);
 
 }  // namespace sqz::query

@@ -56,12 +56,12 @@ struct EvalOptions {
 struct EvalAggregate {
   int64_t samples = 0;
   double recall_mean = 0;
-  double recall_min = 0;   // worst
+  double recall_min = 0;  // worst
   double oracle_mean = 0;
   double oracle_min = 0;
-  double ratio = 0;        // recall_mean / oracle_mean (1 when both are 0)
+  double ratio = 0;  // recall_mean / oracle_mean (1 when both are 0)
   double error_mean = 0;
-  double error_max = 0;    // worst
+  double error_max = 0;      // worst
   double keys_fraction = 0;  // mean fraction of the clustered keys attended
 };
 
@@ -89,7 +89,7 @@ struct EvalHead {
 
 struct EvalReport {
   std::string context;
-  int layers = 0;               // layers evaluated
+  int layers = 0;                  // layers evaluated
   int64_t heads_concentrated = 0;  // (layer, query head) pairs
   int64_t heads_spread = 0;
   std::vector<EvalHead> heads;

@@ -26,13 +26,13 @@ namespace sqz::query {
 struct IndexView {
   int head_dim = 0;
   int64_t n_clustered = 0;
-  int32_t k2 = 0;                                   // fine clusters
-  int32_t k1 = 0;                                   // coarse clusters
-  const float* fine_centroids = nullptr;            // [k2, head_dim]
-  const uint32_t* fine_sizes = nullptr;             // [k2]: N_j > 0
-  const float* coarse_centroids = nullptr;          // [k1, head_dim]
-  const uint32_t* coarse_sizes = nullptr;           // [k1]: M_a > 0
-  const uint32_t* coarse_child_offsets = nullptr;   // [k1 + 1]: CSR over fine ids, 0 .. k2
+  int32_t k2 = 0;                                  // fine clusters
+  int32_t k1 = 0;                                  // coarse clusters
+  const float* fine_centroids = nullptr;           // [k2, head_dim]
+  const uint32_t* fine_sizes = nullptr;            // [k2]: N_j > 0
+  const float* coarse_centroids = nullptr;         // [k1, head_dim]
+  const uint32_t* coarse_sizes = nullptr;          // [k1]: M_a > 0
+  const uint32_t* coarse_child_offsets = nullptr;  // [k1 + 1]: CSR over fine ids, 0 .. k2
 };
 
 // Selection options resolved for one call (thresholds already looked up).
@@ -97,7 +97,6 @@ void SelectBudget(const double* p, const uint32_t* ids, const uint32_t* sizes, i
 //     the keys read per KV head follow the budget whatever G is.
 //   budget + kPerHead, threshold: each head selects alone; kUnion (threshold
 //     only) attends the union of the group's sets, kPerHead its own.
-void SelectHead(const IndexView& idx, const float* q, int G, int T, const SelectionParams& params,
-                  HeadSelection* out);
+void SelectHead(const IndexView& idx, const float* q, int G, int T, const SelectionParams& params, HeadSelection* out);
 
 }  // namespace sqz::query

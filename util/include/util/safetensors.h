@@ -21,11 +21,11 @@ namespace sqz {
 
 struct SafetensorsEntry {
   std::string name;
-  std::string dtype_name;    // as written in the header, e.g. "F16", "I32"
+  std::string dtype_name;  // as written in the header, e.g. "F16", "I32"
   bool dtype_supported = false;
   DType dtype = DType::kF32;  // valid when dtype_supported
   std::vector<int64_t> shape;
-  uint64_t offset = 0;       // absolute byte offset in the file
+  uint64_t offset = 0;  // absolute byte offset in the file
   uint64_t nbytes = 0;
 };
 

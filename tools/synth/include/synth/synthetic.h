@@ -25,13 +25,13 @@ namespace sqz::synth {
 struct Spec {
   int n_layers = 4;
   int n_kv_heads = 4;
-  int n_q_heads = 8;          // multiple of n_kv_heads
+  int n_q_heads = 8;  // multiple of n_kv_heads
   int64_t n_tokens = 8192;
   int head_dim = 128;
-  DType dtype = DType::kF16;  // dtype written to the files
-  int q_window = 100;         // window queries per head (0: no q_window tensors)
-  int n_queries = 16;         // queries per head in the queries file
-  int n_topics = 64;          // topic directions per KV head
+  DType dtype = DType::kF16;           // dtype written to the files
+  int q_window = 100;                  // window queries per head (0: no q_window tensors)
+  int n_queries = 16;                  // queries per head in the queries file
+  int n_topics = 64;                   // topic directions per KV head
   double concentrated_fraction = 0.5;  // share of query heads that are concentrated
   uint64_t seed = 7;
 };
