@@ -104,6 +104,22 @@ std::string Range::ToString() const {
   return s;
 }
 
+namespace {
+// The sign and magnitude of an integer option, or the usage error naming it.
+Status ParseIntArg(const std::string& name, const std::string& text, const std::string& allowed, bool* negative,
+                   uint64_t* magnitude) {
+  switch (ParseIntText(text, negative, magnitude)) {
+    case IntText::kMalformed:
+      return Malformed(name, "an integer", allowed, text);
+    case IntText::kTooLarge:
+      return OutOfRange(name, text, allowed);
+    case IntText::kOk:
+      break;
+  }
+  return Status::OK();
+}
+}  // namespace
+
 Status Args::GetInt(const std::string& name, int64_t def, int64_t min, int64_t max, int64_t* out) const {
   auto it = values_.find(name);
   if (it == values_.end()) {
@@ -114,14 +130,7 @@ Status Args::GetInt(const std::string& name, int64_t def, int64_t min, int64_t m
   const std::string allowed = IntRange(min, max);
   bool negative;
   uint64_t magnitude;
-  switch (ParseIntText(text, &negative, &magnitude)) {
-    case IntText::kMalformed:
-      return Malformed(name, "an integer", allowed, text);
-    case IntText::kTooLarge:
-      return OutOfRange(name, text, allowed);
-    case IntText::kOk:
-      break;
-  }
+  SQZ_RETURN_IF_ERROR(ParseIntArg(name, text, allowed, &negative, &magnitude));
   constexpr uint64_t kMaxPositive = static_cast<uint64_t>(std::numeric_limits<int64_t>::max());
   if (magnitude > kMaxPositive + (negative ? 1 : 0)) return OutOfRange(name, text, allowed);
   const int64_t v = !negative                  ? static_cast<int64_t>(magnitude)
@@ -149,14 +158,7 @@ Status Args::GetUint64(const std::string& name, uint64_t def, uint64_t min, uint
   const std::string allowed = IntRange(min, max);
   bool negative;
   uint64_t v;
-  switch (ParseIntText(text, &negative, &v)) {
-    case IntText::kMalformed:
-      return Malformed(name, "an integer", allowed, text);
-    case IntText::kTooLarge:
-      return OutOfRange(name, text, allowed);
-    case IntText::kOk:
-      break;
-  }
+  SQZ_RETURN_IF_ERROR(ParseIntArg(name, text, allowed, &negative, &v));
   if ((negative && v != 0) || v < min || v > max) return OutOfRange(name, text, allowed);
   *out = v;
   return Status::OK();
