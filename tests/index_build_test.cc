@@ -17,6 +17,7 @@
 #include "sqz/build.h"
 #include "sqz/db.h"
 #include "tests/index_test_util.h"
+#include "tests/kmeans_test_backend.h"
 #include "tests/test_util.h"
 
 namespace sqz {
@@ -222,6 +223,67 @@ TEST(IndexBuildTest, DeterministicForASeed) {
       EXPECT_EQ(xa, xb) << "layer " << l << " head " << h;
     }
   }
+}
+
+TEST(IndexBuildTest, KMeansBackendGetsWholeLayers) {
+  // BuildOptions::kmeans: every KV head of a layer in one Run call per
+  // level, and the same context as with the default (FAISS) backend.
+  ScopedTempDir dir("sqz-build");
+  KvSpec spec;
+  spec.n_layers = 3;
+  spec.n_kv_heads = 3;
+  spec.n_q_heads = 6;
+  spec.n_tokens = 1500;
+  spec.q_window = 8;
+  KvData data(spec);
+  auto db = OpenDb(dir.Sub("db"));
+  BuildOptions o = SmallOptions();
+  {
+    auto src = data.Source();
+    ASSERT_TRUE(BuildContext(db.get(), "default", src.get(), o).ok());
+  }
+  index_test::RecordingKMeansBackend rec;
+  o.kmeans = &rec;
+  std::vector<BuildProgress> progress;
+  o.on_progress = [&](const BuildProgress& p) { progress.push_back(p); };
+  {
+    auto src = data.Source();
+    Status s = BuildContext(db.get(), "custom", src.get(), o);
+    ASSERT_TRUE(s.ok()) << s.ToString();
+  }
+  ASSERT_EQ(rec.calls.size(), static_cast<size_t>(2 * spec.n_layers));
+  for (size_t i = 0; i < rec.calls.size(); ++i) {
+    ASSERT_EQ(rec.calls[i].problems.size(), static_cast<size_t>(spec.n_kv_heads)) << "call " << i;
+    EXPECT_EQ(rec.calls[i].params.iters, o.kmeans_iters);
+    for (const auto& p : rec.calls[i].problems) EXPECT_EQ(p.weighted, i % 2 == 1) << "fine, then coarse";
+  }
+  ASSERT_EQ(progress.size(), static_cast<size_t>(spec.n_layers * spec.n_kv_heads));
+  for (size_t i = 0; i < progress.size(); ++i) {
+    EXPECT_EQ(progress[i].heads_done, static_cast<int64_t>(i + 1));
+    EXPECT_EQ(progress[i].layer, static_cast<int>(i) / spec.n_kv_heads);
+    EXPECT_EQ(progress[i].head, static_cast<int>(i) % spec.n_kv_heads);
+  }
+  ContextInfo a, b;
+  ASSERT_TRUE(db->DescribeContext("default", &a).ok());
+  ASSERT_TRUE(db->DescribeContext("custom", &b).ok());
+  EXPECT_EQ(a.fine_clusters, b.fine_clusters);
+  EXPECT_EQ(a.coarse_clusters, b.coarse_clusters);
+  ASSERT_EQ(a.thresholds.size(), b.thresholds.size());
+  for (size_t i = 0; i < a.thresholds.size(); ++i) {
+    EXPECT_EQ(a.thresholds[i].flat, b.thresholds[i].flat);
+    EXPECT_EQ(a.thresholds[i].coarse, b.thresholds[i].coarse);
+    EXPECT_EQ(a.thresholds[i].fine, b.thresholds[i].fine);
+  }
+  storage::DBImpl* impl = storage::Impl(db.get());
+  for (int l = 0; l < spec.n_layers; ++l) {
+    for (int h = 0; h < spec.n_kv_heads; ++h) {
+      std::string xa, xb;
+      ASSERT_TRUE(impl->GetHeadIndex(a.id, l, h, &xa).ok());
+      ASSERT_TRUE(impl->GetHeadIndex(b.id, l, h, &xb).ok());
+      EXPECT_EQ(xa, xb) << "layer " << l << " head " << h;
+    }
+  }
+  index_test::ExpectRoundTrip(db.get(), "custom", data, o.window, o.n_sinks);
 }
 
 TEST(IndexBuildTest, ThresholdsMatchCalibratorOnStoredIndex) {
@@ -538,6 +600,30 @@ TEST_F(IndexBuildFailureTest, BadOptions) {
   o.page_rows = storage::kMaxPageRows + 1;
   expect_bad(o, "page_rows");
   ExpectUnchanged();
+}
+
+TEST_F(IndexBuildFailureTest, KMeansBackendFails) {
+  // A backend error (here in layer 1's coarse batch) or a bad result fails
+  // the build, naming the layer, and leaves the database as it was.
+  auto data = BadData();
+  for (int mode = 0; mode < 2; ++mode) {
+    SCOPED_TRACE(mode == 0 ? "backend error" : "invalid label");
+    index_test::RecordingKMeansBackend rec;
+    rec.after = [mode](size_t call, KMeansResult* results, size_t n) {
+      if (call != 3) return Status::OK();
+      if (mode == 0) return Status::Aborted("device lost");
+      results[n - 1].labels[0] = -7;
+      return Status::OK();
+    };
+    BuildOptions o = SmallOptions();
+    o.kmeans = &rec;
+    auto src = data.Source();
+    Status s = BuildContext(db_.get(), "new", src.get(), o);
+    EXPECT_TRUE(s.IsAborted()) << s.ToString();
+    ExpectMentions(s, {"layer 1", mode == 0 ? "device lost" : "head 1"});
+    EXPECT_EQ(rec.calls.size(), 4u);
+    ExpectUnchanged();
+  }
 }
 
 TEST_F(IndexBuildFailureTest, ExistingNameWithoutReplace) {

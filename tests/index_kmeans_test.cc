@@ -1,21 +1,27 @@
 // Two-level k-means of one head (index/kmeans.h): structural invariants,
-// centroid definitions, determinism, edge cases; and the shared probability
-// helpers (index/probability.h).
+// centroid definitions, determinism, edge cases; batching through a k-means
+// backend (sqz/kmeans.h) and the checks on what a backend returns; the FAISS
+// backend itself; and the shared probability helpers (index/probability.h).
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <functional>
 #include <limits>
 #include <numeric>
+#include <string>
 #include <vector>
 
 #include "index/kmeans.h"
 #include "index/probability.h"
+#include "sqz/kmeans.h"
 #include "tests/index_test_util.h"
+#include "tests/kmeans_test_backend.h"
 
 namespace sqz::index {
 namespace {
 
 using index_test::Gauss;
+using index_test::RecordingKMeansBackend;
 
 std::vector<float> TopicKeys(int64_t n, int d, uint64_t seed, int topics = 12) {
   std::vector<float> x(static_cast<size_t>(n) * d);
@@ -197,6 +203,295 @@ TEST(IndexKMeansTest, EdgeCases) {
   // Bad options.
   o.iters = 0;
   EXPECT_TRUE(ClusterHead(one.data(), 1, d, o, &c).IsInvalidArgument());
+}
+
+// Bitwise equality of two clusterings, objectives included.
+void ExpectSameClustering(const HeadClustering& a, const HeadClustering& b) {
+  EXPECT_EQ(a.dim, b.dim);
+  EXPECT_EQ(a.n, b.n);
+  EXPECT_EQ(a.fine_offsets, b.fine_offsets);
+  EXPECT_EQ(a.permutation, b.permutation);
+  EXPECT_EQ(a.coarse_child_offsets, b.coarse_child_offsets);
+  EXPECT_EQ(a.fine_centroids, b.fine_centroids);
+  EXPECT_EQ(a.coarse_centroids, b.coarse_centroids);
+  EXPECT_EQ(a.fine_objective, b.fine_objective);
+  EXPECT_EQ(a.coarse_objective, b.coarse_objective);
+}
+
+struct ThreeHeads {
+  std::vector<std::vector<float>> keys;
+  std::vector<HeadKeys> heads;
+};
+
+// Three heads of different sizes and dimensions.
+ThreeHeads MakeThreeHeads() {
+  ThreeHeads t;
+  const int64_t ns[3] = {2000, 1500, 2600};
+  const int ds[3] = {32, 16, 32};
+  for (int h = 0; h < 3; ++h) t.keys.push_back(TopicKeys(ns[h], ds[h], 40 + h));
+  for (int h = 0; h < 3; ++h) t.heads.push_back({t.keys[h].data(), ns[h], ds[h]});
+  return t;
+}
+
+KMeansOptions SmallKMeansOptions() {
+  KMeansOptions o;
+  o.fine_ratio = 0.05;
+  o.coarse_ratio = 0.01;
+  o.iters = 6;
+  o.seed = 7;
+  return o;
+}
+
+TEST(IndexKMeansBatchTest, ClusterHeadsEqualsClusterHeadPerHead) {
+  ThreeHeads t = MakeThreeHeads();
+  const KMeansOptions o = SmallKMeansOptions();
+  std::vector<HeadClustering> batch(3);
+  Status s = ClusterHeads(nullptr, t.heads.data(), 3, o, batch.data());
+  ASSERT_TRUE(s.ok()) << s.ToString();
+  for (int h = 0; h < 3; ++h) {
+    SCOPED_TRACE("head " + std::to_string(h));
+    HeadClustering one;
+    ASSERT_TRUE(ClusterHead(t.heads[h].keys, t.heads[h].n, t.heads[h].d, o, &one).ok());
+    CheckClustering(batch[h], t.keys[h], t.heads[h].n, t.heads[h].d);
+    ExpectSameClustering(batch[h], one);
+  }
+  // The FAISS backend made explicitly is the default one.
+  auto faiss = MakeFaissKMeansBackend();
+  EXPECT_STREQ(faiss->name(), "faiss-cpu");
+  std::vector<HeadClustering> again(3);
+  ASSERT_TRUE(ClusterHeads(faiss.get(), t.heads.data(), 3, o, again.data()).ok());
+  for (int h = 0; h < 3; ++h) ExpectSameClustering(again[h], batch[h]);
+}
+
+TEST(IndexKMeansBatchTest, TwoRunCallsForAllHeads) {
+  ThreeHeads t = MakeThreeHeads();
+  const KMeansOptions o = SmallKMeansOptions();
+  RecordingKMeansBackend rec;
+  std::vector<HeadClustering> got(3), want(3);
+  ASSERT_TRUE(ClusterHeads(&rec, t.heads.data(), 3, o, got.data()).ok());
+  ASSERT_TRUE(ClusterHeads(nullptr, t.heads.data(), 3, o, want.data()).ok());
+  for (int h = 0; h < 3; ++h) ExpectSameClustering(got[h], want[h]);
+
+  ASSERT_EQ(rec.calls.size(), 2u) << "one Run call per level, every head in it";
+  const auto& fine = rec.calls[0];
+  const auto& coarse = rec.calls[1];
+  ASSERT_EQ(fine.problems.size(), 3u);
+  ASSERT_EQ(coarse.problems.size(), 3u);
+  for (int h = 0; h < 3; ++h) {
+    SCOPED_TRACE("head " + std::to_string(h));
+    EXPECT_EQ(fine.params.iters, o.iters);
+    EXPECT_TRUE(fine.params.spherical);
+    EXPECT_EQ(fine.problems[h].n, t.heads[h].n);
+    EXPECT_EQ(fine.problems[h].d, t.heads[h].d);
+    EXPECT_EQ(fine.problems[h].k, ClusterCount(o.fine_ratio, t.heads[h].n, t.heads[h].n));
+    EXPECT_FALSE(fine.problems[h].weighted);
+    EXPECT_EQ(fine.problems[h].seed, o.seed);
+    // Coarse: the surviving fine clusters, weighted by size, another seed.
+    EXPECT_EQ(coarse.params.iters, o.iters);
+    EXPECT_TRUE(coarse.params.spherical);
+    EXPECT_EQ(coarse.problems[h].n, got[h].n_fine());
+    EXPECT_EQ(coarse.problems[h].d, t.heads[h].d);
+    EXPECT_EQ(coarse.problems[h].k, ClusterCount(o.coarse_ratio, t.heads[h].n, got[h].n_fine()));
+    EXPECT_TRUE(coarse.problems[h].weighted);
+    EXPECT_NE(coarse.problems[h].seed, o.seed);
+    EXPECT_EQ(got[h].fine_objective.size(), static_cast<size_t>(o.iters));
+    EXPECT_EQ(got[h].coarse_objective.size(), static_cast<size_t>(o.iters));
+  }
+}
+
+TEST(IndexKMeansBatchTest, EmptyHeadsSkipTheBackend) {
+  ThreeHeads t = MakeThreeHeads();
+  const KMeansOptions o = SmallKMeansOptions();
+  // An empty head between two others: not sent to the backend, the others
+  // as if clustered alone.
+  std::vector<HeadKeys> heads = {t.heads[0], HeadKeys{nullptr, 0, 32}, t.heads[2]};
+  RecordingKMeansBackend rec;
+  std::vector<HeadClustering> got(3);
+  ASSERT_TRUE(ClusterHeads(&rec, heads.data(), 3, o, got.data()).ok());
+  ASSERT_EQ(rec.calls.size(), 2u);
+  EXPECT_EQ(rec.calls[0].problems.size(), 2u);
+  EXPECT_EQ(rec.calls[1].problems.size(), 2u);
+  CheckClustering(got[1], {}, 0, 32);
+  EXPECT_EQ(got[1].fine_offsets, std::vector<uint32_t>{0});
+  EXPECT_EQ(got[1].coarse_child_offsets, std::vector<uint32_t>{0});
+  EXPECT_TRUE(got[1].fine_objective.empty());
+  for (int h : {0, 2}) {
+    HeadClustering one;
+    ASSERT_TRUE(ClusterHead(heads[h].keys, heads[h].n, heads[h].d, o, &one).ok());
+    ExpectSameClustering(got[h], one);
+  }
+  // Only empty heads (or none): no Run call at all.
+  RecordingKMeansBackend idle;
+  std::vector<HeadKeys> empty = {HeadKeys{nullptr, 0, 8}, HeadKeys{nullptr, 0, 8}};
+  ASSERT_TRUE(ClusterHeads(&idle, empty.data(), 2, o, got.data()).ok());
+  ASSERT_TRUE(ClusterHeads(&idle, nullptr, 0, o, nullptr).ok());
+  EXPECT_TRUE(idle.calls.empty());
+}
+
+TEST(IndexKMeansBatchTest, BadBackendResultsAreAborted) {
+  ThreeHeads t = MakeThreeHeads();
+  const KMeansOptions o = SmallKMeansOptions();
+  std::vector<HeadClustering> out(3);
+  struct Case {
+    const char* what;
+    size_t call;  // 0: fine, 1: coarse
+    std::function<void(KMeansResult*)> tamper;
+  };
+  const std::vector<Case> cases = {
+      {"fine label = k", 0, [](KMeansResult* r) { r->labels[5] = static_cast<int64_t>(r->centroids.size() / 32); }},
+      {"fine label < 0", 0, [](KMeansResult* r) { r->labels.back() = -1; }},
+      {"coarse label = k", 1,
+       [](KMeansResult* r) { r->labels[0] = static_cast<int64_t>(r->centroids.size() / 32); }},
+      {"fine labels missing", 0, [](KMeansResult* r) { r->labels.pop_back(); }},
+      {"coarse centroids missing", 1, [](KMeansResult* r) { r->centroids.clear(); }},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.what);
+    RecordingKMeansBackend rec;
+    rec.after = [&](size_t call, KMeansResult* results, size_t n) {
+      if (call == c.call) c.tamper(&results[2]);  // head 2 (d = 32)
+      return Status::OK();
+    };
+    Status s = ClusterHeads(&rec, t.heads.data(), 3, o, out.data());
+    EXPECT_TRUE(s.IsAborted()) << s.ToString();
+    EXPECT_NE(s.message().find("head 2"), std::string::npos) << s.ToString();
+    EXPECT_NE(s.message().find("recording"), std::string::npos) << s.ToString();
+  }
+  // A backend's own error is passed on; an exception becomes Aborted.
+  RecordingKMeansBackend failing;
+  failing.after = [](size_t, KMeansResult*, size_t) { return Status::Aborted("device lost"); };
+  Status s = ClusterHeads(&failing, t.heads.data(), 3, o, out.data());
+  EXPECT_TRUE(s.IsAborted()) << s.ToString();
+  EXPECT_NE(s.message().find("device lost"), std::string::npos) << s.ToString();
+  EXPECT_EQ(failing.calls.size(), 1u);
+  RecordingKMeansBackend throwing;
+  throwing.throw_on_run = true;
+  s = ClusterHeads(&throwing, t.heads.data(), 3, o, out.data());
+  EXPECT_TRUE(s.IsAborted()) << s.ToString();
+  EXPECT_NE(s.message().find("test backend throws"), std::string::npos) << s.ToString();
+}
+
+TEST(IndexKMeansBatchTest, BadShapesAreInvalidArgument) {
+  const KMeansOptions o = SmallKMeansOptions();
+  std::vector<float> keys(64 * 8, 1.0f);
+  std::vector<HeadClustering> out(2);
+  RecordingKMeansBackend rec;
+  std::vector<HeadKeys> heads = {{keys.data(), 64, 8}, {keys.data(), 64, 0}};
+  Status s = ClusterHeads(&rec, heads.data(), 2, o, out.data());
+  EXPECT_TRUE(s.IsInvalidArgument()) << s.ToString();
+  EXPECT_NE(s.message().find("head 1"), std::string::npos) << s.ToString();
+  heads[1] = {nullptr, 64, 8};
+  EXPECT_TRUE(ClusterHeads(&rec, heads.data(), 2, o, out.data()).IsInvalidArgument());
+  heads[1] = {keys.data(), -1, 8};
+  EXPECT_TRUE(ClusterHeads(&rec, heads.data(), 2, o, out.data()).IsInvalidArgument());
+  heads[1] = {keys.data(), int64_t{1} << 32, 8};  // never read: rejected first
+  EXPECT_TRUE(ClusterHeads(&rec, heads.data(), 2, o, out.data()).IsInvalidArgument());
+  EXPECT_TRUE(ClusterHead(keys.data(), int64_t{1} << 32, 8, o, &out[0]).IsInvalidArgument());
+  EXPECT_TRUE(ClusterHeads(&rec, nullptr, 2, o, out.data()).IsInvalidArgument());
+  EXPECT_TRUE(rec.calls.empty()) << "shapes are checked before the backend runs";
+}
+
+// Problems for the FAISS backend directly: normalised topic keys.
+std::vector<float> NormalisedTopicKeys(int64_t n, int d, uint64_t seed) {
+  auto x = TopicKeys(n, d, seed);
+  for (int64_t i = 0; i < n; ++i) {
+    double ss = 0;
+    for (int c = 0; c < d; ++c) ss += static_cast<double>(x[i * d + c]) * x[i * d + c];
+    for (int c = 0; c < d; ++c) x[i * d + c] = static_cast<float>(x[i * d + c] / std::sqrt(ss));
+  }
+  return x;
+}
+
+TEST(IndexKMeansFaissBackendTest, ObjectiveImprovesInFaissDirection) {
+  const int d = 24;
+  const int64_t n = 3000, k = 60;
+  auto x = NormalisedTopicKeys(n, d, 21);
+  auto backend = MakeFaissKMeansBackend();
+  KMeansParams params;
+  params.iters = 12;
+  // Spherical: the objective is the sum of inner products with the assigned
+  // centroid, which FAISS maximises (IP is a similarity metric).
+  KMeansProblem p{x.data(), n, d, k, nullptr, 5};
+  KMeansResult r;
+  ASSERT_TRUE(backend->Run(&p, 1, params, &r).ok());
+  ASSERT_EQ(r.objective.size(), static_cast<size_t>(params.iters));
+  for (double v : r.objective) ASSERT_TRUE(std::isfinite(v));
+  EXPECT_GT(r.objective.back(), r.objective.front());
+  EXPECT_LE(r.objective.back(), static_cast<double>(n) * 1.0001) << "at most one per unit point";
+  for (size_t i = 1; i < r.objective.size(); ++i) {
+    EXPECT_GE(r.objective[i], r.objective[i - 1] - 1e-3 * std::fabs(r.objective[i - 1])) << "iteration " << i;
+  }
+  // Labels are the nearest final centroids by inner product; centroids unit.
+  ASSERT_EQ(r.centroids.size(), static_cast<size_t>(k * d));
+  ASSERT_EQ(r.labels.size(), static_cast<size_t>(n));
+  for (int64_t j = 0; j < k; ++j) {
+    double ss = 0;
+    for (int c = 0; c < d; ++c) ss += static_cast<double>(r.centroids[j * d + c]) * r.centroids[j * d + c];
+    EXPECT_NEAR(ss, 1.0, 1e-4);
+  }
+  for (int64_t i = 0; i < n; i += 37) {
+    auto ip = [&](int64_t j) {
+      double s = 0;
+      for (int c = 0; c < d; ++c) s += static_cast<double>(x[i * d + c]) * r.centroids[j * d + c];
+      return s;
+    };
+    const double best = ip(r.labels[i]);
+    for (int64_t j = 0; j < k; ++j) ASSERT_LE(ip(j), best + 1e-5) << "point " << i;
+  }
+  // L2 (not spherical): the sum of squared distances, minimised.
+  params.spherical = false;
+  ASSERT_TRUE(backend->Run(&p, 1, params, &r).ok());
+  ASSERT_EQ(r.objective.size(), static_cast<size_t>(params.iters));
+  for (double v : r.objective) ASSERT_TRUE(std::isfinite(v));
+  EXPECT_LT(r.objective.back(), r.objective.front());
+}
+
+TEST(IndexKMeansFaissBackendTest, BatchEqualsSingleProblems) {
+  const int d = 16;
+  auto a = NormalisedTopicKeys(900, d, 1);
+  auto b = NormalisedTopicKeys(400, d, 2);
+  std::vector<float> w(400);
+  for (size_t i = 0; i < w.size(); ++i) w[i] = 1.0f + static_cast<float>(i % 7);
+  const KMeansProblem ps[2] = {{a.data(), 900, d, 30, nullptr, 3}, {b.data(), 400, d, 400, w.data(), 4}};
+  auto backend = MakeFaissKMeansBackend();
+  KMeansParams params;
+  KMeansResult batch[2], one;
+  ASSERT_TRUE(backend->Run(ps, 2, params, batch).ok());
+  for (int i = 0; i < 2; ++i) {
+    ASSERT_TRUE(backend->Run(&ps[i], 1, params, &one).ok());
+    EXPECT_EQ(batch[i].centroids, one.centroids);
+    EXPECT_EQ(batch[i].labels, one.labels);
+    EXPECT_EQ(batch[i].objective, one.objective);
+  }
+  // k == n: FAISS copies the points and reports one objective entry.
+  EXPECT_EQ(batch[1].objective.size(), 1u);
+  EXPECT_EQ(batch[1].centroids, b);
+  ASSERT_TRUE(backend->Run(ps, 0, params, nullptr).ok());
+}
+
+TEST(IndexKMeansFaissBackendTest, BadShapesAreInvalidArgument) {
+  const int d = 8;
+  auto x = NormalisedTopicKeys(50, d, 9);
+  auto backend = MakeFaissKMeansBackend();
+  KMeansParams params;
+  KMeansResult r[2];
+  auto run = [&](KMeansProblem p) {
+    const KMeansProblem ok{x.data(), 50, d, 5, nullptr, 1};
+    const KMeansProblem ps[2] = {ok, p};
+    return backend->Run(ps, 2, params, r);
+  };
+  Status s = run({x.data(), 50, d, 51, nullptr, 1});  // k > n
+  EXPECT_TRUE(s.IsInvalidArgument()) << s.ToString();
+  EXPECT_NE(s.message().find("problem 1"), std::string::npos) << s.ToString();
+  EXPECT_TRUE(run({x.data(), 50, d, 0, nullptr, 1}).IsInvalidArgument());   // k < 1
+  EXPECT_TRUE(run({x.data(), 0, d, 0, nullptr, 1}).IsInvalidArgument());    // n < 1
+  EXPECT_TRUE(run({x.data(), 50, 0, 5, nullptr, 1}).IsInvalidArgument());   // d < 1
+  EXPECT_TRUE(run({nullptr, 50, d, 5, nullptr, 1}).IsInvalidArgument());    // no points
+  EXPECT_TRUE(run({x.data(), int64_t{1} << 31, d, 5, nullptr, 1}).IsInvalidArgument());  // beyond FAISS's int
+  params.iters = 0;
+  EXPECT_TRUE(run({x.data(), 50, d, 5, nullptr, 1}).IsInvalidArgument());
+  params.iters = 1;
+  EXPECT_TRUE(run({x.data(), 50, d, 5, nullptr, 1}).ok());
 }
 
 TEST(IndexProbabilityTest, FlatAndSubset) {
