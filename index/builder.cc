@@ -1,11 +1,11 @@
 // BuildContext: KV source -> clustered, permuted KV pages + per-head index
 // records + calibrated thresholds -> one atomically committed context.
 //
-// Memory: the source is streamed layer by layer, so the peak is about one
-// layer of K and V (source dtype) plus the layer's clustered keys in float32
-// (all KV heads: they are clustered in one batched k-means call, which also
-// holds a normalised copy) and the writer's batch (storage flushes it every
-// 32 MiB). Calibration keeps only
+// Memory: the source is streamed layer by layer, so the peak is about two
+// layers of K and V in the source dtype (the one being clustered and, with
+// read_ahead, the next one being read), one k-means batch of keys in float32
+// and its normalised copy (BuildOptions::kmeans_batch_bytes each), and the
+// writer's batch (storage flushes it every 32 MiB). Calibration keeps only
 // weighted samples (one per cluster) between layers; its second pass reads
 // the head indexes back from the (uncommitted) records instead of holding
 // every head's centroids in memory.
@@ -35,6 +35,12 @@ namespace sqz {
 namespace {
 
 using Clock = std::chrono::steady_clock;
+
+// Frees a buffer's memory (`buf = {}` would keep its capacity).
+template <typename T>
+void Release(T* buf) {
+  T().swap(*buf);
+}
 
 double SecondsSince(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
@@ -101,7 +107,7 @@ class Builder {
   };
   Status ReadInput(int layer, LayerInput* in);
   Status BuildLayer(int layer);
-  Status ClusterLayer(int layer, std::vector<index::HeadClustering>* clusterings);
+  Status ClusterHeads(int layer, int first, int count, std::vector<index::HeadClustering>* clusterings);
   Status BuildHead(int layer, int head, index::HeadClustering& c);
   Status WritePages(int layer, int head, const index::HeadClustering& c, std::vector<uint32_t>* crcs);
   Status CalibrateSecondPass();
@@ -124,7 +130,7 @@ class Builder {
   // Current layer (the streaming unit).
   std::vector<uint8_t> k_, v_;
   std::vector<float> q_;
-  std::vector<float> keys_;  // all heads' clustered keys, float32 [n_kv_heads, n_clustered, d]
+  std::vector<float> keys_;  // one k-means batch of heads' clustered keys, float32 [heads, n_clustered, d]
   std::string page_;         // gather buffer of one KV page
 
   std::vector<int32_t> fine_clusters_, coarse_clusters_;
@@ -148,13 +154,14 @@ Status Builder::Run(BuildStats* stats) {
   LayerInput cur, next;
   SQZ_RETURN_IF_ERROR(ReadInput(0, &cur));
   for (int layer = 0; layer < shape_.n_layers; ++layer) {
-    std::swap(k_, cur.k);
-    std::swap(v_, cur.v);
-    std::swap(q_, cur.q);
+    k_ = std::move(cur.k);
+    v_ = std::move(cur.v);
+    q_ = std::move(cur.q);
     st_.seconds_read += cur.seconds;
+    cur = LayerInput();
     Status next_status;
     std::thread reader;
-    if (layer + 1 < shape_.n_layers) {
+    if (layer + 1 < shape_.n_layers && opt_.read_ahead) {
       reader = std::thread([&, layer] {
         try {
           next_status = ReadInput(layer + 1, &next);
@@ -175,15 +182,21 @@ Status Builder::Run(BuildStats* stats) {
     if (reader.joinable()) reader.join();
     if (!s.ok()) return s;
     if (layer + 1 < shape_.n_layers) {
+      if (!opt_.read_ahead) {
+        Release(&k_);  // one layer in memory at a time
+        Release(&v_);
+        next_status = ReadInput(layer + 1, &next);
+      }
       if (!next_status.ok()) return next_status;
-      std::swap(cur, next);
+      cur = std::move(next);
+      next = LayerInput();
     }
   }
   // Release the last layer before calibration and commit.
-  k_ = {};
-  v_ = {};
-  keys_ = {};
-  page_ = {};
+  Release(&k_);
+  Release(&v_);
+  Release(&keys_);
+  Release(&page_);
   if (calibrate_) SQZ_RETURN_IF_ERROR(CalibrateSecondPass());
   SQZ_RETURN_IF_ERROR(Commit());
   st_.seconds_total = SecondsSince(t0_);
@@ -228,32 +241,38 @@ Status Builder::ReadInput(int layer, LayerInput* in) {
   return Status::OK();
 }
 
-// Stages 2 and 3 (this thread): cluster the layer's heads, write their pages
-// and index records.
+// Stages 2 and 3 (this thread): cluster the layer's heads, batch by batch
+// (BuildOptions::kmeans_batch_bytes), and write their pages and index
+// records.
 Status Builder::BuildLayer(int layer) {
+  const int n_heads = shape_.n_kv_heads;
+  const size_t head_bytes = std::max<size_t>(1, static_cast<size_t>(n_clustered_) * shape_.head_dim * sizeof(float));
+  const int batch = static_cast<int>(std::clamp<size_t>(opt_.kmeans_batch_bytes / head_bytes, 1, n_heads));
   std::vector<index::HeadClustering> clusterings;
-  SQZ_RETURN_IF_ERROR(ClusterLayer(layer, &clusterings));
-  for (int head = 0; head < shape_.n_kv_heads; ++head) {
-    SQZ_RETURN_IF_ERROR(BuildHead(layer, head, clusterings[head]));
-    Report(layer, head);
+  for (int first = 0; first < n_heads; first += batch) {
+    const int count = std::min(batch, n_heads - first);
+    SQZ_RETURN_IF_ERROR(ClusterHeads(layer, first, count, &clusterings));
+    for (int i = 0; i < count; ++i) {
+      SQZ_RETURN_IF_ERROR(BuildHead(layer, first + i, clusterings[i]));
+      Report(layer, first + i);
+    }
   }
   return Status::OK();
 }
 
-// All KV heads of the layer in one ClusterHeads call (one backend batch per
-// k-means level).
-Status Builder::ClusterLayer(int layer, std::vector<index::HeadClustering>* clusterings) {
+// KV heads [first, first + count) of the layer in one ClusterHeads call (one
+// backend Run per k-means level).
+Status Builder::ClusterHeads(int layer, int first, int count, std::vector<index::HeadClustering>* clusterings) {
   const int d = shape_.head_dim;
-  const int n_heads = shape_.n_kv_heads;
   auto t = Clock::now();
   const size_t head_numel = static_cast<size_t>(n_clustered_) * d;
-  keys_.resize(head_numel * n_heads);
-  std::vector<index::HeadKeys> heads(static_cast<size_t>(n_heads));
-  for (int head = 0; head < n_heads; ++head) {
-    const size_t head_off = static_cast<size_t>(head) * shape_.n_tokens * row_bytes_;
-    float* dst = keys_.data() + head * head_numel;
+  keys_.resize(head_numel * count);
+  std::vector<index::HeadKeys> heads(static_cast<size_t>(count));
+  for (int i = 0; i < count; ++i) {
+    const size_t head_off = static_cast<size_t>(first + i) * shape_.n_tokens * row_bytes_;
+    float* dst = keys_.data() + i * head_numel;
     ConvertToFloat(k_.data() + head_off + n_sinks_ * row_bytes_, shape_.dtype, head_numel, dst);
-    heads[head] = {dst, n_clustered_, d};
+    heads[i] = {dst, n_clustered_, d};
   }
   st_.seconds_read += SecondsSince(t);
 
@@ -263,9 +282,13 @@ Status Builder::ClusterLayer(int layer, std::vector<index::HeadClustering>* clus
   ko.coarse_ratio = opt_.coarse_ratio;
   ko.iters = opt_.kmeans_iters;
   ko.seed = opt_.seed;
-  clusterings->resize(static_cast<size_t>(n_heads));
-  SQZ_RETURN_IF_ERROR(index::ClusterHeads(opt_.kmeans, heads.data(), heads.size(), ko, clusterings->data())
-                          .WithPrefix("layer " + std::to_string(layer)));
+  clusterings->assign(static_cast<size_t>(count), index::HeadClustering());
+  std::string where = "layer " + std::to_string(layer);
+  if (count < shape_.n_kv_heads) {
+    where += " heads " + std::to_string(first) + ".." + std::to_string(first + count - 1);
+  }
+  SQZ_RETURN_IF_ERROR(
+      index::ClusterHeads(opt_.kmeans, heads.data(), heads.size(), ko, clusterings->data()).WithPrefix(where));
   st_.seconds_kmeans += SecondsSince(t);
   return Status::OK();
 }
@@ -379,7 +402,7 @@ Status Builder::CalibrateSecondPass() {
       calib_.AddSecondPass(v, q, g, shape_.q_window_len);
     }
   }
-  q_ = {};
+  Release(&q_);
   st_.seconds_calibrate += SecondsSince(t);
   return Status::OK();
 }

@@ -117,33 +117,6 @@ std::string Num(double x, int prec = 4) {
   return buf;
 }
 
-std::string JsonString(const std::string& s) {
-  std::string out = "\"";
-  for (char c : s) {
-    if (c == '"' || c == '\\') {
-      out += '\\';
-      out += c;
-    } else if (static_cast<unsigned char>(c) < 0x20) {
-      char buf[8];
-      std::snprintf(buf, sizeof(buf), "\\u%04x", static_cast<unsigned char>(c));
-      out += buf;
-    } else {
-      out += c;
-    }
-  }
-  return out + "\"";
-}
-
-std::string AggregateJson(const EvalAggregate& a) {
-  std::ostringstream os;
-  os << "{\"samples\":" << a.samples << ",\"recall_mean\":" << Num(a.recall_mean, 6)
-     << ",\"recall_worst\":" << Num(a.recall_min, 6) << ",\"oracle_mean\":" << Num(a.oracle_mean, 6)
-     << ",\"oracle_worst\":" << Num(a.oracle_min, 6) << ",\"recall_over_oracle\":" << Num(a.ratio, 6)
-     << ",\"error_mean\":" << Num(a.error_mean, 6) << ",\"error_worst\":" << Num(a.error_max, 6)
-     << ",\"keys_fraction\":" << Num(a.keys_fraction, 6) << "}";
-  return os.str();
-}
-
 }  // namespace
 
 Status ReadQueriesFile(const std::string& path, const ContextInfo& info, std::vector<LayerQueries>* out) {
@@ -391,36 +364,6 @@ std::string FormatEvalReport(const EvalReport& report) {
         "err: ||O - O_dense|| / ||O_dense||;\nkeys: clustered keys attended per query head (fraction); "
         "read: clustered keys read per call and KV head (fraction);\nbytes: KV bytes read / dense KV bytes "
         "(always set included). Per-query selection runs one call per query (decode).\n";
-  return os.str();
-}
-
-std::string EvalReportJson(const EvalReport& report) {
-  std::ostringstream os;
-  os << "{\"context\":" << JsonString(report.context) << ",\"layers\":" << report.layers
-     << ",\"heads_concentrated\":" << report.heads_concentrated << ",\"heads_spread\":" << report.heads_spread
-     << ",\"configs\":[";
-  for (size_t i = 0; i < report.results.size(); ++i) {
-    const EvalConfigResult& r = report.results[i];
-    const QueryOptions& o = r.config.options;
-    const char* mode = o.mode == SelectionMode::kDense    ? "dense"
-                       : o.mode == SelectionMode::kBudget ? "budget"
-                                                          : "threshold";
-    os << (i ? "," : "") << "{\"name\":" << JsonString(r.config.name) << ",\"mode\":\"" << mode << "\""
-       << ",\"hierarchical\":" << (o.hierarchical ? "true" : "false") << ",\"budget\":" << Num(o.budget, 6)
-       << ",\"threshold_quantile\":" << Num(o.threshold_quantile, 6)
-       << ",\"per_query_selection\":" << (o.per_query_selection ? "true" : "false")
-       << ",\"read_fraction\":" << Num(r.read_fraction, 6) << ",\"bytes_read\":" << r.bytes_read
-       << ",\"bytes_dense\":" << r.bytes_dense << ",\"seconds\":" << Num(r.seconds, 6)
-       << ",\"all\":" << AggregateJson(r.all) << ",\"concentrated\":" << AggregateJson(r.concentrated)
-       << ",\"spread\":" << AggregateJson(r.spread) << "}";
-  }
-  os << "],\"heads\":[";
-  for (size_t i = 0; i < report.heads.size(); ++i) {
-    const EvalHead& h = report.heads[i];
-    os << (i ? "," : "") << "{\"layer\":" << h.layer << ",\"q_head\":" << h.q_head << ",\"kind\":\""
-       << (h.concentrated ? "concentrated" : "spread") << "\",\"oracle_mass\":" << Num(h.oracle_mass, 6) << "}";
-  }
-  os << "]}";
   return os.str();
 }
 

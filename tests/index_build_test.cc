@@ -274,13 +274,34 @@ TEST(IndexBuildTest, KMeansBackendGetsWholeLayers) {
     EXPECT_EQ(a.thresholds[i].coarse, b.thresholds[i].coarse);
     EXPECT_EQ(a.thresholds[i].fine, b.thresholds[i].fine);
   }
-  storage::DBImpl* impl = storage::Impl(db.get());
   for (int l = 0; l < spec.n_layers; ++l) {
     for (int h = 0; h < spec.n_kv_heads; ++h) {
-      std::string xa, xb;
-      ASSERT_TRUE(impl->GetHeadIndex(a.id, l, h, &xa).ok());
-      ASSERT_TRUE(impl->GetHeadIndex(b.id, l, h, &xb).ok());
-      EXPECT_EQ(xa, xb) << "layer " << l << " head " << h;
+      const std::string xa = index_test::RawHeadIndex(db.get(), a.id, l, h);
+      EXPECT_FALSE(xa.empty());
+      EXPECT_EQ(xa, index_test::RawHeadIndex(db.get(), b.id, l, h)) << "layer " << l << " head " << h;
+    }
+  }
+  // Batches of one head (kmeans_batch_bytes below one head's keys) and no
+  // read-ahead: one Run per head and level, the same context again.
+  index_test::RecordingKMeansBackend rec1;
+  o.kmeans = &rec1;
+  o.kmeans_batch_bytes = 1;
+  o.read_ahead = false;
+  progress.clear();
+  {
+    auto src = data.Source();
+    Status s = BuildContext(db.get(), "one_by_one", src.get(), o);
+    ASSERT_TRUE(s.ok()) << s.ToString();
+  }
+  ASSERT_EQ(rec1.calls.size(), static_cast<size_t>(2 * spec.n_layers * spec.n_kv_heads));
+  for (const auto& call : rec1.calls) EXPECT_EQ(call.problems.size(), 1u);
+  ASSERT_EQ(progress.size(), static_cast<size_t>(spec.n_layers * spec.n_kv_heads));
+  ContextInfo c;
+  ASSERT_TRUE(db->DescribeContext("one_by_one", &c).ok());
+  for (int l = 0; l < spec.n_layers; ++l) {
+    for (int h = 0; h < spec.n_kv_heads; ++h) {
+      EXPECT_EQ(index_test::RawHeadIndex(db.get(), a.id, l, h), index_test::RawHeadIndex(db.get(), c.id, l, h))
+          << "layer " << l << " head " << h;
     }
   }
   index_test::ExpectRoundTrip(db.get(), "custom", data, o.window, o.n_sinks);

@@ -340,8 +340,7 @@ TEST(IndexKMeansBatchTest, BadBackendResultsAreAborted) {
   const std::vector<Case> cases = {
       {"fine label = k", 0, [](KMeansResult* r) { r->labels[5] = static_cast<int64_t>(r->centroids.size() / 32); }},
       {"fine label < 0", 0, [](KMeansResult* r) { r->labels.back() = -1; }},
-      {"coarse label = k", 1,
-       [](KMeansResult* r) { r->labels[0] = static_cast<int64_t>(r->centroids.size() / 32); }},
+      {"coarse label = k", 1, [](KMeansResult* r) { r->labels[0] = static_cast<int64_t>(r->centroids.size() / 32); }},
       {"fine labels missing", 0, [](KMeansResult* r) { r->labels.pop_back(); }},
       {"coarse centroids missing", 1, [](KMeansResult* r) { r->centroids.clear(); }},
   };
@@ -483,10 +482,10 @@ TEST(IndexKMeansFaissBackendTest, BadShapesAreInvalidArgument) {
   Status s = run({x.data(), 50, d, 51, nullptr, 1});  // k > n
   EXPECT_TRUE(s.IsInvalidArgument()) << s.ToString();
   EXPECT_NE(s.message().find("problem 1"), std::string::npos) << s.ToString();
-  EXPECT_TRUE(run({x.data(), 50, d, 0, nullptr, 1}).IsInvalidArgument());   // k < 1
-  EXPECT_TRUE(run({x.data(), 0, d, 0, nullptr, 1}).IsInvalidArgument());    // n < 1
-  EXPECT_TRUE(run({x.data(), 50, 0, 5, nullptr, 1}).IsInvalidArgument());   // d < 1
-  EXPECT_TRUE(run({nullptr, 50, d, 5, nullptr, 1}).IsInvalidArgument());    // no points
+  EXPECT_TRUE(run({x.data(), 50, d, 0, nullptr, 1}).IsInvalidArgument());                // k < 1
+  EXPECT_TRUE(run({x.data(), 0, d, 0, nullptr, 1}).IsInvalidArgument());                 // n < 1
+  EXPECT_TRUE(run({x.data(), 50, 0, 5, nullptr, 1}).IsInvalidArgument());                // d < 1
+  EXPECT_TRUE(run({nullptr, 50, d, 5, nullptr, 1}).IsInvalidArgument());                 // no points
   EXPECT_TRUE(run({x.data(), int64_t{1} << 31, d, 5, nullptr, 1}).IsInvalidArgument());  // beyond FAISS's int
   params.iters = 0;
   EXPECT_TRUE(run({x.data(), 50, d, 5, nullptr, 1}).IsInvalidArgument());

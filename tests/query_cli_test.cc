@@ -132,11 +132,23 @@ TEST_F(QueryCliTest, EvalReportsPerConfigurationAndHeadKind) {
   EXPECT_NE(out.find("budget=0.125 hier"), std::string::npos) << out;
   EXPECT_NE(out.find("tau@0.9 flat"), std::string::npos) << out;
   EXPECT_NE(out.find("concentrated"), std::string::npos) << out;
-  ASSERT_EQ(Sqctl(Base("eval") + " --budgets 0.05,0.25 --json", &out), 0) << out;
-  EXPECT_EQ(out.front(), '{') << out;
-  EXPECT_NE(out.find("\"recall_over_oracle\""), std::string::npos) << out;
-  EXPECT_NE(out.find("\"name\":\"budget=0.05 flat\""), std::string::npos) << out;
-  EXPECT_NE(out.find("\"spread\""), std::string::npos) << out;
+  std::string err;
+  nlohmann::json j;
+  ASSERT_EQ(SqctlJson(Base("eval") + " --budgets 0.05,0.25 --json", &j, &err), 0) << err;
+  ASSERT_FALSE(j.is_discarded()) << err;
+  EXPECT_EQ(j["context"], "ctx");
+  ASSERT_TRUE(j["configs"].is_array());
+  // dense, 2 budgets x flat/hier, then the calibrated thresholds x flat/hier.
+  ASSERT_GE(j["configs"].size(), 5u);
+  EXPECT_EQ(j["configs"][0]["mode"], "dense");
+  EXPECT_NEAR(j["configs"][0]["all"]["recall_mean"].get<double>(), 1.0, 1e-9);
+  EXPECT_NEAR(j["configs"][0]["all"]["recall_over_oracle"].get<double>(), 1.0, 1e-9);
+  EXPECT_EQ(j["configs"][1]["name"], "budget=0.05 flat");
+  EXPECT_EQ(j["configs"][2]["hierarchical"], true);
+  EXPECT_NEAR(j["configs"][1]["read_fraction"].get<double>(), 0.05, 0.02);
+  EXPECT_TRUE(j["configs"][1]["spread"].contains("samples"));
+  ASSERT_TRUE(j["heads"].is_array());
+  EXPECT_EQ(j["heads"].size(), static_cast<size_t>(j["heads_concentrated"].get<int>() + j["heads_spread"].get<int>()));
 }
 
 TEST_F(QueryCliTest, ErrorsNameTheCulpritAndExitNonZero) {

@@ -59,9 +59,17 @@ struct BuildOptions {
   // Seed of the k-means initialisation; a build is deterministic for a seed.
   uint64_t seed = 1234;
   // The k-means engine (sqz/kmeans.h), borrowed for the duration of the
-  // build. The builder gives it all KV heads of a layer in one Run call per
-  // level. Shared by concurrent builds, its Run must be thread-safe.
+  // build. The builder gives it the KV heads of a layer in batches, one Run
+  // call per batch and level. Shared by concurrent builds, its Run must be
+  // thread-safe.
   KMeansBackend* kmeans = nullptr;  // null: FAISS on the CPU
+  // Most bytes of float32 keys per k-means batch: a batch holds as many KV
+  // heads of a layer as fit (at least one); the batch and its normalised copy
+  // are in memory together. 256 MiB = 4 heads of 128K tokens x 128 dims.
+  size_t kmeans_batch_bytes = size_t{256} << 20;
+  // Read and check the next layer of the source on a second thread while
+  // this one is clustered and written (one more layer of K and V in memory).
+  bool read_ahead = true;
   // Calibration quantiles f (fraction of keys dropped by the window queries).
   std::vector<double> quantiles = {0.5, 0.7, 0.8, 0.9, 0.95};
   // Hierarchical calibration: the coarse threshold drops this share of the

@@ -4,6 +4,7 @@
 #include <vector>
 
 #include "cli.h"
+#include "format.h"
 #include "query/eval.h"
 #include "sqz/db.h"
 #include "sqz/query.h"
@@ -35,7 +36,7 @@ int Run(const Args& args) {
   s = query::Evaluate(*handle, layers, configs, query::EvalOptions(), &report);
   if (!s.ok()) return Fail(kName, s.WithPrefix(qpath));
   if (args.Has("json")) {
-    std::printf("%s\n", query::EvalReportJson(report).c_str());
+    std::printf("%s\n", EvalReportJson(report).c_str());
   } else {
     std::printf("%s", query::FormatEvalReport(report).c_str());
   }

@@ -151,4 +151,59 @@ std::string ContextInfoJson(const ContextInfo& i) {
   return JsonDump(j) + "\n";
 }
 
+namespace {
+Json AggregateJson(const query::EvalAggregate& a) {
+  Json j;
+  j["samples"] = a.samples;
+  j["recall_mean"] = a.recall_mean;
+  j["recall_worst"] = a.recall_min;
+  j["oracle_mean"] = a.oracle_mean;
+  j["oracle_worst"] = a.oracle_min;
+  j["recall_over_oracle"] = a.ratio;
+  j["error_mean"] = a.error_mean;
+  j["error_worst"] = a.error_max;
+  j["keys_fraction"] = a.keys_fraction;
+  return j;
+}
+// JSON has no NaN or infinity.
+Json Finite(double x) { return std::isfinite(x) ? Json(x) : Json(nullptr); }
+}  // namespace
+
+std::string EvalReportJson(const query::EvalReport& report) {
+  Json j;
+  j["context"] = report.context;
+  j["layers"] = report.layers;
+  j["heads_concentrated"] = report.heads_concentrated;
+  j["heads_spread"] = report.heads_spread;
+  Json configs = Json::array();
+  for (const query::EvalConfigResult& r : report.results) {
+    const QueryOptions& o = r.config.options;
+    Json c;
+    c["name"] = r.config.name;
+    c["mode"] = o.mode == SelectionMode::kDense ? "dense" : o.mode == SelectionMode::kBudget ? "budget" : "threshold";
+    c["hierarchical"] = o.hierarchical;
+    c["budget"] = Finite(o.budget);
+    c["threshold_quantile"] = Finite(o.threshold_quantile);
+    c["per_query_selection"] = o.per_query_selection;
+    c["read_fraction"] = Finite(r.read_fraction);
+    c["bytes_read"] = r.bytes_read;
+    c["bytes_dense"] = r.bytes_dense;
+    c["seconds"] = r.seconds;
+    c["all"] = AggregateJson(r.all);
+    c["concentrated"] = AggregateJson(r.concentrated);
+    c["spread"] = AggregateJson(r.spread);
+    configs.push_back(std::move(c));
+  }
+  j["configs"] = std::move(configs);
+  Json heads = Json::array();
+  for (const query::EvalHead& h : report.heads) {
+    heads.push_back({{"layer", h.layer},
+                     {"q_head", h.q_head},
+                     {"kind", h.concentrated ? "concentrated" : "spread"},
+                     {"oracle_mass", Finite(h.oracle_mass)}});
+  }
+  j["heads"] = std::move(heads);
+  return JsonDump(j);
+}
+
 }  // namespace sqz::cli

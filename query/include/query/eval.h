@@ -112,7 +112,5 @@ Status Evaluate(const ContextHandle& handle, const std::vector<LayerQueries>& qu
 
 // Human-readable table (one line per configuration and head kind).
 std::string FormatEvalReport(const EvalReport& report);
-// The report as one JSON object.
-std::string EvalReportJson(const EvalReport& report);
 
 }  // namespace sqz::query
