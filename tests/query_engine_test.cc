@@ -635,6 +635,73 @@ TEST_F(QueryEngineTest, ReadRowsReturnsTheStoredRowsInPermutedOrder) {
   EXPECT_EQ(v1, v);
 }
 
+// A tensor-parallel rank opens only its KV heads: its q / o / lse cover
+// only their query heads, its outputs and segment tables equal the full
+// handle's for those heads, and bad ranges and devices are refused.
+TEST_F(QueryEngineTest, HeadRangeHandleServesItsHeadsOnly) {
+  TestContext c;
+  KvSpec spec = SmallSpec(3, 6, 1500, 64);  // 3 KV heads, G = 2
+  Build("tp", spec, 4, false, BuildOptions(), &c);
+  const ContextInfo& info = c.handle->info();
+  const int d = info.head_dim, G = info.group_size(), T = c.T;
+  for (const bool prefill_shared : {false, true}) {
+    QueryOptions qo;
+    qo.per_query_selection = !prefill_shared;
+    std::vector<float> o(c.q[1].size()), lse(o.size() / d);
+    ASSERT_TRUE(c.handle->Attend(1, c.q[1].data(), T, qo, o.data(), lse.data()).ok());
+    SegmentTable full;
+    ASSERT_TRUE(c.handle->Plan(1, c.q[1].data(), T, qo, &full).ok());
+    for (const auto& [b, e] : {std::pair{0, 1}, std::pair{1, 3}, std::pair{2, 3}}) {
+      OpenOptions oo;
+      oo.kv_head_begin = b;
+      oo.kv_head_end = e;
+      std::unique_ptr<ContextHandle> h;
+      ASSERT_TRUE(ContextHandle::Open(db_.get(), "tp", oo, &h).ok());
+      EXPECT_EQ(h->kv_head_begin(), b);
+      EXPECT_EQ(h->kv_head_end(), e);
+      EXPECT_EQ(h->n_served_q_heads(), (e - b) * G);
+      EXPECT_EQ(h->generation(), c.handle->generation());
+      const size_t first = static_cast<size_t>(b) * G * T, rows = static_cast<size_t>(e - b) * G * T;
+      std::vector<float> q(c.q[1].begin() + first * d, c.q[1].begin() + (first + rows) * d);
+      std::vector<float> ho(q.size()), hl(rows);
+      AttendStats st;
+      Status s = h->Attend(1, q.data(), T, qo, ho.data(), hl.data(), &st);
+      ASSERT_TRUE(s.ok()) << s.ToString();
+      ASSERT_EQ(st.heads.size(), static_cast<size_t>(e - b));
+      for (size_t i = 0; i < q.size(); ++i) ASSERT_EQ(ho[i], o[first * d + i]) << "range " << b << ".." << e;
+      for (size_t i = 0; i < rows; ++i) ASSERT_EQ(hl[i], lse[first + i]);
+      SegmentTable part;
+      ASSERT_TRUE(h->Plan(1, q.data(), T, qo, &part).ok());
+      ASSERT_EQ(part.n_kv_heads, e - b);
+      for (int hh = 0; hh < e - b; ++hh) {
+        const int g = b + hh;
+        EXPECT_TRUE(
+            std::equal(part.pages.begin() + part.page_offsets[hh], part.pages.begin() + part.page_offsets[hh + 1],
+                       full.pages.begin() + full.page_offsets[g], full.pages.begin() + full.page_offsets[g + 1]))
+            << "pages of KV head " << g;
+      }
+    }
+  }
+  OpenOptions bad;
+  std::unique_ptr<ContextHandle> h;
+  bad.kv_head_begin = 2;
+  bad.kv_head_end = 2;
+  EXPECT_TRUE(ContextHandle::Open(db_.get(), "tp", bad, &h).IsInvalidArgument());
+  bad.kv_head_begin = 0;
+  bad.kv_head_end = 4;
+  EXPECT_TRUE(ContextHandle::Open(db_.get(), "tp", bad, &h).IsInvalidArgument());
+  bad.kv_head_begin = -1;
+  bad.kv_head_end = -1;
+  EXPECT_TRUE(ContextHandle::Open(db_.get(), "tp", bad, &h).IsInvalidArgument());
+  OpenOptions cuda;
+  cuda.device = Device::kCuda;
+  EXPECT_TRUE(ContextHandle::Open(db_.get(), "tp", cuda, &h).IsNotSupported());
+  // The device call is declared; a CPU handle says so.
+  size_t ws = 0;
+  EXPECT_TRUE(c.handle->DeviceWorkspaceBytes(1, QueryOptions(), &ws).IsNotSupported());
+  EXPECT_TRUE(c.handle->AttendDevice(DeviceAttendArgs(), QueryOptions()).IsNotSupported());
+}
+
 TEST_F(QueryEngineTest, OnlyTheAlwaysSetWhenNothingIsClustered) {
   TestContext c;
   BuildOptions bo;
