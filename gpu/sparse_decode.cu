@@ -4,23 +4,53 @@
 #include <string>
 #include <vector>
 
+#include "cuda_util.h"
 #include "gpu/sparse_decode.h"
-#include "sparse_decode.cuh"
 
 namespace sqz::gpu {
 
-namespace {
-
-Status CudaError(cudaError_t e, const char* what) {
-  return Status::IOError(std::string("CUDA: ") + what + ": " + cudaGetErrorName(e) + " (" + cudaGetErrorString(e) +
-                         ")");
+Status CheckDecodeShape(int head_dim, int group_size, DType dtype) {
+  if (head_dim != 64 && head_dim != 128) return Status::NotSupported("GPU decode: head_dim must be 64 or 128");
+  if (group_size < 1 || group_size > kMaxGroup) return Status::NotSupported("GPU decode: group size must be 1..8");
+  if (dtype != DType::kF16 && dtype != DType::kBF16) {
+    return Status::NotSupported("GPU decode: dtype must be F16 or BF16");
+  }
+  return Status::OK();
 }
 
-#define SQZ_CUDA_TRY(expr, what)                            \
-  do {                                                      \
-    cudaError_t _e = (expr);                                \
-    if (_e != cudaSuccess) return CudaError(_e, what);      \
-  } while (0)
+int DecodeSplits(int device, int n_heads, uint32_t max_rows) {
+  int sms = 0;
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) sms = 1;
+  const int want = std::max(1, 4 * sms / std::max(1, n_heads));
+  return std::max(1, std::min<int>(want, static_cast<int>((max_rows + 63) / 64)));
+}
+
+cudaError_t LaunchDecode(const DecodeParams& p, DType dtype, int head_dim, cudaStream_t stream) {
+  const bool half = dtype == DType::kF16;
+  if (head_dim == 64) {
+    return half ? LaunchSparseDecode<__half, 64>(p, stream) : LaunchSparseDecode<__nv_bfloat16, 64>(p, stream);
+  }
+  return half ? LaunchSparseDecode<__half, 128>(p, stream) : LaunchSparseDecode<__nv_bfloat16, 128>(p, stream);
+}
+
+uint32_t PrepareSegments(const std::vector<uint32_t>& offsets, const std::vector<uint32_t>& n_rows,
+                         std::vector<uint32_t>* before, std::vector<uint32_t>* head_rows) {
+  before->assign(n_rows.size(), 0);
+  head_rows->clear();
+  uint32_t max_rows = 0;
+  for (size_t h = 0; h + 1 < offsets.size(); ++h) {
+    uint32_t rows = 0;
+    for (uint32_t s = offsets[h]; s < offsets[h + 1]; ++s) {
+      (*before)[s] = rows;
+      rows += n_rows[s];
+    }
+    head_rows->push_back(rows);
+    max_rows = std::max(max_rows, rows);
+  }
+  return max_rows;
+}
+
+namespace {
 
 // Device buffers freed on scope exit.
 struct DeviceBuffers {
@@ -49,11 +79,6 @@ struct DeviceBuffers {
   }
 };
 
-template <typename T, int D>
-cudaError_t Launch(const DecodeParams& p, cudaStream_t s) {
-  return LaunchSparseDecode<T, D>(p, s);
-}
-
 }  // namespace
 
 Status SparseDecodeOnDevice(const HostDecodeProblem& pr, float* o, float* lse, DecodeRun* run) {
@@ -61,9 +86,7 @@ Status SparseDecodeOnDevice(const HostDecodeProblem& pr, float* o, float* lse, D
   if (cudaGetDeviceCount(&n_dev) != cudaSuccess || n_dev == 0) {
     return Status::NotSupported("no CUDA device available");
   }
-  if (pr.head_dim != 64 && pr.head_dim != 128) return Status::NotSupported("head_dim must be 64 or 128");
-  if (pr.group_size < 1 || pr.group_size > kMaxGroup) return Status::NotSupported("group size must be 1..8");
-  if (pr.dtype != DType::kF16 && pr.dtype != DType::kBF16) return Status::NotSupported("dtype must be F16 or BF16");
+  SQZ_RETURN_IF_ERROR(CheckDecodeShape(pr.head_dim, pr.group_size, pr.dtype));
   const int n_heads = static_cast<int>(pr.heads.size());
   const int D = pr.head_dim, G = pr.group_size;
   const size_t page_bytes = 2 * static_cast<size_t>(pr.page_rows) * D * DTypeSize(pr.dtype);
@@ -72,7 +95,6 @@ Status SparseDecodeOnDevice(const HostDecodeProblem& pr, float* o, float* lse, D
   std::vector<uint8_t> pages;
   std::vector<int32_t> table;
   std::vector<uint32_t> table_base, seg_offsets{0}, seg_first, seg_rows, seg_before, head_rows;
-  uint32_t max_rows = 0;
   int32_t slot = 0;
   for (const HostDecodeHead& h : pr.heads) {
     table_base.push_back(static_cast<uint32_t>(table.size()));
@@ -84,22 +106,12 @@ Status SparseDecodeOnDevice(const HostDecodeProblem& pr, float* o, float* lse, D
       pages.insert(pages.end(), src, src + page_bytes);
       table[table_base.back() + h.page_ids[i]] = slot++;
     }
-    uint32_t rows = 0;
-    for (size_t s = 0; s < h.first_row.size(); ++s) {
-      seg_first.push_back(h.first_row[s]);
-      seg_rows.push_back(h.n_rows[s]);
-      seg_before.push_back(rows);
-      rows += h.n_rows[s];
-    }
+    seg_first.insert(seg_first.end(), h.first_row.begin(), h.first_row.end());
+    seg_rows.insert(seg_rows.end(), h.n_rows.begin(), h.n_rows.end());
     seg_offsets.push_back(static_cast<uint32_t>(seg_first.size()));
-    head_rows.push_back(rows);
-    max_rows = std::max(max_rows, rows);
   }
-  // Enough blocks to fill the GPU (about 4 per SM in all), at least 64 rows each.
-  cudaDeviceProp prop{};
-  SQZ_CUDA_TRY(cudaGetDeviceProperties(&prop, 0), "cudaGetDeviceProperties");
-  const int want = std::max(1, 4 * prop.multiProcessorCount / std::max(1, n_heads));
-  const int splits = std::max(1, std::min<int>(want, static_cast<int>((max_rows + 63) / 64)));
+  const uint32_t max_rows = PrepareSegments(seg_offsets, seg_rows, &seg_before, &head_rows);
+  const int splits = DecodeSplits(0, n_heads, max_rows);
 
   DeviceBuffers buf;
   DecodeParams p;
@@ -152,14 +164,7 @@ Status SparseDecodeOnDevice(const HostDecodeProblem& pr, float* o, float* lse, D
   SQZ_CUDA_TRY(cudaEventCreate(&start), "cudaEventCreate");
   SQZ_CUDA_TRY(cudaEventCreate(&stop), "cudaEventCreate");
   SQZ_CUDA_TRY(cudaEventRecord(start, 0), "cudaEventRecord");
-  cudaError_t e;
-  const bool half = pr.dtype == DType::kF16;
-  if (D == 64) {
-    e = half ? Launch<__half, 64>(p, 0) : Launch<__nv_bfloat16, 64>(p, 0);
-  } else {
-    e = half ? Launch<__half, 128>(p, 0) : Launch<__nv_bfloat16, 128>(p, 0);
-  }
-  SQZ_CUDA_TRY(e, "launching the sparse decode kernels");
+  SQZ_CUDA_TRY(LaunchDecode(p, pr.dtype, D, 0), "launching the sparse decode kernels");
   SQZ_CUDA_TRY(cudaEventRecord(stop, 0), "cudaEventRecord");
   SQZ_CUDA_TRY(cudaEventSynchronize(stop), "running the sparse decode kernels");
   float ms = 0;

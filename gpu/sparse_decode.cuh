@@ -11,14 +11,16 @@
 
 namespace sqz::gpu {
 
-inline constexpr int kMaxGroup = 8;      // query heads per KV head handled by one block
-inline constexpr int kDecodeWarps = 4;   // warps per block
+inline constexpr int kMaxGroup = 8;     // query heads per KV head handled by one block
+inline constexpr int kDecodeWarps = 4;  // warps per block
 
 struct DecodeParams {
-  const uint8_t* pages = nullptr;       // [slots, 2, P, D] of T: K plane then V plane
+  const uint8_t* pages = nullptr;  // [slots, 2, P, D] of T: K plane then V plane
   size_t page_bytes = 0;
-  const int32_t* page_table = nullptr;  // head h, page id p -> slot at page_table[table_base[h] + p]
-  const uint32_t* table_base = nullptr; // [n_heads]
+  // Head h, page id p -> slot page_table[table_base[h] + p]; without a
+  // page_table (resident pages) the slot is table_base[h] + p.
+  const int32_t* page_table = nullptr;
+  const uint32_t* table_base = nullptr;   // [n_heads]
   const uint32_t* seg_offsets = nullptr;  // [n_heads + 1] CSR into the segment arrays
   const uint32_t* seg_first = nullptr;    // first row of each segment
   const uint32_t* seg_rows = nullptr;     // rows of each segment
@@ -67,7 +69,7 @@ __device__ inline const T* RowPtr(const DecodeParams& p, int h, int64_t row) {
     page = p.clustered_pages + (row - p.n_clustered) / p.page_rows;
     slot = (row - p.n_clustered) % p.page_rows;
   }
-  const int32_t s = p.page_table[p.table_base[h] + page];
+  const int64_t s = p.page_table ? p.page_table[p.table_base[h] + page] : p.table_base[h] + page;
   return reinterpret_cast<const T*>(p.pages + static_cast<size_t>(s) * p.page_bytes) + slot * D;
 }
 
@@ -107,7 +109,10 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) SparseDecodeSplitKernel(Dec
     uint32_t lo = sb, hi = se;
     while (hi - lo > 1) {
       const uint32_t mid = (lo + hi) / 2;
-      if (p.seg_before[mid] <= r) lo = mid; else hi = mid;
+      if (p.seg_before[mid] <= r)
+        lo = mid;
+      else
+        hi = mid;
     }
     uint32_t s = lo;
     for (; r < r1; r += kDecodeWarps) {

@@ -8,3 +8,13 @@ Status SparseDecodeOnDevice(const HostDecodeProblem&, float*, float*, DecodeRun*
 }
 
 }  // namespace sqz::gpu
+
+#include "gpu/resident.h"
+
+namespace sqz::gpu {
+
+Status ResidentKv::Create(int, const ResidentShape&, std::unique_ptr<ResidentKv>*) {
+  return Status::NotSupported("this build has no CUDA layer (configure with /usr/local/cuda present)");
+}
+
+}  // namespace sqz::gpu

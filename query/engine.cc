@@ -156,12 +156,11 @@ IndexView ContextHandleImpl::View(int layer, int local_head) const {
 Status ContextHandleImpl::Open(DB* db, const std::string& name, const OpenOptions& options,
                                std::unique_ptr<ContextHandleImpl>* out) {
   if (db == nullptr) return Status::InvalidArgument("ContextHandle::Open: db is null");
-  if (options.device != Device::kCpu) {
-    return Status::NotSupported(
-        "ContextHandle::Open: device cuda is not available in this build yet (the GPU "
-        "query engine); use Device::kCpu");
+  if (options.device != Device::kCpu && options.device != Device::kCuda) {
+    return Status::InvalidArgument("ContextHandle::Open: unknown device " +
+                                   std::to_string(static_cast<int>(options.device)));
   }
-  if (options.residency != Residency::kStorage) {
+  if (options.device == Device::kCpu && options.residency != Residency::kStorage) {
     return Status::NotSupported("ContextHandle::Open: the CPU engine reads pages from storage (Residency::kStorage)");
   }
   std::unique_ptr<ContextHandleImpl> h(new ContextHandleImpl());
@@ -183,7 +182,89 @@ Status ContextHandleImpl::Open(DB* db, const std::string& name, const OpenOption
       SQZ_RETURN_IF_ERROR(h->LoadHead(rec, &h->heads_[layer * h->n_served() + (g - h->head_begin_)]));
     }
   }
+  if (options.device == Device::kCuda) SQZ_RETURN_IF_ERROR(h->LoadResident(options));
   *out = std::move(h);
+  return Status::OK();
+}
+
+Status ContextHandleImpl::LoadResident(const OpenOptions& options) {
+  const ContextInfo& ci = info();
+  const std::string ctx = "context '" + ci.name + "'";
+  if (options.device_cache_bytes != 0) {
+    return Status::NotSupported(ctx +
+                                ": a device page cache smaller than the context (paging) is not available "
+                                "yet; use device_cache_bytes = 0 (every served page resident)");
+  }
+  gpu::ResidentShape shape;
+  shape.n_layers = ci.n_layers;
+  shape.n_heads = n_served();
+  shape.pages_per_head = ci.pages_per_head();
+  shape.page_rows = ci.page_rows;
+  shape.head_dim = ci.head_dim;
+  shape.dtype = ci.dtype;
+  shape.n_clustered = ci.n_clustered;
+  shape.clustered_pages = ci.clustered_pages;
+  Status s = gpu::ResidentKv::Create(options.device_id, shape, &resident_);
+  if (!s.ok()) return s.WithPrefix(ctx + ": opening on device cuda:" + std::to_string(options.device_id));
+  // Every page of every served head, in chunks through one host buffer.
+  const int64_t per_head = ci.pages_per_head(), chunk = 1024;
+  const size_t page_bytes = ci.page_bytes();
+  std::vector<uint8_t> host;
+  std::vector<uint32_t> ids;
+  for (int layer = 0; layer < ci.n_layers; ++layer) {
+    for (int g = head_begin_; g < head_end_; ++g) {
+      for (int64_t first = 0; first < per_head; first += chunk) {
+        const int64_t n = std::min(chunk, per_head - first);
+        ids.resize(static_cast<size_t>(n));
+        for (int64_t i = 0; i < n; ++i) ids[i] = static_cast<uint32_t>(first + i);
+        storage::PageSet set;
+        SQZ_RETURN_IF_ERROR(snap_->ReadPages(layer, g, ids.data(), ids.size(), &set));
+        host.resize(static_cast<size_t>(n) * page_bytes);
+        for (int64_t i = 0; i < n; ++i) std::memcpy(host.data() + i * page_bytes, set.data(i), page_bytes);
+        SQZ_RETURN_IF_ERROR(resident_->Upload(layer, g - head_begin_, first, host.data(), n));
+      }
+    }
+  }
+  return Status::OK();
+}
+
+Status ContextHandleImpl::RunResident(const SegmentTable& t, const float* q, float scale, float* o, float* lse,
+                                      AttendStats* stats, bool* done) const {
+  *done = false;
+  if (!resident_ || t.T != 1 || t.n_sets() != t.n_kv_heads) return Status::OK();
+  for (int h = 0; h < t.n_kv_heads; ++h) {
+    if (t.set_kv_head[h] != h) return Status::OK();
+  }
+  auto t0 = Clock::now();
+  gpu::HostSegments seg;
+  seg.offsets.assign(t.set_offsets.begin(), t.set_offsets.end());
+  seg.first_row.reserve(t.segments.size());
+  seg.n_rows.reserve(t.segments.size());
+  for (const Segment& s : t.segments) {
+    seg.first_row.push_back(s.first_row);
+    seg.n_rows.push_back(s.n_rows);
+  }
+  gpu::DecodeRun run;
+  SQZ_RETURN_IF_ERROR(resident_->Decode(t.layer, seg, t.group_size, scale, q, o, lse, &run));
+  if (stats) {
+    const ContextInfo& ci = info();
+    stats->heads.assign(t.n_kv_heads, HeadStats());
+    for (int h = 0; h < t.n_kv_heads; ++h) {
+      HeadStats& hs = stats->heads[h];
+      int64_t rows = 0;
+      for (uint32_t i = t.read_offsets[h]; i < t.read_offsets[h + 1]; ++i) rows += t.read_segments[i].n_rows;
+      hs.keys_selected = rows - ci.n_always();
+      hs.keys_attended = rows * t.group_size;
+      hs.clusters_scored = t.clusters_scored[h];
+      hs.clusters_selected = t.clusters_read[h];
+      hs.segments_read = t.read_offsets[h + 1] - t.read_offsets[h];
+      hs.pages_read = t.page_offsets[h + 1] - t.page_offsets[h];
+      hs.bytes_read = hs.pages_read * ci.page_bytes();
+    }
+    stats->seconds_read = 0;
+    stats->seconds_attend = Since(t0);
+  }
+  *done = true;
   return Status::OK();
 }
 
@@ -462,7 +543,9 @@ Status ContextHandleImpl::Attend(int layer, const float* q, int T, const QueryOp
   size_t ws = 0;
   SQZ_RETURN_IF_ERROR(Plan(layer, q, T, options, &table, &ws));
   const double plan_seconds = Since(t0);
-  SQZ_RETURN_IF_ERROR(Run(table, q, params.scale, o, lse, stats));
+  bool on_gpu = false;
+  SQZ_RETURN_IF_ERROR(RunResident(table, q, params.scale, o, lse, stats, &on_gpu));
+  if (!on_gpu) SQZ_RETURN_IF_ERROR(Run(table, q, params.scale, o, lse, stats));
   if (stats) stats->seconds_score = plan_seconds;
   return Status::OK();
 }

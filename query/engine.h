@@ -11,6 +11,11 @@
 //   over its set's segments, straight from the stored pages (decode) or from
 //   a float copy with BLAS (prefill) (query/attention.h).
 //
+// Device::kCuda (the first slice of the GPU engine): Open copies every page
+// of the served heads into GPU memory (gpu/resident.h); decode steps (T = 1,
+// one attended set per KV head: the GQA-union default) run on the GPU kernel
+// after a CPU plan; other calls run on the CPU over the same snapshot.
+//
 // Thread-safety: immutable after Open; every method is const and uses
 // per-call scratch (buffers kept per thread between calls, never shared).
 // Within one call the KV heads run in parallel for decode (OpenMP); results
@@ -22,6 +27,7 @@
 #include <string>
 #include <vector>
 
+#include "gpu/resident.h"
 #include "query/attention.h"
 #include "query/selection.h"
 #include "sqz/db.h"
@@ -96,7 +102,14 @@ class ContextHandleImpl final : public ContextHandle, public AttentionBackend {
                  HeadStats* hs, double seconds[2]) const;
   std::string Where(int layer, int kv_head) const;
 
+  Status LoadResident(const OpenOptions& options);
+  // Decode of `t` on the GPU (resident pages); false in *done when the table
+  // is not a decode with one set per KV head (the CPU runs it then).
+  Status RunResident(const SegmentTable& t, const float* q, float scale, float* o, float* lse, AttendStats* stats,
+                     bool* done) const;
+
   std::unique_ptr<storage::ContextSnapshot> snap_;
+  std::unique_ptr<gpu::ResidentKv> resident_;  // Device::kCuda: every served page in GPU memory
   int head_begin_ = 0, head_end_ = 0;
   std::vector<HeadData> heads_;  // [n_layers * n_served]
 };

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "gpu/device.h"
 #include "synth/synthetic.h"
 #include "tests/test_util.h"
 #include "util/safetensors.h"
@@ -149,6 +150,24 @@ TEST_F(QueryCliTest, EvalReportsPerConfigurationAndHeadKind) {
   EXPECT_TRUE(j["configs"][1]["spread"].contains("samples"));
   ASSERT_TRUE(j["heads"].is_array());
   EXPECT_EQ(j["heads"].size(), static_cast<size_t>(j["heads_concentrated"].get<int>() + j["heads_spread"].get<int>()));
+}
+
+TEST_F(QueryCliTest, DeviceOption) {
+  std::string out;
+  const std::string o_path = dir_->Sub("o_dev.safetensors");
+  EXPECT_EQ(Sqctl(Base("query") + " --out " + o_path + " --device gpu", &out), 2) << out;
+  EXPECT_NE(out.find("--device expects cpu, cuda or cuda:N"), std::string::npos) << out;
+  EXPECT_EQ(Sqctl(Base("eval") + " --device cuda:x", &out), 2) << out;
+  ASSERT_EQ(Sqctl(Base("query") + " --out " + o_path + " --device cpu", &out), 0) << out;
+  if (gpu::DeviceCount() == 0) {
+    // No GPU here: a clear runtime error, nothing written.
+    const std::string o2 = dir_->Sub("o_cuda.safetensors");
+    EXPECT_EQ(Sqctl(Base("query") + " --out " + o2 + " --device cuda", &out), 1) << out;
+    EXPECT_NE(out.find("no CUDA device"), std::string::npos) << out;
+    EXPECT_FALSE(std::filesystem::exists(o2));
+  } else {
+    ASSERT_EQ(Sqctl(Base("query") + " --out " + dir_->Sub("o_cuda.safetensors") + " --device cuda", &out), 0) << out;
+  }
 }
 
 TEST_F(QueryCliTest, ErrorsNameTheCulpritAndExitNonZero) {

@@ -176,5 +176,80 @@ TEST_F(GpuDecodeTest, MhaOddPagesAndEmptySelection) {
   Check("mha", s, bo, c);
 }
 
+// ContextHandle::Open with Device::kCuda: every served page resident in GPU
+// memory; decode (T = 1, GQA union) runs on the GPU and equals the CPU
+// handle; other calls (prefill, per-head sets) run on the CPU and equal it
+// exactly; a head-range handle on the GPU equals the full one on its heads.
+TEST_F(GpuDecodeTest, ResidentHandleMatchesTheCpuHandle) {
+  KvSpec s;
+  s.n_layers = 2;
+  s.n_kv_heads = 4;
+  s.n_q_heads = 16;
+  s.n_tokens = 6000;
+  s.head_dim = 128;
+  s.dtype = DType::kBF16;
+  KvData data(s);
+  auto src = data.Source();
+  BuildOptions bo;
+  bo.kmeans_iters = 3;
+  ASSERT_TRUE(BuildContext(db_.get(), "res", src.get(), bo).ok());
+  std::unique_ptr<ContextHandle> cpu, gpu_h, gpu_part;
+  ASSERT_TRUE(ContextHandle::Open(db_.get(), "res", &cpu).ok());
+  OpenOptions oo;
+  oo.device = Device::kCuda;
+  Status st = ContextHandle::Open(db_.get(), "res", oo, &gpu_h);
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  oo.kv_head_begin = 2;
+  ASSERT_TRUE(ContextHandle::Open(db_.get(), "res", oo, &gpu_part).ok());
+  const int d = s.head_dim, nq = s.n_q_heads, G = nq / s.n_kv_heads;
+  const uint64_t seed = std::random_device()();
+  std::printf("[ info ] resident: seed %llu\n", static_cast<unsigned long long>(seed));
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> normal(0.f, 1.f);
+  for (const int T : {1, 4}) {
+    std::vector<float> q(static_cast<size_t>(nq) * T * d);
+    for (float& x : q) x = normal(rng);
+    for (int cfg = 0; cfg < 4; ++cfg) {
+      QueryOptions qo;
+      if (cfg == 1) qo.mode = SelectionMode::kDense;
+      if (cfg == 2) qo.hierarchical = true;
+      if (cfg == 3) qo.gqa = GqaPolicy::kPerHead;  // G sets per KV head: runs on the CPU
+      for (int layer = 0; layer < s.n_layers; ++layer) {
+        std::vector<float> oc(q.size()), lc(static_cast<size_t>(nq) * T), og(q.size()), lg(lc.size());
+        ASSERT_TRUE(cpu->Attend(layer, q.data(), T, qo, oc.data(), lc.data()).ok());
+        AttendStats stats;
+        st = gpu_h->Attend(layer, q.data(), T, qo, og.data(), lg.data(), &stats);
+        ASSERT_TRUE(st.ok()) << st.ToString();
+        ASSERT_EQ(stats.heads.size(), static_cast<size_t>(s.n_kv_heads));
+        const bool on_gpu = T == 1 && cfg != 3;
+        for (size_t r = 0; r < lc.size(); ++r) {
+          if (!on_gpu) {
+            ASSERT_EQ(lg[r], lc[r]) << "CPU fallback, row " << r;
+            continue;
+          }
+          ASSERT_NEAR(lg[r], lc[r], 1e-4 * std::max(1.f, std::fabs(lc[r]))) << "T " << T << " cfg " << cfg;
+          double diff = 0, norm = 0;
+          for (int e = 0; e < d; ++e) {
+            const double a = og[r * d + e], b = oc[r * d + e];
+            ASSERT_TRUE(std::isfinite(a));
+            diff += (a - b) * (a - b);
+            norm += b * b;
+          }
+          ASSERT_LE(std::sqrt(diff), 1e-4 * std::sqrt(norm) + 1e-6) << "T " << T << " cfg " << cfg << " row " << r;
+        }
+        if (!on_gpu) {
+          ASSERT_EQ(og, oc);
+        }
+        // The rank serving KV heads 2 and 3 (query heads 2G .. 4G - 1).
+        const size_t first = static_cast<size_t>(2) * G * T, rows = static_cast<size_t>(2) * G * T;
+        std::vector<float> qp(q.begin() + first * d, q.begin() + (first + rows) * d), op(qp.size()), lp(rows);
+        ASSERT_TRUE(gpu_part->Attend(layer, qp.data(), T, qo, op.data(), lp.data()).ok());
+        for (size_t i = 0; i < op.size(); ++i)
+          ASSERT_NEAR(op[i], og[first * d + i], 1e-5f + 1e-4f * std::fabs(og[first * d + i]));
+      }
+    }
+  }
+}
+
 }  // namespace
 }  // namespace sqz

@@ -225,6 +225,26 @@ int Usage(const std::string& cmd, const std::string& message) {
   return 2;
 }
 
+Status ParseDevice(const Args& args, OpenOptions* o) {
+  const std::string v = args.Get("device", "cpu");
+  if (v == "cpu") {
+    o->device = Device::kCpu;
+    return Status::OK();
+  }
+  if (v == "cuda") {
+    o->device = Device::kCuda;
+    o->device_id = 0;
+    return Status::OK();
+  }
+  if (v.rfind("cuda:", 0) == 0 && v.size() > 5 && v.size() <= 8 &&
+      v.find_first_not_of("0123456789", 5) == std::string::npos) {
+    o->device = Device::kCuda;
+    o->device_id = std::stoi(v.substr(5));
+    return Status::OK();
+  }
+  return Status::InvalidArgument("--device expects cpu, cuda or cuda:N, got '" + v + "'");
+}
+
 std::string JsonDump(const Json& j) { return j.dump(-1, ' ', false, Json::error_handler_t::replace); }
 
 Json JsonFloat(float f) {

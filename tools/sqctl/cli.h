@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "sqz/db.h"
+#include "sqz/query.h"
 #include "sqz/status.h"
 
 namespace sqz::cli {
@@ -96,6 +97,13 @@ int Usage(const std::string& cmd, const std::string& message);
 // the order they are added) and prints JsonDump(j) followed by a newline.
 // Invalid UTF-8 in strings (a context name is any byte string) is replaced by
 // U+FFFD rather than failing the command.
+// --device cpu | cuda | cuda:N (default cpu) into open options; a bad value
+// is InvalidArgument naming the flag (a usage error).
+Status ParseDevice(const Args& args, OpenOptions* o);
+inline const char* kDeviceFlagHelp =
+    "cpu (default), cuda or cuda:N: with cuda the context's pages are loaded into GPU memory and decode runs "
+    "on the GPU";
+
 using Json = nlohmann::ordered_json;
 std::string JsonDump(const Json& j);
 // A float as the shortest decimal that reads back to the same float (0.1f is

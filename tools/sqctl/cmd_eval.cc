@@ -23,8 +23,10 @@ int Run(const Args& args) {
   std::unique_ptr<DB> db;
   s = OpenDatabase(db_path, OpenMode::kReadOnly, &db);
   if (!s.ok()) return Fail(kName, s.WithPrefix("opening database " + db_path));
+  OpenOptions open_options;
+  if (Status ds = ParseDevice(args, &open_options); !ds.ok()) return Usage(kName, ds.message());
   std::unique_ptr<ContextHandle> handle;
-  s = ContextHandle::Open(db.get(), name, &handle);
+  s = ContextHandle::Open(db.get(), name, open_options, &handle);
   if (!s.ok()) return Fail(kName, s);
 
   std::vector<query::LayerQueries> layers;
@@ -55,6 +57,7 @@ const Registrar kRegistrar(Command{
          "comma-separated KV budgets, flat and hierarchical each (default 0.05,0.125,0.25); "
          "every calibrated threshold quantile is evaluated too"},
         {"shared-selection", "", "one selection shared by a layer's T queries (prefill) instead of one per query"},
+        {"device", "DEV", kDeviceFlagHelp},
         {"json", "", "print the report as JSON"},
     },
     Run});

@@ -78,8 +78,10 @@ int Run(const Args& args) {
   std::unique_ptr<DB> db;
   Status s = OpenDatabase(db_path, OpenMode::kReadOnly, &db);
   if (!s.ok()) return Fail(kName, s.WithPrefix("opening database " + db_path));
+  OpenOptions open_options;
+  if (Status ds = ParseDevice(args, &open_options); !ds.ok()) return Usage(ds.message());
   std::unique_ptr<ContextHandle> handle;
-  s = ContextHandle::Open(db.get(), name, &handle);
+  s = ContextHandle::Open(db.get(), name, open_options, &handle);
   if (!s.ok()) return Fail(kName, s);
   const ContextInfo& info = handle->info();
 
@@ -183,6 +185,7 @@ const Registrar kRegistrar(Command{
          "union (default): with a budget the group selects jointly (the budget bounds the keys read per KV "
          "head), with a threshold each head attends its group's union; per-head: each head its own selection"},
         {"per-query", "", "with T > 1: each query selects alone (default: one selection shared by the T queries)"},
+        {"device", "DEV", kDeviceFlagHelp},
         {"json", "", "print the summary as JSON"},
     },
     Run});

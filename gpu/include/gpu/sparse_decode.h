@@ -37,20 +37,20 @@ struct HostDecodeHead {
 };
 
 struct HostDecodeProblem {
-  int head_dim = 0;     // 64 or 128
-  int group_size = 0;   // G query heads per KV head, 1..8
-  int page_rows = 0;    // P
+  int head_dim = 0;           // 64 or 128
+  int group_size = 0;         // G query heads per KV head, 1..8
+  int page_rows = 0;          // P
   DType dtype = DType::kF16;  // kF16 or kBF16
-  int64_t n_clustered = 0;     // rows [0, n_clustered) are clustered, the rest the always set
+  int64_t n_clustered = 0;    // rows [0, n_clustered) are clustered, the rest the always set
   int64_t clustered_pages = 0;
-  float scale = 0;             // softmax scale
+  float scale = 0;  // softmax scale
   std::vector<HostDecodeHead> heads;
-  const float* q = nullptr;    // [heads * G, head_dim]
+  const float* q = nullptr;  // [heads * G, head_dim]
 };
 
 struct DecodeRun {
-  int splits = 0;              // thread blocks per KV head
-  double kernel_ms = 0;        // both kernels, CUDA events
+  int splits = 0;        // thread blocks per KV head
+  double kernel_ms = 0;  // both kernels, CUDA events
 };
 
 // Runs the problem on device 0: o [heads * G, head_dim], lse [heads * G]
