@@ -1,6 +1,6 @@
-// What the CUDA layer sees of the machine. The kernels of the GPU engine
-// (centroid scoring, selection, sparse attention, paging) come with the GPU
-// issue; this file is the layer's entry point and its CUDA detection.
+// What the CUDA layer sees of the machine: the layer's CUDA detection. Its
+// other entry points: gpu/resident.h (KV pages in GPU memory, decode over
+// them) and gpu/sparse_decode.h (the sparse decode kernel on host data).
 //
 // Thread-safety: all functions may be called from any thread.
 #pragma once
