@@ -7,9 +7,9 @@
 #include <string>
 #include <vector>
 
+#include "sparse_decode.cuh"
 #include "sqz/status.h"
 #include "sqz/types.h"
-#include "sparse_decode.cuh"
 
 namespace sqz::gpu {
 

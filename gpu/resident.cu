@@ -62,8 +62,8 @@ class ResidentKvImpl final : public ResidentKv {
   }
 
   Status Upload(int layer, int head, int64_t first_page, const void* data, int64_t n_pages) override {
-    if (layer < 0 || layer >= shape_.n_layers || head < 0 || head >= shape_.n_heads || first_page < 0 ||
-        n_pages < 0 || first_page + n_pages > shape_.pages_per_head) {
+    if (layer < 0 || layer >= shape_.n_layers || head < 0 || head >= shape_.n_heads || first_page < 0 || n_pages < 0 ||
+        first_page + n_pages > shape_.pages_per_head) {
       return Status::InvalidArgument("ResidentKv::Upload: pages out of range");
     }
     std::lock_guard<std::mutex> lock(mu_);
@@ -142,8 +142,7 @@ class ResidentKvImpl final : public ResidentKv {
     SQZ_CUDA_TRY(LaunchDecode(p, shape_.dtype, D, stream_), "launching the sparse decode kernels");
     if (run) SQZ_CUDA_TRY(cudaEventRecord(stop, stream_), "cudaEventRecord");
     SQZ_CUDA_TRY(cudaMemcpyAsync(o, p.o, q_bytes, cudaMemcpyDeviceToHost, stream_), "downloading O");
-    SQZ_CUDA_TRY(cudaMemcpyAsync(lse, p.lse, rows * sizeof(float), cudaMemcpyDeviceToHost, stream_),
-                 "downloading LSE");
+    SQZ_CUDA_TRY(cudaMemcpyAsync(lse, p.lse, rows * sizeof(float), cudaMemcpyDeviceToHost, stream_), "downloading LSE");
     SQZ_CUDA_TRY(cudaStreamSynchronize(stream_), "running the sparse decode kernels");
     if (run) {
       float ms = 0;

@@ -58,8 +58,8 @@ class ResidentKv {
 
   // Decode (T = 1) of one layer: q [n_heads * G, head_dim] -> o, lse
   // (natural log), all host memory. G is 1..8.
-  virtual Status Decode(int layer, const HostSegments& segments, int group_size, float scale, const float* q,
-                        float* o, float* lse, DecodeRun* run = nullptr) = 0;
+  virtual Status Decode(int layer, const HostSegments& segments, int group_size, float scale, const float* q, float* o,
+                        float* lse, DecodeRun* run = nullptr) = 0;
 };
 
 }  // namespace sqz::gpu
