@@ -307,11 +307,11 @@ Status DBImpl::OpenView(bool fresh_dir, std::shared_ptr<RocksView>* out) {
     v->secondary_dir = tmpl;
     // The writer may delete a file between our reading its MANIFEST and
     // opening the file: retry a few times.
-    for (int attempt = 0; attempt < 5; ++attempt) {
+    for (int attempt = 0; attempt < 8; ++attempt) {
       s = rocksdb::DB::OpenAsSecondary(dbo, path_, v->secondary_dir, descs, &v->handles, &raw);
       if (s.ok() || !(s.IsIOError() || s.IsPathNotFound() || s.IsCorruption())) break;
       v->handles.clear();
-      std::this_thread::sleep_for(std::chrono::milliseconds(20 << attempt));
+      std::this_thread::sleep_for(std::chrono::milliseconds(10 << std::min(attempt, 5)));
     }
   }
   if (!s.ok()) return FromRocks(s, path_ + ": cannot open the database");
@@ -380,6 +380,14 @@ Status DBImpl::OpenImpl(const Options& options, const std::string& path) {
   if (exists) {
     std::vector<std::string> cfs;
     rocksdb::Status ls = rocksdb::DB::ListColumnFamilies(rocksdb::DBOptions(), path, &cfs);
+    // A writer process that opens the database rolls its MANIFEST: CURRENT
+    // may name a file deleted a moment later. Readers retry (the open below
+    // does the same).
+    for (int attempt = 0; read_only_ && attempt < 8 && (ls.IsIOError() || ls.IsPathNotFound()); ++attempt) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10 << std::min(attempt, 5)));
+      cfs.clear();
+      ls = rocksdb::DB::ListColumnFamilies(rocksdb::DBOptions(), path, &cfs);
+    }
     if (!ls.ok()) return FromRocks(ls, path + ": cannot read the database");
     for (const auto& cf : cfs) {
       if (cf != kCfDefault && cf != kCfManifest && cf != kCfIndex && cf != kCfKv) {

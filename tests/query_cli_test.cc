@@ -18,6 +18,11 @@
 namespace sqz {
 namespace {
 
+std::string ReadAll(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+}
+
 class QueryCliTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
@@ -170,6 +175,22 @@ TEST_F(QueryCliTest, DeviceOption) {
   } else {
     ASSERT_EQ(Sqctl(Base("query") + " --out " + dir_->Sub("o_cuda.safetensors") + " --device cuda", &out), 0) << out;
   }
+}
+
+// Issue 9, item 4: --out never destroys the input nor replaces a link.
+TEST_F(QueryCliTest, OutNeverReplacesTheQueriesOrALink) {
+  std::string out;
+  const std::string before = ReadAll(Queries());
+  EXPECT_EQ(Sqctl(Base("query") + " --out " + Queries(), &out), 2) << out;
+  EXPECT_NE(out.find("is the queries file"), std::string::npos) << out;
+  EXPECT_EQ(ReadAll(Queries()), before);
+  const std::string target = dir_->Sub("keep.txt"), link = dir_->Sub("o_link.safetensors");
+  std::ofstream(target) << "keep me";
+  std::filesystem::create_symlink(target, link);
+  EXPECT_EQ(Sqctl(Base("query") + " --out " + link, &out), 1) << out;
+  EXPECT_NE(out.find("symbolic link"), std::string::npos) << out;
+  EXPECT_TRUE(std::filesystem::is_symlink(link));
+  EXPECT_EQ(ReadAll(target), "keep me");
 }
 
 TEST_F(QueryCliTest, ErrorsNameTheCulpritAndExitNonZero) {

@@ -177,6 +177,51 @@ TEST(SafetensorsTest, WriterReplacesAnExistingFile) {
   ASSERT_NE(f->Find("t"), nullptr);
 }
 
+// Issue 9, item 4: the writer never replaces what is not a regular file,
+// and never follows a link through its temporary file.
+TEST(SafetensorsTest, WriterRefusesToReplaceLinksDirectoriesAndDevices) {
+  ScopedTempDir dir;
+  SafetensorsWriter w;
+  const float one = 1.0f;
+  w.Add("t", DType::kF32, {1}, &one);
+  const std::string target = dir.Sub("target.bin"), link = dir.Sub("link.safetensors");
+  WriteFileBytes(target, "precious");
+  std::filesystem::create_symlink(target, link);
+  Status s = w.WriteFile(link);
+  EXPECT_TRUE(s.IsInvalidArgument()) << s.ToString();
+  EXPECT_NE(s.message().find("symbolic link"), std::string::npos) << s.ToString();
+  EXPECT_TRUE(std::filesystem::is_symlink(link));
+  std::ifstream in(target);
+  std::string content((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  EXPECT_EQ(content, "precious");
+
+  std::filesystem::create_directory(dir.Sub("d"));
+  s = w.WriteFile(dir.Sub("d"));
+  EXPECT_TRUE(s.IsInvalidArgument()) << s.ToString();
+  EXPECT_TRUE(std::filesystem::is_directory(dir.Sub("d")));
+
+  s = w.WriteFile("/dev/null");
+  EXPECT_TRUE(s.IsInvalidArgument()) << s.ToString();
+  EXPECT_NE(s.message().find("not a regular file"), std::string::npos) << s.ToString();
+
+  // A stale "<path>.tmp" symlink (the old temporary name) is neither
+  // followed nor needed.
+  const std::string out = dir.Sub("out.safetensors");
+  std::filesystem::create_symlink(target, out + ".tmp");
+  ASSERT_TRUE(w.WriteFile(out).ok());
+  std::ifstream again(target);
+  std::string after((std::istreambuf_iterator<char>(again)), std::istreambuf_iterator<char>());
+  EXPECT_EQ(after, "precious");
+  std::unique_ptr<SafetensorsFile> f;
+  ASSERT_TRUE(SafetensorsFile::Open(out, &f).ok());
+  EXPECT_NE(f->Find("t"), nullptr);
+  // No temporary left behind.
+  int files = 0;
+  for (const auto& e : std::filesystem::directory_iterator(dir.path()))
+    files += e.path().string().find(".tmp.") != std::string::npos;
+  EXPECT_EQ(files, 0);
+}
+
 TEST(SafetensorsTest, WriterReportsIOError) {
   ScopedTempDir dir;
   SafetensorsWriter w;

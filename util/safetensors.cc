@@ -473,9 +473,28 @@ Status SafetensorsWriter::WriteFile(const std::string& path) const {
   header += "}";
   while ((8 + header.size()) % 8 != 0) header += ' ';  // align the data section to 8 bytes
 
-  const std::string tmp = path + ".tmp";
-  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) return Status::IOError(tmp + ": cannot create: " + std::strerror(errno));
+  // Replace only a regular file: renaming over a symlink would replace the
+  // link (not what it points to), and over a device or a directory it would
+  // clobber something that is not ours to replace.
+  struct stat st;
+  if (::lstat(path.c_str(), &st) == 0 && !S_ISREG(st.st_mode)) {
+    const char* what = S_ISLNK(st.st_mode)   ? "a symbolic link"
+                       : S_ISDIR(st.st_mode) ? "a directory"
+                                             : "not a regular file (a device, a FIFO or a socket)";
+    return Status::InvalidArgument(path + ": exists and is " + what +
+                                   "; refusing to replace it (give the path of a regular file)");
+  }
+  // A fresh temporary beside the target (O_EXCL, never follows a link), then
+  // an atomic rename: readers see the old file or the whole new one.
+  std::string tmp = path + ".tmp.XXXXXX";
+  int fd = ::mkostemp(tmp.data(), O_CLOEXEC);
+  if (fd < 0) return Status::IOError(path + ": cannot create a temporary file beside it: " + std::strerror(errno));
+  if (::fchmod(fd, 0644) != 0) {
+    const int e = errno;
+    ::close(fd);
+    ::unlink(tmp.c_str());
+    return Status::IOError(tmp + ": chmod failed: " + std::strerror(e));
+  }
   uint8_t len[8];
   uint64_t hl = header.size();
   for (int i = 0; i < 8; ++i) len[i] = static_cast<uint8_t>(hl >> (8 * i));

@@ -1,6 +1,7 @@
 // sqctl query: sparse attention of a queries file over a stored context.
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -75,6 +76,14 @@ int Run(const Args& args) {
   const std::string db_path = args.Get("db"), name = args.Get("context"), qpath = args.Get("queries"),
                     out_path = args.Get("out");
 
+  {
+    // Writing the output over the input would destroy the queries.
+    std::error_code ec;
+    if (std::filesystem::exists(out_path, ec) && std::filesystem::equivalent(out_path, qpath, ec)) {
+      return Usage("--out " + out_path + " is the queries file (--queries " + qpath +
+                   "); writing it would destroy the input: give another path");
+    }
+  }
   std::unique_ptr<DB> db;
   Status s = OpenDatabase(db_path, OpenMode::kReadOnly, &db);
   if (!s.ok()) return Fail(kName, s.WithPrefix("opening database " + db_path));

@@ -63,7 +63,9 @@ class SafetensorsWriter {
   void SetMetadata(const std::string& key, const std::string& value) { metadata_[key] = value; }
   // Adds a tensor (nbytes must equal numel * DTypeSize(dtype)).
   void Add(const std::string& name, DType dtype, std::vector<int64_t> shape, const void* data);
-  // Writes `path` atomically (temporary file, fsync, rename).
+  // Writes `path` atomically (a fresh temporary file beside it, fsync,
+  // rename). InvalidArgument, changing nothing, when `path` exists and is
+  // not a regular file (a symlink, a directory, a device).
   Status WriteFile(const std::string& path) const;
 
  private:
