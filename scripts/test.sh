@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# Sets everything up (scripts/setup.sh), builds, and runs the test suite:
-# every GoogleTest suite except those labelled "slow", plus the Python
-# cross-check of the safetensors files. This is what CI (.ci/run) runs.
+# The README's test command, and exactly what CI (.ci/run) runs: sets
+# everything up (scripts/setup.sh), builds, runs the test suite (every
+# GoogleTest suite except those labelled "slow", the layering checks and the
+# Python cross-check of the safetensors files), checks formatting against the
+# checked-in .clang-format, then runs the suite again under ASan + UBSan
+# (scripts/sanitize.sh). About 10 minutes from a fresh clone on 2 cores.
 #
-#   scripts/test.sh          # default suite
-#   SQZ_SLOW=1 scripts/test.sh   # also the slow (large-context) tests
+#   scripts/test.sh                 # all of the above (what CI runs)
+#   SQZ_SLOW=1 scripts/test.sh      # also the slow (large-context) tests
+#   SQZ_QUICK=1 scripts/test.sh     # the suite only: no format check, no sanitizers
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -12,3 +16,10 @@ BUILD_DIR=${SQZ_BUILD_DIR:-build}
 label_args=(-LE slow)
 if [ "${SQZ_SLOW:-0}" = "1" ]; then label_args=(); fi
 ctest --test-dir "$BUILD_DIR" --output-on-failure -j 2 --timeout 900 "${label_args[@]}"
+if [ "${SQZ_QUICK:-0}" = "1" ]; then exit 0; fi
+echo
+echo "== formatting: scripts/format.sh --check"
+scripts/format.sh --check
+echo
+echo "== ASan + UBSan: scripts/sanitize.sh"
+scripts/sanitize.sh
