@@ -29,7 +29,7 @@ Status CheckDecodeShape(int head_dim, int group_size, DType dtype);
 
 // Thread blocks per KV head: enough to fill the GPU (about 4 per SM in all),
 // at least 64 rows each.
-int DecodeSplits(int device, int n_heads, uint32_t max_rows);
+int DecodeSplits(int sm_count, int n_heads, uint32_t max_rows);
 
 // Launches the decode kernels for p (pages, tables, segments, q, o, lse,
 // workspace filled in) on `stream`.

@@ -49,6 +49,7 @@ class ResidentKvImpl final : public ResidentKv {
                              " MiB (open fewer KV heads per handle, or wait for paging)");
     }
     SQZ_CUDA_TRY(cudaMalloc(&pages_, std::max<uint64_t>(bytes_, 1)), "cudaMalloc (KV pages)");
+    SQZ_CUDA_TRY(cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, device_), "SM count");
     SQZ_CUDA_TRY(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
     return Status::OK();
   }
@@ -81,10 +82,10 @@ class ResidentKvImpl final : public ResidentKv {
         seg.first_row.size() != seg.n_rows.size() || seg.offsets.back() != seg.first_row.size()) {
       return Status::InvalidArgument("ResidentKv::Decode: segment table does not match the resident heads");
     }
-    std::vector<uint32_t> before, head_rows, base(H);
+    std::vector<uint32_t> before, head_rows, base(H);  // base[h]: slot of the head's page 0 in this layer
     const uint32_t max_rows = PrepareSegments(seg.offsets, seg.n_rows, &before, &head_rows);
     for (int h = 0; h < H; ++h) base[h] = static_cast<uint32_t>(h * shape_.pages_per_head);
-    const int splits = DecodeSplits(device_, H, max_rows);
+    const int splits = DecodeSplits(sm_count_, H, max_rows);
     const size_t n_seg = seg.first_row.size(), rows = static_cast<size_t>(H) * group;
 
     std::lock_guard<std::mutex> lock(mu_);
@@ -112,8 +113,7 @@ class ResidentKvImpl final : public ResidentKv {
     DecodeParams p;
     p.pages = Page(layer, 0, 0);
     p.page_bytes = page_bytes_;
-    p.page_table = nullptr;  // resident: slot = table_base[h] + page
-    p.table_base = m;
+    p.head_page_base = m;
     p.seg_offsets = m + H;
     p.seg_first = m + 2 * H + 1;
     p.seg_rows = p.seg_first + n_seg;
@@ -157,6 +157,7 @@ class ResidentKvImpl final : public ResidentKv {
 
  private:
   int device_;
+  int sm_count_ = 1;
   ResidentShape shape_;
   size_t page_bytes_ = 0;
   uint64_t bytes_ = 0;
@@ -175,7 +176,9 @@ Status ResidentKv::Create(int device, const ResidentShape& shape, std::unique_pt
     return Status::NotSupported("CUDA device " + std::to_string(device) + " does not exist (" + std::to_string(n) +
                                 " present)");
   }
-  SQZ_RETURN_IF_ERROR(CheckDecodeShape(shape.head_dim, 1, shape.dtype));
+  if (Status s = CheckDecodeShape(shape.head_dim, 1, shape.dtype); !s.ok()) {
+    return Status::NotSupported(s.message() + "; open the context on the CPU (Device::kCpu, sqctl --device cpu)");
+  }
   if (shape.n_layers < 1 || shape.n_heads < 1 || shape.pages_per_head < 1 || shape.page_rows < 1) {
     return Status::InvalidArgument("ResidentKv: empty shape");
   }

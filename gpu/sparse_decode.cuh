@@ -1,6 +1,11 @@
-// Sparse decode kernels (see gpu/include/gpu/sparse_decode.h). Launchers take
-// a stream and a caller-owned workspace and never allocate, so a step can be
-// captured in a CUDA graph. All pointers are device memory.
+// Sparse decode kernels: one decode step (T = 1) of one layer. Every KV head h
+// attends the rows of its segments (runs of its stored rows, as in a
+// SegmentTable) for its G query heads, reading K and V from pages in the
+// stored layout (docs/FORMAT.md, "KV pages"); fp32 accumulation; the rows of
+// a head are split across thread blocks whose partial (o, m, l) states a
+// second kernel merges, so one request fills the GPU. Launchers take a stream
+// and a caller-owned workspace and never allocate, so a step can be captured
+// in a CUDA graph. All pointers are device memory.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -17,15 +22,14 @@ inline constexpr int kDecodeWarps = 4;  // warps per block
 struct DecodeParams {
   const uint8_t* pages = nullptr;  // [slots, 2, P, D] of T: K plane then V plane
   size_t page_bytes = 0;
-  // Head h, page id p -> slot page_table[table_base[h] + p]; without a
-  // page_table (resident pages) the slot is table_base[h] + p.
-  const int32_t* page_table = nullptr;
-  const uint32_t* table_base = nullptr;   // [n_heads]
-  const uint32_t* seg_offsets = nullptr;  // [n_heads + 1] CSR into the segment arrays
-  const uint32_t* seg_first = nullptr;    // first row of each segment
-  const uint32_t* seg_rows = nullptr;     // rows of each segment
-  const uint32_t* seg_before = nullptr;   // rows of the head's earlier segments
-  const uint32_t* head_rows = nullptr;    // [n_heads] attended rows per head
+  // Page p of head h is slot head_page_base[h] + p. (Paging beyond GPU
+  // memory will put a page table here.)
+  const uint32_t* head_page_base = nullptr;  // [n_heads]
+  const uint32_t* seg_offsets = nullptr;     // [n_heads + 1] CSR into the segment arrays
+  const uint32_t* seg_first = nullptr;       // first row of each segment
+  const uint32_t* seg_rows = nullptr;        // rows of each segment
+  const uint32_t* seg_before = nullptr;      // rows of the head's earlier segments
+  const uint32_t* head_rows = nullptr;       // [n_heads] attended rows per head
   int n_heads = 0;
   int group = 0;  // G
   int page_rows = 0;
@@ -69,7 +73,7 @@ __device__ inline const T* RowPtr(const DecodeParams& p, int h, int64_t row) {
     page = p.clustered_pages + (row - p.n_clustered) / p.page_rows;
     slot = (row - p.n_clustered) % p.page_rows;
   }
-  const int64_t s = p.page_table ? p.page_table[p.table_base[h] + page] : p.table_base[h] + page;
+  const int64_t s = static_cast<int64_t>(p.head_page_base[h]) + page;
   return reinterpret_cast<const T*>(p.pages + static_cast<size_t>(s) * p.page_bytes) + slot * D;
 }
 

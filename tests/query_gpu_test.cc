@@ -1,8 +1,8 @@
-// The GPU sparse decode kernel against the CPU engine, on the device for
-// real (skipped where no GPU is present). The CPU engine plans the selection
-// (a SegmentTable) and attends it; the GPU kernel attends the same segments
-// from the same stored pages. Fresh random queries every run (the seed is
-// printed); outputs are poisoned (NaN) before each GPU run.
+// The GPU path against the CPU engine, on the device for real (skipped where
+// no GPU is present). A handle opened with Device::kCuda holds the context's
+// pages in GPU memory and runs decode steps on the sparse decode kernel; it
+// must answer what the CPU handle answers. Fresh random queries every run
+// (the seed is printed); the GPU outputs are poisoned (NaN) before each run.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -13,10 +13,9 @@
 #include <vector>
 
 #include "gpu/device.h"
-#include "gpu/sparse_decode.h"
+#include "gpu/resident.h"
 #include "sqz/build.h"
 #include "sqz/query.h"
-#include "storage/store.h"
 #include "tests/index_test_util.h"
 #include "tests/test_util.h"
 
@@ -27,6 +26,29 @@ using index_test::KvData;
 using index_test::KvSpec;
 using testing::ScopedTempDir;
 
+// O within relative L2 1e-4 and LSE within 1e-4 (both accumulate in fp32, in
+// different orders); rows with nothing attended: LSE = -inf and O = 0.
+void ExpectClose(const std::vector<float>& o_cpu, const std::vector<float>& l_cpu, const std::vector<float>& o_gpu,
+                 const std::vector<float>& l_gpu, int d, const std::string& what) {
+  for (size_t r = 0; r < l_cpu.size(); ++r) {
+    if (std::isinf(l_cpu[r])) {
+      EXPECT_TRUE(std::isinf(l_gpu[r]) && l_gpu[r] < 0) << what << " row " << r;
+      for (int e = 0; e < d; ++e) EXPECT_EQ(o_gpu[r * d + e], 0.f) << what << " row " << r;
+      continue;
+    }
+    ASSERT_TRUE(std::isfinite(l_gpu[r])) << what << " row " << r;
+    EXPECT_NEAR(l_gpu[r], l_cpu[r], 1e-4 * std::max(1.f, std::fabs(l_cpu[r]))) << what << " row " << r;
+    double diff = 0, norm = 0;
+    for (int e = 0; e < d; ++e) {
+      const double a = o_gpu[r * d + e], b = o_cpu[r * d + e];
+      ASSERT_TRUE(std::isfinite(a)) << what << " row " << r;
+      diff += (a - b) * (a - b);
+      norm += b * b;
+    }
+    EXPECT_LE(std::sqrt(diff), 1e-4 * std::sqrt(norm) + 1e-6) << what << " row " << r;
+  }
+}
+
 class GpuDecodeTest : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -35,19 +57,21 @@ class GpuDecodeTest : public ::testing::Test {
     ASSERT_TRUE(DB::Open(Options(), dir_.Sub("db"), &db_).ok());
   }
 
-  // Builds `name` and checks GPU against CPU for one decode query per query
-  // head, under each of `configs`.
+  // Builds `name`, opens it on the CPU and on the GPU, and compares one
+  // decode query per query head under each of `configs`, every layer.
   void Check(const std::string& name, KvSpec spec, BuildOptions bo, const std::vector<QueryOptions>& configs) {
     KvData data(spec);
     auto src = data.Source();
     bo.kmeans_iters = 3;
     Status s = BuildContext(db_.get(), name, src.get(), bo);
     ASSERT_TRUE(s.ok()) << s.ToString();
-    std::unique_ptr<ContextHandle> h;
-    ASSERT_TRUE(ContextHandle::Open(db_.get(), name, &h).ok());
-    std::unique_ptr<storage::ContextSnapshot> snap;
-    ASSERT_TRUE(db_->store()->OpenSnapshot(name, &snap).ok());
-    const ContextInfo& info = h->info();
+    std::unique_ptr<ContextHandle> cpu, gpu_h;
+    ASSERT_TRUE(ContextHandle::Open(db_.get(), name, &cpu).ok());
+    OpenOptions oo;
+    oo.device = Device::kCuda;
+    s = ContextHandle::Open(db_.get(), name, oo, &gpu_h);
+    ASSERT_TRUE(s.ok()) << s.ToString();
+    const ContextInfo& info = cpu->info();
     const int d = info.head_dim, G = info.group_size(), nq = info.n_q_heads;
 
     const uint64_t seed = std::random_device()();
@@ -60,64 +84,16 @@ class GpuDecodeTest : public ::testing::Test {
       for (int qh = 0; qh < nq; ++qh) {
         std::vector<float> k(d), v(d);
         const int64_t row = std::uniform_int_distribution<int64_t>(0, info.n_tokens - 1)(rng);
-        ASSERT_TRUE(h->ReadRows(layer, qh / G, row, 1, k.data(), v.data()).ok());
+        ASSERT_TRUE(cpu->ReadRows(layer, qh / G, row, 1, k.data(), v.data()).ok());
         for (int e = 0; e < d; ++e) q[static_cast<size_t>(qh) * d + e] = 2.f * k[e] + 0.5f * normal(rng);
       }
       for (size_t ci = 0; ci < configs.size(); ++ci) {
-        const QueryOptions& qo = configs[ci];
         const std::string what = name + " layer " + std::to_string(layer) + " config " + std::to_string(ci);
-        std::vector<float> o_cpu(q.size()), lse_cpu(nq);
-        s = h->Attend(layer, q.data(), 1, qo, o_cpu.data(), lse_cpu.data());
+        std::vector<float> oc(q.size()), lc(nq), og(q.size(), NAN), lg(nq, NAN);
+        ASSERT_TRUE(cpu->Attend(layer, q.data(), 1, configs[ci], oc.data(), lc.data()).ok());
+        s = gpu_h->Attend(layer, q.data(), 1, configs[ci], og.data(), lg.data());
         ASSERT_TRUE(s.ok()) << s.ToString();
-        SegmentTable t;
-        ASSERT_TRUE(h->Plan(layer, q.data(), 1, qo, &t).ok());
-        ASSERT_EQ(t.n_sets(), info.n_kv_heads) << "decode + GQA union: one set per KV head";
-
-        gpu::HostDecodeProblem p;
-        p.head_dim = d;
-        p.group_size = G;
-        p.page_rows = info.page_rows;
-        p.dtype = info.dtype;
-        p.n_clustered = info.n_clustered;
-        p.clustered_pages = info.clustered_pages;
-        p.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
-        p.q = q.data();
-        std::vector<std::unique_ptr<storage::PageSet>> sets;
-        for (int g = 0; g < info.n_kv_heads; ++g) {
-          gpu::HostDecodeHead hd;
-          hd.page_ids.assign(t.pages.begin() + t.page_offsets[g], t.pages.begin() + t.page_offsets[g + 1]);
-          sets.push_back(std::make_unique<storage::PageSet>());
-          ASSERT_TRUE(snap->ReadPages(layer, g, hd.page_ids.data(), hd.page_ids.size(), sets.back().get()).ok());
-          for (size_t i = 0; i < hd.page_ids.size(); ++i) hd.pages.push_back(sets.back()->data(i));
-          for (uint32_t i = t.set_offsets[g]; i < t.set_offsets[g + 1]; ++i) {
-            hd.first_row.push_back(t.segments[i].first_row);
-            hd.n_rows.push_back(t.segments[i].n_rows);
-          }
-          p.heads.push_back(std::move(hd));
-        }
-        std::vector<float> o_gpu(q.size()), lse_gpu(nq);
-        gpu::DecodeRun run;
-        s = gpu::SparseDecodeOnDevice(p, o_gpu.data(), lse_gpu.data(), &run);
-        ASSERT_TRUE(s.ok()) << s.ToString();
-        for (int r = 0; r < nq; ++r) {
-          if (std::isinf(lse_cpu[r])) {  // nothing attended
-            EXPECT_TRUE(std::isinf(lse_gpu[r]) && lse_gpu[r] < 0) << what << " row " << r;
-            for (int e = 0; e < d; ++e) EXPECT_EQ(o_gpu[static_cast<size_t>(r) * d + e], 0.f);
-            continue;
-          }
-          ASSERT_TRUE(std::isfinite(lse_gpu[r])) << what << " row " << r;
-          EXPECT_NEAR(lse_gpu[r], lse_cpu[r], 1e-4 * std::max(1.f, std::fabs(lse_cpu[r]))) << what << " row " << r;
-          double diff = 0, norm = 0;
-          for (int e = 0; e < d; ++e) {
-            const float a = o_gpu[static_cast<size_t>(r) * d + e], b = o_cpu[static_cast<size_t>(r) * d + e];
-            ASSERT_TRUE(std::isfinite(a)) << what << " row " << r;
-            diff += (a - b) * static_cast<double>(a - b);
-            norm += static_cast<double>(b) * b;
-          }
-          // Both accumulate in fp32 in different orders.
-          EXPECT_LE(std::sqrt(diff), 1e-4 * std::sqrt(norm) + 1e-6) << what << " row " << r;
-        }
-        std::printf("[ info ] %s: %d splits per head, %.3f ms\n", what.c_str(), run.splits, run.kernel_ms);
+        ExpectClose(oc, lc, og, lg, d, what);
       }
     }
   }
@@ -222,23 +198,11 @@ TEST_F(GpuDecodeTest, ResidentHandleMatchesTheCpuHandle) {
         ASSERT_TRUE(st.ok()) << st.ToString();
         ASSERT_EQ(stats.heads.size(), static_cast<size_t>(s.n_kv_heads));
         const bool on_gpu = T == 1 && cfg != 3;
-        for (size_t r = 0; r < lc.size(); ++r) {
-          if (!on_gpu) {
-            ASSERT_EQ(lg[r], lc[r]) << "CPU fallback, row " << r;
-            continue;
-          }
-          ASSERT_NEAR(lg[r], lc[r], 1e-4 * std::max(1.f, std::fabs(lc[r]))) << "T " << T << " cfg " << cfg;
-          double diff = 0, norm = 0;
-          for (int e = 0; e < d; ++e) {
-            const double a = og[r * d + e], b = oc[r * d + e];
-            ASSERT_TRUE(std::isfinite(a));
-            diff += (a - b) * (a - b);
-            norm += b * b;
-          }
-          ASSERT_LE(std::sqrt(diff), 1e-4 * std::sqrt(norm) + 1e-6) << "T " << T << " cfg " << cfg << " row " << r;
-        }
-        if (!on_gpu) {
-          ASSERT_EQ(og, oc);
+        if (on_gpu) {
+          ExpectClose(oc, lc, og, lg, d, "T " + std::to_string(T) + " cfg " + std::to_string(cfg));
+        } else {
+          ASSERT_EQ(og, oc) << "CPU fallback";
+          ASSERT_EQ(lg, lc) << "CPU fallback";
         }
         // The rank serving KV heads 2 and 3 (query heads 2G .. 4G - 1).
         const size_t first = static_cast<size_t>(2) * G * T, rows = static_cast<size_t>(2) * G * T;
@@ -249,6 +213,43 @@ TEST_F(GpuDecodeTest, ResidentHandleMatchesTheCpuHandle) {
       }
     }
   }
+}
+
+// gpu::ResidentKv refuses what it cannot do, with a named reason.
+TEST_F(GpuDecodeTest, ResidentKvErrors) {
+  gpu::ResidentShape shape;
+  shape.n_layers = 1;
+  shape.n_heads = 2;
+  shape.pages_per_head = 4;
+  shape.page_rows = 16;
+  shape.head_dim = 96;  // unsupported
+  shape.n_clustered = 50;
+  shape.clustered_pages = 4;
+  std::unique_ptr<gpu::ResidentKv> r;
+  Status s = gpu::ResidentKv::Create(0, shape, &r);
+  EXPECT_TRUE(s.IsNotSupported()) << s.ToString();
+  EXPECT_NE(s.message().find("Device::kCpu"), std::string::npos) << s.ToString();
+  shape.head_dim = 64;
+  EXPECT_TRUE(gpu::ResidentKv::Create(gpu::DeviceCount(), shape, &r).IsNotSupported());
+  ASSERT_TRUE(gpu::ResidentKv::Create(0, shape, &r).ok());
+  std::vector<uint8_t> page(2 * 16 * 64 * 2, 0);
+  EXPECT_TRUE(r->Upload(0, 2, 0, page.data(), 1).IsInvalidArgument());  // head out of range
+  EXPECT_TRUE(r->Upload(0, 0, 4, page.data(), 1).IsInvalidArgument());  // page out of range
+  EXPECT_TRUE(r->Upload(1, 0, 0, page.data(), 1).IsInvalidArgument());  // layer out of range
+  ASSERT_TRUE(r->Upload(0, 1, 3, page.data(), 1).ok());
+  ASSERT_TRUE(r->Upload(0, 0, 0, page.data(), 1).ok());  // zero keys and values
+  gpu::HostSegments seg;
+  seg.offsets = {0, 1};  // one head's worth for a two-head context
+  seg.first_row = {0};
+  seg.n_rows = {4};
+  std::vector<float> q(2 * 64), o(q.size()), lse(2);
+  EXPECT_TRUE(r->Decode(0, seg, 1, 0.125f, q.data(), o.data(), lse.data()).IsInvalidArgument());
+  seg.offsets = {0, 1, 1};
+  EXPECT_TRUE(r->Decode(0, seg, 9, 0.125f, q.data(), o.data(), lse.data()).IsNotSupported());  // G > 8
+  ASSERT_TRUE(r->Decode(0, seg, 1, 0.125f, q.data(), o.data(), lse.data()).ok());
+  EXPECT_NEAR(lse[0], std::log(4.f), 1e-6);  // 4 zero keys: lse = log 4, o = 0
+  for (int e = 0; e < 64; ++e) EXPECT_EQ(o[e], 0.f);
+  EXPECT_TRUE(std::isinf(lse[1]) && lse[1] < 0);  // nothing attended
 }
 
 }  // namespace

@@ -1,6 +1,6 @@
 // What the CUDA layer sees of the machine: the layer's CUDA detection. Its
-// other entry points: gpu/resident.h (KV pages in GPU memory, decode over
-// them) and gpu/sparse_decode.h (the sparse decode kernel on host data).
+// other entry point: gpu/resident.h (KV pages in GPU memory, decode over
+// them with the kernels of gpu/sparse_decode.cuh).
 //
 // Thread-safety: all functions may be called from any thread.
 #pragma once

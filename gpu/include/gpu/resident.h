@@ -6,7 +6,8 @@
 // Decode takes the read segments of each served head (host arrays, as in a
 // SegmentTable), uploads them with the queries, runs the sparse decode
 // kernels (gpu/sparse_decode.cuh) on the object's stream and copies O and
-// LSE back. Plain C++ header (no CUDA types).
+// LSE back. Plain C++ header (no CUDA types); the kernels and their launcher
+// (stream, caller workspace, no allocation) are gpu/sparse_decode.cuh.
 //
 // Thread-safety: Upload and Decode are serialised internally (one stream,
 // one workspace); a ResidentKv may be shared by threads.
@@ -16,11 +17,16 @@
 #include <memory>
 #include <vector>
 
-#include "gpu/sparse_decode.h"
 #include "sqz/status.h"
 #include "sqz/types.h"
 
 namespace sqz::gpu {
+
+// What one Decode ran, when asked for.
+struct DecodeRun {
+  int splits = 0;        // thread blocks per KV head
+  double kernel_ms = 0;  // both kernels, between CUDA events
+};
 
 struct ResidentShape {
   int n_layers = 0;
@@ -57,7 +63,8 @@ class ResidentKv {
   virtual Status Upload(int layer, int head, int64_t first_page, const void* data, int64_t n_pages) = 0;
 
   // Decode (T = 1) of one layer: q [n_heads * G, head_dim] -> o, lse
-  // (natural log), all host memory. G is 1..8.
+  // (natural log), all host memory. G is 1..8. With `run`, the kernels are
+  // timed (two CUDA events more).
   virtual Status Decode(int layer, const HostSegments& segments, int group_size, float scale, const float* q, float* o,
                         float* lse, DecodeRun* run = nullptr) = 0;
 };

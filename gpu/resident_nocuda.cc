@@ -1,0 +1,10 @@
+// Without the CUDA layer: ResidentKv says why it cannot run.
+#include "gpu/resident.h"
+
+namespace sqz::gpu {
+
+Status ResidentKv::Create(int, const ResidentShape&, std::unique_ptr<ResidentKv>*) {
+  return Status::NotSupported("this build has no CUDA layer (configure with /usr/local/cuda present)");
+}
+
+}  // namespace sqz::gpu
