@@ -113,6 +113,20 @@ void SegmentBlocks(const ContextInfo& info, const Segment* segments, size_t n_se
   }
 }
 
+// What served KV head h of the table reads (keys_attended is left 0).
+HeadStats ReadStats(const SegmentTable& t, int h, const ContextInfo& ci) {
+  HeadStats hs;
+  int64_t rows = 0;
+  for (uint32_t i = t.read_offsets[h]; i < t.read_offsets[h + 1]; ++i) rows += t.read_segments[i].n_rows;
+  hs.keys_selected = rows - ci.n_always();
+  hs.clusters_scored = t.clusters_scored[h];
+  hs.clusters_selected = t.clusters_read[h];
+  hs.segments_read = t.read_offsets[h + 1] - t.read_offsets[h];
+  hs.pages_read = t.page_offsets[h + 1] - t.page_offsets[h];
+  hs.bytes_read = static_cast<uint64_t>(hs.pages_read) * ci.page_bytes();
+  return hs;
+}
+
 void AppendPages(const ContextInfo& info, const Segment& seg, std::vector<uint32_t>* pages) {
   if (seg.n_rows == 0) return;
   const int64_t first = storage::PageOfRow(info, seg.first_row);
@@ -244,22 +258,12 @@ Status ContextHandleImpl::RunResident(const SegmentTable& t, const float* q, flo
     seg.first_row.push_back(s.first_row);
     seg.n_rows.push_back(s.n_rows);
   }
-  gpu::DecodeRun run;
-  SQZ_RETURN_IF_ERROR(resident_->Decode(t.layer, seg, t.group_size, scale, q, o, lse, &run));
+  SQZ_RETURN_IF_ERROR(resident_->Decode(t.layer, seg, t.group_size, scale, q, o, lse));
   if (stats) {
-    const ContextInfo& ci = info();
-    stats->heads.assign(t.n_kv_heads, HeadStats());
+    stats->heads.clear();
     for (int h = 0; h < t.n_kv_heads; ++h) {
-      HeadStats& hs = stats->heads[h];
-      int64_t rows = 0;
-      for (uint32_t i = t.read_offsets[h]; i < t.read_offsets[h + 1]; ++i) rows += t.read_segments[i].n_rows;
-      hs.keys_selected = rows - ci.n_always();
-      hs.keys_attended = rows * t.group_size;
-      hs.clusters_scored = t.clusters_scored[h];
-      hs.clusters_selected = t.clusters_read[h];
-      hs.segments_read = t.read_offsets[h + 1] - t.read_offsets[h];
-      hs.pages_read = t.page_offsets[h + 1] - t.page_offsets[h];
-      hs.bytes_read = hs.pages_read * ci.page_bytes();
+      stats->heads.push_back(ReadStats(t, h, info()));
+      stats->heads.back().keys_attended = (stats->heads.back().keys_selected + info().n_always()) * t.group_size;
     }
     stats->seconds_read = 0;
     stats->seconds_attend = Since(t0);
@@ -444,16 +448,7 @@ Status ContextHandleImpl::RunHead(const SegmentTable& t, int h, const float* q, 
   seconds[0] += Since(t0);
 
   t0 = Clock::now();
-  int64_t read_rows = 0;
-  for (uint32_t i = t.read_offsets[h]; i < t.read_offsets[h + 1]; ++i) read_rows += t.read_segments[i].n_rows;
-  hs->keys_selected = read_rows - ci.n_always();
-  hs->clusters_selected = t.clusters_read[h];
-  hs->clusters_scored = t.clusters_scored[h];
-  hs->segments_read = t.read_offsets[h + 1] - t.read_offsets[h];
-  hs->pages_read = static_cast<int64_t>(n_pages);
-  hs->bytes_read = n_pages * ci.page_bytes();
-  hs->keys_attended = 0;
-
+  *hs = ReadStats(t, h, ci);
   const int64_t rows_h = static_cast<int64_t>(G) * T;
   const int32_t* row_set = t.row_set.data() + static_cast<size_t>(h) * rows_h;
   for (int32_t si = 0; si < t.n_sets(); ++si) {

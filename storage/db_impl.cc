@@ -12,6 +12,7 @@
 #include <cstdarg>
 #include <ctime>
 #include <filesystem>
+#include <functional>
 #include <set>
 #include <thread>
 
@@ -42,6 +43,19 @@ class NullLogger : public rocksdb::Logger {
   void Logv(const char* /*format*/, va_list /*ap*/) override {}
 };
 
+// A reader races the writer: a file name it has just read (CURRENT's
+// MANIFEST, a table file) may be gone a moment later, when the writer opens
+// (it rolls its MANIFEST) or compacts. Retries `op` with backoff while it
+// fails the way such a race makes it fail.
+rocksdb::Status RetryWhileRacingWriter(const std::function<rocksdb::Status()>& op) {
+  rocksdb::Status s = op();
+  for (int attempt = 0; attempt < 8 && (s.IsIOError() || s.IsPathNotFound() || s.IsCorruption()); ++attempt) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10 << std::min(attempt, 5)));
+    s = op();
+  }
+  return s;
+}
+
 rocksdb::ColumnFamilyOptions CfOptions(const std::shared_ptr<rocksdb::Cache>& cache, size_t block_size,
                                        rocksdb::CompressionType compression) {
   rocksdb::ColumnFamilyOptions o;
@@ -55,8 +69,6 @@ rocksdb::ColumnFamilyOptions CfOptions(const std::shared_ptr<rocksdb::Cache>& ca
   o.bottommost_compression = compression;
   return o;
 }
-
-std::string Be32(uint32_t v) { return EncodeBE(v, 4); }
 
 }  // namespace
 
@@ -180,7 +192,7 @@ class WriterImpl final : public ContextWriter {
   Status PutHeadIndex(const HeadIndexRecord& rec) override {
     // The shapes the record needs; counts are checked against the final
     // manifest at read time.
-    std::string bytes = EncodeHeadIndexForWriter(rec);
+    std::string bytes = EncodeHeadIndex(shape_, rec);
     SQZ_RETURN_IF_ERROR(
         FromRocks(batch_.Put(view_->cf_index, HeadKey(id_, rec.layer, rec.head), bytes), "buffering an index record"));
     bytes_ += bytes.size();
@@ -206,7 +218,7 @@ class WriterImpl final : public ContextWriter {
     if (done_) return Status::InvalidArgument("commit: the writer is finished");
     if (info.id != id_) return Status::InvalidArgument("commit: the manifest names another context id");
     SQZ_RETURN_IF_ERROR(Flush());
-    Status s = db_->CommitContext(id_, info, replace);
+    Status s = db_->CommitContext(info, replace);
     if (s.ok()) done_ = true;
     return s;
   }
@@ -226,7 +238,6 @@ class WriterImpl final : public ContextWriter {
 
  private:
   Status MaybeFlush() { return batch_.GetDataSize() >= kWriterBatchBytes ? Flush() : Status::OK(); }
-  std::string EncodeHeadIndexForWriter(const HeadIndexRecord& rec) { return EncodeHeadIndex(shape_, rec); }
 
   DBImpl* db_;
   std::shared_ptr<RocksView> view_;
@@ -305,14 +316,10 @@ Status DBImpl::OpenView(bool fresh_dir, std::shared_ptr<RocksView>* out) {
     char tmpl[] = "/tmp/sqz-reader-XXXXXX";
     if (!mkdtemp(tmpl)) return Status::IOError("cannot create a scratch directory for a read-only open");
     v->secondary_dir = tmpl;
-    // The writer may delete a file between our reading its MANIFEST and
-    // opening the file: retry a few times.
-    for (int attempt = 0; attempt < 8; ++attempt) {
-      s = rocksdb::DB::OpenAsSecondary(dbo, path_, v->secondary_dir, descs, &v->handles, &raw);
-      if (s.ok() || !(s.IsIOError() || s.IsPathNotFound() || s.IsCorruption())) break;
+    s = RetryWhileRacingWriter([&] {
       v->handles.clear();
-      std::this_thread::sleep_for(std::chrono::milliseconds(10 << std::min(attempt, 5)));
-    }
+      return rocksdb::DB::OpenAsSecondary(dbo, path_, v->secondary_dir, descs, &v->handles, &raw);
+    });
   }
   if (!s.ok()) return FromRocks(s, path_ + ": cannot open the database");
   v->db.reset(raw);
@@ -364,7 +371,9 @@ Status DBImpl::CatchUpUntilConsistent(RocksView* v) {
     SQZ_RETURN_IF_ERROR(FromRocks(v->db->TryCatchUpWithPrimary(), path_ + ": catching up with the writer"));
   }
   return Status::Corruption(path_ + ": context '" + missing +
-                            "' has a manifest but its records are missing (also after catching up with the writer)");
+                            "' has a manifest but its records are missing (also after catching up with the "
+                            "writer): the database is damaged; drop the context with a read-write open (sqctl drop "
+                            "--db DIR --context NAME) and rebuild it");
 }
 
 Status DBImpl::OpenImpl(const Options& options, const std::string& path) {
@@ -379,15 +388,11 @@ Status DBImpl::OpenImpl(const Options& options, const std::string& path) {
   }
   if (exists) {
     std::vector<std::string> cfs;
-    rocksdb::Status ls = rocksdb::DB::ListColumnFamilies(rocksdb::DBOptions(), path, &cfs);
-    // A writer process that opens the database rolls its MANIFEST: CURRENT
-    // may name a file deleted a moment later. Readers retry (the open below
-    // does the same).
-    for (int attempt = 0; read_only_ && attempt < 8 && (ls.IsIOError() || ls.IsPathNotFound()); ++attempt) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(10 << std::min(attempt, 5)));
+    auto list = [&] {
       cfs.clear();
-      ls = rocksdb::DB::ListColumnFamilies(rocksdb::DBOptions(), path, &cfs);
-    }
+      return rocksdb::DB::ListColumnFamilies(rocksdb::DBOptions(), path, &cfs);
+    };
+    const rocksdb::Status ls = read_only_ ? RetryWhileRacingWriter(list) : list();
     if (!ls.ok()) return FromRocks(ls, path + ": cannot read the database");
     for (const auto& cf : cfs) {
       if (cf != kCfDefault && cf != kCfManifest && cf != kCfIndex && cf != kCfKv) {
@@ -403,8 +408,7 @@ Status DBImpl::OpenImpl(const Options& options, const std::string& path) {
   cache_ = rocksdb::NewLRUCache(std::max<size_t>(options.block_cache_bytes, 1 << 20));
   SQZ_RETURN_IF_ERROR(OpenView(!exists, &view_));
   if (read_only_) return Status::OK();
-  SQZ_RETURN_IF_ERROR(LoadIds());
-  SQZ_RETURN_IF_ERROR(RemoveOrphans());
+  SQZ_RETURN_IF_ERROR(RecoverOnOpen());
   SQZ_RETURN_IF_ERROR(Reclaim());
   reclaimer_ = std::thread([this] { ReclaimLoop(); });
   return Status::OK();
@@ -432,7 +436,7 @@ Status DBImpl::CheckFormatVersion(RocksView* v, bool fresh) {
     if (read_only_) return Status::OK();  // an empty database another process is creating
     rocksdb::WriteOptions wo;
     wo.sync = true;
-    return FromRocks(v->db->Put(wo, v->cf_default, kFormatVersionKey, Be32(kFormatVersion)),
+    return FromRocks(v->db->Put(wo, v->cf_default, kFormatVersionKey, EncodeBE(kFormatVersion, 4)),
                      path_ + ": writing the format version");
   }
   if (!s.ok()) return FromRocks(s, path_ + ": reading the format version");
@@ -456,7 +460,12 @@ Status DBImpl::CheckFormatVersion(RocksView* v, bool fresh) {
   return Status::OK();
 }
 
-Status DBImpl::LoadIds() {
+// One pass over what is on disk at a read-write open: the committed
+// contexts (manifests), the context ids present in the index and kv
+// families (one seek per id, not per record), and the id counter. Sets the
+// next id above all of them and removes the ids that have no manifest (the
+// leftovers of builds that never committed).
+Status DBImpl::RecoverOnOpen() {
   RocksView* v = view_.get();
   uint64_t next = 1;
   std::string value;
@@ -468,28 +477,6 @@ Status DBImpl::LoadIds() {
   } else if (!s.IsNotFound()) {
     return FromRocks(s, path_ + ": reading the context id counter");
   }
-  // Never below an id present on disk (manifests, records, reclaim markers).
-  std::unique_ptr<rocksdb::Iterator> it(v->db->NewIterator(rocksdb::ReadOptions(), v->cf_manifest));
-  for (it->SeekToFirst(); it->Valid(); it->Next()) {
-    ContextInfo info;
-    SQZ_RETURN_IF_ERROR(
-        DecodeManifest(it->value().ToStringView(), path_ + ": context '" + it->key().ToString() + "'", &info));
-    next = std::max(next, info.id + 1);
-  }
-  SQZ_RETURN_IF_ERROR(FromRocks(it->status(), path_ + ": scanning manifests"));
-  for (auto* cf : {v->cf_index, v->cf_kv}) {
-    std::unique_ptr<rocksdb::Iterator> ci(v->db->NewIterator(rocksdb::ReadOptions(), cf));
-    ci->SeekToLast();
-    uint64_t id = 0;
-    if (ci->Valid() && DecodeContextId(ci->key().ToStringView(), &id)) next = std::max(next, id + 1);
-    SQZ_RETURN_IF_ERROR(FromRocks(ci->status(), path_ + ": scanning " + cf->GetName()));
-  }
-  next_ctx_id_ = next;
-  return Status::OK();
-}
-
-Status DBImpl::RemoveOrphans() {
-  RocksView* v = view_.get();
   std::set<uint64_t> live;
   {
     std::unique_ptr<rocksdb::Iterator> it(v->db->NewIterator(rocksdb::ReadOptions(), v->cf_manifest));
@@ -498,12 +485,10 @@ Status DBImpl::RemoveOrphans() {
       SQZ_RETURN_IF_ERROR(
           DecodeManifest(it->value().ToStringView(), path_ + ": context '" + it->key().ToString() + "'", &info));
       live.insert(info.id);
+      next = std::max(next, info.id + 1);
     }
     SQZ_RETURN_IF_ERROR(FromRocks(it->status(), path_ + ": scanning manifests"));
   }
-  // Any context id present in the index or kv families without a manifest is
-  // the leftover of a build that never committed: remove it. Seeking from id
-  // to id+1 visits one key per context, not every record.
   std::set<uint64_t> orphans;
   for (auto* cf : {v->cf_index, v->cf_kv}) {
     std::unique_ptr<rocksdb::Iterator> it(v->db->NewIterator(rocksdb::ReadOptions(), cf));
@@ -514,10 +499,12 @@ Status DBImpl::RemoveOrphans() {
       }
       if (!live.count(id)) orphans.insert(id);
       if (id == UINT64_MAX) break;
+      next = std::max(next, id + 1);
       it->Seek(ContextPrefix(id + 1));
     }
     SQZ_RETURN_IF_ERROR(FromRocks(it->status(), path_ + ": scanning " + cf->GetName()));
   }
+  next_ctx_id_ = next;
   if (orphans.empty()) return Status::OK();
   rocksdb::WriteBatch batch;
   for (uint64_t id : orphans) {
@@ -725,7 +712,7 @@ Status DBImpl::BeginContext(const std::string& name, bool replace, const Context
   return Status::OK();
 }
 
-Status DBImpl::CommitContext(uint64_t id, const ContextInfo& info_in, bool replace) {
+Status DBImpl::CommitContext(const ContextInfo& info_in, bool replace) {
   ContextInfo info = info_in;
   info.format_version = kFormatVersion;
   info.bytes_on_disk = 0;
@@ -757,7 +744,6 @@ Status DBImpl::CommitContext(uint64_t id, const ContextInfo& info_in, bool repla
     SQZ_RETURN_IF_ERROR(FromRocks(view_->db->Write(wo, &batch), "committing context '" + info.name + "'"));
     if (had_old) pending_[old.id] = view_->db->GetLatestSequenceNumber();
   }
-  (void)id;
   return had_old ? Reclaim() : Status::OK();
 }
 

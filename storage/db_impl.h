@@ -65,7 +65,7 @@ class DBImpl final : public DB, public Store {
 
   // --- internal (writer, snapshots) -----------------------------------------
   std::shared_ptr<RocksView> view() const;
-  Status CommitContext(uint64_t id, const ContextInfo& info, bool replace);
+  Status CommitContext(const ContextInfo& info, bool replace);
   Status AbortContext(uint64_t id);
   // Snapshot bookkeeping for deferred reclamation (read-write only).
   const rocksdb::Snapshot* AcquireSnapshot();
@@ -80,8 +80,7 @@ class DBImpl final : public DB, public Store {
   Status OpenView(bool fresh_dir, std::shared_ptr<RocksView>* out);
   Status CheckFormatVersion(RocksView* v, bool fresh);
   Status CatchUpUntilConsistent(RocksView* v);
-  Status LoadIds();
-  Status RemoveOrphans();
+  Status RecoverOnOpen();
   Status DeleteContextData(uint64_t ctx, rocksdb::WriteBatch* batch);
   Status CompactContext(uint64_t ctx);
   Status GetManifest(RocksView* v, const rocksdb::ReadOptions& ro, const std::string& name, ContextInfo* info);
