@@ -283,6 +283,26 @@ TEST(StorageDb, OlderFormatVersionIsRefused) {
   EXPECT_NE(s.message().find("Rebuild"), std::string::npos) << s.ToString();
 }
 
+// A manifest whose records are gone (damage, not a race with the writer):
+// a read-only open gives up after catching up and says what to run.
+TEST(StorageDb, ReadOnlyOpenRefusesAManifestWithoutRecords) {
+  ScopedTempDir dir;
+  {
+    auto db = OpenOrDie(dir.Sub("db"));
+    const uint64_t id = WriteTiny(db.get(), "doc");
+    auto v = View(db.get());
+    ASSERT_TRUE(v->db->DeleteRange(rocksdb::WriteOptions(), v->cf_index, ContextPrefix(id), ContextEnd(id)).ok());
+    ASSERT_TRUE(v->db->DeleteRange(rocksdb::WriteOptions(), v->cf_kv, ContextPrefix(id), ContextEnd(id)).ok());
+  }
+  Options ro;
+  ro.read_only = true;
+  std::unique_ptr<DB> db;
+  Status s = DB::Open(ro, dir.Sub("db"), &db);
+  EXPECT_TRUE(s.IsCorruption()) << s.ToString();
+  EXPECT_NE(s.message().find("'doc' has a manifest but its records are missing"), std::string::npos) << s.ToString();
+  EXPECT_NE(s.message().find("sqctl drop"), std::string::npos) << s.ToString();
+}
+
 TEST(StorageDb, CommitDescribeVerifyReadBack) {
   ScopedTempDir dir;
   uint64_t id;
