@@ -1,11 +1,14 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cmath>
 #include <mutex>
 #include <string>
 
 #include "cuda_util.h"
 #include "gpu/resident.h"
+#include "select.cuh"
+#include "sparse_decode.cuh"
 
 namespace sqz::gpu {
 
@@ -29,33 +32,89 @@ struct Growable {
   }
 };
 
+constexpr size_t Align(size_t x) { return (x + 255) / 256 * 256; }
+
+// Where each array of a call lives in the caller's workspace.
+struct WsLayout {
+  size_t qf = 0, scores = 0, keys = 0, flags = 0, coarse_keep = 0, seg_first = 0, seg_before = 0, stats = 0, part = 0,
+         total = 0;
+  int splits = 1, rows = 0;
+};
+
+// Restores the caller's current device on scope exit.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    if (cudaGetDevice(&prev_) != cudaSuccess) prev_ = -1;
+    if (prev_ != device) cudaSetDevice(device);
+  }
+  ~DeviceGuard() {
+    int now = -1;
+    if (prev_ >= 0 && cudaGetDevice(&now) == cudaSuccess && now != prev_) cudaSetDevice(prev_);
+  }
+
+ private:
+  int prev_ = -1;
+};
+
+template <typename E>
+cudaError_t LaunchPrep(const DeviceCall& c, float* qf, int H, int G, int D, float scale, cudaStream_t s) {
+  const int64_t n = static_cast<int64_t>(H) * G * c.T * D;
+  const int blocks = static_cast<int>(std::min<int64_t>((n + 255) / 256, 1024));
+  PrepQueriesKernel<E><<<blocks, 256, 0, s>>>(static_cast<const E*>(c.q), qf, H, G, c.T, D, c.token_major, scale);
+  return cudaGetLastError();
+}
+
+template <typename T, int D>
+cudaError_t LaunchDecodeAs(const DecodeParams& p, const DecodeOutput& out, DType o_type, cudaStream_t s) {
+  switch (o_type) {
+    case DType::kF32:
+      return LaunchSparseDecode<T, D, float>(p, out, s);
+    case DType::kF16:
+      return LaunchSparseDecode<T, D, __half>(p, out, s);
+    default:
+      return LaunchSparseDecode<T, D, __nv_bfloat16>(p, out, s);
+  }
+}
+
+cudaError_t LaunchDecodeAny(const DecodeParams& p, const DecodeOutput& out, DType kv, int D, DType o_type,
+                            cudaStream_t s) {
+  const bool half = kv == DType::kF16;
+  if (D == 64)
+    return half ? LaunchDecodeAs<__half, 64>(p, out, o_type, s) : LaunchDecodeAs<__nv_bfloat16, 64>(p, out, o_type, s);
+  return half ? LaunchDecodeAs<__half, 128>(p, out, o_type, s) : LaunchDecodeAs<__nv_bfloat16, 128>(p, out, o_type, s);
+}
+
 class ResidentKvImpl final : public ResidentKv {
  public:
   ResidentKvImpl(int device, const ResidentShape& shape) : device_(device), shape_(shape) {}
   ~ResidentKvImpl() override {
     if (stream_) cudaStreamDestroy(stream_);
     if (pages_) cudaFree(pages_);
+    if (index_) cudaFree(index_);
   }
 
   Status Init() {
     SQZ_CUDA_TRY(cudaSetDevice(device_), "cudaSetDevice");
     page_bytes_ = 2 * static_cast<size_t>(shape_.page_rows) * shape_.head_dim * DTypeSize(shape_.dtype);
-    bytes_ = static_cast<uint64_t>(shape_.n_layers) * shape_.n_heads * shape_.pages_per_head * page_bytes_;
+    page_buffer_bytes_ = static_cast<uint64_t>(shape_.n_layers) * shape_.n_heads * shape_.pages_per_head * page_bytes_;
     size_t free_b = 0, total_b = 0;
     SQZ_CUDA_TRY(cudaMemGetInfo(&free_b, &total_b), "cudaMemGetInfo");
-    if (bytes_ > free_b) {
+    if (page_buffer_bytes_ > free_b) {
       return Status::IOError("GPU " + std::to_string(device_) + " has " + std::to_string(free_b >> 20) +
-                             " MiB free; the context's pages need " + std::to_string(bytes_ >> 20) +
+                             " MiB free; the context's pages need " + std::to_string(page_buffer_bytes_ >> 20) +
                              " MiB (open fewer KV heads per handle, or wait for paging)");
     }
-    SQZ_CUDA_TRY(cudaMalloc(&pages_, std::max<uint64_t>(bytes_, 1)), "cudaMalloc (KV pages)");
+    SQZ_CUDA_TRY(cudaMalloc(&pages_, std::max<uint64_t>(page_buffer_bytes_, 1)), "cudaMalloc (KV pages)");
     SQZ_CUDA_TRY(cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, device_), "SM count");
     SQZ_CUDA_TRY(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
+    staged_.resize(static_cast<size_t>(shape_.n_layers) * shape_.n_heads);
     return Status::OK();
   }
 
   const ResidentShape& shape() const override { return shape_; }
-  uint64_t bytes() const override { return bytes_; }
+  uint64_t bytes() const override { return page_buffer_bytes_ + index_bytes_; }
+  int device() const override { return device_; }
 
   uint8_t* Page(int layer, int head, int64_t page) const {
     const uint64_t slot = (static_cast<uint64_t>(layer) * shape_.n_heads + head) * shape_.pages_per_head + page;
@@ -74,109 +133,461 @@ class ResidentKvImpl final : public ResidentKv {
     return Status::OK();
   }
 
-  Status Decode(int layer, const HostSegments& seg, int group, float scale, const float* q, float* o, float* lse,
-                DecodeRun* run) override {
+  Status SetIndex(int layer, int head, const HeadIndexHost& x) override {
+    if (layer < 0 || layer >= shape_.n_layers || head < 0 || head >= shape_.n_heads || x.k2 < 1 || x.k1 < 0 ||
+        x.fine_centroids == nullptr || x.fine_offsets == nullptr ||
+        (x.k1 > 0 && (x.coarse_centroids == nullptr || x.coarse_child_offsets == nullptr))) {
+      return Status::InvalidArgument("ResidentKv::SetIndex: bad head or index");
+    }
+    if (x.fine_offsets[0] != 0 || x.fine_offsets[x.k2] != shape_.n_clustered ||
+        (x.k1 > 0 && (x.coarse_child_offsets[0] != 0 || x.coarse_child_offsets[x.k1] != static_cast<uint32_t>(x.k2)))) {
+      return Status::InvalidArgument("ResidentKv::SetIndex: offsets do not cover the head");
+    }
+    const int D = shape_.head_dim;
+    Staged& s = staged_[static_cast<size_t>(layer) * shape_.n_heads + head];
+    s.set = true;
+    s.k2 = x.k2;
+    s.k1 = x.k1;
+    s.fine_cent.assign(x.fine_centroids, x.fine_centroids + static_cast<size_t>(x.k2) * D);
+    s.fine_offsets.assign(x.fine_offsets, x.fine_offsets + x.k2 + 1);
+    s.coarse_cent.assign(x.coarse_centroids, x.coarse_centroids + static_cast<size_t>(x.k1) * D);
+    if (x.k1 > 0) s.coarse_child.assign(x.coarse_child_offsets, x.coarse_child_offsets + x.k1 + 1);
+    return Status::OK();
+  }
+
+  Status FinishIndex() override {
+    const int D = shape_.head_dim;
+    size_t n_fine = 0, n_coarse = 0;
+    for (const Staged& s : staged_) {
+      if (!s.set) return Status::InvalidArgument("ResidentKv::FinishIndex: a head has no index");
+      n_fine += s.k2;
+      n_coarse += s.k1;
+      k2_max_ = std::max(k2_max_, s.k2);
+      k1_max_ = std::max(k1_max_, s.k1);
+    }
+    // One buffer: meta [L*H], fine centroids, coarse centroids, then the
+    // uint32 arrays: fine first / size / parent, coarse size.
+    std::vector<HeadMeta> meta(staged_.size());
+    std::vector<float> fc, cc;
+    std::vector<uint32_t> ffirst, fsize, fparent, csize;
+    fc.reserve(n_fine * D);
+    cc.reserve(n_coarse * D);
+    for (size_t i = 0; i < staged_.size(); ++i) {
+      const Staged& s = staged_[i];
+      meta[i] = HeadMeta{static_cast<uint32_t>(ffirst.size()), static_cast<uint32_t>(s.k2),
+                         static_cast<uint32_t>(csize.size()), static_cast<uint32_t>(s.k1)};
+      fc.insert(fc.end(), s.fine_cent.begin(), s.fine_cent.end());
+      cc.insert(cc.end(), s.coarse_cent.begin(), s.coarse_cent.end());
+      for (int j = 0; j < s.k2; ++j) {
+        ffirst.push_back(s.fine_offsets[j]);
+        fsize.push_back(s.fine_offsets[j + 1] - s.fine_offsets[j]);
+      }
+      std::vector<uint32_t> parent(s.k2, 0);
+      for (int a = 0; a < s.k1; ++a) {
+        for (uint32_t j = s.coarse_child[a]; j < s.coarse_child[a + 1]; ++j) parent[j] = a;
+        csize.push_back(s.fine_offsets[s.coarse_child[a + 1]] - s.fine_offsets[s.coarse_child[a]]);
+      }
+      fparent.insert(fparent.end(), parent.begin(), parent.end());
+    }
+    const size_t o_meta = 0, o_fc = Align(meta.size() * sizeof(HeadMeta)), o_cc = o_fc + Align(fc.size() * 4),
+                 o_ffirst = o_cc + Align(cc.size() * 4), o_fsize = o_ffirst + Align(ffirst.size() * 4),
+                 o_fparent = o_fsize + Align(fsize.size() * 4), o_csize = o_fparent + Align(fparent.size() * 4),
+                 total = o_csize + Align(csize.size() * 4 + 4);
+    std::lock_guard<std::mutex> lock(mu_);
+    SQZ_CUDA_TRY(cudaSetDevice(device_), "cudaSetDevice");
+    if (index_) cudaFree(index_);
+    index_ = nullptr;
+    SQZ_CUDA_TRY(cudaMalloc(&index_, total), "cudaMalloc (index)");
+    index_bytes_ = total;
+    uint8_t* b = static_cast<uint8_t*>(index_);
+    auto put = [&](size_t off, const void* src, size_t bytes) -> Status {
+      if (bytes > 0) SQZ_CUDA_TRY(cudaMemcpy(b + off, src, bytes, cudaMemcpyHostToDevice), "uploading the index");
+      return Status::OK();
+    };
+    SQZ_RETURN_IF_ERROR(put(o_meta, meta.data(), meta.size() * sizeof(HeadMeta)));
+    SQZ_RETURN_IF_ERROR(put(o_fc, fc.data(), fc.size() * 4));
+    SQZ_RETURN_IF_ERROR(put(o_cc, cc.data(), cc.size() * 4));
+    SQZ_RETURN_IF_ERROR(put(o_ffirst, ffirst.data(), ffirst.size() * 4));
+    SQZ_RETURN_IF_ERROR(put(o_fsize, fsize.data(), fsize.size() * 4));
+    SQZ_RETURN_IF_ERROR(put(o_fparent, fparent.data(), fparent.size() * 4));
+    SQZ_RETURN_IF_ERROR(put(o_csize, csize.data(), csize.size() * 4));
+    d_meta_ = reinterpret_cast<const HeadMeta*>(b + o_meta);
+    d_fine_cent_ = reinterpret_cast<const float*>(b + o_fc);
+    d_coarse_cent_ = reinterpret_cast<const float*>(b + o_cc);
+    d_fine_first_ = reinterpret_cast<const uint32_t*>(b + o_ffirst);
+    d_fine_size_ = reinterpret_cast<const uint32_t*>(b + o_fsize);
+    d_fine_parent_ = reinterpret_cast<const uint32_t*>(b + o_fparent);
+    d_coarse_size_ = reinterpret_cast<const uint32_t*>(b + o_csize);
+    staged_.clear();
+    staged_.shrink_to_fit();
+    return Status::OK();
+  }
+
+  int MaxT() const override { return kMaxSelectRows / shape_.group; }
+
+  int KStride() const { return (std::max(k2_max_, k1_max_) + 3) / 4 * 4; }
+  int K1Stride() const { return (std::max(k1_max_, 1) + 15) / 16 * 16; }
+  int SegStride() const { return k2_max_ / 2 + 2; }
+
+  Status Layout(int T, const SelectConfig& c, WsLayout* w) const {
+    if (d_meta_ == nullptr) return Status::InvalidArgument("ResidentKv: the index was not uploaded (FinishIndex)");
+    if (T < 1 || T > MaxT()) {
+      return Status::NotSupported(
+          "GPU engine: T = " + std::to_string(T) + " queries; this release takes 1.." + std::to_string(MaxT()) +
+          " per call on the GPU (G * T <= " + std::to_string(kMaxSelectRows) + " query rows per KV head)");
+    }
+    if (c.mode < 0 || c.mode > 2 || !(c.scale > 0) || !std::isfinite(c.scale)) {
+      return Status::InvalidArgument("GPU engine: bad selection config");
+    }
+    const int H = shape_.n_heads, D = shape_.head_dim, R = shape_.group * T;
+    const int64_t n_tokens = shape_.n_clustered + shape_.n_always;
+    double est = static_cast<double>(n_tokens);
+    if (c.mode == 1) est = std::min(est, std::max(0.0, c.budget) * 1.25 * shape_.n_clustered + shape_.n_always);
+    const int chunks = (R + kMaxGroup - 1) / kMaxGroup;
+    const int want = std::max(1, (4 * sm_count_ + H * chunks - 1) / (H * chunks));
+    w->splits = std::max(1, std::min(want, static_cast<int>(std::ceil(est / 64.0))));
+    w->rows = R;
+    const size_t ks = KStride();
+    size_t off = 0;
+    auto take = [&](size_t* field, size_t bytes) {
+      *field = off;
+      off += Align(std::max<size_t>(bytes, 1));
+    };
+    take(&w->qf, static_cast<size_t>(H) * R * D * 4);
+    take(&w->scores, static_cast<size_t>(H) * R * ks * 4);
+    take(&w->keys, static_cast<size_t>(H) * ks * 4);
+    take(&w->flags, static_cast<size_t>(H) * ks);
+    take(&w->coarse_keep, static_cast<size_t>(H) * K1Stride());
+    take(&w->seg_first, static_cast<size_t>(H) * SegStride() * 4);
+    take(&w->seg_before, static_cast<size_t>(H) * SegStride() * 4);
+    take(&w->stats, static_cast<size_t>(H) * kStatCount * 4);
+    take(&w->part, DecodeWorkspaceFloats(H, R, D, w->splits) * 4);
+    w->total = off;
+    return Status::OK();
+  }
+
+  Status WorkspaceBytes(int T, const SelectConfig& config, size_t* bytes) const override {
+    WsLayout w;
+    SQZ_RETURN_IF_ERROR(Layout(T, config, &w));
+    *bytes = w.total;
+    return Status::OK();
+  }
+
+  DecodeParams LayerDecodeParams(int layer) const {
+    DecodeParams p;
+    p.pages = Page(layer, 0, 0);
+    p.page_bytes = page_bytes_;
+    p.pages_per_head = shape_.pages_per_head;
+    p.n_heads = shape_.n_heads;
+    p.page_rows = shape_.page_rows;
+    p.n_clustered = shape_.n_clustered;
+    p.clustered_pages = shape_.clustered_pages;
+    return p;
+  }
+
+  Status Attend(const DeviceCall& c, const SelectConfig& cfg) const override {
+    if (c.layer < 0 || c.layer >= shape_.n_layers) {
+      return Status::InvalidArgument("GPU engine: layer " + std::to_string(c.layer) + " out of range [0, " +
+                                     std::to_string(shape_.n_layers) + ")");
+    }
+    WsLayout w;
+    SQZ_RETURN_IF_ERROR(Layout(c.T, cfg, &w));
+    if (c.q == nullptr || c.o == nullptr || c.lse == nullptr) {
+      return Status::InvalidArgument("GPU engine: q, o and lse must be device pointers");
+    }
+    if (c.dtype != DType::kF32 && c.dtype != DType::kF16 && c.dtype != DType::kBF16) {
+      return Status::InvalidArgument("GPU engine: q / o dtype must be F32, F16 or BF16");
+    }
+    if (c.workspace == nullptr || c.workspace_bytes < w.total) {
+      return Status::InvalidArgument("GPU engine: workspace of " + std::to_string(c.workspace_bytes) +
+                                     " bytes; this call needs " + std::to_string(w.total) + " (WorkspaceBytes)");
+    }
+    const int H = shape_.n_heads, G = shape_.group, D = shape_.head_dim, T = c.T, R = w.rows;
+    auto s = static_cast<cudaStream_t>(c.stream);
+    DeviceGuard guard(device_);
+    uint8_t* ws = static_cast<uint8_t*>(c.workspace);
+    float* qf = reinterpret_cast<float*>(ws + w.qf);
+    // 1. Queries: fp32, scaled, [H][R][D].
+    cudaError_t e = c.dtype == DType::kF32   ? LaunchPrep<float>(c, qf, H, G, D, cfg.scale, s)
+                    : c.dtype == DType::kF16 ? LaunchPrep<__half>(c, qf, H, G, D, cfg.scale, s)
+                                             : LaunchPrep<__nv_bfloat16>(c, qf, H, G, D, cfg.scale, s);
+    SQZ_CUDA_TRY(e, "launching the query conversion");
+
+    // 2. Selection and the segment table, on the device.
+    const HeadMeta* meta = d_meta_ + static_cast<size_t>(c.layer) * H;
+    SelectParams sp;
+    sp.H = H;
+    sp.G = G;
+    sp.T = T;
+    sp.meta = meta;
+    sp.mode = cfg.mode;
+    float* scores = reinterpret_cast<float*>(ws + w.scores);
+    sp.scores = scores;
+    sp.k_stride = KStride();
+    sp.keys = reinterpret_cast<uint32_t*>(ws + w.keys);
+    sp.flags = ws + w.flags;
+    sp.coarse_keep = ws + w.coarse_keep;
+    sp.k1_stride = K1Stride();
+    sp.first = d_fine_first_;
+    sp.seg_first = reinterpret_cast<uint32_t*>(ws + w.seg_first);
+    sp.seg_before = reinterpret_cast<uint32_t*>(ws + w.seg_before);
+    sp.seg_stride = SegStride();
+    sp.stats = reinterpret_cast<uint32_t*>(ws + w.stats);
+    sp.n_clustered = static_cast<uint32_t>(shape_.n_clustered);
+    sp.n_always = static_cast<uint32_t>(shape_.n_always);
+    sp.page_rows = static_cast<uint32_t>(shape_.page_rows);
+    sp.clustered_pages = static_cast<uint32_t>(shape_.clustered_pages);
+    ScoreParams sc;
+    sc.qf = qf;
+    sc.H = H;
+    sc.G = G;
+    sc.T = T;
+    sc.meta = meta;
+    sc.scores = scores;
+    sc.k_stride = sp.k_stride;
+    const double n = static_cast<double>(shape_.n_clustered);
+    if (cfg.mode == 0) {
+      DenseSelectKernel<><<<H, 1, 0, s>>>(sp);
+      SQZ_CUDA_TRY(cudaGetLastError(), "launching the dense selection");
+    } else {
+      if (cfg.hierarchical) {
+        sc.coarse = true;
+        sc.centroids = d_coarse_cent_;
+        SQZ_CUDA_TRY(LaunchScore(sc, k1_max_, s), "launching the coarse scoring");
+        SelectParams cs = sp;
+        cs.coarse = true;
+        cs.sizes = d_coarse_size_;
+        cs.target = std::min(1.0, cfg.coarse_budget_factor * cfg.budget) * n;
+        cs.tau = cfg.tau_coarse;
+        SelectKernel<kSelectThreads><<<H, kSelectThreads, 0, s>>>(cs);
+        SQZ_CUDA_TRY(cudaGetLastError(), "launching the coarse selection");
+        sc.parent = d_fine_parent_;
+        sc.coarse_keep = sp.coarse_keep;
+        sc.k1_stride = sp.k1_stride;
+      }
+      sc.coarse = false;
+      sc.centroids = d_fine_cent_;
+      SQZ_CUDA_TRY(LaunchScore(sc, k2_max_, s), "launching the centroid scoring");
+      sp.sizes = d_fine_size_;
+      sp.hierarchical = cfg.hierarchical;
+      sp.target = cfg.budget * n;
+      sp.tau = cfg.hierarchical ? cfg.tau_fine : cfg.tau_flat;
+      SelectKernel<kSelectThreads><<<H, kSelectThreads, 0, s>>>(sp);
+      SQZ_CUDA_TRY(cudaGetLastError(), "launching the selection");
+    }
+
+    // 3. Attention over the segments, and the merge into O / LSE.
+    DecodeParams dp = LayerDecodeParams(c.layer);
+    dp.seg_first = sp.seg_first;
+    dp.seg_before = sp.seg_before;
+    dp.seg_stride = sp.seg_stride;
+    dp.seg_count = sp.stats + kStatSegments;
+    dp.head_rows = sp.stats + kStatHeadRows;
+    dp.count_stride = kStatCount;
+    dp.rows = R;
+    dp.q = qf;
+    dp.splits = w.splits;
+    dp.part_o = reinterpret_cast<float*>(ws + w.part);
+    dp.part_m = dp.part_o + static_cast<size_t>(H) * R * w.splits * D;
+    dp.part_l = dp.part_m + static_cast<size_t>(H) * R * w.splits;
+    DecodeOutput out;
+    out.o = c.o;
+    out.lse = c.lse;
+    out.G = G;
+    out.T = T;
+    out.token_major = c.token_major;
+    out.lse_base2 = c.lse_base2;
+    SQZ_CUDA_TRY(LaunchDecodeAny(dp, out, shape_.dtype, D, c.dtype, s), "launching the sparse attention");
+    return Status::OK();
+  }
+
+  Status AttendHost(int layer, int T, const float* q, const SelectConfig& cfg, float* o, float* lse,
+                    DeviceSelection* sel) override {
+    WsLayout w;
+    SQZ_RETURN_IF_ERROR(Layout(T, cfg, &w));
+    const int H = shape_.n_heads, D = shape_.head_dim;
+    const size_t rows = static_cast<size_t>(H) * shape_.group * T;
+    std::lock_guard<std::mutex> lock(mu_);
+    SQZ_CUDA_TRY(cudaSetDevice(device_), "cudaSetDevice");
+    SQZ_RETURN_IF_ERROR(io_.Reserve(Align(rows * D * 4) * 2 + Align(rows * 4)));
+    SQZ_RETURN_IF_ERROR(ws_.Reserve(w.total));
+    uint8_t* io = static_cast<uint8_t*>(io_.ptr);
+    float* dq = reinterpret_cast<float*>(io);
+    float* d_o = reinterpret_cast<float*>(io + Align(rows * D * 4));
+    float* dl = reinterpret_cast<float*>(io + 2 * Align(rows * D * 4));
+    SQZ_CUDA_TRY(cudaMemcpyAsync(dq, q, rows * D * 4, cudaMemcpyHostToDevice, stream_), "uploading queries");
+    DeviceCall c;
+    c.layer = layer;
+    c.T = T;
+    c.q = dq;
+    c.o = d_o;
+    c.lse = dl;
+    c.dtype = DType::kF32;
+    c.token_major = false;
+    c.workspace = ws_.ptr;
+    c.workspace_bytes = ws_.bytes;
+    c.stream = stream_;
+    SQZ_RETURN_IF_ERROR(Attend(c, cfg));
+    SQZ_CUDA_TRY(cudaMemcpyAsync(o, d_o, rows * D * 4, cudaMemcpyDeviceToHost, stream_), "downloading O");
+    SQZ_CUDA_TRY(cudaMemcpyAsync(lse, dl, rows * 4, cudaMemcpyDeviceToHost, stream_), "downloading LSE");
+    std::vector<uint32_t> stats, first, before;
+    if (sel) {
+      const uint8_t* ws = static_cast<const uint8_t*>(ws_.ptr);
+      stats.resize(static_cast<size_t>(H) * kStatCount);
+      first.resize(static_cast<size_t>(H) * SegStride());
+      before.resize(first.size());
+      SQZ_CUDA_TRY(cudaMemcpyAsync(stats.data(), ws + w.stats, stats.size() * 4, cudaMemcpyDeviceToHost, stream_),
+                   "downloading the selection");
+      SQZ_CUDA_TRY(cudaMemcpyAsync(first.data(), ws + w.seg_first, first.size() * 4, cudaMemcpyDeviceToHost, stream_),
+                   "downloading the selection");
+      SQZ_CUDA_TRY(
+          cudaMemcpyAsync(before.data(), ws + w.seg_before, before.size() * 4, cudaMemcpyDeviceToHost, stream_),
+          "downloading the selection");
+    }
+    SQZ_CUDA_TRY(cudaStreamSynchronize(stream_), "running the GPU engine");
+    if (sel) {
+      *sel = DeviceSelection();
+      sel->seg_offsets.push_back(0);
+      for (int h = 0; h < H; ++h) {
+        const uint32_t* st = stats.data() + h * kStatCount;
+        const size_t b = static_cast<size_t>(h) * SegStride();
+        for (uint32_t i = 0; i < st[kStatSegments]; ++i) {
+          const uint32_t end = i + 1 < st[kStatSegments] ? before[b + i + 1] : st[kStatHeadRows];
+          sel->seg_first.push_back(first[b + i]);
+          sel->seg_rows.push_back(end - before[b + i]);
+        }
+        sel->seg_offsets.push_back(static_cast<uint32_t>(sel->seg_first.size()));
+        sel->clusters_scored.push_back(st[kStatScored]);
+        sel->clusters_kept.push_back(st[kStatKept]);
+        sel->rows_kept.push_back(st[kStatRows]);
+        sel->pages.push_back(st[kStatPages]);
+      }
+    }
+    return Status::OK();
+  }
+
+  Status Decode(int layer, const HostSegments& seg, int group, float scale, const float* q, float* o,
+                float* lse) override {
     SQZ_RETURN_IF_ERROR(CheckDecodeShape(shape_.head_dim, group, shape_.dtype));
     const int H = shape_.n_heads, D = shape_.head_dim;
     if (layer < 0 || layer >= shape_.n_layers || seg.offsets.size() != static_cast<size_t>(H) + 1 ||
         seg.first_row.size() != seg.n_rows.size() || seg.offsets.back() != seg.first_row.size()) {
       return Status::InvalidArgument("ResidentKv::Decode: segment table does not match the resident heads");
     }
-    std::vector<uint32_t> before, head_rows, base(H);  // base[h]: slot of the head's page 0 in this layer
-    const uint32_t max_rows = PrepareSegments(seg.offsets, seg.n_rows, &before, &head_rows);
-    for (int h = 0; h < H; ++h) base[h] = static_cast<uint32_t>(h * shape_.pages_per_head);
-    const int splits = DecodeSplits(sm_count_, H, max_rows);
-    const size_t n_seg = seg.first_row.size(), rows = static_cast<size_t>(H) * group;
-
+    // Device form: [H][stride] first / before, then count[H], rows[H].
+    uint32_t stride = 1;
+    for (int h = 0; h < H; ++h) stride = std::max(stride, seg.offsets[h + 1] - seg.offsets[h]);
+    std::vector<uint32_t> meta(2 * static_cast<size_t>(H) * stride + 2 * H, 0);
+    uint32_t* first = meta.data();
+    uint32_t* before = first + static_cast<size_t>(H) * stride;
+    uint32_t* count = before + static_cast<size_t>(H) * stride;
+    uint32_t* head_rows = count + H;
+    uint32_t max_rows = 0;
+    for (int h = 0; h < H; ++h) {
+      uint32_t rows = 0;
+      for (uint32_t s = seg.offsets[h]; s < seg.offsets[h + 1]; ++s) {
+        const uint32_t i = s - seg.offsets[h];
+        first[h * stride + i] = seg.first_row[s];
+        before[h * stride + i] = rows;
+        rows += seg.n_rows[s];
+      }
+      count[h] = seg.offsets[h + 1] - seg.offsets[h];
+      head_rows[h] = rows;
+      max_rows = std::max(max_rows, rows);
+    }
+    const size_t rows = static_cast<size_t>(H) * group;
+    std::vector<float> qs(q, q + rows * D);
+    for (float& x : qs) x *= scale;
+    const int splits = std::max(1, std::min<int>((4 * sm_count_ + H - 1) / H, static_cast<int>((max_rows + 63) / 64)));
+    const size_t meta_bytes = Align(meta.size() * 4), q_bytes = Align(rows * D * 4);
     std::lock_guard<std::mutex> lock(mu_);
     SQZ_CUDA_TRY(cudaSetDevice(device_), "cudaSetDevice");
-    // One upload buffer: [base H][offsets H+1][first n][rows n][before n][head_rows H] uint32, then q.
-    std::vector<uint32_t> meta;
-    meta.reserve(3 * H + 1 + 3 * n_seg);
-    meta.insert(meta.end(), base.begin(), base.end());
-    meta.insert(meta.end(), seg.offsets.begin(), seg.offsets.end());
-    meta.insert(meta.end(), seg.first_row.begin(), seg.first_row.end());
-    meta.insert(meta.end(), seg.n_rows.begin(), seg.n_rows.end());
-    meta.insert(meta.end(), before.begin(), before.end());
-    meta.insert(meta.end(), head_rows.begin(), head_rows.end());
-    const size_t meta_bytes = (meta.size() * sizeof(uint32_t) + 15) / 16 * 16;
-    const size_t q_bytes = rows * D * sizeof(float);
-    SQZ_RETURN_IF_ERROR(in_.Reserve(meta_bytes + q_bytes));
-    SQZ_RETURN_IF_ERROR(out_.Reserve(q_bytes + rows * sizeof(float)));
-    SQZ_RETURN_IF_ERROR(ws_.Reserve(DecodeWorkspaceFloats(H, group, D, splits) * sizeof(float)));
-    uint8_t* in = static_cast<uint8_t*>(in_.ptr);
-    SQZ_CUDA_TRY(cudaMemcpyAsync(in, meta.data(), meta.size() * sizeof(uint32_t), cudaMemcpyHostToDevice, stream_),
+    SQZ_RETURN_IF_ERROR(io_.Reserve(meta_bytes + 2 * q_bytes + Align(rows * 4)));
+    SQZ_RETURN_IF_ERROR(ws_.Reserve(DecodeWorkspaceFloats(H, group, D, splits) * 4));
+    uint8_t* io = static_cast<uint8_t*>(io_.ptr);
+    SQZ_CUDA_TRY(cudaMemcpyAsync(io, meta.data(), meta.size() * 4, cudaMemcpyHostToDevice, stream_),
                  "uploading segments");
-    SQZ_CUDA_TRY(cudaMemcpyAsync(in + meta_bytes, q, q_bytes, cudaMemcpyHostToDevice, stream_), "uploading queries");
-
-    const uint32_t* m = reinterpret_cast<const uint32_t*>(in);
-    DecodeParams p;
-    p.pages = Page(layer, 0, 0);
-    p.page_bytes = page_bytes_;
-    p.head_page_base = m;
-    p.seg_offsets = m + H;
-    p.seg_first = m + 2 * H + 1;
-    p.seg_rows = p.seg_first + n_seg;
-    p.seg_before = p.seg_rows + n_seg;
-    p.head_rows = p.seg_before + n_seg;
-    p.n_heads = H;
-    p.group = group;
-    p.page_rows = shape_.page_rows;
-    p.n_clustered = shape_.n_clustered;
-    p.clustered_pages = shape_.clustered_pages;
-    p.scale = scale;
-    p.q = reinterpret_cast<const float*>(in + meta_bytes);
-    p.o = static_cast<float*>(out_.ptr);
-    p.lse = p.o + rows * D;
+    SQZ_CUDA_TRY(cudaMemcpyAsync(io + meta_bytes, qs.data(), rows * D * 4, cudaMemcpyHostToDevice, stream_),
+                 "uploading queries");
+    const uint32_t* dm = reinterpret_cast<const uint32_t*>(io);
+    DecodeParams p = LayerDecodeParams(layer);
+    p.seg_first = dm;
+    p.seg_before = dm + static_cast<size_t>(H) * stride;
+    p.seg_stride = static_cast<int>(stride);
+    p.seg_count = p.seg_before + static_cast<size_t>(H) * stride;
+    p.head_rows = p.seg_count + H;
+    p.count_stride = 1;
+    p.rows = group;
+    p.q = reinterpret_cast<const float*>(io + meta_bytes);
     p.splits = splits;
     p.part_o = static_cast<float*>(ws_.ptr);
     p.part_m = p.part_o + rows * splits * D;
     p.part_l = p.part_m + rows * splits;
-
-    cudaEvent_t start = nullptr, stop = nullptr;
-    if (run) {
-      SQZ_CUDA_TRY(cudaEventCreate(&start), "cudaEventCreate");
-      SQZ_CUDA_TRY(cudaEventCreate(&stop), "cudaEventCreate");
-      SQZ_CUDA_TRY(cudaEventRecord(start, stream_), "cudaEventRecord");
-    }
-    SQZ_CUDA_TRY(LaunchDecode(p, shape_.dtype, D, stream_), "launching the sparse decode kernels");
-    if (run) SQZ_CUDA_TRY(cudaEventRecord(stop, stream_), "cudaEventRecord");
-    SQZ_CUDA_TRY(cudaMemcpyAsync(o, p.o, q_bytes, cudaMemcpyDeviceToHost, stream_), "downloading O");
-    SQZ_CUDA_TRY(cudaMemcpyAsync(lse, p.lse, rows * sizeof(float), cudaMemcpyDeviceToHost, stream_), "downloading LSE");
+    DecodeOutput out;
+    out.o = io + meta_bytes + q_bytes;
+    out.lse = reinterpret_cast<float*>(io + meta_bytes + 2 * q_bytes);
+    out.G = group;
+    out.T = 1;
+    SQZ_CUDA_TRY(LaunchDecodeAny(p, out, shape_.dtype, D, DType::kF32, stream_), "launching the sparse decode kernels");
+    SQZ_CUDA_TRY(cudaMemcpyAsync(o, out.o, rows * D * 4, cudaMemcpyDeviceToHost, stream_), "downloading O");
+    SQZ_CUDA_TRY(cudaMemcpyAsync(lse, out.lse, rows * 4, cudaMemcpyDeviceToHost, stream_), "downloading LSE");
     SQZ_CUDA_TRY(cudaStreamSynchronize(stream_), "running the sparse decode kernels");
-    if (run) {
-      float ms = 0;
-      SQZ_CUDA_TRY(cudaEventElapsedTime(&ms, start, stop), "cudaEventElapsedTime");
-      cudaEventDestroy(start);
-      cudaEventDestroy(stop);
-      run->splits = splits;
-      run->kernel_ms = ms;
-    }
     return Status::OK();
   }
 
  private:
+  cudaError_t LaunchScore(const ScoreParams& sc, int k_max, cudaStream_t s) const {
+    const dim3 grid((std::max(k_max, 1) + kScoreThreads - 1) / kScoreThreads, shape_.n_heads);
+    if (shape_.head_dim == 64) {
+      ScoreKernel<64><<<grid, kScoreThreads, 0, s>>>(sc);
+    } else {
+      ScoreKernel<128><<<grid, kScoreThreads, 0, s>>>(sc);
+    }
+    return cudaGetLastError();
+  }
+
+  struct Staged {
+    bool set = false;
+    int k2 = 0, k1 = 0;
+    std::vector<float> fine_cent, coarse_cent;
+    std::vector<uint32_t> fine_offsets, coarse_child;
+  };
+
   int device_;
   int sm_count_ = 1;
   ResidentShape shape_;
   size_t page_bytes_ = 0;
-  uint64_t bytes_ = 0;
+  uint64_t page_buffer_bytes_ = 0;
+  uint64_t index_bytes_ = 0;
   void* pages_ = nullptr;
+  void* index_ = nullptr;
+  std::vector<Staged> staged_;
+  int k2_max_ = 0, k1_max_ = 0;
+  const HeadMeta* d_meta_ = nullptr;
+  const float* d_fine_cent_ = nullptr;
+  const float* d_coarse_cent_ = nullptr;
+  const uint32_t* d_fine_first_ = nullptr;
+  const uint32_t* d_fine_size_ = nullptr;
+  const uint32_t* d_fine_parent_ = nullptr;
+  const uint32_t* d_coarse_size_ = nullptr;
   cudaStream_t stream_ = nullptr;
   std::mutex mu_;
-  Growable in_, out_, ws_;
+  Growable io_, ws_;
 };
 
 }  // namespace
 
 Status ResidentKv::Create(int device, const ResidentShape& shape, std::unique_ptr<ResidentKv>* out) {
   int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) return Status::NotSupported("no CUDA device available");
+  if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
+    cudaGetLastError();
+    return Status::NotSupported("no CUDA device available");
+  }
   if (device < 0 || device >= n) {
     return Status::NotSupported("CUDA device " + std::to_string(device) + " does not exist (" + std::to_string(n) +
                                 " present)");
   }
-  if (Status s = CheckDecodeShape(shape.head_dim, 1, shape.dtype); !s.ok()) {
+  if (Status s = CheckDecodeShape(shape.head_dim, shape.group, shape.dtype); !s.ok()) {
     return Status::NotSupported(s.message() + "; open the context on the CPU (Device::kCpu, sqctl --device cpu)");
   }
   if (shape.n_layers < 1 || shape.n_heads < 1 || shape.pages_per_head < 1 || shape.page_rows < 1) {

@@ -8,3 +8,13 @@ Status ResidentKv::Create(int, const ResidentShape&, std::unique_ptr<ResidentKv>
 }
 
 }  // namespace sqz::gpu
+
+#include "gpu/merge.h"
+
+namespace sqz::gpu {
+
+Status MergeStatesDevice(void*, float*, const void*, const float*, int64_t, int, DType, bool, void*) {
+  return Status::NotSupported("this build has no CUDA layer (configure with /usr/local/cuda present)");
+}
+
+}  // namespace sqz::gpu

@@ -1,11 +1,20 @@
-// Sparse decode kernels: one decode step (T = 1) of one layer. Every KV head h
-// attends the rows of its segments (runs of its stored rows, as in a
-// SegmentTable) for its G query heads, reading K and V from pages in the
-// stored layout (docs/FORMAT.md, "KV pages"); fp32 accumulation; the rows of
-// a head are split across thread blocks whose partial (o, m, l) states a
-// second kernel merges, so one request fills the GPU. Launchers take a stream
-// and a caller-owned workspace and never allocate, so a step can be captured
-// in a CUDA graph. All pointers are device memory.
+// Sparse decode kernels: attention of a few query rows per KV head (decode,
+// T = 1, or small T as in speculative decoding) over the rows of the head's
+// segments (runs of its stored rows, as in a SegmentTable), reading K and V
+// straight from pages in the stored layout (docs/FORMAT.md, "KV pages").
+//
+// - The rows of a head are split across thread blocks (grid y) so one request
+//   fills the GPU; each block writes a partial (o, m, l) state per query row
+//   and a second kernel merges them (and writes O in the caller's dtype and
+//   layout, LSE in natural log or base 2).
+// - A KV row is read once for all the query rows of a block (up to 8: a GQA
+//   group's heads, times T); 16-byte loads (8 elements per thread, D / 8
+//   threads per row), several rows in flight per thread; fp32 accumulation.
+// - Segment tables live in device memory: written by the select kernels
+//   (gpu/select.cuh) or uploaded from a host plan.
+//
+// Launchers take a stream and caller-owned workspace and never allocate, so a
+// step can be captured in a CUDA graph. All pointers are device memory.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -16,160 +25,242 @@
 
 namespace sqz::gpu {
 
-inline constexpr int kMaxGroup = 8;     // query heads per KV head handled by one block
+inline constexpr int kMaxGroup = 8;     // query rows per block (a GQA group's heads, times T)
 inline constexpr int kDecodeWarps = 4;  // warps per block
 
 struct DecodeParams {
-  const uint8_t* pages = nullptr;  // [slots, 2, P, D] of T: K plane then V plane
+  const uint8_t* pages = nullptr;  // this layer's pages: [H][pages_per_head] of [2][P][D] elements
   size_t page_bytes = 0;
-  // Page p of head h is slot head_page_base[h] + p. (Paging beyond GPU
-  // memory will put a page table here.)
-  const uint32_t* head_page_base = nullptr;  // [n_heads]
-  const uint32_t* seg_offsets = nullptr;     // [n_heads + 1] CSR into the segment arrays
-  const uint32_t* seg_first = nullptr;       // first row of each segment
-  const uint32_t* seg_rows = nullptr;        // rows of each segment
-  const uint32_t* seg_before = nullptr;      // rows of the head's earlier segments
-  const uint32_t* head_rows = nullptr;       // [n_heads] attended rows per head
+  int64_t pages_per_head = 0;
+  // Segments of head h: seg_first/seg_before[h * seg_stride + s], s < seg_count[h];
+  // seg_before: attended rows before segment s (ascending); head_rows[h]: all.
+  const uint32_t* seg_first = nullptr;
+  const uint32_t* seg_before = nullptr;
+  int seg_stride = 0;
+  const uint32_t* seg_count = nullptr;  // stride count_stride
+  const uint32_t* head_rows = nullptr;  // stride count_stride
+  int count_stride = 1;
   int n_heads = 0;
-  int group = 0;  // G
+  int rows = 0;  // query rows per head (G * T)
   int page_rows = 0;
   int64_t n_clustered = 0;
   int64_t clustered_pages = 0;
-  float scale = 0;
-  const float* q = nullptr;  // [n_heads * G, D]
-  float* o = nullptr;        // [n_heads * G, D]
-  float* lse = nullptr;      // [n_heads * G], natural log
+  const float* q = nullptr;  // [H][rows][D], already scaled
   int splits = 1;            // blocks per head
-  // Workspace: partial states [n_heads * G, splits] (o: x D).
+  // Workspace: partial states [H][rows][splits] (o: x D).
   float* part_o = nullptr;
   float* part_m = nullptr;
   float* part_l = nullptr;
 };
 
+// How the merge kernel writes O and LSE.
+struct DecodeOutput {
+  void* o = nullptr;  // element type: the launcher's O template argument
+  float* lse = nullptr;
+  int G = 1, T = 1;          // rows = G * T per head; row r = g * T + t
+  bool token_major = false;  // [T][H * G][D] instead of [H * G][T][D]
+  bool lse_base2 = false;
+};
+
 // Workspace floats for the partial states.
-inline size_t DecodeWorkspaceFloats(int n_heads, int group, int head_dim, int splits) {
-  return static_cast<size_t>(n_heads) * group * splits * (head_dim + 2);
+inline size_t DecodeWorkspaceFloats(int n_heads, int rows, int head_dim, int splits) {
+  return static_cast<size_t>(n_heads) * rows * splits * (head_dim + 2);
 }
 
 template <typename T>
-__device__ inline float ToFloat(T x);
+__device__ inline float2 ToFloat2(uint32_t bits);
 template <>
-__device__ inline float ToFloat<__half>(__half x) {
-  return __half2float(x);
+__device__ inline float2 ToFloat2<__half>(uint32_t bits) {
+  return __half22float2(*reinterpret_cast<const __half2*>(&bits));
 }
 template <>
-__device__ inline float ToFloat<__nv_bfloat16>(__nv_bfloat16 x) {
-  return __bfloat162float(x);
+__device__ inline float2 ToFloat2<__nv_bfloat16>(uint32_t bits) {
+  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&bits));
 }
 
-// Pointer to the K row (V row: + P * D elements) of stored row `row` of head h.
+template <typename T>
+__device__ inline void Unpack8(const uint4& u, float* f) {
+  const float2 a = ToFloat2<T>(u.x), b = ToFloat2<T>(u.y), c = ToFloat2<T>(u.z), d = ToFloat2<T>(u.w);
+  f[0] = a.x, f[1] = a.y, f[2] = b.x, f[3] = b.y, f[4] = c.x, f[5] = c.y, f[6] = d.x, f[7] = d.y;
+}
+
+// Address (in elements) of the K row of stored row `row` of head h; the V row
+// is P * D elements further.
 template <typename T, int D>
-__device__ inline const T* RowPtr(const DecodeParams& p, int h, int64_t row) {
-  int64_t page, slot;
+__device__ inline const T* RowPtr(const DecodeParams& p, int h, uint32_t row) {
+  uint32_t page, slot;
   if (row < p.n_clustered) {
     page = row / p.page_rows;
-    slot = row % p.page_rows;
+    slot = row - page * p.page_rows;
   } else {
-    page = p.clustered_pages + (row - p.n_clustered) / p.page_rows;
-    slot = (row - p.n_clustered) % p.page_rows;
+    const uint32_t a = row - static_cast<uint32_t>(p.n_clustered);
+    const uint32_t ap = a / p.page_rows;
+    page = static_cast<uint32_t>(p.clustered_pages) + ap;
+    slot = a - ap * p.page_rows;
   }
-  const int64_t s = static_cast<int64_t>(p.head_page_base[h]) + page;
-  return reinterpret_cast<const T*>(p.pages + static_cast<size_t>(s) * p.page_bytes) + slot * D;
+  const size_t s = static_cast<size_t>(h) * p.pages_per_head + page;
+  return reinterpret_cast<const T*>(p.pages + s * p.page_bytes) + static_cast<size_t>(slot) * D;
 }
 
-// Grid (n_heads, splits), kDecodeWarps warps. Block (h, s) takes rows
-// [s * chunk, (s + 1) * chunk) of head h's attended rows; each warp takes
-// every kDecodeWarps-th row of them; lane l holds elements [l * E, l * E + E)
-// of a row (E = D / 32). Per query head g: online softmax (m, l, acc).
-template <typename T, int D>
+// Grid (H, splits, ceil(rows / NR)), kDecodeWarps warps. Block (h, s, c)
+// takes attended rows [s * chunk, (s + 1) * chunk) of head h for query rows
+// c * NR .. c * NR + NR - 1. A KV row is held by D / 8 threads (16 bytes
+// each); a warp holds 32 / (D / 8) rows per load and kUnroll loads in flight.
+template <typename T, int D, int NR>
 __global__ void __launch_bounds__(kDecodeWarps * 32) SparseDecodeSplitKernel(DecodeParams p) {
-  constexpr int E = D / 32;
-  const int h = blockIdx.x, split = blockIdx.y, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int G = p.group;
-  const uint32_t total = p.head_rows[h];
-  const uint32_t chunk = (total + p.splits - 1) / p.splits;
-  const uint32_t r0 = min(total, split * chunk), r1 = min(total, r0 + chunk);
+  constexpr int kTpr = D / 8;                                   // threads per KV row
+  constexpr int kRowsPerLoad = 32 / kTpr;                       // KV rows per warp per load
+  constexpr int kUnroll = 4;                                    // loads in flight per thread
+  constexpr int kStep = kDecodeWarps * kRowsPerLoad * kUnroll;  // KV rows per block iteration
+  const int h = blockIdx.x, split = blockIdx.y, chunk = blockIdx.z;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int sub = lane / kTpr, col = lane % kTpr;  // which row of the load, which 8 elements
+  const int q0 = chunk * NR, nq = min(NR, p.rows - q0);
 
-  // Loops over g run to kMaxGroup, unrolled, with a guard: the per-head
-  // arrays stay in registers.
-  float qr[kMaxGroup][E];
+  const uint32_t total = p.head_rows[h * p.count_stride];
+  const uint32_t per = (total + p.splits - 1) / p.splits;
+  const uint32_t r0 = min(total, split * per), r1 = min(total, r0 + per);
+
+  float qr[NR][8];
 #pragma unroll
-  for (int g = 0; g < kMaxGroup; ++g) {
-    if (g >= G) continue;
-    const float* qg = p.q + (static_cast<size_t>(h) * G + g) * D + lane * E;
-    for (int e = 0; e < E; ++e) qr[g][e] = qg[e] * p.scale;
+  for (int i = 0; i < NR; ++i) {
+    if (i < nq) {
+      const float4* qp =
+          reinterpret_cast<const float4*>(p.q + (static_cast<size_t>(h) * p.rows + q0 + i) * D + col * 8);
+      const float4 a = qp[0], b = qp[1];
+      qr[i][0] = a.x, qr[i][1] = a.y, qr[i][2] = a.z, qr[i][3] = a.w;
+      qr[i][4] = b.x, qr[i][5] = b.y, qr[i][6] = b.z, qr[i][7] = b.w;
+    } else {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) qr[i][e] = 0.f;
+    }
   }
-  float m[kMaxGroup], l[kMaxGroup], acc[kMaxGroup][E];
-  for (int g = 0; g < kMaxGroup; ++g) {
-    m[g] = -INFINITY;
-    l[g] = 0.f;
-    for (int e = 0; e < E; ++e) acc[g][e] = 0.f;
+  float m[NR], l[NR], acc[NR][8];
+#pragma unroll
+  for (int i = 0; i < NR; ++i) {
+    m[i] = -INFINITY;
+    l[i] = 0.f;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc[i][e] = 0.f;
   }
 
-  const uint32_t sb = p.seg_offsets[h], se = p.seg_offsets[h + 1];
-  uint32_t r = r0 + warp;
-  if (r < r1) {
-    // The segment holding row r (binary search), then walk forward.
-    uint32_t lo = sb, hi = se;
+  const uint32_t* first = p.seg_first + static_cast<size_t>(h) * p.seg_stride;
+  const uint32_t* before = p.seg_before + static_cast<size_t>(h) * p.seg_stride;
+  const uint32_t n_seg = p.seg_count[h * p.count_stride];
+  // This thread's rows: r0 + it * kStep + (warp * kUnroll + u) * kRowsPerLoad + sub.
+  const uint32_t my0 = r0 + warp * kUnroll * kRowsPerLoad + sub;
+  uint32_t s = 0;
+  if (my0 < r1) {  // the segment holding my0 (binary search), then walk forward
+    uint32_t lo = 0, hi = n_seg;
     while (hi - lo > 1) {
       const uint32_t mid = (lo + hi) / 2;
-      if (p.seg_before[mid] <= r)
+      if (before[mid] <= my0)
         lo = mid;
       else
         hi = mid;
     }
-    uint32_t s = lo;
-    for (; r < r1; r += kDecodeWarps) {
-      while (r >= p.seg_before[s] + p.seg_rows[s]) ++s;
-      const int64_t row = static_cast<int64_t>(p.seg_first[s]) + (r - p.seg_before[s]);
-      const T* kp = RowPtr<T, D>(p, h, row);
-      const T* vp = kp + static_cast<size_t>(p.page_rows) * D;
-      float kx[E], vx[E];
-      for (int e = 0; e < E; ++e) {
-        kx[e] = ToFloat(kp[lane * E + e]);
-        vx[e] = ToFloat(vp[lane * E + e]);
-      }
+    s = lo;
+  }
+  for (uint32_t base = r0; base < r1; base += kStep) {
+    uint4 kv[kUnroll], vv[kUnroll];
+    bool ok[kUnroll];
 #pragma unroll
-      for (int g = 0; g < kMaxGroup; ++g) {
-        if (g >= G) continue;
-        float dot = 0.f;
-        for (int e = 0; e < E; ++e) dot += qr[g][e] * kx[e];
-        for (int off = 16; off > 0; off /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, off);
-        const float mn = fmaxf(m[g], dot);
-        const float alpha = __expf(m[g] - mn), w = __expf(dot - mn);
-        l[g] = l[g] * alpha + w;
-        for (int e = 0; e < E; ++e) acc[g][e] = acc[g][e] * alpha + w * vx[e];
-        m[g] = mn;
+    for (int u = 0; u < kUnroll; ++u) {
+      const uint32_t r = base + (warp * kUnroll + u) * kRowsPerLoad + sub;
+      ok[u] = r < r1;
+      if (ok[u]) {
+        while (s + 1 < n_seg && before[s + 1] <= r) ++s;
+        const T* kp = RowPtr<T, D>(p, h, first[s] + (r - before[s])) + col * 8;
+        kv[u] = __ldg(reinterpret_cast<const uint4*>(kp));
+        vv[u] = __ldg(reinterpret_cast<const uint4*>(kp + static_cast<size_t>(p.page_rows) * D));
+      }
+    }
+    float sc[kUnroll][NR];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      float kf[8];
+      Unpack8<T>(kv[u], kf);
+#pragma unroll
+      for (int i = 0; i < NR; ++i) {
+        float d = 0.f;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) d += qr[i][e] * kf[e];
+#pragma unroll
+        for (int off = kTpr / 2; off > 0; off /= 2) d += __shfl_xor_sync(0xffffffffu, d, off);
+        sc[u][i] = ok[u] ? d : -INFINITY;
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < NR; ++i) {
+      float mn = m[i];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) mn = fmaxf(mn, sc[u][i]);
+      if (mn == -INFINITY) continue;  // nothing seen yet
+      const float alpha = __expf(m[i] - mn);
+      l[i] *= alpha;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[i][e] *= alpha;
+      m[i] = mn;
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (!ok[u]) continue;
+      float vf[8];
+      Unpack8<T>(vv[u], vf);
+#pragma unroll
+      for (int i = 0; i < NR; ++i) {
+        const float w = __expf(sc[u][i] - m[i]);
+        l[i] += w;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[i][e] += w * vf[e];
       }
     }
   }
 
-  // Merge the warps' states in shared memory, then write the block's partial.
-  __shared__ float sm[kDecodeWarps][kMaxGroup], sl[kDecodeWarps][kMaxGroup];
-  __shared__ float sacc[kDecodeWarps][kMaxGroup][D];
+  // Merge the states of the rows-of-a-load within the warp (same col), then
+  // the warps' in shared memory, then write the block's partial.
 #pragma unroll
-  for (int g = 0; g < kMaxGroup; ++g) {
-    if (g >= G) continue;
-    if (lane == 0) {
-      sm[warp][g] = m[g];
-      sl[warp][g] = l[g];
+  for (int off = kTpr; off < 32; off *= 2) {
+#pragma unroll
+    for (int i = 0; i < NR; ++i) {
+      const float om = __shfl_xor_sync(0xffffffffu, m[i], off), ol = __shfl_xor_sync(0xffffffffu, l[i], off);
+      const float mn = fmaxf(m[i], om);
+      const float a = m[i] == -INFINITY ? 0.f : __expf(m[i] - mn), b = om == -INFINITY ? 0.f : __expf(om - mn);
+      l[i] = l[i] * a + ol * b;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[i][e] = acc[i][e] * a + __shfl_xor_sync(0xffffffffu, acc[i][e], off) * b;
+      m[i] = mn;
     }
-    for (int e = 0; e < E; ++e) sacc[warp][g][lane * E + e] = acc[g][e];
+  }
+  __shared__ float sm[kDecodeWarps][NR], sl[kDecodeWarps][NR];
+  __shared__ float sacc[kDecodeWarps][NR][D];
+  if (sub == 0) {
+#pragma unroll
+    for (int i = 0; i < NR; ++i) {
+      if (col == 0) {
+        sm[warp][i] = m[i];
+        sl[warp][i] = l[i];
+      }
+#pragma unroll
+      for (int e = 0; e < 8; ++e) sacc[warp][i][col * 8 + e] = acc[i][e];
+    }
   }
   __syncthreads();
-  for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
-    const int g = i / D, c = i % D;
+  for (int x = threadIdx.x; x < nq * D; x += blockDim.x) {
+    const int i = x / D, c = x % D;
     float mm = -INFINITY;
-    for (int w = 0; w < kDecodeWarps; ++w) mm = fmaxf(mm, sm[w][g]);
+#pragma unroll
+    for (int w = 0; w < kDecodeWarps; ++w) mm = fmaxf(mm, sm[w][i]);
     float ll = 0.f, oo = 0.f;
     if (mm != -INFINITY) {
+#pragma unroll
       for (int w = 0; w < kDecodeWarps; ++w) {
-        const float a = sm[w][g] == -INFINITY ? 0.f : __expf(sm[w][g] - mm);
-        ll += a * sl[w][g];
-        oo += a * sacc[w][g][c];
+        const float a = sm[w][i] == -INFINITY ? 0.f : __expf(sm[w][i] - mm);
+        ll += a * sl[w][i];
+        oo += a * sacc[w][i][c];
       }
     }
-    const size_t part = (static_cast<size_t>(h) * G + g) * p.splits + split;
+    const size_t part = (static_cast<size_t>(h) * p.rows + q0 + i) * p.splits + split;
     p.part_o[part * D + c] = oo;
     if (c == 0) {
       p.part_m[part] = mm;
@@ -178,11 +269,26 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) SparseDecodeSplitKernel(Dec
   }
 }
 
-// One block per query row (h * G + g): merges the splits' partial states into
-// o and lse. An empty row (no attended key) gets o = 0, lse = -inf.
-template <int D>
-__global__ void SparseDecodeMergeKernel(DecodeParams p) {
-  const size_t row = blockIdx.x;
+template <typename O>
+__device__ inline O FromFloat(float x);
+template <>
+__device__ inline float FromFloat<float>(float x) {
+  return x;
+}
+template <>
+__device__ inline __half FromFloat<__half>(float x) {
+  return __float2half_rn(x);
+}
+template <>
+__device__ inline __nv_bfloat16 FromFloat<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+// One block per query row (h, r): merges the splits' partial states into O
+// and LSE. A row with nothing attended gets O = 0 and LSE = -inf.
+template <typename O, int D>
+__global__ void SparseDecodeMergeKernel(DecodeParams p, DecodeOutput out) {
+  const size_t row = blockIdx.x;  // h * rows + r
   const float* pm = p.part_m + row * p.splits;
   const float* pl = p.part_l + row * p.splits;
   float mm = -INFINITY;
@@ -191,6 +297,12 @@ __global__ void SparseDecodeMergeKernel(DecodeParams p) {
   if (mm != -INFINITY) {
     for (int s = 0; s < p.splits; ++s) ll += pm[s] == -INFINITY ? 0.f : __expf(pm[s] - mm) * pl[s];
   }
+  const int h = static_cast<int>(row / p.rows), r = static_cast<int>(row % p.rows);
+  const int g = r / out.T, t = r % out.T;
+  const int64_t qh = static_cast<int64_t>(h) * out.G + g;
+  const int64_t n_qh = static_cast<int64_t>(p.n_heads) * out.G;
+  const int64_t dst = out.token_major ? t * n_qh + qh : qh * out.T + t;
+  O* o = static_cast<O*>(out.o) + dst * D;
   for (int c = threadIdx.x; c < D; c += blockDim.x) {
     float oo = 0.f;
     if (ll > 0.f) {
@@ -199,20 +311,31 @@ __global__ void SparseDecodeMergeKernel(DecodeParams p) {
       }
       oo /= ll;
     }
-    p.o[row * D + c] = oo;
+    o[c] = FromFloat<O>(oo);
   }
-  if (threadIdx.x == 0) p.lse[row] = ll > 0.f ? mm + logf(ll) : -INFINITY;
+  if (threadIdx.x == 0) {
+    const float lse = ll > 0.f ? mm + logf(ll) : -INFINITY;
+    out.lse[dst] = out.lse_base2 ? lse * 1.4426950408889634f : lse;
+  }
 }
 
-// Launches both kernels on `stream`. p.part_* must hold
-// DecodeWorkspaceFloats(...) floats together. Returns the launch error.
-template <typename T, int D>
-cudaError_t LaunchSparseDecode(const DecodeParams& p, cudaStream_t stream) {
-  if (p.group < 1 || p.group > kMaxGroup || p.splits < 1) return cudaErrorInvalidValue;
-  SparseDecodeSplitKernel<T, D><<<dim3(p.n_heads, p.splits), kDecodeWarps * 32, 0, stream>>>(p);
+// Launches both kernels on `stream`. Returns the launch error.
+template <typename T, int D, typename O>
+cudaError_t LaunchSparseDecode(const DecodeParams& p, const DecodeOutput& out, cudaStream_t stream) {
+  if (p.rows < 1 || p.splits < 1 || p.n_heads < 1) return cudaErrorInvalidValue;
+  const dim3 block(kDecodeWarps * 32);
+  if (p.rows == 1) {
+    SparseDecodeSplitKernel<T, D, 1><<<dim3(p.n_heads, p.splits, 1), block, 0, stream>>>(p);
+  } else if (p.rows == 2) {
+    SparseDecodeSplitKernel<T, D, 2><<<dim3(p.n_heads, p.splits, 1), block, 0, stream>>>(p);
+  } else if (p.rows <= 4) {
+    SparseDecodeSplitKernel<T, D, 4><<<dim3(p.n_heads, p.splits, 1), block, 0, stream>>>(p);
+  } else {
+    SparseDecodeSplitKernel<T, D, 8><<<dim3(p.n_heads, p.splits, (p.rows + 7) / 8), block, 0, stream>>>(p);
+  }
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return e;
-  SparseDecodeMergeKernel<D><<<p.n_heads * p.group, 128, 0, stream>>>(p);
+  SparseDecodeMergeKernel<O, D><<<p.n_heads * p.rows, 64, 0, stream>>>(p, out);
   return cudaGetLastError();
 }
 

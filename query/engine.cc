@@ -8,6 +8,7 @@
 #include <numeric>
 #include <sstream>
 
+#include "gpu/merge.h"
 #include "query/attention.h"
 #include "util/half.h"
 
@@ -47,6 +48,41 @@ Status ContextHandle::AttendDevice(const DeviceAttendArgs&, const QueryOptions&)
   return Status::NotSupported("context '" + info().name +
                               "': this handle runs on the CPU; open it with OpenOptions::device = kCuda for the "
                               "device call");
+}
+
+Status AttendDeviceBatch(const std::vector<DeviceBatchItem>& items, void* stream) {
+  for (size_t i = 0; i < items.size(); ++i) {
+    const DeviceBatchItem& it = items[i];
+    const std::string what = "batch request " + std::to_string(i);
+    if (it.handle == nullptr) return Status::InvalidArgument(what + ": no handle");
+    size_t need = 0;
+    Status s = it.handle->DeviceWorkspaceBytes(it.args.T, it.options, &need);
+    if (!s.ok()) return s.WithPrefix(what);
+    if (it.args.workspace == nullptr || it.args.workspace_bytes < need) {
+      return Status::InvalidArgument(what + ": workspace of " + std::to_string(it.args.workspace_bytes) +
+                                     " bytes; it needs " + std::to_string(need));
+    }
+    if (it.args.q == nullptr || it.args.o == nullptr || it.args.lse == nullptr) {
+      return Status::InvalidArgument(what + ": q, o and lse must be device pointers");
+    }
+    for (size_t j = 0; j < i; ++j) {
+      if (items[j].args.workspace == it.args.workspace) {
+        return Status::InvalidArgument(what + ": shares its workspace with request " + std::to_string(j));
+      }
+    }
+  }
+  for (size_t i = 0; i < items.size(); ++i) {
+    DeviceAttendArgs a = items[i].args;
+    a.stream = stream;
+    Status s = items[i].handle->AttendDevice(a, items[i].options);
+    if (!s.ok()) return s.WithPrefix("batch request " + std::to_string(i));
+  }
+  return Status::OK();
+}
+
+Status MergeAttentionStatesDevice(void* o_a, float* lse_a, const void* o_b, const float* lse_b, int64_t n, int head_dim,
+                                  DType dtype, bool lse_base2, void* stream) {
+  return gpu::MergeStatesDevice(o_a, lse_a, o_b, lse_b, n, head_dim, dtype, lse_base2, stream);
 }
 
 }  // namespace sqz
@@ -127,12 +163,14 @@ HeadStats ReadStats(const SegmentTable& t, int h, const ContextInfo& ci) {
   return hs;
 }
 
-void AppendPages(const ContextInfo& info, const Segment& seg, std::vector<uint32_t>* pages) {
+// Appends the pages of `seg` to *pages (ascending; a page already last in
+// *pages is not repeated). head_begin: where the current head's pages begin.
+void AppendPages(const ContextInfo& info, const Segment& seg, std::vector<uint32_t>* pages, size_t head_begin = 0) {
   if (seg.n_rows == 0) return;
   const int64_t first = storage::PageOfRow(info, seg.first_row);
   const int64_t last = storage::PageOfRow(info, static_cast<int64_t>(seg.first_row) + seg.n_rows - 1);
   for (int64_t p = first; p <= last; ++p) {
-    if (pages->empty() || pages->back() < p) pages->push_back(static_cast<uint32_t>(p));
+    if (pages->size() == head_begin || pages->back() < p) pages->push_back(static_cast<uint32_t>(p));
   }
 }
 
@@ -217,6 +255,8 @@ Status ContextHandleImpl::LoadResident(const OpenOptions& options) {
   shape.head_dim = ci.head_dim;
   shape.dtype = ci.dtype;
   shape.n_clustered = ci.n_clustered;
+  shape.n_always = ci.n_always();
+  shape.group = ci.group_size();
   shape.clustered_pages = ci.clustered_pages;
   Status s = gpu::ResidentKv::Create(options.device_id, shape, &resident_);
   if (!s.ok()) return s.WithPrefix(ctx + ": opening on device cuda:" + std::to_string(options.device_id));
@@ -237,38 +277,85 @@ Status ContextHandleImpl::LoadResident(const OpenOptions& options) {
         for (int64_t i = 0; i < n; ++i) std::memcpy(host.data() + i * page_bytes, set.data(i), page_bytes);
         SQZ_RETURN_IF_ERROR(resident_->Upload(layer, g - head_begin_, first, host.data(), n));
       }
+      const HeadData& hd = head(layer, g - head_begin_);
+      gpu::HeadIndexHost x;
+      x.k2 = hd.k2;
+      x.k1 = hd.k1;
+      x.fine_centroids = hd.fine_centroids.data();
+      x.fine_offsets = hd.fine_offsets.data();
+      x.coarse_centroids = hd.coarse_centroids.data();
+      x.coarse_child_offsets = hd.coarse_child_offsets.data();
+      SQZ_RETURN_IF_ERROR(resident_->SetIndex(layer, g - head_begin_, x));
     }
   }
-  return Status::OK();
+  return resident_->FinishIndex();
 }
 
-Status ContextHandleImpl::RunResident(const SegmentTable& t, const float* q, float scale, float* o, float* lse,
-                                      AttendStats* stats, bool* done) const {
-  *done = false;
-  if (!resident_ || t.T != 1 || t.n_sets() != t.n_kv_heads) return Status::OK();
-  for (int h = 0; h < t.n_kv_heads; ++h) {
-    if (t.set_kv_head[h] != h) return Status::OK();
+bool ContextHandleImpl::OnDevice(const SelectionParams& p, int T) const {
+  if (!resident_ || T < 1 || T > resident_->MaxT()) return false;
+  if (p.mode == SelectionMode::kDense) return true;
+  return p.gqa == GqaPolicy::kUnion && (!p.per_query || T == 1);
+}
+
+gpu::SelectConfig ContextHandleImpl::DeviceConfig(const SelectionParams& p) {
+  gpu::SelectConfig c;
+  c.mode = static_cast<int>(p.mode);
+  c.hierarchical = p.hierarchical;
+  c.budget = p.budget;
+  c.coarse_budget_factor = p.coarse_budget_factor;
+  c.tau_flat = p.tau_flat;
+  c.tau_coarse = p.tau_coarse;
+  c.tau_fine = p.tau_fine;
+  c.scale = p.scale;
+  return c;
+}
+
+Status ContextHandleImpl::PlanResident(int layer, const float* q, int T, const SelectionParams& params, SegmentTable* t,
+                                       float* o, float* lse, AttendStats* stats) const {
+  const ContextInfo& ci = info();
+  const int G = group_size(), n = n_served();
+  const size_t rows = static_cast<size_t>(n) * G * T;
+  std::vector<float> o_tmp, l_tmp;
+  if (o == nullptr) {
+    o_tmp.resize(rows * ci.head_dim);
+    l_tmp.resize(rows);
+    o = o_tmp.data();
+    lse = l_tmp.data();
   }
-  auto t0 = Clock::now();
-  gpu::HostSegments seg;
-  seg.offsets.assign(t.set_offsets.begin(), t.set_offsets.end());
-  seg.first_row.reserve(t.segments.size());
-  seg.n_rows.reserve(t.segments.size());
-  for (const Segment& s : t.segments) {
-    seg.first_row.push_back(s.first_row);
-    seg.n_rows.push_back(s.n_rows);
-  }
-  SQZ_RETURN_IF_ERROR(resident_->Decode(t.layer, seg, t.group_size, scale, q, o, lse));
-  if (stats) {
-    stats->heads.clear();
-    for (int h = 0; h < t.n_kv_heads; ++h) {
-      stats->heads.push_back(ReadStats(t, h, info()));
-      stats->heads.back().keys_attended = (stats->heads.back().keys_selected + info().n_always()) * t.group_size;
+  gpu::DeviceSelection sel;
+  SQZ_RETURN_IF_ERROR(resident_->AttendHost(layer, T, q, DeviceConfig(params), o, lse, &sel));
+  // The device's selection as a segment table: one set per KV head (GQA
+  // union), attended by all its query rows, and what it reads.
+  *t = SegmentTable();
+  t->layer = layer;
+  t->T = T;
+  t->group_size = G;
+  t->n_kv_heads = n;
+  t->page_rows = ci.page_rows;
+  t->set_offsets.push_back(0);
+  t->read_offsets.push_back(0);
+  t->page_offsets.push_back(0);
+  if (stats) stats->heads.assign(n, HeadStats());
+  for (int h = 0; h < n; ++h) {
+    for (uint32_t i = sel.seg_offsets[h]; i < sel.seg_offsets[h + 1]; ++i) {
+      const Segment seg{sel.seg_first[i], sel.seg_rows[i]};
+      t->segments.push_back(seg);
+      t->read_segments.push_back(seg);
+      AppendPages(ci, seg, &t->pages, t->page_offsets.back());
     }
-    stats->seconds_read = 0;
-    stats->seconds_attend = Since(t0);
+    t->set_offsets.push_back(static_cast<uint32_t>(t->segments.size()));
+    t->read_offsets.push_back(static_cast<uint32_t>(t->read_segments.size()));
+    t->page_offsets.push_back(static_cast<uint32_t>(t->pages.size()));
+    t->set_kv_head.push_back(h);
+    for (size_t r = 0; r < static_cast<size_t>(G) * T; ++r) t->row_set.push_back(h);
+    t->clusters_scored.push_back(sel.clusters_scored[h]);
+    t->clusters_read.push_back(sel.clusters_kept[h]);
+    if (stats) {
+      HeadStats& hs = stats->heads[h];
+      hs = ReadStats(*t, h, ci);
+      hs.keys_attended = (hs.keys_selected + ci.n_always()) * G * T;
+    }
   }
-  *done = true;
   return Status::OK();
 }
 
@@ -369,6 +456,12 @@ Status ContextHandleImpl::Resolve(const QueryOptions& options, SelectionParams* 
 
 Status ContextHandleImpl::Plan(int layer, const float* q, int T, const QueryOptions& options,
                                SegmentTable* table) const {
+  SelectionParams params;
+  SQZ_RETURN_IF_ERROR(Resolve(options, &params));
+  if (OnDevice(params, T)) {
+    SQZ_RETURN_IF_ERROR(CheckQueries(layer, q, T));
+    return PlanResident(layer, q, T, params, table, nullptr, nullptr, nullptr);
+  }
   size_t ws = 0;
   return Plan(layer, q, T, options, table, &ws);
 }
@@ -535,13 +628,74 @@ Status ContextHandleImpl::Attend(int layer, const float* q, int T, const QueryOp
   SQZ_RETURN_IF_ERROR(Resolve(options, &params));
   auto t0 = Clock::now();
   SegmentTable table;
+  if (OnDevice(params, T)) {
+    // The whole call on the GPU: selection, table, attention.
+    SQZ_RETURN_IF_ERROR(CheckQueries(layer, q, T));
+    SQZ_RETURN_IF_ERROR(PlanResident(layer, q, T, params, &table, o, lse, stats));
+    if (stats) {
+      stats->seconds_score = stats->seconds_read = 0;
+      stats->seconds_attend = Since(t0);
+    }
+    return Status::OK();
+  }
   size_t ws = 0;
   SQZ_RETURN_IF_ERROR(Plan(layer, q, T, options, &table, &ws));
   const double plan_seconds = Since(t0);
-  bool on_gpu = false;
-  SQZ_RETURN_IF_ERROR(RunResident(table, q, params.scale, o, lse, stats, &on_gpu));
-  if (!on_gpu) SQZ_RETURN_IF_ERROR(Run(table, q, params.scale, o, lse, stats));
+  SQZ_RETURN_IF_ERROR(Run(table, q, params.scale, o, lse, stats));
   if (stats) stats->seconds_score = plan_seconds;
+  return Status::OK();
+}
+
+Status ContextHandleImpl::DeviceCall(const DeviceAttendArgs& a, const QueryOptions& options, SelectionParams* params,
+                                     gpu::DeviceCall* c) const {
+  const std::string ctx = "context '" + info().name + "'";
+  if (!resident_) {
+    return Status::NotSupported(ctx +
+                                ": this handle runs on the CPU; open it with OpenOptions::device = kCuda for "
+                                "the device call");
+  }
+  SQZ_RETURN_IF_ERROR(Resolve(options, params));
+  if (!OnDevice(*params, a.T)) {
+    if (a.T < 1 || a.T > resident_->MaxT()) {
+      return Status::NotSupported(ctx + ": the device call takes T = 1.." + std::to_string(resident_->MaxT()) +
+                                  " queries per call in this release (got " + std::to_string(a.T) + ")");
+    }
+    return Status::NotSupported(ctx +
+                                ": the device call selects jointly per GQA group (GqaPolicy::kUnion, shared "
+                                "selection); use Attend for per-head or per-query selection");
+  }
+  if (a.layout != TensorLayout::kHeadMajor && a.layout != TensorLayout::kTokenMajor) {
+    return Status::InvalidArgument(ctx + ": unknown tensor layout");
+  }
+  c->layer = a.layer;
+  c->T = a.T;
+  c->q = a.q;
+  c->o = a.o;
+  c->lse = a.lse;
+  c->dtype = a.dtype;
+  c->token_major = a.layout == TensorLayout::kTokenMajor;
+  c->lse_base2 = a.lse_base2;
+  c->workspace = a.workspace;
+  c->workspace_bytes = a.workspace_bytes;
+  c->stream = a.stream;
+  return Status::OK();
+}
+
+Status ContextHandleImpl::DeviceWorkspaceBytes(int T, const QueryOptions& options, size_t* bytes) const {
+  DeviceAttendArgs a;
+  a.T = T;
+  SelectionParams params;
+  gpu::DeviceCall c;
+  SQZ_RETURN_IF_ERROR(DeviceCall(a, options, &params, &c));
+  return resident_->WorkspaceBytes(T, DeviceConfig(params), bytes);
+}
+
+Status ContextHandleImpl::AttendDevice(const DeviceAttendArgs& args, const QueryOptions& options) const {
+  SelectionParams params;
+  gpu::DeviceCall c;
+  SQZ_RETURN_IF_ERROR(DeviceCall(args, options, &params, &c));
+  Status s = resident_->Attend(c, DeviceConfig(params));
+  if (!s.ok()) return s.WithPrefix("context '" + info().name + "'");
   return Status::OK();
 }
 

@@ -11,10 +11,12 @@
 //   over its set's segments, straight from the stored pages (decode) or from
 //   a float copy with BLAS (prefill) (query/attention.h).
 //
-// Device::kCuda (the first slice of the GPU engine): Open copies every page
-// of the served heads into GPU memory (gpu/resident.h); decode steps (T = 1,
-// one attended set per KV head: the GQA-union default) run on the GPU kernel
-// after a CPU plan; other calls run on the CPU over the same snapshot.
+// Device::kCuda: Open copies every page of the served heads and their index
+// into GPU memory (gpu/resident.h). Calls the GPU engine takes (GQA union
+// with one shared selection, or dense; G * T <= 64 query rows per KV head)
+// run there whole: selection, segment table, attention; Plan then returns
+// the device's table. Other calls run on the CPU over the same snapshot.
+// AttendDevice is the GPU engine alone, on device tensors.
 //
 // Thread-safety: immutable after Open; every method is const and uses
 // per-call scratch (buffers kept per thread between calls, never shared).
@@ -76,6 +78,8 @@ class ContextHandleImpl final : public ContextHandle, public AttentionBackend {
   Status Plan(int layer, const float* q, int T, const QueryOptions& options, SegmentTable* table) const override;
   Status ReadRows(int layer, int kv_head, int64_t first_row, int64_t n_rows, float* k, float* v,
                   uint64_t* bytes = nullptr) const override;
+  Status DeviceWorkspaceBytes(int T, const QueryOptions& options, size_t* bytes) const override;
+  Status AttendDevice(const DeviceAttendArgs& args, const QueryOptions& options) const override;
 
   // --- AttentionBackend --------------------------------------------------------
   // Workspace: the CPU engine keeps per-thread scratch; the figure reported is
@@ -103,10 +107,17 @@ class ContextHandleImpl final : public ContextHandle, public AttentionBackend {
   std::string Where(int layer, int kv_head) const;
 
   Status LoadResident(const OpenOptions& options);
-  // Decode of `t` on the GPU (resident pages); false in *done when the table
-  // is not a decode with one set per KV head (the CPU runs it then).
-  Status RunResident(const SegmentTable& t, const float* q, float scale, float* o, float* lse, AttendStats* stats,
-                     bool* done) const;
+  // Whether the GPU engine takes a call (resident handle, T small enough,
+  // GQA union with one shared selection, or dense).
+  bool OnDevice(const SelectionParams& params, int T) const;
+  static gpu::SelectConfig DeviceConfig(const SelectionParams& params);
+  // A whole call on the GPU from host arrays; the device's selection as a
+  // table (and o / lse / stats when given).
+  Status PlanResident(int layer, const float* q, int T, const SelectionParams& params, SegmentTable* table, float* o,
+                      float* lse, AttendStats* stats) const;
+  // Checks a device call and translates it for the GPU layer.
+  Status DeviceCall(const DeviceAttendArgs& args, const QueryOptions& options, SelectionParams* params,
+                    gpu::DeviceCall* call) const;
 
   std::unique_ptr<storage::ContextSnapshot> snap_;
   std::unique_ptr<gpu::ResidentKv> resident_;  // Device::kCuda: every served page in GPU memory

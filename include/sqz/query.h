@@ -137,9 +137,12 @@ enum class TensorLayout : uint8_t {
   kTokenMajor = 1,  // [T, heads, head_dim] (what serving stacks hold)
 };
 
-// One Attend on tensors in GPU memory (declared now; the GPU engine
-// implements it). Nothing is allocated and the host is never synchronised
-// inside the call, so it can be captured in a CUDA graph.
+// One Attend on tensors in GPU memory (ContextHandle::AttendDevice): the
+// whole call (query conversion, centroid scoring, selection, segment table,
+// sparse attention, merge) is enqueued on `stream`; nothing is allocated and
+// the host is never synchronised inside the call, so it can be captured in a
+// CUDA graph. q must be finite (the device call does not check it: a NaN in
+// q gives NaN in O). docs/SEMANTICS.md, "Device call".
 struct DeviceAttendArgs {
   int layer = 0;
   int T = 0;
@@ -216,10 +219,33 @@ class ContextHandle {
                           uint64_t* bytes = nullptr) const = 0;
 
   // Device call (GPU handles). Workspace bytes for T queries and `options`.
-  // A CPU handle returns NotSupported.
+  // A CPU handle returns NotSupported; so does a GPU handle for what the GPU
+  // engine does not take yet: T > 64 / G (prefill), GqaPolicy::kPerHead,
+  // per-query selection with T > 1 (Attend runs those on the CPU).
   virtual Status DeviceWorkspaceBytes(int T, const QueryOptions& options, size_t* bytes) const;
+  // Enqueues the call; argument errors are returned before anything is
+  // enqueued. The workspace must not be used by another call in flight.
   virtual Status AttendDevice(const DeviceAttendArgs& args, const QueryOptions& options) const;
 };
+
+// One request of a batch: its handle (context), tensors, workspace and options.
+struct DeviceBatchItem {
+  const ContextHandle* handle = nullptr;
+  DeviceAttendArgs args;  // args.stream is ignored: the batch's stream is used
+  QueryOptions options;
+};
+
+// Enqueues every request on `stream` (cudaStream_t), one after the other in
+// one launch sequence: all requests are checked first, so on an error nothing
+// is enqueued. Each request needs its own workspace.
+Status AttendDeviceBatch(const std::vector<DeviceBatchItem>& items, void* stream);
+
+// The device form of MergeAttentionStates: o_* [n, head_dim] of `dtype` (F32,
+// F16, BF16) and lse_* [n] fp32 in GPU memory, in place into a; lse in base 2
+// with lse_base2 (FlashInfer-style states), natural log otherwise. Enqueued on
+// `stream`; no allocation, no synchronisation. NotSupported without CUDA.
+Status MergeAttentionStatesDevice(void* o_a, float* lse_a, const void* o_b, const float* lse_b, int64_t n, int head_dim,
+                                  DType dtype, bool lse_base2, void* stream);
 
 // Merges attention state (o_b, lse_b) into (o_a, lse_a), in place:
 //   lse = log(e^lse_a + e^lse_b), o = (e^lse_a o_a + e^lse_b o_b) / e^lse.
