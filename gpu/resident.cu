@@ -108,6 +108,9 @@ class ResidentKvImpl final : public ResidentKv {
     SQZ_CUDA_TRY(cudaMalloc(&pages_, std::max<uint64_t>(page_buffer_bytes_, 1)), "cudaMalloc (KV pages)");
     SQZ_CUDA_TRY(cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, device_), "SM count");
     SQZ_CUDA_TRY(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
+    SQZ_CUDA_TRY(cudaFuncSetAttribute(SelectKernel<kSelectThreads>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(kSelectSmemBytes)),
+                 "configuring the select kernel");
     staged_.resize(static_cast<size_t>(shape_.n_layers) * shape_.n_heads);
     return Status::OK();
   }
@@ -243,9 +246,7 @@ class ResidentKvImpl final : public ResidentKv {
     const int64_t n_tokens = shape_.n_clustered + shape_.n_always;
     double est = static_cast<double>(n_tokens);
     if (c.mode == 1) est = std::min(est, std::max(0.0, c.budget) * 1.25 * shape_.n_clustered + shape_.n_always);
-    const int chunks = (R + kMaxGroup - 1) / kMaxGroup;
-    const int want = std::max(1, (4 * sm_count_ + H * chunks - 1) / (H * chunks));
-    w->splits = std::max(1, std::min(want, static_cast<int>(std::ceil(est / 64.0))));
+    w->splits = Splits(H, R, est);
     w->rows = R;
     const size_t ks = KStride();
     size_t off = 0;
@@ -280,6 +281,7 @@ class ResidentKvImpl final : public ResidentKv {
     p.pages_per_head = shape_.pages_per_head;
     p.n_heads = shape_.n_heads;
     p.page_rows = shape_.page_rows;
+    p.page_shift = (shape_.page_rows & (shape_.page_rows - 1)) == 0 ? __builtin_ctz(shape_.page_rows) : -1;
     p.n_clustered = shape_.n_clustered;
     p.clustered_pages = shape_.clustered_pages;
     return p;
@@ -359,7 +361,7 @@ class ResidentKvImpl final : public ResidentKv {
         cs.sizes = d_coarse_size_;
         cs.target = std::min(1.0, cfg.coarse_budget_factor * cfg.budget) * n;
         cs.tau = cfg.tau_coarse;
-        SelectKernel<kSelectThreads><<<H, kSelectThreads, 0, s>>>(cs);
+        SelectKernel<kSelectThreads><<<H, kSelectThreads, kSelectSmemBytes, s>>>(cs);
         SQZ_CUDA_TRY(cudaGetLastError(), "launching the coarse selection");
         sc.parent = d_fine_parent_;
         sc.coarse_keep = sp.coarse_keep;
@@ -372,7 +374,7 @@ class ResidentKvImpl final : public ResidentKv {
       sp.hierarchical = cfg.hierarchical;
       sp.target = cfg.budget * n;
       sp.tau = cfg.hierarchical ? cfg.tau_fine : cfg.tau_flat;
-      SelectKernel<kSelectThreads><<<H, kSelectThreads, 0, s>>>(sp);
+      SelectKernel<kSelectThreads><<<H, kSelectThreads, kSelectSmemBytes, s>>>(sp);
       SQZ_CUDA_TRY(cudaGetLastError(), "launching the selection");
     }
 
@@ -498,7 +500,7 @@ class ResidentKvImpl final : public ResidentKv {
     const size_t rows = static_cast<size_t>(H) * group;
     std::vector<float> qs(q, q + rows * D);
     for (float& x : qs) x *= scale;
-    const int splits = std::max(1, std::min<int>((4 * sm_count_ + H - 1) / H, static_cast<int>((max_rows + 63) / 64)));
+    const int splits = Splits(H, group, max_rows);
     const size_t meta_bytes = Align(meta.size() * 4), q_bytes = Align(rows * D * 4);
     std::lock_guard<std::mutex> lock(mu_);
     SQZ_CUDA_TRY(cudaSetDevice(device_), "cudaSetDevice");
@@ -536,8 +538,18 @@ class ResidentKvImpl final : public ResidentKv {
   }
 
  private:
+  // Blocks per head of the split kernel: one full wave of resident blocks
+  // (4 per SM for up to 4 query rows per block, 2 for 8), at least 64 rows
+  // each of the expected `rows`.
+  int Splits(int H, int R, double rows) const {
+    const int chunks = (R + kMaxGroup - 1) / kMaxGroup;
+    const int per_sm = R <= 4 ? 4 : 2;
+    const int wave = std::max(1, per_sm * sm_count_ / (H * chunks));
+    return std::max(1, std::min({wave, kMaxSplits, static_cast<int>(std::ceil(rows / 64.0))}));
+  }
+
   cudaError_t LaunchScore(const ScoreParams& sc, int k_max, cudaStream_t s) const {
-    const dim3 grid((std::max(k_max, 1) + kScoreThreads - 1) / kScoreThreads, shape_.n_heads);
+    const dim3 grid((std::max(k_max, 1) * kScoreTpc + kScoreThreads - 1) / kScoreThreads, shape_.n_heads);
     if (shape_.head_dim == 64) {
       ScoreKernel<64><<<grid, kScoreThreads, 0, s>>>(sc);
     } else {

@@ -39,7 +39,11 @@ namespace sqz::gpu {
 
 inline constexpr int kMaxSelectRows = 64;  // query rows per KV head (G * T) the selection takes
 inline constexpr int kScoreThreads = 128;
-inline constexpr int kSelectThreads = 512;
+inline constexpr int kSelectThreads = 1024;
+// Clusters of a head whose keys, sizes and flags the select kernel keeps in
+// shared memory (dynamic, kSelectSmemBytes); larger heads use the workspace.
+inline constexpr int kSelectCache = 8192;
+inline constexpr size_t kSelectSmemBytes = static_cast<size_t>(kSelectCache) * 9;
 
 // Per-head statistics the select kernel writes ([H][kStatCount] uint32).
 enum : int {
@@ -105,10 +109,13 @@ struct ScoreParams {
   int k_stride = 0;
 };
 
-// Grid (ceil(k_max / kScoreThreads), H); one thread per centroid, the rows in
-// chunks of 8 (decode reads each centroid once).
+// Grid (ceil(k_max * kScoreTpc / kScoreThreads), H): kScoreTpc threads per
+// centroid (adjacent threads read adjacent 16 bytes: coalesced), the rows in
+// chunks of 8 (decode reads each centroid once), a 3-step shuffle reduction.
+inline constexpr int kScoreTpc = 8;
 template <int D>
 __global__ void __launch_bounds__(kScoreThreads) ScoreKernel(ScoreParams p) {
+  constexpr int kE4 = D / 4 / kScoreTpc;  // float4 per thread
   __shared__ float4 sq[kMaxSelectRows * D / 4];
   const int h = blockIdx.y, R = p.G * p.T;
   const float4* qh = reinterpret_cast<const float4*>(p.qf + static_cast<size_t>(h) * R * D);
@@ -116,37 +123,42 @@ __global__ void __launch_bounds__(kScoreThreads) ScoreKernel(ScoreParams p) {
   __syncthreads();
   const HeadMeta m = p.meta[h];
   const uint32_t k = p.coarse ? m.k1 : m.k2;
-  const uint32_t j = blockIdx.x * blockDim.x + threadIdx.x;
-  if (j >= k) return;
+  const uint32_t j = (blockIdx.x * blockDim.x + threadIdx.x) / kScoreTpc;
+  const int part = threadIdx.x % kScoreTpc;
+  // No early return: the whole warp takes part in the shuffles.
+  const bool valid = j < k;
   float* out = p.scores + static_cast<size_t>(h) * R * p.k_stride + j;
-  uint32_t bits = 0xffu;
-  if (p.parent != nullptr) bits = p.coarse_keep[static_cast<size_t>(h) * p.k1_stride + p.parent[m.fine_base + j]];
-  if (bits == 0) {  // no query head reaches this cluster: not read
-    for (int r = 0; r < R; ++r) out[static_cast<size_t>(r) * p.k_stride] = -INFINITY;
-    return;
+  uint32_t bits = valid ? 0xffu : 0u;
+  if (valid && p.parent != nullptr) {
+    bits = p.coarse_keep[static_cast<size_t>(h) * p.k1_stride + p.parent[m.fine_base + j]];
   }
+  float4 cv[kE4];
   const float4* c = reinterpret_cast<const float4*>(p.centroids +
                                                     static_cast<size_t>(p.coarse ? m.coarse_base : m.fine_base) * D) +
-                    static_cast<size_t>(j) * (D / 4);
+                    static_cast<size_t>(valid ? j : 0) * (D / 4);
+#pragma unroll
+  for (int e = 0; e < kE4; ++e) cv[e] = bits != 0 ? __ldg(c + part + e * kScoreTpc) : make_float4(0.f, 0.f, 0.f, 0.f);
   for (int r0 = 0; r0 < R; r0 += 8) {
     float acc[8];
 #pragma unroll
-    for (int i = 0; i < 8; ++i) acc[i] = 0.f;
-#pragma unroll 4
-    for (int e = 0; e < D / 4; ++e) {
-      const float4 cv = __ldg(c + e);
+    for (int i = 0; i < 8; ++i) {
+      acc[i] = 0.f;
+      if (r0 + i < R) {
 #pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        if (r0 + i < R) {
-          const float4 qv = sq[(r0 + i) * (D / 4) + e];
-          acc[i] += qv.x * cv.x + qv.y * cv.y + qv.z * cv.z + qv.w * cv.w;
+        for (int e = 0; e < kE4; ++e) {
+          const float4 qv = sq[(r0 + i) * (D / 4) + part + e * kScoreTpc];
+          acc[i] += qv.x * cv[e].x + qv.y * cv[e].y + qv.z * cv[e].z + qv.w * cv[e].w;
         }
       }
-    }
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const int r = r0 + i;
-      if (r < R) out[static_cast<size_t>(r) * p.k_stride] = ((bits >> (r / p.T)) & 1u) ? acc[i] : -INFINITY;
+      for (int off = kScoreTpc / 2; off > 0; off /= 2) acc[i] += __shfl_xor_sync(0xffffffffu, acc[i], off);
+    }
+    if (valid && part == 0) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const int r = r0 + i;
+        if (r < R) out[static_cast<size_t>(r) * p.k_stride] = ((bits >> (r / p.T)) & 1u) ? acc[i] : -INFINITY;
+      }
     }
   }
 }
@@ -255,10 +267,18 @@ __global__ void __launch_bounds__(NT) SelectKernel(SelectParams p) {
   const HeadMeta m = p.meta[h];
   const uint32_t k = p.coarse ? m.k1 : m.k2;
   const uint32_t base = p.coarse ? m.coarse_base : m.fine_base;
-  const uint32_t* sizes = p.sizes + base;
   const float* scores = p.scores + static_cast<size_t>(h) * R * p.k_stride;
-  uint32_t* keys = p.keys + static_cast<size_t>(h) * p.k_stride;
-  uint8_t* flags = p.flags + static_cast<size_t>(h) * p.k_stride;
+  // Keys, sizes and flags in shared memory when the head fits.
+  extern __shared__ uint32_t cache[];
+  const bool cached = k <= static_cast<uint32_t>(kSelectCache);
+  uint32_t* keys = cached ? cache : p.keys + static_cast<size_t>(h) * p.k_stride;
+  uint8_t* flags = cached ? reinterpret_cast<uint8_t*>(cache + 2 * kSelectCache) : p.flags + static_cast<size_t>(h) * p.k_stride;
+  const uint32_t* sizes = p.sizes + base;
+  if (cached) {
+    for (uint32_t j = threadIdx.x; j < k; j += NT) cache[kSelectCache + j] = sizes[j];
+    sizes = cache + kSelectCache;
+    __syncthreads();
+  }
 
   // 1. Per row: max and denominator sum_j N_j exp(s_j - max), online, 8 rows
   // at a time. Scores of -inf (not reached) count for nothing.
@@ -311,8 +331,9 @@ __global__ void __launch_bounds__(NT) SelectKernel(SelectParams p) {
   // 2. Per cluster: the key of the joint (budget) order, or the threshold
   // flags. log p_rj = s_rj - row_lse[r].
   const uint8_t all_bits = static_cast<uint8_t>((1u << p.G) - 1u);
-  uint32_t cand_weight = 0;
+  uint32_t cand_weight = 0, scored = 0;
   for (uint32_t j = threadIdx.x; j < k; j += NT) {
+    for (int r = 0; r < R; ++r) scored += scores[static_cast<size_t>(r) * p.k_stride + j] != -INFINITY ? 1u : 0u;
     if (p.mode == 1) {
       // log of sum_r p_rj (the mean's order), over rows that reach j.
       float mx = -INFINITY;
@@ -400,7 +421,7 @@ __global__ void __launch_bounds__(NT) SelectKernel(SelectParams p) {
   const uint32_t* first = p.first + base;
   uint32_t* seg_first = p.seg_first + static_cast<size_t>(h) * p.seg_stride;
   uint32_t* seg_before = p.seg_before + static_cast<size_t>(h) * p.seg_stride;
-  uint32_t n_seg = 0, rows = 0, kept = 0, scored = 0;
+  uint32_t n_seg = 0, rows = 0, kept = 0;
   for (uint32_t j0 = 0; j0 < k; j0 += NT) {
     const uint32_t j = j0 + threadIdx.x;
     const bool f = j < k && flags[j] != 0;
@@ -420,9 +441,6 @@ __global__ void __launch_bounds__(NT) SelectKernel(SelectParams p) {
   }
   // Scored, as the CPU counts it: dot products of the G * T rows with the
   // clusters they reach, per query (/ T).
-  for (uint32_t j = threadIdx.x; j < k; j += NT) {
-    for (int r = 0; r < R; ++r) scored += scores[static_cast<size_t>(r) * p.k_stride + j] != -INFINITY ? 1u : 0u;
-  }
   scored = Reduce(tmp.reduce).Sum(scored);
   __syncthreads();
   kept = Reduce(tmp.reduce).Sum(kept);

@@ -43,6 +43,7 @@ struct DecodeParams {
   int n_heads = 0;
   int rows = 0;  // query rows per head (G * T)
   int page_rows = 0;
+  int page_shift = -1;  // log2(page_rows) when a power of two (no division per row)
   int64_t n_clustered = 0;
   int64_t clustered_pages = 0;
   const float* q = nullptr;  // [H][rows][D], already scaled
@@ -89,15 +90,11 @@ __device__ inline void Unpack8(const uint4& u, float* f) {
 template <typename T, int D>
 __device__ inline const T* RowPtr(const DecodeParams& p, int h, uint32_t row) {
   uint32_t page, slot;
-  if (row < p.n_clustered) {
-    page = row / p.page_rows;
-    slot = row - page * p.page_rows;
-  } else {
-    const uint32_t a = row - static_cast<uint32_t>(p.n_clustered);
-    const uint32_t ap = a / p.page_rows;
-    page = static_cast<uint32_t>(p.clustered_pages) + ap;
-    slot = a - ap * p.page_rows;
-  }
+  const bool clustered = row < p.n_clustered;
+  const uint32_t a = clustered ? row : row - static_cast<uint32_t>(p.n_clustered);
+  const uint32_t ap = p.page_shift >= 0 ? a >> p.page_shift : a / p.page_rows;
+  page = clustered ? ap : static_cast<uint32_t>(p.clustered_pages) + ap;
+  slot = a - ap * p.page_rows;
   const size_t s = static_cast<size_t>(h) * p.pages_per_head + page;
   return reinterpret_cast<const T*>(p.pages + s * p.page_bytes) + static_cast<size_t>(slot) * D;
 }
@@ -107,7 +104,7 @@ __device__ inline const T* RowPtr(const DecodeParams& p, int h, uint32_t row) {
 // c * NR .. c * NR + NR - 1. A KV row is held by D / 8 threads (16 bytes
 // each); a warp holds 32 / (D / 8) rows per load and kUnroll loads in flight.
 template <typename T, int D, int NR>
-__global__ void __launch_bounds__(kDecodeWarps * 32) SparseDecodeSplitKernel(DecodeParams p) {
+__global__ void __launch_bounds__(kDecodeWarps * 32, NR <= 4 ? 4 : 2) SparseDecodeSplitKernel(DecodeParams p) {
   constexpr int kTpr = D / 8;                                   // threads per KV row
   constexpr int kRowsPerLoad = 32 / kTpr;                       // KV rows per warp per load
   constexpr int kUnroll = 4;                                    // loads in flight per thread
@@ -284,36 +281,62 @@ __device__ inline __nv_bfloat16 FromFloat<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);
 }
 
-// One block per query row (h, r): merges the splits' partial states into O
-// and LSE. A row with nothing attended gets O = 0 and LSE = -inf.
+// One block per query row (h, r), one thread per column: merges the splits'
+// partial states into O and LSE (the splits' weights once, in shared
+// memory). A row with nothing attended gets O = 0 and LSE = -inf.
+inline constexpr int kMaxSplits = 1024;
 template <typename O, int D>
-__global__ void SparseDecodeMergeKernel(DecodeParams p, DecodeOutput out) {
+__global__ void __launch_bounds__(D) SparseDecodeMergeKernel(DecodeParams p, DecodeOutput out) {
+  __shared__ float w[kMaxSplits];
+  __shared__ float red[D / 32];
+  __shared__ float s_mm, s_ll;
   const size_t row = blockIdx.x;  // h * rows + r
   const float* pm = p.part_m + row * p.splits;
   const float* pl = p.part_l + row * p.splits;
   float mm = -INFINITY;
-  for (int s = 0; s < p.splits; ++s) mm = fmaxf(mm, pm[s]);
-  float ll = 0.f;
-  if (mm != -INFINITY) {
-    for (int s = 0; s < p.splits; ++s) ll += pm[s] == -INFINITY ? 0.f : __expf(pm[s] - mm) * pl[s];
+  for (int s = threadIdx.x; s < p.splits; s += D) mm = fmaxf(mm, pm[s]);
+  for (int off = 16; off > 0; off /= 2) mm = fmaxf(mm, __shfl_xor_sync(0xffffffffu, mm, off));
+  if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = mm;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float m = -INFINITY;
+    for (int i = 0; i < D / 32; ++i) m = fmaxf(m, red[i]);
+    s_mm = m;
   }
+  __syncthreads();
+  mm = s_mm;
+  float ll = 0.f;
+  for (int s = threadIdx.x; s < p.splits; s += D) {
+    const float x = (mm == -INFINITY || pm[s] == -INFINITY) ? 0.f : __expf(pm[s] - mm);
+    w[s] = x;
+    ll += x * pl[s];
+  }
+  for (int off = 16; off > 0; off /= 2) ll += __shfl_xor_sync(0xffffffffu, ll, off);
+  __syncthreads();
+  if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = ll;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float l = 0.f;
+    for (int i = 0; i < D / 32; ++i) l += red[i];
+    s_ll = l;
+  }
+  __syncthreads();
+  ll = s_ll;
   const int h = static_cast<int>(row / p.rows), r = static_cast<int>(row % p.rows);
   const int g = r / out.T, t = r % out.T;
   const int64_t qh = static_cast<int64_t>(h) * out.G + g;
   const int64_t n_qh = static_cast<int64_t>(p.n_heads) * out.G;
   const int64_t dst = out.token_major ? t * n_qh + qh : qh * out.T + t;
-  O* o = static_cast<O*>(out.o) + dst * D;
-  for (int c = threadIdx.x; c < D; c += blockDim.x) {
-    float oo = 0.f;
-    if (ll > 0.f) {
-      for (int s = 0; s < p.splits; ++s) {
-        if (pm[s] != -INFINITY) oo += __expf(pm[s] - mm) * p.part_o[(row * p.splits + s) * D + c];
-      }
-      oo /= ll;
-    }
-    o[c] = FromFloat<O>(oo);
+  const int c = threadIdx.x;
+  float oo = 0.f;
+  if (ll > 0.f) {
+    const float* po = p.part_o + row * p.splits * D + c;
+#pragma unroll 8
+    for (int s = 0; s < p.splits; ++s) oo += w[s] * po[static_cast<size_t>(s) * D];
+    oo /= ll;
   }
-  if (threadIdx.x == 0) {
+  static_cast<O*>(out.o)[dst * D + c] = FromFloat<O>(oo);
+  if (c == 0) {
     const float lse = ll > 0.f ? mm + logf(ll) : -INFINITY;
     out.lse[dst] = out.lse_base2 ? lse * 1.4426950408889634f : lse;
   }
@@ -322,7 +345,7 @@ __global__ void SparseDecodeMergeKernel(DecodeParams p, DecodeOutput out) {
 // Launches both kernels on `stream`. Returns the launch error.
 template <typename T, int D, typename O>
 cudaError_t LaunchSparseDecode(const DecodeParams& p, const DecodeOutput& out, cudaStream_t stream) {
-  if (p.rows < 1 || p.splits < 1 || p.n_heads < 1) return cudaErrorInvalidValue;
+  if (p.rows < 1 || p.splits < 1 || p.splits > kMaxSplits || p.n_heads < 1) return cudaErrorInvalidValue;
   const dim3 block(kDecodeWarps * 32);
   if (p.rows == 1) {
     SparseDecodeSplitKernel<T, D, 1><<<dim3(p.n_heads, p.splits, 1), block, 0, stream>>>(p);
@@ -335,7 +358,7 @@ cudaError_t LaunchSparseDecode(const DecodeParams& p, const DecodeOutput& out, c
   }
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return e;
-  SparseDecodeMergeKernel<O, D><<<p.n_heads * p.rows, 64, 0, stream>>>(p, out);
+  SparseDecodeMergeKernel<O, D><<<p.n_heads * p.rows, D, 0, stream>>>(p, out);
   return cudaGetLastError();
 }
 
