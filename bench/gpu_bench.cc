@@ -35,13 +35,13 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-#define CK(x)                                                                             \
-  do {                                                                                    \
-    cudaError_t e_ = (x);                                                                 \
-    if (e_ != cudaSuccess) {                                                              \
+#define CK(x)                                                                                 \
+  do {                                                                                        \
+    cudaError_t e_ = (x);                                                                     \
+    if (e_ != cudaSuccess) {                                                                  \
       std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                       \
-    }                                                                                     \
+      std::exit(1);                                                                           \
+    }                                                                                         \
   } while (0)
 
 void Die(const sqz::Status& s, const char* what) {
@@ -61,13 +61,20 @@ Args Parse(int argc, char** argv) {
   Args a;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string k = argv[i], v = argv[i + 1];
-    if (k == "--db") a.db = v;
-    else if (k == "--context") a.context = v;
-    else if (k == "--layer") a.layer = std::stoi(v);
-    else if (k == "--T") a.T = std::stoi(v);
-    else if (k == "--iters") a.iters = std::stoi(v);
-    else if (k == "--device") a.device = std::stoi(v);
-    else if (k == "--batch-contexts") a.batch = v;
+    if (k == "--db")
+      a.db = v;
+    else if (k == "--context")
+      a.context = v;
+    else if (k == "--layer")
+      a.layer = std::stoi(v);
+    else if (k == "--T")
+      a.T = std::stoi(v);
+    else if (k == "--iters")
+      a.iters = std::stoi(v);
+    else if (k == "--device")
+      a.device = std::stoi(v);
+    else if (k == "--batch-contexts")
+      a.batch = v;
     else if (k == "--budgets") {
       a.budgets.clear();
       std::stringstream ss(v);
@@ -136,7 +143,8 @@ struct Request {
   size_t ws_bytes = 0;
   int T = 1, layer = 0;
 
-  void Init(const sqz::ContextHandle* handle, int lay, int t, const std::vector<float>& qh, const sqz::QueryOptions& o_) {
+  void Init(const sqz::ContextHandle* handle, int lay, int t, const std::vector<float>& qh,
+            const sqz::QueryOptions& o_) {
     h = handle;
     layer = lay;
     T = t;
@@ -146,7 +154,8 @@ struct Request {
     for (int i = 0; i < heads; ++i)
       for (int j = 0; j < T; ++j)
         for (int e = 0; e < d; ++e)
-          qb[(static_cast<size_t>(j) * heads + i) * d + e] = sqz::FloatToBf16(qh[(static_cast<size_t>(i) * T + j) * d + e]);
+          qb[(static_cast<size_t>(j) * heads + i) * d + e] =
+              sqz::FloatToBf16(qh[(static_cast<size_t>(i) * T + j) * d + e]);
     Die(h->DeviceWorkspaceBytes(T, qo, &ws_bytes), "DeviceWorkspaceBytes");
     CK(cudaMalloc(&q, qb.size() * 2));
     CK(cudaMalloc(&o, qb.size() * 2));
@@ -247,8 +256,8 @@ int main(int argc, char** argv) {
   std::vector<float> o(q.size()), lse(static_cast<size_t>(info.n_q_heads) * a.T);
   Die(h->Attend(a.layer, q.data(), a.T, sqz::QueryOptions(), o.data(), lse.data()), "Attend");
   const double first_s = std::chrono::duration<double>(Clock::now() - t0).count();
-  const double kv_bytes = static_cast<double>(info.n_layers) * info.n_kv_heads * info.pages_per_head() *
-                          info.page_bytes();
+  const double kv_bytes =
+      static_cast<double>(info.n_layers) * info.n_kv_heads * info.pages_per_head() * info.page_bytes();
   std::printf(
       "{\"what\": \"time_to_first_answer\", \"context\": \"%s\", \"tokens\": %lld, \"layers\": %d, \"open_s\": %.4f, "
       "\"first_answer_s\": %.4f, \"kv_page_bytes\": %.0f, \"floor_s\": %.4f}\n",

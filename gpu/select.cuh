@@ -98,7 +98,7 @@ struct ScoreParams {
   const float* qf = nullptr;  // [H][R][D]
   int H = 0, G = 0, T = 0;    // R = G * T
   const HeadMeta* meta = nullptr;
-  bool coarse = false;            // which level
+  bool coarse = false;               // which level
   const float* centroids = nullptr;  // that level's centroids [*, D]
   // Fine stage of a hierarchical lookup: the parent of each fine cluster and
   // the coarse keep masks (bit g: query head g kept it); null when flat.
@@ -133,9 +133,9 @@ __global__ void __launch_bounds__(kScoreThreads) ScoreKernel(ScoreParams p) {
     bits = p.coarse_keep[static_cast<size_t>(h) * p.k1_stride + p.parent[m.fine_base + j]];
   }
   float4 cv[kE4];
-  const float4* c = reinterpret_cast<const float4*>(p.centroids +
-                                                    static_cast<size_t>(p.coarse ? m.coarse_base : m.fine_base) * D) +
-                    static_cast<size_t>(valid ? j : 0) * (D / 4);
+  const float4* c =
+      reinterpret_cast<const float4*>(p.centroids + static_cast<size_t>(p.coarse ? m.coarse_base : m.fine_base) * D) +
+      static_cast<size_t>(valid ? j : 0) * (D / 4);
 #pragma unroll
   for (int e = 0; e < kE4; ++e) cv[e] = bits != 0 ? __ldg(c + part + e * kScoreTpc) : make_float4(0.f, 0.f, 0.f, 0.f);
   for (int r0 = 0; r0 < R; r0 += 8) {
@@ -166,11 +166,11 @@ __global__ void __launch_bounds__(kScoreThreads) ScoreKernel(ScoreParams p) {
 struct SelectParams {
   int H = 0, G = 0, T = 0;
   const HeadMeta* meta = nullptr;
-  bool coarse = false;  // stage: coarse (writes coarse_keep) or fine (writes segments)
-  bool hierarchical = false;  // fine stage after a coarse one (adds to its statistics)
-  int mode = 1;         // 1 budget (joint over the group), 2 threshold (per query head, union)
-  double target = 0;    // budget: rows to reach
-  float tau = 0;        // threshold
+  bool coarse = false;            // stage: coarse (writes coarse_keep) or fine (writes segments)
+  bool hierarchical = false;      // fine stage after a coarse one (adds to its statistics)
+  int mode = 1;                   // 1 budget (joint over the group), 2 threshold (per query head, union)
+  double target = 0;              // budget: rows to reach
+  float tau = 0;                  // threshold
   const float* scores = nullptr;  // [H][R][k_stride]
   int k_stride = 0;
   const uint32_t* sizes = nullptr;  // the level's cluster sizes (flattened)
@@ -212,9 +212,16 @@ __device__ uint32_t RadixSelect(const uint32_t* keys, const uint32_t* sizes, uin
     for (int i = threadIdx.x; i < 256; i += NT) hist[i] = 0;
     __syncthreads();
     const uint32_t high_mask = shift == 24 ? 0u : (0xffffffffu << (shift + 8));
-    for (uint32_t j = threadIdx.x; j < k; j += NT) {
-      const uint32_t key = keys[j];
-      if (key != 0 && (key & high_mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], sizes[j]);
+    // Keys of similar magnitude share their high bits: lanes adding to the
+    // same bin are combined first (one shared-memory atomic per bin per warp).
+    for (uint32_t j0 = 0; j0 < k; j0 += NT) {
+      const uint32_t j = j0 + threadIdx.x;
+      const uint32_t key = j < k ? keys[j] : 0;
+      const bool match = key != 0 && (key & high_mask) == prefix;
+      const uint32_t bin = (key >> shift) & 255u;
+      const uint32_t peers = __match_any_sync(0xffffffffu, match ? bin : 256u + (threadIdx.x % 32));
+      const uint32_t sum = __reduce_add_sync(peers, match ? sizes[j] : 0u);
+      if (match && (threadIdx.x % 32) == static_cast<uint32_t>(__ffs(peers) - 1)) atomicAdd(&hist[bin], sum);
     }
     __syncthreads();
     if (threadIdx.x < 32) {
@@ -272,7 +279,8 @@ __global__ void __launch_bounds__(NT) SelectKernel(SelectParams p) {
   extern __shared__ uint32_t cache[];
   const bool cached = k <= static_cast<uint32_t>(kSelectCache);
   uint32_t* keys = cached ? cache : p.keys + static_cast<size_t>(h) * p.k_stride;
-  uint8_t* flags = cached ? reinterpret_cast<uint8_t*>(cache + 2 * kSelectCache) : p.flags + static_cast<size_t>(h) * p.k_stride;
+  uint8_t* flags =
+      cached ? reinterpret_cast<uint8_t*>(cache + 2 * kSelectCache) : p.flags + static_cast<size_t>(h) * p.k_stride;
   const uint32_t* sizes = p.sizes + base;
   if (cached) {
     for (uint32_t j = threadIdx.x; j < k; j += NT) cache[kSelectCache + j] = sizes[j];
@@ -390,21 +398,25 @@ __global__ void __launch_bounds__(NT) SelectKernel(SelectParams p) {
     remaining = shared_remaining;
     // Keys above K* are kept; keys equal to K* in id order while the sizes of
     // the tied ones before them are < remaining.
-    uint32_t carry = 0;
-    for (uint32_t j0 = 0; j0 < k; j0 += NT) {
-      const uint32_t j = j0 + threadIdx.x;
-      const uint32_t key = j < k ? keys[j] : 0;
-      const bool all = need > 0 && need == shared_total;
-      const uint32_t tied = (!all && key != 0 && key == kstar) ? sizes[j] : 0;
-      uint32_t before, tile_sum;
-      Scan(tmp.scan).ExclusiveSum(tied, before, tile_sum);
-      __syncthreads();
-      if (j < k) {
-        bool keep = false;
-        if (key != 0 && need > 0) keep = all || key > kstar || (tied > 0 && carry + before < remaining);
-        flags[j] = keep ? all_bits : 0;
+    // Blocked: thread t owns clusters [t * per, (t + 1) * per): one scan.
+    const bool all = need > 0 && need == shared_total;
+    const uint32_t per = (k + NT - 1) / NT, j_begin = min(k, threadIdx.x * per), j_end = min(k, j_begin + per);
+    uint32_t local = 0;
+    for (uint32_t j = j_begin; j < j_end; ++j) local += (!all && keys[j] == kstar) ? sizes[j] : 0u;
+    uint32_t before;
+    Scan(tmp.scan).ExclusiveSum(local, before);
+    for (uint32_t j = j_begin; j < j_end; ++j) {
+      const uint32_t key = keys[j];
+      bool keep = false;
+      if (key != 0 && need > 0) {
+        if (all || key > kstar) {
+          keep = true;
+        } else if (key == kstar) {
+          keep = before < remaining;
+          before += sizes[j];
+        }
       }
-      carry += tile_sum;
+      flags[j] = keep ? all_bits : 0;
     }
   }
   __syncthreads();
@@ -421,24 +433,32 @@ __global__ void __launch_bounds__(NT) SelectKernel(SelectParams p) {
   const uint32_t* first = p.first + base;
   uint32_t* seg_first = p.seg_first + static_cast<size_t>(h) * p.seg_stride;
   uint32_t* seg_before = p.seg_before + static_cast<size_t>(h) * p.seg_stride;
-  uint32_t n_seg = 0, rows = 0, kept = 0;
-  for (uint32_t j0 = 0; j0 < k; j0 += NT) {
-    const uint32_t j = j0 + threadIdx.x;
-    const bool f = j < k && flags[j] != 0;
-    const bool start = f && (j == 0 || flags[j - 1] == 0);
-    uint32_t seg_idx, n_starts, row_before, n_rows;
-    Scan(tmp.scan).ExclusiveSum(start ? 1u : 0u, seg_idx, n_starts);
-    __syncthreads();
-    Scan(tmp.scan).ExclusiveSum(f ? sizes[j] : 0u, row_before, n_rows);
-    __syncthreads();
-    if (start) {
-      seg_first[n_seg + seg_idx] = first[j];
-      seg_before[n_seg + seg_idx] = rows + row_before;
-    }
-    n_seg += n_starts;
-    rows += n_rows;
-    if (f) ++kept;
+  // Blocked: thread t owns clusters [t * per, (t + 1) * per); one scan of
+  // (segment starts << 40 | rows) gives each its first segment and row.
+  using Scan64 = cub::BlockScan<unsigned long long, NT>;
+  __shared__ typename Scan64::TempStorage scan64;
+  const uint32_t per = (k + NT - 1) / NT, j_begin = min(k, threadIdx.x * per), j_end = min(k, j_begin + per);
+  unsigned long long local = 0;
+  uint32_t kept = 0;
+  for (uint32_t j = j_begin; j < j_end; ++j) {
+    if (flags[j] == 0) continue;
+    ++kept;
+    local += sizes[j];
+    if (j == 0 || flags[j - 1] == 0) local += 1ull << 40;
   }
+  unsigned long long before, total;
+  Scan64(scan64).ExclusiveSum(local, before, total);
+  uint32_t seg = static_cast<uint32_t>(before >> 40), row = static_cast<uint32_t>(before & ((1ull << 40) - 1));
+  for (uint32_t j = j_begin; j < j_end; ++j) {
+    if (flags[j] == 0) continue;
+    if (j == 0 || flags[j - 1] == 0) {
+      seg_first[seg] = first[j];
+      seg_before[seg] = row;
+      ++seg;
+    }
+    row += sizes[j];
+  }
+  const uint32_t n_seg = static_cast<uint32_t>(total >> 40), rows = static_cast<uint32_t>(total & ((1ull << 40) - 1));
   // Scored, as the CPU counts it: dot products of the G * T rows with the
   // clusters they reach, per query (/ T).
   scored = Reduce(tmp.reduce).Sum(scored);

@@ -19,6 +19,7 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_pipeline.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -101,17 +102,26 @@ __device__ inline const T* RowPtr(const DecodeParams& p, int h, uint32_t row) {
 
 // Grid (H, splits, ceil(rows / NR)), kDecodeWarps warps. Block (h, s, c)
 // takes attended rows [s * chunk, (s + 1) * chunk) of head h for query rows
-// c * NR .. c * NR + NR - 1. A KV row is held by D / 8 threads (16 bytes
-// each); a warp holds 32 / (D / 8) rows per load and kUnroll loads in flight.
+// c * NR .. c * NR + NR - 1. K and V rows stream through shared memory in
+// stages of kStageRows rows (8 KiB), kStages - 1 stages in flight (cp.async),
+// while the previous stage is computed: a KV row is held by D / 8 threads
+// (16 bytes each), a warp computes 32 / (D / 8) rows at a time.
 template <typename T, int D, int NR>
 __global__ void __launch_bounds__(kDecodeWarps * 32, NR <= 4 ? 4 : 2) SparseDecodeSplitKernel(DecodeParams p) {
-  constexpr int kTpr = D / 8;                                   // threads per KV row
-  constexpr int kRowsPerLoad = 32 / kTpr;                       // KV rows per warp per load
-  constexpr int kUnroll = 4;                                    // loads in flight per thread
-  constexpr int kStep = kDecodeWarps * kRowsPerLoad * kUnroll;  // KV rows per block iteration
+  constexpr int kTpr = D / 8;               // threads per KV row (compute)
+  constexpr int kRowsPerLoad = 32 / kTpr;   // KV rows per warp per compute step
+  constexpr int kStageRows = 16 * 128 / D;  // 8 KiB of K + V per stage
+  constexpr int kStages = 4;
+  constexpr int kSteps = kStageRows / (kDecodeWarps * kRowsPerLoad);  // compute steps per stage
+  constexpr int kChunks = 2 * D / 8;                                  // 16-byte chunks of a row's K + V
+  constexpr int kLoadRows = kDecodeWarps * 32 / kChunks;              // rows loaded per pass of the block
+  constexpr int kPasses = kStageRows / kLoadRows;
+  static_assert(kSteps >= 1 && kPasses >= 1, "stage shape");
+  __shared__ alignas(16) T buf[kStages][kStageRows][2 * D];
+
   const int h = blockIdx.x, split = blockIdx.y, chunk = blockIdx.z;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int sub = lane / kTpr, col = lane % kTpr;  // which row of the load, which 8 elements
+  const int sub = lane / kTpr, col = lane % kTpr;  // compute: which row of the step, which 8 elements
   const int q0 = chunk * NR, nq = min(NR, p.rows - q0);
 
   const uint32_t total = p.head_rows[h * p.count_stride];
@@ -141,42 +151,59 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, NR <= 4 ? 4 : 2) SparseDeco
     for (int e = 0; e < 8; ++e) acc[i][e] = 0.f;
   }
 
+  // Loader: thread t copies chunk t % kChunks of rows t / kChunks + pass *
+  // kLoadRows of each stage; its rows only increase, so it walks the
+  // segments forward from one binary search.
   const uint32_t* first = p.seg_first + static_cast<size_t>(h) * p.seg_stride;
   const uint32_t* before = p.seg_before + static_cast<size_t>(h) * p.seg_stride;
   const uint32_t n_seg = p.seg_count[h * p.count_stride];
-  // This thread's rows: r0 + it * kStep + (warp * kUnroll + u) * kRowsPerLoad + sub.
-  const uint32_t my0 = r0 + warp * kUnroll * kRowsPerLoad + sub;
+  const int lrow = threadIdx.x / kChunks, lchunk = threadIdx.x % kChunks;
+  const size_t lofs =
+      lchunk < D / 8 ? static_cast<size_t>(lchunk) * 8 : static_cast<size_t>(p.page_rows) * D + (lchunk - D / 8) * 8;
   uint32_t s = 0;
-  if (my0 < r1) {  // the segment holding my0 (binary search), then walk forward
+  if (r0 + lrow < r1) {
     uint32_t lo = 0, hi = n_seg;
     while (hi - lo > 1) {
       const uint32_t mid = (lo + hi) / 2;
-      if (before[mid] <= my0)
+      if (before[mid] <= r0 + lrow)
         lo = mid;
       else
         hi = mid;
     }
     s = lo;
   }
-  for (uint32_t base = r0; base < r1; base += kStep) {
-    uint4 kv[kUnroll], vv[kUnroll];
-    bool ok[kUnroll];
+  const uint32_t n_stages = (r1 - r0 + kStageRows - 1) / kStageRows;
+  auto load_stage = [&](uint32_t st) {
+    if (st < n_stages) {
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const uint32_t r = base + (warp * kUnroll + u) * kRowsPerLoad + sub;
-      ok[u] = r < r1;
-      if (ok[u]) {
-        while (s + 1 < n_seg && before[s + 1] <= r) ++s;
-        const T* kp = RowPtr<T, D>(p, h, first[s] + (r - before[s])) + col * 8;
-        kv[u] = __ldg(reinterpret_cast<const uint4*>(kp));
-        vv[u] = __ldg(reinterpret_cast<const uint4*>(kp + static_cast<size_t>(p.page_rows) * D));
+      for (int pass = 0; pass < kPasses; ++pass) {
+        const int row_in = lrow + pass * kLoadRows;
+        const uint32_t r = r0 + st * kStageRows + row_in;
+        if (r < r1) {
+          while (s + 1 < n_seg && before[s + 1] <= r) ++s;
+          const T* src = RowPtr<T, D>(p, h, first[s] + (r - before[s])) + lofs;
+          __pipeline_memcpy_async(&buf[st % kStages][row_in][lchunk * 8], src, 16);
+        }
       }
     }
-    float sc[kUnroll][NR];
+    __pipeline_commit();
+  };
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+  for (int st = 0; st < kStages - 1; ++st) load_stage(st);
+
+  for (uint32_t st = 0; st < n_stages; ++st) {
+    load_stage(st + kStages - 1);
+    __pipeline_wait_prior(kStages - 1);
+    __syncthreads();
+    const int b = st % kStages;
+    float sc[kSteps][NR];
+    bool ok[kSteps];
+#pragma unroll
+    for (int u = 0; u < kSteps; ++u) {
+      const int row_in = (u * kDecodeWarps + warp) * kRowsPerLoad + sub;
+      ok[u] = r0 + st * kStageRows + row_in < r1;
       float kf[8];
-      Unpack8<T>(kv[u], kf);
+      Unpack8<T>(*reinterpret_cast<const uint4*>(&buf[b][row_in][col * 8]), kf);
 #pragma unroll
       for (int i = 0; i < NR; ++i) {
         float d = 0.f;
@@ -191,7 +218,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, NR <= 4 ? 4 : 2) SparseDeco
     for (int i = 0; i < NR; ++i) {
       float mn = m[i];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) mn = fmaxf(mn, sc[u][i]);
+      for (int u = 0; u < kSteps; ++u) mn = fmaxf(mn, sc[u][i]);
       if (mn == -INFINITY) continue;  // nothing seen yet
       const float alpha = __expf(m[i] - mn);
       l[i] *= alpha;
@@ -200,10 +227,11 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, NR <= 4 ? 4 : 2) SparseDeco
       m[i] = mn;
     }
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < kSteps; ++u) {
       if (!ok[u]) continue;
+      const int row_in = (u * kDecodeWarps + warp) * kRowsPerLoad + sub;
       float vf[8];
-      Unpack8<T>(vv[u], vf);
+      Unpack8<T>(*reinterpret_cast<const uint4*>(&buf[b][row_in][D + col * 8]), vf);
 #pragma unroll
       for (int i = 0; i < NR; ++i) {
         const float w = __expf(sc[u][i] - m[i]);
@@ -212,9 +240,10 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, NR <= 4 ? 4 : 2) SparseDeco
         for (int e = 0; e < 8; ++e) acc[i][e] += w * vf[e];
       }
     }
+    __syncthreads();  // the buffer is refilled kStages - 1 stages later
   }
 
-  // Merge the states of the rows-of-a-load within the warp (same col), then
+  // Merge the states of the rows of a step within the warp (same col), then
   // the warps' in shared memory, then write the block's partial.
 #pragma unroll
   for (int off = kTpr; off < 32; off *= 2) {
@@ -230,7 +259,9 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, NR <= 4 ? 4 : 2) SparseDeco
     }
   }
   __shared__ float sm[kDecodeWarps][NR], sl[kDecodeWarps][NR];
-  __shared__ float sacc[kDecodeWarps][NR][D];
+  // The warps' accumulators reuse the stage buffers (free after the loop).
+  static_assert(sizeof(buf) >= sizeof(float) * kDecodeWarps * NR * D, "stage buffers too small");
+  auto sacc = reinterpret_cast<float(*)[NR][D]>(&buf[0][0][0]);
   if (sub == 0) {
 #pragma unroll
     for (int i = 0; i < NR; ++i) {
@@ -281,60 +312,60 @@ __device__ inline __nv_bfloat16 FromFloat<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);
 }
 
-// One block per query row (h, r), one thread per column: merges the splits'
-// partial states into O and LSE (the splits' weights once, in shared
-// memory). A row with nothing attended gets O = 0 and LSE = -inf.
+// Grid (H * rows, D / 32), kMergeWarps warps: block (row, c) merges the
+// splits' partial states of 32 columns of one query row; warp w sums the
+// splits w, w + kMergeWarps, ... (weights computed once per block, in shared
+// memory), then the warps' sums are added. Writes O in the caller's dtype and
+// layout and (column group 0) the LSE. A row with nothing attended gets O = 0
+// and LSE = -inf.
 inline constexpr int kMaxSplits = 1024;
+inline constexpr int kMergeWarps = 8;
 template <typename O, int D>
-__global__ void __launch_bounds__(D) SparseDecodeMergeKernel(DecodeParams p, DecodeOutput out) {
+__global__ void __launch_bounds__(kMergeWarps * 32) SparseDecodeMergeKernel(DecodeParams p, DecodeOutput out) {
   __shared__ float w[kMaxSplits];
-  __shared__ float red[D / 32];
+  __shared__ float red[kMergeWarps][32];
   __shared__ float s_mm, s_ll;
   const size_t row = blockIdx.x;  // h * rows + r
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const float* pm = p.part_m + row * p.splits;
   const float* pl = p.part_l + row * p.splits;
-  float mm = -INFINITY;
-  for (int s = threadIdx.x; s < p.splits; s += D) mm = fmaxf(mm, pm[s]);
-  for (int off = 16; off > 0; off /= 2) mm = fmaxf(mm, __shfl_xor_sync(0xffffffffu, mm, off));
-  if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = mm;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    float m = -INFINITY;
-    for (int i = 0; i < D / 32; ++i) m = fmaxf(m, red[i]);
-    s_mm = m;
+  if (warp == 0) {
+    float mm = -INFINITY;
+    for (int s = lane; s < p.splits; s += 32) mm = fmaxf(mm, pm[s]);
+    for (int off = 16; off > 0; off /= 2) mm = fmaxf(mm, __shfl_xor_sync(0xffffffffu, mm, off));
+    float ll = 0.f;
+    for (int s = lane; s < p.splits; s += 32) {
+      const float x = (mm == -INFINITY || pm[s] == -INFINITY) ? 0.f : __expf(pm[s] - mm);
+      w[s] = x;
+      ll += x * pl[s];
+    }
+    for (int off = 16; off > 0; off /= 2) ll += __shfl_xor_sync(0xffffffffu, ll, off);
+    if (lane == 0) {
+      s_mm = mm;
+      s_ll = ll;
+    }
   }
   __syncthreads();
-  mm = s_mm;
-  float ll = 0.f;
-  for (int s = threadIdx.x; s < p.splits; s += D) {
-    const float x = (mm == -INFINITY || pm[s] == -INFINITY) ? 0.f : __expf(pm[s] - mm);
-    w[s] = x;
-    ll += x * pl[s];
+  const float mm = s_mm, ll = s_ll;
+  const int c = blockIdx.y * 32 + lane;
+  float acc = 0.f;
+  if (ll > 0.f) {
+    const float* po = p.part_o + row * p.splits * D + c;
+#pragma unroll 4
+    for (int s = warp; s < p.splits; s += kMergeWarps) acc += w[s] * po[static_cast<size_t>(s) * D];
   }
-  for (int off = 16; off > 0; off /= 2) ll += __shfl_xor_sync(0xffffffffu, ll, off);
+  red[warp][lane] = acc;
   __syncthreads();
-  if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = ll;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    float l = 0.f;
-    for (int i = 0; i < D / 32; ++i) l += red[i];
-    s_ll = l;
-  }
-  __syncthreads();
-  ll = s_ll;
+  if (warp != 0) return;
+  float oo = 0.f;
+#pragma unroll
+  for (int i = 0; i < kMergeWarps; ++i) oo += red[i][lane];
+  if (ll > 0.f) oo /= ll;
   const int h = static_cast<int>(row / p.rows), r = static_cast<int>(row % p.rows);
   const int g = r / out.T, t = r % out.T;
   const int64_t qh = static_cast<int64_t>(h) * out.G + g;
   const int64_t n_qh = static_cast<int64_t>(p.n_heads) * out.G;
   const int64_t dst = out.token_major ? t * n_qh + qh : qh * out.T + t;
-  const int c = threadIdx.x;
-  float oo = 0.f;
-  if (ll > 0.f) {
-    const float* po = p.part_o + row * p.splits * D + c;
-#pragma unroll 8
-    for (int s = 0; s < p.splits; ++s) oo += w[s] * po[static_cast<size_t>(s) * D];
-    oo /= ll;
-  }
   static_cast<O*>(out.o)[dst * D + c] = FromFloat<O>(oo);
   if (c == 0) {
     const float lse = ll > 0.f ? mm + logf(ll) : -INFINITY;
@@ -358,7 +389,7 @@ cudaError_t LaunchSparseDecode(const DecodeParams& p, const DecodeOutput& out, c
   }
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return e;
-  SparseDecodeMergeKernel<O, D><<<p.n_heads * p.rows, D, 0, stream>>>(p, out);
+  SparseDecodeMergeKernel<O, D><<<dim3(p.n_heads * p.rows, D / 32), kMergeWarps * 32, 0, stream>>>(p, out);
   return cudaGetLastError();
 }
 
