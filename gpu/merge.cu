@@ -41,8 +41,9 @@ template <typename E>
 cudaError_t Launch(void* o_a, float* lse_a, const void* o_b, const float* lse_b, int64_t n, int d, bool base2,
                    cudaStream_t s) {
   const int blocks = static_cast<int>(n < 65536 ? n : 65536);
-  MergeStatesKernel<E> < <<blocks, d<128 ? d : 128, 0, s>>>(static_cast<E*>(o_a), lse_a, static_cast<const E*>(o_b),
-                                                            lse_b, n, d, base2);
+  const int threads = d < 128 ? d : 128;
+  MergeStatesKernel<E>
+      <<<blocks, threads, 0, s>>>(static_cast<E*>(o_a), lse_a, static_cast<const E*>(o_b), lse_b, n, d, base2);
   return cudaGetLastError();
 }
 
