@@ -19,7 +19,6 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <cuda_pipeline.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -102,26 +101,17 @@ __device__ inline const T* RowPtr(const DecodeParams& p, int h, uint32_t row) {
 
 // Grid (H, splits, ceil(rows / NR)), kDecodeWarps warps. Block (h, s, c)
 // takes attended rows [s * chunk, (s + 1) * chunk) of head h for query rows
-// c * NR .. c * NR + NR - 1. K and V rows stream through shared memory in
-// stages of kStageRows rows (8 KiB), kStages - 1 stages in flight (cp.async),
-// while the previous stage is computed: a KV row is held by D / 8 threads
-// (16 bytes each), a warp computes 32 / (D / 8) rows at a time.
+// c * NR .. c * NR + NR - 1. A KV row is held by D / 8 threads (16 bytes
+// each); a warp holds 32 / (D / 8) rows per load and kUnroll loads in flight.
 template <typename T, int D, int NR>
 __global__ void __launch_bounds__(kDecodeWarps * 32, NR <= 4 ? 4 : 2) SparseDecodeSplitKernel(DecodeParams p) {
-  constexpr int kTpr = D / 8;               // threads per KV row (compute)
-  constexpr int kRowsPerLoad = 32 / kTpr;   // KV rows per warp per compute step
-  constexpr int kStageRows = 16 * 128 / D;  // 8 KiB of K + V per stage
-  constexpr int kStages = 4;
-  constexpr int kSteps = kStageRows / (kDecodeWarps * kRowsPerLoad);  // compute steps per stage
-  constexpr int kChunks = 2 * D / 8;                                  // 16-byte chunks of a row's K + V
-  constexpr int kLoadRows = kDecodeWarps * 32 / kChunks;              // rows loaded per pass of the block
-  constexpr int kPasses = kStageRows / kLoadRows;
-  static_assert(kSteps >= 1 && kPasses >= 1, "stage shape");
-  __shared__ alignas(16) T buf[kStages][kStageRows][2 * D];
-
+  constexpr int kTpr = D / 8;                                   // threads per KV row
+  constexpr int kRowsPerLoad = 32 / kTpr;                       // KV rows per warp per load
+  constexpr int kUnroll = 4;                                    // loads in flight per thread
+  constexpr int kStep = kDecodeWarps * kRowsPerLoad * kUnroll;  // KV rows per block iteration
   const int h = blockIdx.x, split = blockIdx.y, chunk = blockIdx.z;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int sub = lane / kTpr, col = lane % kTpr;  // compute: which row of the step, which 8 elements
+  const int sub = lane / kTpr, col = lane % kTpr;  // which row of the load, which 8 elements
   const int q0 = chunk * NR, nq = min(NR, p.rows - q0);
 
   const uint32_t total = p.head_rows[h * p.count_stride];
@@ -151,59 +141,42 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, NR <= 4 ? 4 : 2) SparseDeco
     for (int e = 0; e < 8; ++e) acc[i][e] = 0.f;
   }
 
-  // Loader: thread t copies chunk t % kChunks of rows t / kChunks + pass *
-  // kLoadRows of each stage; its rows only increase, so it walks the
-  // segments forward from one binary search.
   const uint32_t* first = p.seg_first + static_cast<size_t>(h) * p.seg_stride;
   const uint32_t* before = p.seg_before + static_cast<size_t>(h) * p.seg_stride;
   const uint32_t n_seg = p.seg_count[h * p.count_stride];
-  const int lrow = threadIdx.x / kChunks, lchunk = threadIdx.x % kChunks;
-  const size_t lofs =
-      lchunk < D / 8 ? static_cast<size_t>(lchunk) * 8 : static_cast<size_t>(p.page_rows) * D + (lchunk - D / 8) * 8;
+  // This thread's rows: r0 + it * kStep + (warp * kUnroll + u) * kRowsPerLoad + sub.
+  const uint32_t my0 = r0 + warp * kUnroll * kRowsPerLoad + sub;
   uint32_t s = 0;
-  if (r0 + lrow < r1) {
+  if (my0 < r1) {  // the segment holding my0 (binary search), then walk forward
     uint32_t lo = 0, hi = n_seg;
     while (hi - lo > 1) {
       const uint32_t mid = (lo + hi) / 2;
-      if (before[mid] <= r0 + lrow)
+      if (before[mid] <= my0)
         lo = mid;
       else
         hi = mid;
     }
     s = lo;
   }
-  const uint32_t n_stages = (r1 - r0 + kStageRows - 1) / kStageRows;
-  auto load_stage = [&](uint32_t st) {
-    if (st < n_stages) {
+  for (uint32_t base = r0; base < r1; base += kStep) {
+    uint4 kv[kUnroll], vv[kUnroll];
+    bool ok[kUnroll];
 #pragma unroll
-      for (int pass = 0; pass < kPasses; ++pass) {
-        const int row_in = lrow + pass * kLoadRows;
-        const uint32_t r = r0 + st * kStageRows + row_in;
-        if (r < r1) {
-          while (s + 1 < n_seg && before[s + 1] <= r) ++s;
-          const T* src = RowPtr<T, D>(p, h, first[s] + (r - before[s])) + lofs;
-          __pipeline_memcpy_async(&buf[st % kStages][row_in][lchunk * 8], src, 16);
-        }
+    for (int u = 0; u < kUnroll; ++u) {
+      const uint32_t r = base + (warp * kUnroll + u) * kRowsPerLoad + sub;
+      ok[u] = r < r1;
+      if (ok[u]) {
+        while (s + 1 < n_seg && before[s + 1] <= r) ++s;
+        const T* kp = RowPtr<T, D>(p, h, first[s] + (r - before[s])) + col * 8;
+        kv[u] = __ldg(reinterpret_cast<const uint4*>(kp));
+        vv[u] = __ldg(reinterpret_cast<const uint4*>(kp + static_cast<size_t>(p.page_rows) * D));
       }
     }
-    __pipeline_commit();
-  };
+    float sc[kUnroll][NR];
 #pragma unroll
-  for (int st = 0; st < kStages - 1; ++st) load_stage(st);
-
-  for (uint32_t st = 0; st < n_stages; ++st) {
-    load_stage(st + kStages - 1);
-    __pipeline_wait_prior(kStages - 1);
-    __syncthreads();
-    const int b = st % kStages;
-    float sc[kSteps][NR];
-    bool ok[kSteps];
-#pragma unroll
-    for (int u = 0; u < kSteps; ++u) {
-      const int row_in = (u * kDecodeWarps + warp) * kRowsPerLoad + sub;
-      ok[u] = r0 + st * kStageRows + row_in < r1;
+    for (int u = 0; u < kUnroll; ++u) {
       float kf[8];
-      Unpack8<T>(*reinterpret_cast<const uint4*>(&buf[b][row_in][col * 8]), kf);
+      Unpack8<T>(kv[u], kf);
 #pragma unroll
       for (int i = 0; i < NR; ++i) {
         float d = 0.f;
@@ -218,7 +191,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, NR <= 4 ? 4 : 2) SparseDeco
     for (int i = 0; i < NR; ++i) {
       float mn = m[i];
 #pragma unroll
-      for (int u = 0; u < kSteps; ++u) mn = fmaxf(mn, sc[u][i]);
+      for (int u = 0; u < kUnroll; ++u) mn = fmaxf(mn, sc[u][i]);
       if (mn == -INFINITY) continue;  // nothing seen yet
       const float alpha = __expf(m[i] - mn);
       l[i] *= alpha;
@@ -227,11 +200,10 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, NR <= 4 ? 4 : 2) SparseDeco
       m[i] = mn;
     }
 #pragma unroll
-    for (int u = 0; u < kSteps; ++u) {
+    for (int u = 0; u < kUnroll; ++u) {
       if (!ok[u]) continue;
-      const int row_in = (u * kDecodeWarps + warp) * kRowsPerLoad + sub;
       float vf[8];
-      Unpack8<T>(*reinterpret_cast<const uint4*>(&buf[b][row_in][D + col * 8]), vf);
+      Unpack8<T>(vv[u], vf);
 #pragma unroll
       for (int i = 0; i < NR; ++i) {
         const float w = __expf(sc[u][i] - m[i]);
@@ -240,10 +212,9 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, NR <= 4 ? 4 : 2) SparseDeco
         for (int e = 0; e < 8; ++e) acc[i][e] += w * vf[e];
       }
     }
-    __syncthreads();  // the buffer is refilled kStages - 1 stages later
   }
 
-  // Merge the states of the rows of a step within the warp (same col), then
+  // Merge the states of the rows-of-a-load within the warp (same col), then
   // the warps' in shared memory, then write the block's partial.
 #pragma unroll
   for (int off = kTpr; off < 32; off *= 2) {
@@ -259,9 +230,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, NR <= 4 ? 4 : 2) SparseDeco
     }
   }
   __shared__ float sm[kDecodeWarps][NR], sl[kDecodeWarps][NR];
-  // The warps' accumulators reuse the stage buffers (free after the loop).
-  static_assert(sizeof(buf) >= sizeof(float) * kDecodeWarps * NR * D, "stage buffers too small");
-  auto sacc = reinterpret_cast<float(*)[NR][D]>(&buf[0][0][0]);
+  __shared__ float sacc[kDecodeWarps][NR][D];
   if (sub == 0) {
 #pragma unroll
     for (int i = 0; i < NR; ++i) {
