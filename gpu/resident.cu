@@ -548,12 +548,18 @@ class ResidentKvImpl final : public ResidentKv {
     return std::max(1, std::min({wave, kMaxSplits, static_cast<int>(std::ceil(rows / 64.0))}));
   }
 
+  // Scoring: about 6 blocks per SM in all (each loops over its share of the
+  // head's centroids), shared memory for the head's query rows.
   cudaError_t LaunchScore(const ScoreParams& sc, int k_max, cudaStream_t s) const {
-    const dim3 grid((std::max(k_max, 1) * kScoreTpc + kScoreThreads - 1) / kScoreThreads, shape_.n_heads);
+    constexpr int per_block = kScoreThreads / kScoreTpc;
+    const int need = (std::max(k_max, 1) + per_block - 1) / per_block;
+    const int cap = std::max(1, 6 * sm_count_ / shape_.n_heads);
+    const dim3 grid(std::min(need, cap), shape_.n_heads);
+    const size_t smem = static_cast<size_t>(sc.G) * sc.T * shape_.head_dim * sizeof(float);
     if (shape_.head_dim == 64) {
-      ScoreKernel<64><<<grid, kScoreThreads, 0, s>>>(sc);
+      ScoreKernel<64><<<grid, kScoreThreads, smem, s>>>(sc);
     } else {
-      ScoreKernel<128><<<grid, kScoreThreads, 0, s>>>(sc);
+      ScoreKernel<128><<<grid, kScoreThreads, smem, s>>>(sc);
     }
     return cudaGetLastError();
   }

@@ -41,9 +41,11 @@ inline constexpr int kMaxSelectRows = 64;  // query rows per KV head (G * T) the
 inline constexpr int kScoreThreads = 128;
 inline constexpr int kSelectThreads = 1024;
 // Clusters of a head whose keys, sizes and flags the select kernel keeps in
-// shared memory (dynamic, kSelectSmemBytes); larger heads use the workspace.
+// shared memory (dynamic, kSelectSmemBytes) and whose budget rule is a sort
+// there; larger heads use the workspace and a radix select.
 inline constexpr int kSelectCache = 8192;
-inline constexpr size_t kSelectSmemBytes = static_cast<size_t>(kSelectCache) * 9;
+// keys, sizes, flags (a word each), then the 64-bit sort entries.
+inline constexpr size_t kSelectSmemBytes = static_cast<size_t>(kSelectCache) * 20;
 
 // Per-head statistics the select kernel writes ([H][kStatCount] uint32).
 enum : int {
@@ -115,49 +117,53 @@ struct ScoreParams {
 inline constexpr int kScoreTpc = 8;
 template <int D>
 __global__ void __launch_bounds__(kScoreThreads) ScoreKernel(ScoreParams p) {
-  constexpr int kE4 = D / 4 / kScoreTpc;  // float4 per thread
-  __shared__ float4 sq[kMaxSelectRows * D / 4];
+  constexpr int kE4 = D / 4 / kScoreTpc;                // float4 per thread
+  constexpr int kPerBlock = kScoreThreads / kScoreTpc;  // centroids per block and round
+  extern __shared__ float4 sq[];                        // [R][D / 4] (dynamic: R * D * 4 bytes)
   const int h = blockIdx.y, R = p.G * p.T;
   const float4* qh = reinterpret_cast<const float4*>(p.qf + static_cast<size_t>(h) * R * D);
   for (int i = threadIdx.x; i < R * D / 4; i += blockDim.x) sq[i] = qh[i];
   __syncthreads();
   const HeadMeta m = p.meta[h];
   const uint32_t k = p.coarse ? m.k1 : m.k2;
-  const uint32_t j = (blockIdx.x * blockDim.x + threadIdx.x) / kScoreTpc;
   const int part = threadIdx.x % kScoreTpc;
-  // No early return: the whole warp takes part in the shuffles.
-  const bool valid = j < k;
-  float* out = p.scores + static_cast<size_t>(h) * R * p.k_stride + j;
-  uint32_t bits = valid ? 0xffu : 0u;
-  if (valid && p.parent != nullptr) {
-    bits = p.coarse_keep[static_cast<size_t>(h) * p.k1_stride + p.parent[m.fine_base + j]];
-  }
-  float4 cv[kE4];
-  const float4* c =
-      reinterpret_cast<const float4*>(p.centroids + static_cast<size_t>(p.coarse ? m.coarse_base : m.fine_base) * D) +
-      static_cast<size_t>(valid ? j : 0) * (D / 4);
-#pragma unroll
-  for (int e = 0; e < kE4; ++e) cv[e] = bits != 0 ? __ldg(c + part + e * kScoreTpc) : make_float4(0.f, 0.f, 0.f, 0.f);
-  for (int r0 = 0; r0 < R; r0 += 8) {
-    float acc[8];
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      acc[i] = 0.f;
-      if (r0 + i < R) {
-#pragma unroll
-        for (int e = 0; e < kE4; ++e) {
-          const float4 qv = sq[(r0 + i) * (D / 4) + part + e * kScoreTpc];
-          acc[i] += qv.x * cv[e].x + qv.y * cv[e].y + qv.z * cv[e].z + qv.w * cv[e].w;
-        }
-      }
-#pragma unroll
-      for (int off = kScoreTpc / 2; off > 0; off /= 2) acc[i] += __shfl_xor_sync(0xffffffffu, acc[i], off);
+  const float4* cbase =
+      reinterpret_cast<const float4*>(p.centroids + static_cast<size_t>(p.coarse ? m.coarse_base : m.fine_base) * D);
+  // Rounds over the head's centroids; the loop bound is uniform per block so
+  // the whole warp takes part in the shuffles.
+  for (uint32_t j0 = blockIdx.x * kPerBlock; j0 < k; j0 += gridDim.x * kPerBlock) {
+    const uint32_t j = j0 + threadIdx.x / kScoreTpc;
+    const bool valid = j < k;
+    float* out = p.scores + static_cast<size_t>(h) * R * p.k_stride + j;
+    uint32_t bits = valid ? 0xffu : 0u;
+    if (valid && p.parent != nullptr) {
+      bits = p.coarse_keep[static_cast<size_t>(h) * p.k1_stride + p.parent[m.fine_base + j]];
     }
-    if (valid && part == 0) {
+    float4 cv[kE4];
+    const float4* c = cbase + static_cast<size_t>(valid ? j : 0) * (D / 4);
+#pragma unroll
+    for (int e = 0; e < kE4; ++e) cv[e] = bits != 0 ? __ldg(c + part + e * kScoreTpc) : make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int r0 = 0; r0 < R; r0 += 8) {
+      float acc[8];
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
-        const int r = r0 + i;
-        if (r < R) out[static_cast<size_t>(r) * p.k_stride] = ((bits >> (r / p.T)) & 1u) ? acc[i] : -INFINITY;
+        acc[i] = 0.f;
+        if (r0 + i < R) {
+#pragma unroll
+          for (int e = 0; e < kE4; ++e) {
+            const float4 qv = sq[(r0 + i) * (D / 4) + part + e * kScoreTpc];
+            acc[i] += qv.x * cv[e].x + qv.y * cv[e].y + qv.z * cv[e].z + qv.w * cv[e].w;
+          }
+        }
+#pragma unroll
+        for (int off = kScoreTpc / 2; off > 0; off /= 2) acc[i] += __shfl_xor_sync(0xffffffffu, acc[i], off);
+      }
+      if (valid && part == 0) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const int r = r0 + i;
+          if (r < R) out[static_cast<size_t>(r) * p.k_stride] = ((bits >> (r / p.T)) & 1u) ? acc[i] : -INFINITY;
+        }
       }
     }
   }
@@ -198,6 +204,55 @@ __device__ inline uint32_t PageOf(uint32_t row, const SelectParams& p) {
   return row < p.n_clustered ? row / p.page_rows : p.clustered_pages + (row - p.n_clustered) / p.page_rows;
 }
 
+// Budget rule for heads of up to kSelectCache clusters: a bitonic sort of
+// (key descending, id ascending) in shared memory, then one blocked scan of
+// the sizes in that order: cluster i is kept iff the sizes before it sum to
+// less than `need` (the CPU's rule exactly). `order` holds kSelectCache
+// 64-bit entries; flags are written for every cluster.
+template <int NT>
+__device__ void SortSelect(const uint32_t* keys, const uint32_t* sizes, uint32_t k, uint32_t need,
+                           unsigned long long* order, uint8_t* flags, uint8_t keep_bits) {
+  using Scan = cub::BlockScan<uint32_t, NT>;
+  __shared__ typename Scan::TempStorage scan;
+  uint32_t n = 1;
+  while (n < k) n <<= 1;
+  for (uint32_t i = threadIdx.x; i < n; i += NT) {
+    // Candidates (key != 0) sort first; among equal keys the smaller id first.
+    order[i] = i < k && keys[i] != 0 ? (static_cast<unsigned long long>(keys[i]) << 32) | (0xffffffffu - i) : 0ull;
+    if (i < k) flags[i] = 0;
+  }
+  __syncthreads();
+  for (uint32_t size = 2; size <= n; size <<= 1) {
+    for (uint32_t stride = size / 2; stride > 0; stride >>= 1) {
+      for (uint32_t i = threadIdx.x; i < n / 2; i += NT) {
+        const uint32_t lo = 2 * stride * (i / stride) + (i % stride), hi = lo + stride;
+        const bool desc = (lo & size) == 0;
+        const unsigned long long a = order[lo], b = order[hi];
+        if ((a < b) == desc) {
+          order[lo] = b;
+          order[hi] = a;
+        }
+      }
+      __syncthreads();
+    }
+  }
+  // Blocked: thread t owns sorted positions [t * per, (t + 1) * per).
+  const uint32_t per = (n + NT - 1) / NT, b = min(n, threadIdx.x * per), e = min(n, b + per);
+  uint32_t local = 0;
+  for (uint32_t i = b; i < e; ++i) {
+    if (order[i] != 0) local += sizes[0xffffffffu - static_cast<uint32_t>(order[i])];
+  }
+  uint32_t before;
+  Scan(scan).ExclusiveSum(local, before);
+  for (uint32_t i = b; i < e && before < need; ++i) {
+    if (order[i] == 0) break;
+    const uint32_t id = 0xffffffffu - static_cast<uint32_t>(order[i]);
+    flags[id] = keep_bits;
+    before += sizes[id];
+  }
+  __syncthreads();
+}
+
 // Budget rule by radix select over the keys (0 = not a candidate): the
 // largest key K* with W(key > K*) < need <= W(key >= K*), W = sum of sizes;
 // ties at K* by id. Returns K* and, in *remaining, need - W(key > K*).
@@ -212,16 +267,9 @@ __device__ uint32_t RadixSelect(const uint32_t* keys, const uint32_t* sizes, uin
     for (int i = threadIdx.x; i < 256; i += NT) hist[i] = 0;
     __syncthreads();
     const uint32_t high_mask = shift == 24 ? 0u : (0xffffffffu << (shift + 8));
-    // Keys of similar magnitude share their high bits: lanes adding to the
-    // same bin are combined first (one shared-memory atomic per bin per warp).
-    for (uint32_t j0 = 0; j0 < k; j0 += NT) {
-      const uint32_t j = j0 + threadIdx.x;
-      const uint32_t key = j < k ? keys[j] : 0;
-      const bool match = key != 0 && (key & high_mask) == prefix;
-      const uint32_t bin = (key >> shift) & 255u;
-      const uint32_t peers = __match_any_sync(0xffffffffu, match ? bin : 256u + (threadIdx.x % 32));
-      const uint32_t sum = __reduce_add_sync(peers, match ? sizes[j] : 0u);
-      if (match && (threadIdx.x % 32) == static_cast<uint32_t>(__ffs(peers) - 1)) atomicAdd(&hist[bin], sum);
+    for (uint32_t j = threadIdx.x; j < k; j += NT) {
+      const uint32_t key = keys[j];
+      if (key != 0 && (key & high_mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], sizes[j]);
     }
     __syncthreads();
     if (threadIdx.x < 32) {
@@ -386,7 +434,11 @@ __global__ void __launch_bounds__(NT) SelectKernel(SelectParams p) {
       need = static_cast<uint32_t>(ceil(target));  // integer sizes: sum >= target <=> sum >= ceil(target)
     }
     uint32_t kstar = 0xffffffffu, remaining = 0;
-    if (need > 0 && need < shared_total) {
+    const bool sort = cached && need > 0 && need < shared_total;
+    if (sort) {
+      SortSelect<NT>(keys, sizes, k, need, reinterpret_cast<unsigned long long*>(cache + 3 * kSelectCache), flags,
+                     all_bits);
+    } else if (need > 0 && need < shared_total) {
       kstar = RadixSelect<NT>(keys, sizes, k, need, &remaining);
     }
     if (threadIdx.x == 0) {
@@ -399,8 +451,10 @@ __global__ void __launch_bounds__(NT) SelectKernel(SelectParams p) {
     // Keys above K* are kept; keys equal to K* in id order while the sizes of
     // the tied ones before them are < remaining.
     // Blocked: thread t owns clusters [t * per, (t + 1) * per): one scan.
+    // (SortSelect wrote the flags already.)
     const bool all = need > 0 && need == shared_total;
-    const uint32_t per = (k + NT - 1) / NT, j_begin = min(k, threadIdx.x * per), j_end = min(k, j_begin + per);
+    const uint32_t per = (k + NT - 1) / NT, j_begin = sort ? k : min(k, threadIdx.x * per),
+                   j_end = sort ? k : min(k, j_begin + per);
     uint32_t local = 0;
     for (uint32_t j = j_begin; j < j_end; ++j) local += (!all && keys[j] == kstar) ? sizes[j] : 0u;
     uint32_t before;

@@ -320,6 +320,13 @@ TEST_F(GpuEngineTest, TinyAndHugeClusters) {
   c[2].budget = 0.6;
   Check("ones", {1}, c);
   Check("big", {1}, c);
+  // More fine clusters per head than the select kernel sorts in shared
+  // memory (8192): its radix-select path.
+  s.n_tokens = 9000;
+  s.n_kv_heads = 1;
+  s.n_q_heads = 4;
+  Build("many", s, one);
+  Check("many", {1}, c);
 }
 
 // What the GPU engine does not take runs on the CPU over the same snapshot
