@@ -108,9 +108,6 @@ class ResidentKvImpl final : public ResidentKv {
     SQZ_CUDA_TRY(cudaMalloc(&pages_, std::max<uint64_t>(page_buffer_bytes_, 1)), "cudaMalloc (KV pages)");
     SQZ_CUDA_TRY(cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, device_), "SM count");
     SQZ_CUDA_TRY(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
-    SQZ_CUDA_TRY(cudaFuncSetAttribute(SelectKernel<kSelectThreads>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(kSelectSmemBytes)),
-                 "configuring the select kernel");
     staged_.resize(static_cast<size_t>(shape_.n_layers) * shape_.n_heads);
     return Status::OK();
   }
@@ -361,7 +358,7 @@ class ResidentKvImpl final : public ResidentKv {
         cs.sizes = d_coarse_size_;
         cs.target = std::min(1.0, cfg.coarse_budget_factor * cfg.budget) * n;
         cs.tau = cfg.tau_coarse;
-        SelectKernel<kSelectThreads><<<H, kSelectThreads, kSelectSmemBytes, s>>>(cs);
+        SelectKernel<kSelectThreads><<<H, kSelectThreads, 0, s>>>(cs);
         SQZ_CUDA_TRY(cudaGetLastError(), "launching the coarse selection");
         sc.parent = d_fine_parent_;
         sc.coarse_keep = sp.coarse_keep;
@@ -374,7 +371,7 @@ class ResidentKvImpl final : public ResidentKv {
       sp.hierarchical = cfg.hierarchical;
       sp.target = cfg.budget * n;
       sp.tau = cfg.hierarchical ? cfg.tau_fine : cfg.tau_flat;
-      SelectKernel<kSelectThreads><<<H, kSelectThreads, kSelectSmemBytes, s>>>(sp);
+      SelectKernel<kSelectThreads><<<H, kSelectThreads, 0, s>>>(sp);
       SQZ_CUDA_TRY(cudaGetLastError(), "launching the selection");
     }
 

@@ -39,13 +39,7 @@ namespace sqz::gpu {
 
 inline constexpr int kMaxSelectRows = 64;  // query rows per KV head (G * T) the selection takes
 inline constexpr int kScoreThreads = 128;
-inline constexpr int kSelectThreads = 1024;
-// Clusters of a head whose keys, sizes and flags the select kernel keeps in
-// shared memory (dynamic, kSelectSmemBytes) and whose budget rule is a sort
-// there; larger heads use the workspace and a radix select.
-inline constexpr int kSelectCache = 8192;
-// keys, sizes, flags (a word each), then the 64-bit sort entries.
-inline constexpr size_t kSelectSmemBytes = static_cast<size_t>(kSelectCache) * 20;
+inline constexpr int kSelectThreads = 512;
 
 // Per-head statistics the select kernel writes ([H][kStatCount] uint32).
 enum : int {
@@ -204,55 +198,6 @@ __device__ inline uint32_t PageOf(uint32_t row, const SelectParams& p) {
   return row < p.n_clustered ? row / p.page_rows : p.clustered_pages + (row - p.n_clustered) / p.page_rows;
 }
 
-// Budget rule for heads of up to kSelectCache clusters: a bitonic sort of
-// (key descending, id ascending) in shared memory, then one blocked scan of
-// the sizes in that order: cluster i is kept iff the sizes before it sum to
-// less than `need` (the CPU's rule exactly). `order` holds kSelectCache
-// 64-bit entries; flags are written for every cluster.
-template <int NT>
-__device__ void SortSelect(const uint32_t* keys, const uint32_t* sizes, uint32_t k, uint32_t need,
-                           unsigned long long* order, uint8_t* flags, uint8_t keep_bits) {
-  using Scan = cub::BlockScan<uint32_t, NT>;
-  __shared__ typename Scan::TempStorage scan;
-  uint32_t n = 1;
-  while (n < k) n <<= 1;
-  for (uint32_t i = threadIdx.x; i < n; i += NT) {
-    // Candidates (key != 0) sort first; among equal keys the smaller id first.
-    order[i] = i < k && keys[i] != 0 ? (static_cast<unsigned long long>(keys[i]) << 32) | (0xffffffffu - i) : 0ull;
-    if (i < k) flags[i] = 0;
-  }
-  __syncthreads();
-  for (uint32_t size = 2; size <= n; size <<= 1) {
-    for (uint32_t stride = size / 2; stride > 0; stride >>= 1) {
-      for (uint32_t i = threadIdx.x; i < n / 2; i += NT) {
-        const uint32_t lo = 2 * stride * (i / stride) + (i % stride), hi = lo + stride;
-        const bool desc = (lo & size) == 0;
-        const unsigned long long a = order[lo], b = order[hi];
-        if ((a < b) == desc) {
-          order[lo] = b;
-          order[hi] = a;
-        }
-      }
-      __syncthreads();
-    }
-  }
-  // Blocked: thread t owns sorted positions [t * per, (t + 1) * per).
-  const uint32_t per = (n + NT - 1) / NT, b = min(n, threadIdx.x * per), e = min(n, b + per);
-  uint32_t local = 0;
-  for (uint32_t i = b; i < e; ++i) {
-    if (order[i] != 0) local += sizes[0xffffffffu - static_cast<uint32_t>(order[i])];
-  }
-  uint32_t before;
-  Scan(scan).ExclusiveSum(local, before);
-  for (uint32_t i = b; i < e && before < need; ++i) {
-    if (order[i] == 0) break;
-    const uint32_t id = 0xffffffffu - static_cast<uint32_t>(order[i]);
-    flags[id] = keep_bits;
-    before += sizes[id];
-  }
-  __syncthreads();
-}
-
 // Budget rule by radix select over the keys (0 = not a candidate): the
 // largest key K* with W(key > K*) < need <= W(key >= K*), W = sum of sizes;
 // ties at K* by id. Returns K* and, in *remaining, need - W(key > K*).
@@ -322,19 +267,10 @@ __global__ void __launch_bounds__(NT) SelectKernel(SelectParams p) {
   const HeadMeta m = p.meta[h];
   const uint32_t k = p.coarse ? m.k1 : m.k2;
   const uint32_t base = p.coarse ? m.coarse_base : m.fine_base;
-  const float* scores = p.scores + static_cast<size_t>(h) * R * p.k_stride;
-  // Keys, sizes and flags in shared memory when the head fits.
-  extern __shared__ uint32_t cache[];
-  const bool cached = k <= static_cast<uint32_t>(kSelectCache);
-  uint32_t* keys = cached ? cache : p.keys + static_cast<size_t>(h) * p.k_stride;
-  uint8_t* flags =
-      cached ? reinterpret_cast<uint8_t*>(cache + 2 * kSelectCache) : p.flags + static_cast<size_t>(h) * p.k_stride;
   const uint32_t* sizes = p.sizes + base;
-  if (cached) {
-    for (uint32_t j = threadIdx.x; j < k; j += NT) cache[kSelectCache + j] = sizes[j];
-    sizes = cache + kSelectCache;
-    __syncthreads();
-  }
+  const float* scores = p.scores + static_cast<size_t>(h) * R * p.k_stride;
+  uint32_t* keys = p.keys + static_cast<size_t>(h) * p.k_stride;
+  uint8_t* flags = p.flags + static_cast<size_t>(h) * p.k_stride;
 
   // 1. Per row: max and denominator sum_j N_j exp(s_j - max), online, 8 rows
   // at a time. Scores of -inf (not reached) count for nothing.
@@ -387,9 +323,8 @@ __global__ void __launch_bounds__(NT) SelectKernel(SelectParams p) {
   // 2. Per cluster: the key of the joint (budget) order, or the threshold
   // flags. log p_rj = s_rj - row_lse[r].
   const uint8_t all_bits = static_cast<uint8_t>((1u << p.G) - 1u);
-  uint32_t cand_weight = 0, scored = 0;
+  uint32_t cand_weight = 0;
   for (uint32_t j = threadIdx.x; j < k; j += NT) {
-    for (int r = 0; r < R; ++r) scored += scores[static_cast<size_t>(r) * p.k_stride + j] != -INFINITY ? 1u : 0u;
     if (p.mode == 1) {
       // log of sum_r p_rj (the mean's order), over rows that reach j.
       float mx = -INFINITY;
@@ -434,11 +369,7 @@ __global__ void __launch_bounds__(NT) SelectKernel(SelectParams p) {
       need = static_cast<uint32_t>(ceil(target));  // integer sizes: sum >= target <=> sum >= ceil(target)
     }
     uint32_t kstar = 0xffffffffu, remaining = 0;
-    const bool sort = cached && need > 0 && need < shared_total;
-    if (sort) {
-      SortSelect<NT>(keys, sizes, k, need, reinterpret_cast<unsigned long long*>(cache + 3 * kSelectCache), flags,
-                     all_bits);
-    } else if (need > 0 && need < shared_total) {
+    if (need > 0 && need < shared_total) {
       kstar = RadixSelect<NT>(keys, sizes, k, need, &remaining);
     }
     if (threadIdx.x == 0) {
@@ -450,27 +381,21 @@ __global__ void __launch_bounds__(NT) SelectKernel(SelectParams p) {
     remaining = shared_remaining;
     // Keys above K* are kept; keys equal to K* in id order while the sizes of
     // the tied ones before them are < remaining.
-    // Blocked: thread t owns clusters [t * per, (t + 1) * per): one scan.
-    // (SortSelect wrote the flags already.)
-    const bool all = need > 0 && need == shared_total;
-    const uint32_t per = (k + NT - 1) / NT, j_begin = sort ? k : min(k, threadIdx.x * per),
-                   j_end = sort ? k : min(k, j_begin + per);
-    uint32_t local = 0;
-    for (uint32_t j = j_begin; j < j_end; ++j) local += (!all && keys[j] == kstar) ? sizes[j] : 0u;
-    uint32_t before;
-    Scan(tmp.scan).ExclusiveSum(local, before);
-    for (uint32_t j = j_begin; j < j_end; ++j) {
-      const uint32_t key = keys[j];
-      bool keep = false;
-      if (key != 0 && need > 0) {
-        if (all || key > kstar) {
-          keep = true;
-        } else if (key == kstar) {
-          keep = before < remaining;
-          before += sizes[j];
-        }
+    uint32_t carry = 0;
+    for (uint32_t j0 = 0; j0 < k; j0 += NT) {
+      const uint32_t j = j0 + threadIdx.x;
+      const uint32_t key = j < k ? keys[j] : 0;
+      const bool all = need > 0 && need == shared_total;
+      const uint32_t tied = (!all && key != 0 && key == kstar) ? sizes[j] : 0;
+      uint32_t before, tile_sum;
+      Scan(tmp.scan).ExclusiveSum(tied, before, tile_sum);
+      __syncthreads();
+      if (j < k) {
+        bool keep = false;
+        if (key != 0 && need > 0) keep = all || key > kstar || (tied > 0 && carry + before < remaining);
+        flags[j] = keep ? all_bits : 0;
       }
-      flags[j] = keep ? all_bits : 0;
+      carry += tile_sum;
     }
   }
   __syncthreads();
@@ -487,34 +412,29 @@ __global__ void __launch_bounds__(NT) SelectKernel(SelectParams p) {
   const uint32_t* first = p.first + base;
   uint32_t* seg_first = p.seg_first + static_cast<size_t>(h) * p.seg_stride;
   uint32_t* seg_before = p.seg_before + static_cast<size_t>(h) * p.seg_stride;
-  // Blocked: thread t owns clusters [t * per, (t + 1) * per); one scan of
-  // (segment starts << 40 | rows) gives each its first segment and row.
-  using Scan64 = cub::BlockScan<unsigned long long, NT>;
-  __shared__ typename Scan64::TempStorage scan64;
-  const uint32_t per = (k + NT - 1) / NT, j_begin = min(k, threadIdx.x * per), j_end = min(k, j_begin + per);
-  unsigned long long local = 0;
-  uint32_t kept = 0;
-  for (uint32_t j = j_begin; j < j_end; ++j) {
-    if (flags[j] == 0) continue;
-    ++kept;
-    local += sizes[j];
-    if (j == 0 || flags[j - 1] == 0) local += 1ull << 40;
-  }
-  unsigned long long before, total;
-  Scan64(scan64).ExclusiveSum(local, before, total);
-  uint32_t seg = static_cast<uint32_t>(before >> 40), row = static_cast<uint32_t>(before & ((1ull << 40) - 1));
-  for (uint32_t j = j_begin; j < j_end; ++j) {
-    if (flags[j] == 0) continue;
-    if (j == 0 || flags[j - 1] == 0) {
-      seg_first[seg] = first[j];
-      seg_before[seg] = row;
-      ++seg;
+  uint32_t n_seg = 0, rows = 0, kept = 0, scored = 0;
+  for (uint32_t j0 = 0; j0 < k; j0 += NT) {
+    const uint32_t j = j0 + threadIdx.x;
+    const bool f = j < k && flags[j] != 0;
+    const bool start = f && (j == 0 || flags[j - 1] == 0);
+    uint32_t seg_idx, n_starts, row_before, n_rows;
+    Scan(tmp.scan).ExclusiveSum(start ? 1u : 0u, seg_idx, n_starts);
+    __syncthreads();
+    Scan(tmp.scan).ExclusiveSum(f ? sizes[j] : 0u, row_before, n_rows);
+    __syncthreads();
+    if (start) {
+      seg_first[n_seg + seg_idx] = first[j];
+      seg_before[n_seg + seg_idx] = rows + row_before;
     }
-    row += sizes[j];
+    n_seg += n_starts;
+    rows += n_rows;
+    if (f) ++kept;
   }
-  const uint32_t n_seg = static_cast<uint32_t>(total >> 40), rows = static_cast<uint32_t>(total & ((1ull << 40) - 1));
   // Scored, as the CPU counts it: dot products of the G * T rows with the
   // clusters they reach, per query (/ T).
+  for (uint32_t j = threadIdx.x; j < k; j += NT) {
+    for (int r = 0; r < R; ++r) scored += scores[static_cast<size_t>(r) * p.k_stride + j] != -INFINITY ? 1u : 0u;
+  }
   scored = Reduce(tmp.reduce).Sum(scored);
   __syncthreads();
   kept = Reduce(tmp.reduce).Sum(kept);
