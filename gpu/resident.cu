@@ -36,8 +36,8 @@ constexpr size_t Align(size_t x) { return (x + 255) / 256 * 256; }
 
 // Where each array of a call lives in the caller's workspace.
 struct WsLayout {
-  size_t qf = 0, scores = 0, keys = 0, flags = 0, coarse_keep = 0, seg_first = 0, seg_before = 0, stats = 0, part = 0,
-         total = 0;
+  size_t qf = 0, scores = 0, keys = 0, flags = 0, coarse_keep = 0, seg_first = 0, seg_before = 0, stats = 0, part_m = 0,
+         part_l = 0, chunk_weight = 0, chunk_scored = 0, part = 0, total = 0;
   int splits = 1, rows = 0;
 };
 
@@ -259,6 +259,11 @@ class ResidentKvImpl final : public ResidentKv {
     take(&w->seg_first, static_cast<size_t>(H) * SegStride() * 4);
     take(&w->seg_before, static_cast<size_t>(H) * SegStride() * 4);
     take(&w->stats, static_cast<size_t>(H) * kStatCount * 4);
+    const size_t chunks = (ks + kChunkClusters - 1) / kChunkClusters;
+    take(&w->part_m, static_cast<size_t>(H) * R * chunks * 4);
+    take(&w->part_l, static_cast<size_t>(H) * R * chunks * 4);
+    take(&w->chunk_weight, static_cast<size_t>(H) * chunks * 4);
+    take(&w->chunk_scored, static_cast<size_t>(H) * chunks * 4);
     take(&w->part, DecodeWorkspaceFloats(H, R, D, w->splits) * 4);
     w->total = off;
     return Status::OK();
@@ -332,6 +337,10 @@ class ResidentKvImpl final : public ResidentKv {
     sp.seg_before = reinterpret_cast<uint32_t*>(ws + w.seg_before);
     sp.seg_stride = SegStride();
     sp.stats = reinterpret_cast<uint32_t*>(ws + w.stats);
+    sp.part_m = reinterpret_cast<float*>(ws + w.part_m);
+    sp.part_l = reinterpret_cast<float*>(ws + w.part_l);
+    sp.chunk_weight = reinterpret_cast<uint32_t*>(ws + w.chunk_weight);
+    sp.chunk_scored = reinterpret_cast<uint32_t*>(ws + w.chunk_scored);
     sp.n_clustered = static_cast<uint32_t>(shape_.n_clustered);
     sp.n_always = static_cast<uint32_t>(shape_.n_always);
     sp.page_rows = static_cast<uint32_t>(shape_.page_rows);
@@ -358,8 +367,7 @@ class ResidentKvImpl final : public ResidentKv {
         cs.sizes = d_coarse_size_;
         cs.target = std::min(1.0, cfg.coarse_budget_factor * cfg.budget) * n;
         cs.tau = cfg.tau_coarse;
-        SelectKernel<kSelectThreads><<<H, kSelectThreads, 0, s>>>(cs);
-        SQZ_CUDA_TRY(cudaGetLastError(), "launching the coarse selection");
+        SQZ_CUDA_TRY(LaunchSelect(cs, k1_max_, s), "launching the coarse selection");
         sc.parent = d_fine_parent_;
         sc.coarse_keep = sp.coarse_keep;
         sc.k1_stride = sp.k1_stride;
@@ -371,8 +379,7 @@ class ResidentKvImpl final : public ResidentKv {
       sp.hierarchical = cfg.hierarchical;
       sp.target = cfg.budget * n;
       sp.tau = cfg.hierarchical ? cfg.tau_fine : cfg.tau_flat;
-      SelectKernel<kSelectThreads><<<H, kSelectThreads, 0, s>>>(sp);
-      SQZ_CUDA_TRY(cudaGetLastError(), "launching the selection");
+      SQZ_CUDA_TRY(LaunchSelect(sp, k2_max_, s), "launching the selection");
     }
 
     // 3. Attention over the segments, and the merge into O / LSE.
@@ -543,6 +550,17 @@ class ResidentKvImpl final : public ResidentKv {
     const int per_sm = R <= 4 ? 4 : 2;
     const int wave = std::max(1, per_sm * sm_count_ / (H * chunks));
     return std::max(1, std::min({wave, kMaxSplits, static_cast<int>(std::ceil(rows / 64.0))}));
+  }
+
+  // Selection of one level: row statistics and keys per chunk of clusters
+  // (every SM), then the rule and the compaction (a block per head).
+  cudaError_t LaunchSelect(SelectParams sp, int k_max, cudaStream_t s) const {
+    sp.n_chunks = std::max(1, (k_max + kChunkClusters - 1) / kChunkClusters);
+    const dim3 grid(sp.n_chunks, shape_.n_heads);
+    RowStatsKernel<><<<grid, kChunkClusters, 0, s>>>(sp);
+    KeysKernel<><<<grid, kChunkClusters, 0, s>>>(sp);
+    SelectKernel<kSelectThreads><<<shape_.n_heads, kSelectThreads, 0, s>>>(sp);
+    return cudaGetLastError();
   }
 
   // Scoring: about 6 blocks per SM in all (each loops over its share of the

@@ -8,13 +8,18 @@
 //                       level; in the fine stage of a hierarchical lookup only
 //                       children of kept coarse clusters are read (the others
 //                       score -inf for the rows that did not keep them)
-//   SelectKernel        one block per KV head: per-row max and denominator,
-//                       the estimated probabilities, the rule (budget: a
-//                       radix select of the mass order with size
-//                       accumulation; threshold), then, in the fine stage,
-//                       the kept clusters compacted into the head's segments
-//                       (adjacent clusters merged, the always set appended)
-//                       and its statistics.
+//   RowStatsKernel      per chunk of clusters: each row's (max, denominator)
+//                       partial state
+//   KeysKernel          per chunk: the rows' denominators from the partials,
+//                       then each cluster's estimated probabilities as the
+//                       budget order's key or the threshold flags
+//   SelectKernel        one block per KV head: the rule (budget: a radix
+//                       select of the mass order with size accumulation),
+//                       then, in the fine stage, the kept clusters compacted
+//                       into the head's segments (adjacent clusters merged,
+//                       the always set appended) and its statistics.
+// The per-cluster work runs on every SM; only the rule and the compaction
+// are one block per head.
 //
 // Everything is a kernel over caller-owned device memory: no allocation, no
 // host synchronisation, so a call can be captured in a CUDA graph.
@@ -163,6 +168,8 @@ __global__ void __launch_bounds__(kScoreThreads) ScoreKernel(ScoreParams p) {
   }
 }
 
+inline constexpr int kChunkClusters = 256;  // clusters per block of the row-stats and keys kernels
+
 struct SelectParams {
   int H = 0, G = 0, T = 0;
   const HeadMeta* meta = nullptr;
@@ -174,8 +181,16 @@ struct SelectParams {
   const float* scores = nullptr;  // [H][R][k_stride]
   int k_stride = 0;
   const uint32_t* sizes = nullptr;  // the level's cluster sizes (flattened)
-  uint32_t* keys = nullptr;         // scratch [H][k_stride]
-  uint8_t* flags = nullptr;         // scratch [H][k_stride]
+  // Per chunk of kChunkClusters clusters (n_chunks per head): row partial
+  // states [H][R][n_chunks] (max, sum N exp(s - max)), and per chunk the
+  // candidates' size and the dot products with reached clusters [H][n_chunks].
+  float* part_m = nullptr;
+  float* part_l = nullptr;
+  uint32_t* chunk_weight = nullptr;
+  uint32_t* chunk_scored = nullptr;
+  int n_chunks = 0;
+  uint32_t* keys = nullptr;  // [H][k_stride]: budget order keys (0 = not a candidate)
+  uint8_t* flags = nullptr;  // [H][k_stride]: kept (bit g: query head g)
   // Coarse stage output.
   uint8_t* coarse_keep = nullptr;  // [H][k1_stride]
   int k1_stride = 0;
@@ -198,17 +213,167 @@ __device__ inline uint32_t PageOf(uint32_t row, const SelectParams& p) {
   return row < p.n_clustered ? row / p.page_rows : p.clustered_pages + (row - p.n_clustered) / p.page_rows;
 }
 
+// Online (max, sum) pair merge: l * e^m (+) l' * e^m'.
+__device__ inline void MergeMax(float& m, float& l, float om, float ol) {
+  const float mm = fmaxf(m, om);
+  l = (m == -INFINITY ? 0.f : l * expf(m - mm)) + (om == -INFINITY ? 0.f : ol * expf(om - mm));
+  m = mm;
+}
+
+// Grid (n_chunks, H), kChunkClusters threads: per row, the chunk's
+// (max, sum_j N_j exp(s_j - max)); scores of -inf (not reached) count for
+// nothing.
+template <int NT = kChunkClusters>  // a template so that it may be defined in this header
+__global__ void __launch_bounds__(NT) RowStatsKernel(SelectParams p) {
+  __shared__ float wm[kChunkClusters / 32], wl[kChunkClusters / 32];
+  const int h = blockIdx.y, R = p.G * p.T, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const HeadMeta m = p.meta[h];
+  const uint32_t k = p.coarse ? m.k1 : m.k2;
+  const uint32_t j = blockIdx.x * kChunkClusters + threadIdx.x;
+  if (blockIdx.x * kChunkClusters >= k) {  // past this head's clusters: empty partials
+    if (threadIdx.x < R) {
+      p.part_m[(static_cast<size_t>(h) * R + threadIdx.x) * p.n_chunks + blockIdx.x] = -INFINITY;
+      p.part_l[(static_cast<size_t>(h) * R + threadIdx.x) * p.n_chunks + blockIdx.x] = 0.f;
+    }
+    return;
+  }
+  const float n = j < k ? static_cast<float>(p.sizes[(p.coarse ? m.coarse_base : m.fine_base) + j]) : 0.f;
+  const float* scores = p.scores + static_cast<size_t>(h) * R * p.k_stride;
+  for (int r = 0; r < R; ++r) {
+    float mm = j < k ? scores[static_cast<size_t>(r) * p.k_stride + j] : -INFINITY;
+    float ll = mm == -INFINITY ? 0.f : n;
+    for (int off = 16; off > 0; off /= 2) {
+      MergeMax(mm, ll, __shfl_xor_sync(0xffffffffu, mm, off), __shfl_xor_sync(0xffffffffu, ll, off));
+    }
+    if (lane == 0) {
+      wm[warp] = mm;
+      wl[warp] = ll;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      float bm = -INFINITY, bl = 0.f;
+      for (int w = 0; w < kChunkClusters / 32; ++w) MergeMax(bm, bl, wm[w], wl[w]);
+      p.part_m[(static_cast<size_t>(h) * R + r) * p.n_chunks + blockIdx.x] = bm;
+      p.part_l[(static_cast<size_t>(h) * R + r) * p.n_chunks + blockIdx.x] = bl;
+    }
+    __syncthreads();
+  }
+}
+
+// Grid (n_chunks, H), kChunkClusters threads: the rows' log-denominators
+// from the partials, then per cluster of the chunk the key of the joint
+// (budget) order, or the threshold flags; per chunk the candidates' size and
+// the dot products with reached clusters.
+template <int NT = kChunkClusters>
+__global__ void __launch_bounds__(NT) KeysKernel(SelectParams p) {
+  __shared__ float row_lse[kMaxSelectRows];  // per row: max + log(denominator); +inf: reaches nothing
+  __shared__ uint32_t sw[kChunkClusters / 32], ss[kChunkClusters / 32];
+  const int h = blockIdx.y, R = p.G * p.T, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const HeadMeta m = p.meta[h];
+  const uint32_t k = p.coarse ? m.k1 : m.k2;
+  for (int r = threadIdx.x; r < R; r += blockDim.x) {
+    const float* pm = p.part_m + (static_cast<size_t>(h) * R + r) * p.n_chunks;
+    const float* pl = p.part_l + (static_cast<size_t>(h) * R + r) * p.n_chunks;
+    float mm = -INFINITY, ll = 0.f;
+    for (int c = 0; c < p.n_chunks; ++c) MergeMax(mm, ll, pm[c], pl[c]);
+    row_lse[r] = mm == -INFINITY ? INFINITY : mm + logf(ll);
+  }
+  __syncthreads();
+  const uint32_t j = blockIdx.x * kChunkClusters + threadIdx.x;
+  const float* scores = p.scores + static_cast<size_t>(h) * R * p.k_stride;
+  uint32_t weight = 0, scored = 0;
+  if (j < k) {
+    const uint32_t size = p.sizes[(p.coarse ? m.coarse_base : m.fine_base) + j];
+    if (p.mode == 1) {
+      // log of sum_r p_rj (the mean's order), over the rows that reach j.
+      float mx = -INFINITY;
+      for (int r = 0; r < R; ++r) {
+        const float s = scores[static_cast<size_t>(r) * p.k_stride + j];
+        scored += s != -INFINITY ? 1u : 0u;
+        mx = fmaxf(mx, s - row_lse[r]);
+      }
+      uint32_t key = 0;
+      if (mx != -INFINITY) {
+        float sum = 0.f;
+        for (int r = 0; r < R; ++r) {
+          const float a = scores[static_cast<size_t>(r) * p.k_stride + j] - row_lse[r];
+          if (a != -INFINITY) sum += expf(a - mx);
+        }
+        key = OrderKey(mx + logf(sum));
+        weight = size;
+      }
+      p.keys[static_cast<size_t>(h) * p.k_stride + j] = key;
+    } else {
+      uint8_t bits = 0;
+      for (int g = 0; g < p.G; ++g) {
+        float pm = 0.f;
+        for (int t = 0; t < p.T; ++t) {
+          const int r = g * p.T + t;
+          const float s = scores[static_cast<size_t>(r) * p.k_stride + j];
+          scored += s != -INFINITY ? 1u : 0u;
+          const float a = s - row_lse[r];
+          if (a != -INFINITY) pm += expf(a);
+        }
+        if (pm / p.T > p.tau) bits |= static_cast<uint8_t>(1u << g);
+      }
+      p.flags[static_cast<size_t>(h) * p.k_stride + j] = bits;
+    }
+  }
+  for (int off = 16; off > 0; off /= 2) {
+    weight += __shfl_xor_sync(0xffffffffu, weight, off);
+    scored += __shfl_xor_sync(0xffffffffu, scored, off);
+  }
+  if (lane == 0) {
+    sw[warp] = weight;
+    ss[warp] = scored;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    uint32_t a = 0, b = 0;
+    for (int w = 0; w < kChunkClusters / 32; ++w) {
+      a += sw[w];
+      b += ss[w];
+    }
+    p.chunk_weight[static_cast<size_t>(h) * p.n_chunks + blockIdx.x] = a;
+    p.chunk_scored[static_cast<size_t>(h) * p.n_chunks + blockIdx.x] = b;
+  }
+}
+
 // Budget rule by radix select over the keys (0 = not a candidate): the
 // largest key K* with W(key > K*) < need <= W(key >= K*), W = sum of sizes;
-// ties at K* by id. Returns K* and, in *remaining, need - W(key > K*).
+// ties at K* by id. Returns K* and, in *remaining, need - W(key > K*). The
+// passes start at the first byte where the candidates' keys differ (keys of
+// similar masses share their high bits: a pass over those would put every
+// key in one bin).
 template <int NT>
 __device__ uint32_t RadixSelect(const uint32_t* keys, const uint32_t* sizes, uint32_t k, uint32_t need,
                                 uint32_t* remaining_out) {
+  using Reduce = cub::BlockReduce<uint32_t, NT>;
+  __shared__ typename Reduce::TempStorage red;
   __shared__ uint32_t hist[256];
-  __shared__ uint32_t found_bin, found_above;
-  uint32_t prefix = 0, remaining = need;
-  if (threadIdx.x == 0) found_bin = found_above = 0;
-  for (int shift = 24; shift >= 0; shift -= 8) {
+  __shared__ uint32_t found_bin, found_above, s_lo, s_hi;
+  uint32_t lo = 0xffffffffu, hi = 0;
+  for (uint32_t j = threadIdx.x; j < k; j += NT) {
+    const uint32_t key = keys[j];
+    if (key != 0) {
+      lo = min(lo, key);
+      hi = max(hi, key);
+    }
+  }
+  lo = Reduce(red).Reduce(lo, [](uint32_t a, uint32_t b) { return a < b ? a : b; });
+  __syncthreads();
+  hi = Reduce(red).Reduce(hi, [](uint32_t a, uint32_t b) { return a > b ? a : b; });
+  if (threadIdx.x == 0) {
+    s_lo = lo;
+    s_hi = hi;
+    found_bin = found_above = 0;
+  }
+  __syncthreads();
+  const uint32_t diff = s_lo ^ s_hi;
+  int top = 24;  // the first byte (from the top) where some keys differ
+  while (top > 0 && (diff >> (top + 8)) == 0 && (diff >> top) == 0) top -= 8;
+  uint32_t prefix = top == 24 ? 0u : (s_hi & (0xffffffffu << (top + 8))), remaining = need;
+  for (int shift = top; shift >= 0; shift -= 8) {
     for (int i = threadIdx.x; i < 256; i += NT) hist[i] = 0;
     __syncthreads();
     const uint32_t high_mask = shift == 24 ? 0u : (0xffffffffu << (shift + 8));
@@ -250,128 +415,61 @@ __device__ uint32_t RadixSelect(const uint32_t* keys, const uint32_t* sizes, uin
   return prefix;
 }
 
-// Grid H, NT (kSelectThreads) threads.
+// Grid H, NT (kSelectThreads) threads: the rule (budget: radix select and
+// ties; threshold: the flags are the keys kernel's), then, in the fine stage,
+// the kept clusters compacted into the head's segments (runs of adjacent kept
+// clusters merged, the always set appended) and its statistics.
 template <int NT>
 __global__ void __launch_bounds__(NT) SelectKernel(SelectParams p) {
   using Reduce = cub::BlockReduce<uint32_t, NT>;
   using Scan = cub::BlockScan<uint32_t, NT>;
+  using Scan64 = cub::BlockScan<unsigned long long, NT>;
   __shared__ union {
     typename Reduce::TempStorage reduce;
     typename Scan::TempStorage scan;
+    typename Scan64::TempStorage scan64;
   } tmp;
-  __shared__ float row_lse[kMaxSelectRows];  // per row: max + log(denominator)
-  __shared__ float warp_m[NT / 32][8], warp_l[NT / 32][8];
-  __shared__ uint32_t shared_total, shared_kstar, shared_remaining;
+  __shared__ uint32_t shared_kstar, shared_remaining;
 
-  const int h = blockIdx.x, R = p.G * p.T, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int h = blockIdx.x;
   const HeadMeta m = p.meta[h];
   const uint32_t k = p.coarse ? m.k1 : m.k2;
   const uint32_t base = p.coarse ? m.coarse_base : m.fine_base;
   const uint32_t* sizes = p.sizes + base;
-  const float* scores = p.scores + static_cast<size_t>(h) * R * p.k_stride;
   uint32_t* keys = p.keys + static_cast<size_t>(h) * p.k_stride;
   uint8_t* flags = p.flags + static_cast<size_t>(h) * p.k_stride;
-
-  // 1. Per row: max and denominator sum_j N_j exp(s_j - max), online, 8 rows
-  // at a time. Scores of -inf (not reached) count for nothing.
-  for (int r0 = 0; r0 < R; r0 += 8) {
-    float lm[8], ll[8];
-    for (int i = 0; i < 8; ++i) {
-      lm[i] = -INFINITY;
-      ll[i] = 0.f;
-    }
-    for (uint32_t j = threadIdx.x; j < k; j += NT) {
-      const float n = static_cast<float>(sizes[j]);
-      for (int i = 0; i < 8 && r0 + i < R; ++i) {
-        const float s = scores[static_cast<size_t>(r0 + i) * p.k_stride + j];
-        if (s == -INFINITY) continue;
-        if (s > lm[i]) {
-          ll[i] = ll[i] * expf(lm[i] - s) + n;
-          lm[i] = s;
-        } else {
-          ll[i] += n * expf(s - lm[i]);
-        }
-      }
-    }
-    for (int i = 0; i < 8; ++i) {
-      for (int off = 16; off > 0; off /= 2) {
-        const float om = __shfl_xor_sync(0xffffffffu, lm[i], off), ol = __shfl_xor_sync(0xffffffffu, ll[i], off);
-        const float mm = fmaxf(lm[i], om);
-        ll[i] = (lm[i] == -INFINITY ? 0.f : ll[i] * expf(lm[i] - mm)) + (om == -INFINITY ? 0.f : ol * expf(om - mm));
-        lm[i] = mm;
-      }
-      if (lane == 0) {
-        warp_m[warp][i] = lm[i];
-        warp_l[warp][i] = ll[i];
-      }
-    }
-    __syncthreads();
-    if (threadIdx.x < 8 && r0 + threadIdx.x < R) {
-      const int i = threadIdx.x;
-      float mm = -INFINITY, l = 0.f;
-      for (int w = 0; w < NT / 32; ++w) mm = fmaxf(mm, warp_m[w][i]);
-      if (mm != -INFINITY) {
-        for (int w = 0; w < NT / 32; ++w) {
-          if (warp_m[w][i] != -INFINITY) l += warp_l[w][i] * expf(warp_m[w][i] - mm);
-        }
-      }
-      row_lse[r0 + i] = mm == -INFINITY ? INFINITY : mm + logf(l);  // +inf: the row reaches nothing
-    }
-    __syncthreads();
-  }
-
-  // 2. Per cluster: the key of the joint (budget) order, or the threshold
-  // flags. log p_rj = s_rj - row_lse[r].
   const uint8_t all_bits = static_cast<uint8_t>((1u << p.G) - 1u);
-  uint32_t cand_weight = 0;
-  for (uint32_t j = threadIdx.x; j < k; j += NT) {
-    if (p.mode == 1) {
-      // log of sum_r p_rj (the mean's order), over rows that reach j.
-      float mx = -INFINITY;
-      for (int r = 0; r < R; ++r) mx = fmaxf(mx, scores[static_cast<size_t>(r) * p.k_stride + j] - row_lse[r]);
-      uint32_t key = 0;
-      if (mx != -INFINITY) {
-        float sum = 0.f;
-        for (int r = 0; r < R; ++r) {
-          const float a = scores[static_cast<size_t>(r) * p.k_stride + j] - row_lse[r];
-          if (a != -INFINITY) sum += expf(a - mx);
-        }
-        key = OrderKey(mx + logf(sum));
-        cand_weight += sizes[j];
-      }
-      keys[j] = key;
-    } else {
-      uint8_t bits = 0;
-      for (int g = 0; g < p.G; ++g) {
-        float pm = 0.f;
-        for (int t = 0; t < p.T; ++t) {
-          const int r = g * p.T + t;
-          const float a = scores[static_cast<size_t>(r) * p.k_stride + j] - row_lse[r];
-          if (a != -INFINITY) pm += expf(a);
-        }
-        if (pm / p.T > p.tau) bits |= static_cast<uint8_t>(1u << g);
-      }
-      flags[j] = bits;
-    }
+
+  uint32_t total = 0, scored = 0;
+  for (int c = threadIdx.x; c < p.n_chunks; c += NT) {
+    total += p.chunk_weight[static_cast<size_t>(h) * p.n_chunks + c];
+    scored += p.chunk_scored[static_cast<size_t>(h) * p.n_chunks + c];
   }
+  total = Reduce(tmp.reduce).Sum(total);
+  __syncthreads();
+  scored = Reduce(tmp.reduce).Sum(scored);
+  __shared__ uint32_t s_total, s_scored;
+  if (threadIdx.x == 0) {
+    s_total = total;
+    s_scored = scored;
+  }
+  __syncthreads();
+  total = s_total;
+  scored = s_scored;
 
   if (p.mode == 1) {
-    const uint32_t total = Reduce(tmp.reduce).Sum(cand_weight);
-    if (threadIdx.x == 0) shared_total = total;
-    __syncthreads();
     const double target = p.target;
     uint32_t need;
     if (!(target > 0)) {
       need = 0;
-    } else if (static_cast<double>(shared_total) <= target) {
-      need = shared_total;  // every candidate
+    } else if (static_cast<double>(total) <= target) {
+      need = total;  // every candidate
     } else {
       need = static_cast<uint32_t>(ceil(target));  // integer sizes: sum >= target <=> sum >= ceil(target)
     }
+    const bool all = need > 0 && need == total;
     uint32_t kstar = 0xffffffffu, remaining = 0;
-    if (need > 0 && need < shared_total) {
-      kstar = RadixSelect<NT>(keys, sizes, k, need, &remaining);
-    }
+    if (need > 0 && !all) kstar = RadixSelect<NT>(keys, sizes, k, need, &remaining);
     if (threadIdx.x == 0) {
       shared_kstar = kstar;
       shared_remaining = remaining;
@@ -380,22 +478,25 @@ __global__ void __launch_bounds__(NT) SelectKernel(SelectParams p) {
     kstar = shared_kstar;
     remaining = shared_remaining;
     // Keys above K* are kept; keys equal to K* in id order while the sizes of
-    // the tied ones before them are < remaining.
-    uint32_t carry = 0;
-    for (uint32_t j0 = 0; j0 < k; j0 += NT) {
-      const uint32_t j = j0 + threadIdx.x;
-      const uint32_t key = j < k ? keys[j] : 0;
-      const bool all = need > 0 && need == shared_total;
-      const uint32_t tied = (!all && key != 0 && key == kstar) ? sizes[j] : 0;
-      uint32_t before, tile_sum;
-      Scan(tmp.scan).ExclusiveSum(tied, before, tile_sum);
-      __syncthreads();
-      if (j < k) {
-        bool keep = false;
-        if (key != 0 && need > 0) keep = all || key > kstar || (tied > 0 && carry + before < remaining);
-        flags[j] = keep ? all_bits : 0;
+    // the tied ones before them are < remaining. Blocked: thread t owns
+    // clusters [t * per, (t + 1) * per), one scan.
+    const uint32_t per = (k + NT - 1) / NT, jb = min(k, threadIdx.x * per), je = min(k, jb + per);
+    uint32_t local = 0;
+    for (uint32_t j = jb; j < je; ++j) local += (!all && keys[j] != 0 && keys[j] == kstar) ? sizes[j] : 0u;
+    uint32_t before;
+    Scan(tmp.scan).ExclusiveSum(local, before);
+    for (uint32_t j = jb; j < je; ++j) {
+      const uint32_t key = keys[j];
+      bool keep = false;
+      if (key != 0 && need > 0) {
+        if (all || key > kstar) {
+          keep = true;
+        } else if (key == kstar) {
+          keep = before < remaining;
+          before += sizes[j];
+        }
       }
-      carry += tile_sum;
+      flags[j] = keep ? all_bits : 0;
     }
   }
   __syncthreads();
@@ -407,38 +508,44 @@ __global__ void __launch_bounds__(NT) SelectKernel(SelectParams p) {
     return;
   }
 
-  // 3. Fine stage: compact the kept clusters into segments (runs of adjacent
-  // kept clusters merged), in id order, then the always set.
+  // Compaction. Blocked: thread t owns clusters [t * per, (t + 1) * per); one
+  // scan of (segment starts << 40 | rows) gives each its first segment and row.
   const uint32_t* first = p.first + base;
   uint32_t* seg_first = p.seg_first + static_cast<size_t>(h) * p.seg_stride;
   uint32_t* seg_before = p.seg_before + static_cast<size_t>(h) * p.seg_stride;
-  uint32_t n_seg = 0, rows = 0, kept = 0, scored = 0;
-  for (uint32_t j0 = 0; j0 < k; j0 += NT) {
-    const uint32_t j = j0 + threadIdx.x;
-    const bool f = j < k && flags[j] != 0;
-    const bool start = f && (j == 0 || flags[j - 1] == 0);
-    uint32_t seg_idx, n_starts, row_before, n_rows;
-    Scan(tmp.scan).ExclusiveSum(start ? 1u : 0u, seg_idx, n_starts);
-    __syncthreads();
-    Scan(tmp.scan).ExclusiveSum(f ? sizes[j] : 0u, row_before, n_rows);
-    __syncthreads();
-    if (start) {
-      seg_first[n_seg + seg_idx] = first[j];
-      seg_before[n_seg + seg_idx] = rows + row_before;
+  const uint32_t per = (k + NT - 1) / NT, jb = min(k, threadIdx.x * per), je = min(k, jb + per);
+  unsigned long long local = 0;
+  uint32_t kept = 0;
+  bool prev = jb > 0 && flags[jb - 1] != 0;
+  for (uint32_t j = jb; j < je; ++j) {
+    const bool f = flags[j] != 0;
+    if (f) {
+      ++kept;
+      local += sizes[j];
+      if (!prev) local += 1ull << 40;
     }
-    n_seg += n_starts;
-    rows += n_rows;
-    if (f) ++kept;
+    prev = f;
   }
-  // Scored, as the CPU counts it: dot products of the G * T rows with the
-  // clusters they reach, per query (/ T).
-  for (uint32_t j = threadIdx.x; j < k; j += NT) {
-    for (int r = 0; r < R; ++r) scored += scores[static_cast<size_t>(r) * p.k_stride + j] != -INFINITY ? 1u : 0u;
+  unsigned long long before, sum;
+  __syncthreads();
+  Scan64(tmp.scan64).ExclusiveSum(local, before, sum);
+  uint32_t seg = static_cast<uint32_t>(before >> 40), row = static_cast<uint32_t>(before & ((1ull << 40) - 1));
+  prev = jb > 0 && flags[jb - 1] != 0;
+  for (uint32_t j = jb; j < je; ++j) {
+    const bool f = flags[j] != 0;
+    if (f) {
+      if (!prev) {
+        seg_first[seg] = first[j];
+        seg_before[seg] = row;
+        ++seg;
+      }
+      row += sizes[j];
+    }
+    prev = f;
   }
-  scored = Reduce(tmp.reduce).Sum(scored);
+  const uint32_t n_seg = static_cast<uint32_t>(sum >> 40), rows = static_cast<uint32_t>(sum & ((1ull << 40) - 1));
   __syncthreads();
   kept = Reduce(tmp.reduce).Sum(kept);
-  __syncthreads();
   if (threadIdx.x == 0 && p.n_always > 0) {
     seg_first[n_seg] = p.n_clustered;
     seg_before[n_seg] = rows;
@@ -458,10 +565,13 @@ __global__ void __launch_bounds__(NT) SelectKernel(SelectParams p) {
       if (PageOf(prev_last, p) == pf) --pages;
     }
   }
+  __syncthreads();
   pages = Reduce(tmp.reduce).Sum(pages);
   if (threadIdx.x == 0) {
     uint32_t* st = p.stats + h * kStatCount;
-    st[kStatScored] = (p.hierarchical ? st[kStatScored] : 0u) + scored / p.T;  // + the coarse stage's
+    // Scored, as the CPU counts it: dot products of the G * T rows with the
+    // clusters they reach, per query (/ T); plus the coarse stage's.
+    st[kStatScored] = (p.hierarchical ? st[kStatScored] : 0u) + scored / p.T;
     st[kStatKept] = kept;
     st[kStatRows] = rows;
     st[kStatSegments] = total_segs;

@@ -10,7 +10,7 @@
 // - attention: O and LSE equal an independent double-precision reference
 //   computed over the device's own table from the stored rows (relative L2
 //   1e-4 for O, 1e-4 for LSE: fp32 accumulation in another order), and the
-//   CPU handle's answer wherever the tables agree;
+//   CPU handle's answer wherever the tables agree (2e-4: both fp32);
 // - the device call: q / o in F32, F16, BF16, head- and token-major, LSE
 //   natural and base 2, against the host call (O within the output dtype's
 //   rounding); captured in a CUDA graph and replayed: bitwise the same;
@@ -220,7 +220,9 @@ class GpuEngineTest : public ::testing::Test {
           if (all_same) {
             std::vector<float> oc(q.size()), lc(lg.size());
             ASSERT_TRUE(cpu->Attend(layer, q.data(), T, qo, oc.data(), lc.data()).ok());
-            ExpectClose(oc, lc, og, lg, d, what + " vs CPU");
+            // Both engines accumulate in fp32 (in different orders), each within
+            // 1e-4 of the double reference: they agree within the sum.
+            ExpectClose(oc, lc, og, lg, d, what + " vs CPU", 2e-4);
           }
         }
       }
