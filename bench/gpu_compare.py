@@ -133,7 +133,7 @@ def main():
             def mask_mod(b, h, q_idx, kv_idx):
                 return table[h // 4, kv_idx // blk]
 
-            bm = create_block_mask(mask_mod, 1, 32, 1, n, device=dev, BLOCK_SIZE=(1, blk))
+            bm = create_block_mask(mask_mod, 1, 32, 1, n, device=dev, BLOCK_SIZE=blk)
             flex = torch.compile(flex_attention, dynamic=False)
 
             def fx():
