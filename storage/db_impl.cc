@@ -16,6 +16,7 @@
 #include <set>
 #include <thread>
 
+#include "directory.h"
 #include "records.h"
 #include "util/crc32c.h"
 
@@ -280,8 +281,9 @@ std::shared_ptr<RocksView> DBImpl::view() const {
 Status DBImpl::OpenView(bool fresh_dir, std::shared_ptr<RocksView>* out) {
   auto v = std::make_shared<RocksView>();
   rocksdb::DBOptions dbo;
-  dbo.create_if_missing = !read_only_;
-  dbo.create_missing_column_families = !read_only_;
+  // Only a directory found new or empty is created in (OpenImpl decides).
+  dbo.create_if_missing = fresh_dir && !read_only_;
+  dbo.create_missing_column_families = fresh_dir && !read_only_;
   dbo.max_background_jobs = std::max(1, options_.max_background_jobs);
   dbo.paranoid_checks = true;
   dbo.info_log_level = rocksdb::InfoLogLevel::WARN_LEVEL;
@@ -381,7 +383,12 @@ Status DBImpl::OpenImpl(const Options& options, const std::string& path) {
   path_ = path;
   read_only_ = options.read_only;
   std::error_code ec;
-  const bool exists = std::filesystem::exists(path + "/CURRENT", ec);
+  // RocksDB would create a database over anything without a CURRENT file
+  // (and then delete the table files it does not know): the directory is
+  // classified first, and only a new or empty one is ever created in.
+  DirState state;
+  SQZ_RETURN_IF_ERROR(InspectDatabaseDir(path, &state));
+  const bool exists = state == DirState::kDatabase;
   if (exists && options.error_if_exists) return Status::AlreadyExists(path + ": a database already exists here");
   if (!exists && (read_only_ || !options.create_if_missing)) {
     return Status::NotFound(path + ": no squeeze database here (build one with sqctl build-index)");
@@ -399,15 +406,32 @@ Status DBImpl::OpenImpl(const Options& options, const std::string& path) {
         return Status::InvalidArgument(path + ": not a squeeze database (unknown column family '" + cf + "')");
       }
     }
-    if (read_only_ && cfs.size() != 4) {
-      return Status::Corruption(path + ": the database lacks some of its column families");
+    if (cfs.size() != 4) {
+      // A plain RocksDB database (only "default") is not ours to convert; a
+      // squeeze database that lost a column family is damaged.
+      if (!HasIdentityFile(path)) {
+        return Status::InvalidArgument(path +
+                                       ": not a squeeze database (a RocksDB database without squeeze's column "
+                                       "families); nothing was changed");
+      }
+      return Status::Corruption(path +
+                                ": the database lacks some of its column families; nothing was changed. "
+                                "Salvage its contexts with: sqctl repair --db " +
+                                path + " --out NEW_DIR");
     }
-  } else if (!std::filesystem::create_directories(path, ec) && ec) {
-    return Status::IOError(path + ": cannot create directory: " + ec.message());
+  } else {
+    if (!std::filesystem::create_directories(path, ec) && ec) {
+      return Status::IOError(path + ": cannot create directory: " + ec.message());
+    }
+    // The identity file comes first: a creation killed after it is still
+    // recognised as ours (and as empty, while RocksDB has written nothing).
+    SQZ_RETURN_IF_ERROR(WriteIdentityFile(path));
   }
   cache_ = rocksdb::NewLRUCache(std::max<size_t>(options.block_cache_bytes, 1 << 20));
   SQZ_RETURN_IF_ERROR(OpenView(!exists, &view_));
   if (read_only_) return Status::OK();
+  // Databases created before the identity file existed get it now.
+  if (!HasIdentityFile(path)) SQZ_RETURN_IF_ERROR(WriteIdentityFile(path));
   SQZ_RETURN_IF_ERROR(RecoverOnOpen());
   SQZ_RETURN_IF_ERROR(Reclaim());
   reclaimer_ = std::thread([this] { ReclaimLoop(); });
