@@ -36,24 +36,30 @@ std::string LayerName(int layer, const char* suffix) { return "layers." + std::t
 
 // Parses "layers.<i>.<suffix>" with suffix k, v or q_window. Indices are
 // canonical decimal (no sign, no leading zeros) so one layer has one name.
-// Returns false for any other name (unknown tensors are ignored).
-bool ParseLayerName(const std::string& name, int* layer, std::string* suffix) {
+// Returns kOther for names of other tensors (ignored), kBad for a KV tensor
+// name whose index is not canonical or not below kMaxLayers ("layers.01.k"
+// must not silently become a file without layer 1).
+constexpr int kMaxLayers = 1 << 20;
+enum class NameKind { kOk, kOther, kBad };
+NameKind ParseLayerName(const std::string& name, int* layer, std::string* suffix) {
   static constexpr std::string_view kPrefix = "layers.";
-  if (name.compare(0, kPrefix.size(), kPrefix) != 0) return false;
-  size_t pos = kPrefix.size();
-  size_t dot = name.find('.', pos);
-  if (dot == std::string::npos || dot == pos || dot - pos > 7) return false;
-  if (name[pos] == '0' && dot - pos > 1) return false;
-  int v = 0;
-  for (size_t i = pos; i < dot; ++i) {
-    if (name[i] < '0' || name[i] > '9') return false;
-    v = v * 10 + (name[i] - '0');
-  }
+  if (name.compare(0, kPrefix.size(), kPrefix) != 0) return NameKind::kOther;
+  const size_t pos = kPrefix.size();
+  const size_t dot = name.find('.', pos);
+  if (dot == std::string::npos) return NameKind::kOther;
   std::string s = name.substr(dot + 1);
-  if (s != "k" && s != "v" && s != "q_window") return false;
+  if (s != "k" && s != "v" && s != "q_window") return NameKind::kOther;
+  const std::string_view digits(name.data() + pos, dot - pos);
+  if (digits.empty() || digits.size() > 7 || (digits[0] == '0' && digits.size() > 1)) return NameKind::kBad;
+  int v = 0;
+  for (char c : digits) {
+    if (c < '0' || c > '9') return NameKind::kBad;
+    v = v * 10 + (c - '0');
+  }
+  if (v >= kMaxLayers) return NameKind::kBad;
   *layer = v;
   *suffix = std::move(s);
-  return true;
+  return NameKind::kOk;
 }
 
 // Validates the per-layer tensors and fills *shape (all but `model`).
@@ -246,12 +252,31 @@ Status OpenSafetensorsKvSource(const std::string& path, std::unique_ptr<KvSource
   for (const SafetensorsEntry& e : file->entries()) {
     int layer;
     std::string suffix;
-    if (!ParseLayerName(e.name, &layer, &suffix)) continue;
+    const NameKind kind = ParseLayerName(e.name, &layer, &suffix);
+    if (kind == NameKind::kOther) continue;
+    if (kind == NameKind::kBad) {
+      return Status::InvalidArgument(path + ": tensor '" + e.name +
+                                     "' is not a valid layer tensor name (expected layers.<i>.k, layers.<i>.v or "
+                                     "layers.<i>.q_window with i written in decimal without leading zeros, i < " +
+                                     std::to_string(kMaxLayers) + ")");
+    }
     auto& slot =
         by_layer.try_emplace(layer, std::array<const SafetensorsEntry*, 3>{nullptr, nullptr, nullptr}).first->second;
     slot[suffix == "k" ? 0 : suffix == "v" ? 1 : 2] = &e;
   }
-  const int n_layers = by_layer.empty() ? 0 : by_layer.rbegin()->first + 1;
+  // A gap is reported from the names alone, before anything is sized by the
+  // highest index (layers.9999999.k must not allocate ten million layers).
+  int expect = 0;
+  for (const auto& [layer, slot] : by_layer) {
+    if (layer != expect) {
+      return Status::InvalidArgument(path + ": missing layer " + std::to_string(expect) + ": no tensor " +
+                                     LayerName(expect, "k") +
+                                     " (layers must be numbered contiguously from 0; the highest layer present is " +
+                                     std::to_string(by_layer.rbegin()->first) + ")");
+    }
+    ++expect;
+  }
+  const int n_layers = static_cast<int>(by_layer.size());
   std::vector<LayerDescs> descs(static_cast<size_t>(n_layers));
   std::vector<std::array<const SafetensorsEntry*, 3>> entries(static_cast<size_t>(n_layers),
                                                               {nullptr, nullptr, nullptr});

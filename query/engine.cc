@@ -5,6 +5,8 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <exception>
+#include <new>
 #include <numeric>
 #include <sstream>
 
@@ -601,8 +603,15 @@ Status ContextHandleImpl::Run(const SegmentTable& t, const float* q, float scale
   // sgemm: OpenBLAS threads inside OpenMP threads oversubscribe the cores.
 #pragma omp parallel for schedule(dynamic, 1) if (n > 1 && t.T == 1)
   for (int h = 0; h < n; ++h) {
-    status[h] = RunHead(t, h, q + h * group_rows * d, scale, o + h * group_rows * d, lse + h * group_rows,
-                        &head_stats[h], seconds[h].data());
+    // An exception must not leave an OpenMP region (std::terminate).
+    try {
+      status[h] = RunHead(t, h, q + h * group_rows * d, scale, o + h * group_rows * d, lse + h * group_rows,
+                          &head_stats[h], seconds[h].data());
+    } catch (const std::bad_alloc&) {
+      status[h] = Status::IOError("out of memory attending KV head " + std::to_string(h));
+    } catch (const std::exception& e) {
+      status[h] = Status::IOError(std::string("attending KV head ") + std::to_string(h) + ": " + e.what());
+    }
   }
   for (int h = 0; h < n; ++h) {
     if (!status[h].ok()) return status[h];

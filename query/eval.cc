@@ -1,9 +1,13 @@
 #include "query/eval.h"
 
+#include <sys/resource.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <new>
 #include <numeric>
 #include <sstream>
 
@@ -117,25 +121,42 @@ std::string Num(double x, int prec = 4) {
   return buf;
 }
 
+// Physical memory, and the address-space limit when one is set (ulimit -v).
+uint64_t MemoryLimitBytes() {
+  const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+  uint64_t limit = pages > 0 && page > 0 ? static_cast<uint64_t>(pages) * static_cast<uint64_t>(page) : UINT64_MAX;
+  struct rlimit rl;
+  if (getrlimit(RLIMIT_AS, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY) {
+    limit = std::min<uint64_t>(limit, rl.rlim_cur);
+  }
+  return limit;
+}
+
 }  // namespace
 
 Status ReadQueriesFile(const std::string& path, const ContextInfo& info, std::vector<LayerQueries>* out) {
   out->clear();
   std::unique_ptr<SafetensorsFile> file;
   SQZ_RETURN_IF_ERROR(SafetensorsFile::Open(path, &file));
+  uint64_t total_bytes = 0;
   for (const SafetensorsEntry& e : file->entries()) {
-    // Exactly "layers.<digits>.q"; other tensors may share the file.
+    // "layers.<i>.q" with i in canonical decimal; other tensors may share the
+    // file, but a query tensor whose index is malformed or too large is an
+    // error, never silently skipped.
     const std::string prefix = "layers.", suffix = ".q";
     if (e.name.size() <= prefix.size() + suffix.size() || e.name.compare(0, prefix.size(), prefix) != 0 ||
         e.name.compare(e.name.size() - suffix.size(), suffix.size(), suffix) != 0) {
       continue;
     }
-    const std::string digits = e.name.substr(prefix.size(), e.name.size() - prefix.size() - suffix.size());
-    if (digits.empty() || digits.size() > 9 ||
-        !std::all_of(digits.begin(), digits.end(), [](char c) { return c >= '0' && c <= '9'; })) {
-      continue;
-    }
     const std::string where = path + ": tensor '" + e.name + "'";
+    const std::string digits = e.name.substr(prefix.size(), e.name.size() - prefix.size() - suffix.size());
+    if (digits.find('.') != std::string::npos) continue;  // e.g. layers.0.attn.q: not a query tensor
+    if (digits.empty() || digits.size() > 9 || (digits[0] == '0' && digits.size() > 1) ||
+        !std::all_of(digits.begin(), digits.end(), [](char c) { return c >= '0' && c <= '9'; })) {
+      return Status::InvalidArgument(where + ": not a valid query tensor name (expected layers.<i>.q with i < " +
+                                     std::to_string(info.n_layers) +
+                                     " written in decimal without leading zeros) for context '" + info.name + "'");
+    }
     const int layer = std::stoi(digits);
     if (layer >= info.n_layers) {
       return Status::InvalidArgument(where + ": context '" + info.name + "' has only " + std::to_string(info.n_layers) +
@@ -150,10 +171,27 @@ Status ReadQueriesFile(const std::string& path, const ContextInfo& info, std::ve
           where + ": shape " + ShapeToString(e.shape) + " does not match [n_q_heads=" + std::to_string(info.n_q_heads) +
           ", T >= 1, head_dim=" + std::to_string(info.head_dim) + "] of context '" + info.name + "'");
     }
+    // The queries, and the outputs of the same shape the caller will need,
+    // must fit in memory: checked before allocating (a sparse file can
+    // declare T = 2^30 and pass every size check against the file).
+    const uint64_t numel = static_cast<uint64_t>(e.shape[0]) * e.shape[1] * e.shape[2];
+    total_bytes += 2 * numel * sizeof(float);
+    const uint64_t limit = MemoryLimitBytes();
+    if (total_bytes > limit) {
+      return Status::InvalidArgument(where + ": shape " + ShapeToString(e.shape) + " declares " +
+                                     std::to_string(e.shape[1]) + " queries; with their outputs the file needs " +
+                                     std::to_string(total_bytes >> 20) + " MiB of memory, more than this machine's " +
+                                     std::to_string(limit >> 20) + " MiB: split the queries into smaller files");
+    }
     LayerQueries lq;
     lq.layer = layer;
     lq.T = static_cast<int>(e.shape[1]);
-    lq.q.resize(static_cast<size_t>(e.shape[0] * e.shape[1] * e.shape[2]));
+    try {
+      lq.q.resize(static_cast<size_t>(numel));
+    } catch (const std::bad_alloc&) {
+      return Status::IOError(where + ": out of memory allocating " + std::to_string(numel * sizeof(float) >> 20) +
+                             " MiB for the queries");
+    }
     SQZ_RETURN_IF_ERROR(file->ReadFloat(e, lq.q.data()));
     for (size_t i = 0; i < lq.q.size(); ++i) {
       if (!std::isfinite(lq.q[i])) {

@@ -3,19 +3,23 @@
 #include <rocksdb/cache.h>
 #include <rocksdb/convenience.h>
 #include <rocksdb/env.h>
+#include <rocksdb/sst_partitioner.h>
 #include <rocksdb/table.h>
 #include <rocksdb/write_batch.h>
+#include <signal.h>
 #include <stdlib.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cstdarg>
+#include <cstring>
 #include <ctime>
 #include <filesystem>
 #include <functional>
 #include <set>
 #include <thread>
 
+#include "directory.h"
 #include "records.h"
 #include "util/crc32c.h"
 
@@ -70,7 +74,44 @@ rocksdb::ColumnFamilyOptions CfOptions(const std::shared_ptr<rocksdb::Cache>& ca
   return o;
 }
 
+// Compaction outputs are cut at every context id (the 8-byte key prefix): no
+// table file below level 0 holds records of two contexts, so a damaged file
+// hits one context and a dropped context's files are deleted whole.
+rocksdb::ColumnFamilyOptions PerContext(rocksdb::ColumnFamilyOptions o) {
+  o.sst_partitioner_factory = rocksdb::NewSstPartitionerFixedPrefixFactory(8);
+  return o;
+}
+
 }  // namespace
+
+std::vector<rocksdb::ColumnFamilyDescriptor> ColumnFamilies(const std::shared_ptr<rocksdb::Cache>& cache) {
+  // KV pages are stored uncompressed: zstd saves little on fp16/bf16 KV and
+  // costs a decompression on every cold read (docs/PERFORMANCE.md).
+  return {
+      {kCfDefault, CfOptions(cache, 4 << 10, rocksdb::kNoCompression)},
+      {kCfManifest, CfOptions(cache, 4 << 10, rocksdb::kNoCompression)},
+      {kCfIndex, PerContext(CfOptions(cache, 16 << 10, rocksdb::kZSTD))},
+      {kCfKv, PerContext(CfOptions(cache, 32 << 10, rocksdb::kNoCompression))},
+  };
+}
+
+// Crash-test hook: with SQZ_KILL_POINT=<name> in the environment the process
+// dies (SIGKILL, no cleanup) when it reaches that point. The reclaim kill
+// tests (tests/query_snapshot_test.cc, ReclaimKillTest) use it to crash
+// between a commit and its compaction. Without the variable: nothing.
+void KillPoint(const char* name) {
+  static const char* const want = std::getenv("SQZ_KILL_POINT");
+  if (want != nullptr && std::strcmp(want, name) == 0) raise(SIGKILL);
+}
+
+// A RocksDB error at open that is not a lock held by another process is
+// damage to the database's files: say what to run.
+Status Damaged(const Status& s, const std::string& path) {
+  if (s.ok() || s.message().find("lock") != std::string::npos) return s;
+  if (!s.IsCorruption() && !s.IsIOError() && !s.IsNotFound()) return s;
+  return Status::Corruption(s.message() + ". The database is damaged; nothing was changed. Salvage its contexts into " +
+                            "a new directory with: sqctl repair --db " + path + " --out NEW_DIR");
+}
 
 RocksView::~RocksView() {
   if (db) {
@@ -280,8 +321,9 @@ std::shared_ptr<RocksView> DBImpl::view() const {
 Status DBImpl::OpenView(bool fresh_dir, std::shared_ptr<RocksView>* out) {
   auto v = std::make_shared<RocksView>();
   rocksdb::DBOptions dbo;
-  dbo.create_if_missing = !read_only_;
-  dbo.create_missing_column_families = !read_only_;
+  // Only a directory found new or empty is created in (OpenImpl decides).
+  dbo.create_if_missing = fresh_dir && !read_only_;
+  dbo.create_missing_column_families = fresh_dir && !read_only_;
   dbo.max_background_jobs = std::max(1, options_.max_background_jobs);
   dbo.paranoid_checks = true;
   dbo.info_log_level = rocksdb::InfoLogLevel::WARN_LEVEL;
@@ -291,14 +333,7 @@ Status DBImpl::OpenView(bool fresh_dir, std::shared_ptr<RocksView>* out) {
   if (std::find(supported.begin(), supported.end(), zstd) == supported.end()) {
     return Status::NotSupported("this RocksDB build lacks zstd compression, which the index column family uses");
   }
-  // KV pages are stored uncompressed: zstd saves little on fp16/bf16 KV and
-  // costs a decompression on every cold read (docs/PERFORMANCE.md).
-  std::vector<rocksdb::ColumnFamilyDescriptor> descs = {
-      {kCfDefault, CfOptions(cache_, 4 << 10, rocksdb::kNoCompression)},
-      {kCfManifest, CfOptions(cache_, 4 << 10, rocksdb::kNoCompression)},
-      {kCfIndex, CfOptions(cache_, 16 << 10, zstd)},
-      {kCfKv, CfOptions(cache_, 32 << 10, rocksdb::kNoCompression)},
-  };
+  std::vector<rocksdb::ColumnFamilyDescriptor> descs = ColumnFamilies(cache_);
   rocksdb::DB* raw = nullptr;
   rocksdb::Status s;
   if (!read_only_) {
@@ -321,13 +356,13 @@ Status DBImpl::OpenView(bool fresh_dir, std::shared_ptr<RocksView>* out) {
       return rocksdb::DB::OpenAsSecondary(dbo, path_, v->secondary_dir, descs, &v->handles, &raw);
     });
   }
-  if (!s.ok()) return FromRocks(s, path_ + ": cannot open the database");
+  if (!s.ok()) return Damaged(FromRocks(s, path_ + ": cannot open the database"), path_);
   v->db.reset(raw);
   v->cf_default = v->handles[0];
   v->cf_manifest = v->handles[1];
   v->cf_index = v->handles[2];
   v->cf_kv = v->handles[3];
-  SQZ_RETURN_IF_ERROR(CheckFormatVersion(v.get(), fresh_dir));
+  SQZ_RETURN_IF_ERROR(Damaged(CheckFormatVersion(v.get(), fresh_dir), path_));
   if (read_only_) SQZ_RETURN_IF_ERROR(CatchUpUntilConsistent(v.get()));
   *out = std::move(v);
   return Status::OK();
@@ -343,8 +378,10 @@ Status DBImpl::OpenView(bool fresh_dir, std::shared_ptr<RocksView>* out) {
 // partial context.
 Status DBImpl::CatchUpUntilConsistent(RocksView* v) {
   std::string missing;
+  Status copies;
   for (int attempt = 0; attempt < 50; ++attempt) {
     missing.clear();
+    copies = Status::OK();
     std::unique_ptr<rocksdb::Iterator> it(v->db->NewIterator(rocksdb::ReadOptions(), v->cf_manifest));
     for (it->SeekToFirst(); it->Valid() && missing.empty(); it->Next()) {
       ContextInfo info;
@@ -366,14 +403,25 @@ Status DBImpl::CatchUpUntilConsistent(RocksView* v) {
       }
     }
     SQZ_RETURN_IF_ERROR(FromRocks(it->status(), path_ + ": scanning manifests"));
-    if (missing.empty()) return Status::OK();
+    if (missing.empty()) {
+      // And the reverse: no committed context lacks its manifest record. A
+      // drop racing this open can show its manifest deletion before the
+      // deletion of the copy: catching up settles it, damage persists.
+      std::set<uint64_t> ids;
+      copies = CheckManifestsAgainstCopies(v, &ids);
+      if (copies.ok()) return Status::OK();
+      if (!copies.IsCorruption()) return copies;
+    }
     std::this_thread::sleep_for(std::chrono::milliseconds(std::min(5 * (attempt + 1), 100)));
     SQZ_RETURN_IF_ERROR(FromRocks(v->db->TryCatchUpWithPrimary(), path_ + ": catching up with the writer"));
   }
+  if (!copies.ok()) return copies;
   return Status::Corruption(path_ + ": context '" + missing +
                             "' has a manifest but its records are missing (also after catching up with the "
                             "writer): the database is damaged; drop the context with a read-write open (sqctl drop "
-                            "--db DIR --context NAME) and rebuild it");
+                            "--db DIR --context NAME) and rebuild it, or if a read-write open fails too, salvage "
+                            "the database with sqctl repair --db " +
+                            path_ + " --out NEW_DIR");
 }
 
 Status DBImpl::OpenImpl(const Options& options, const std::string& path) {
@@ -381,7 +429,12 @@ Status DBImpl::OpenImpl(const Options& options, const std::string& path) {
   path_ = path;
   read_only_ = options.read_only;
   std::error_code ec;
-  const bool exists = std::filesystem::exists(path + "/CURRENT", ec);
+  // RocksDB would create a database over anything without a CURRENT file
+  // (and then delete the table files it does not know): the directory is
+  // classified first, and only a new or empty one is ever created in.
+  DirState state;
+  SQZ_RETURN_IF_ERROR(InspectDatabaseDir(path, &state));
+  const bool exists = state == DirState::kDatabase;
   if (exists && options.error_if_exists) return Status::AlreadyExists(path + ": a database already exists here");
   if (!exists && (read_only_ || !options.create_if_missing)) {
     return Status::NotFound(path + ": no squeeze database here (build one with sqctl build-index)");
@@ -393,21 +446,38 @@ Status DBImpl::OpenImpl(const Options& options, const std::string& path) {
       return rocksdb::DB::ListColumnFamilies(rocksdb::DBOptions(), path, &cfs);
     };
     const rocksdb::Status ls = read_only_ ? RetryWhileRacingWriter(list) : list();
-    if (!ls.ok()) return FromRocks(ls, path + ": cannot read the database");
+    if (!ls.ok()) return Damaged(FromRocks(ls, path + ": cannot read the database"), path);
     for (const auto& cf : cfs) {
       if (cf != kCfDefault && cf != kCfManifest && cf != kCfIndex && cf != kCfKv) {
         return Status::InvalidArgument(path + ": not a squeeze database (unknown column family '" + cf + "')");
       }
     }
-    if (read_only_ && cfs.size() != 4) {
-      return Status::Corruption(path + ": the database lacks some of its column families");
+    if (cfs.size() != 4) {
+      // A plain RocksDB database (only "default") is not ours to convert; a
+      // squeeze database that lost a column family is damaged.
+      if (!HasIdentityFile(path)) {
+        return Status::InvalidArgument(path +
+                                       ": not a squeeze database (a RocksDB database without squeeze's column "
+                                       "families); nothing was changed");
+      }
+      return Status::Corruption(path +
+                                ": the database lacks some of its column families; nothing was changed. "
+                                "Salvage its contexts with: sqctl repair --db " +
+                                path + " --out NEW_DIR");
     }
-  } else if (!std::filesystem::create_directories(path, ec) && ec) {
-    return Status::IOError(path + ": cannot create directory: " + ec.message());
+  } else {
+    if (!std::filesystem::create_directories(path, ec) && ec) {
+      return Status::IOError(path + ": cannot create directory: " + ec.message());
+    }
+    // The identity file comes first: a creation killed after it is still
+    // recognised as ours (and as empty, while RocksDB has written nothing).
+    SQZ_RETURN_IF_ERROR(WriteIdentityFile(path));
   }
   cache_ = rocksdb::NewLRUCache(std::max<size_t>(options.block_cache_bytes, 1 << 20));
   SQZ_RETURN_IF_ERROR(OpenView(!exists, &view_));
   if (read_only_) return Status::OK();
+  // Databases created before the identity file existed get it now.
+  if (!HasIdentityFile(path)) SQZ_RETURN_IF_ERROR(WriteIdentityFile(path));
   SQZ_RETURN_IF_ERROR(RecoverOnOpen());
   SQZ_RETURN_IF_ERROR(Reclaim());
   reclaimer_ = std::thread([this] { ReclaimLoop(); });
@@ -460,6 +530,55 @@ Status DBImpl::CheckFormatVersion(RocksView* v, bool fresh) {
   return Status::OK();
 }
 
+// A committed context has a manifest and a copy of it inside its own key
+// range (the same batch wrote both; a drop or replace removes both). A copy
+// whose name has no manifest of that generation or newer means the manifest
+// family lost records (a RocksDB secondary even drops a whole family whose
+// table cannot be loaded, silently): refuse rather than list too little, or
+// (read-write) remove committed contexts as leftovers. Fills *ids with the
+// context ids that have records.
+Status DBImpl::CheckManifestsAgainstCopies(RocksView* v, std::set<uint64_t>* ids) {
+  std::map<std::string, uint64_t> manifests;
+  {
+    std::unique_ptr<rocksdb::Iterator> it(v->db->NewIterator(rocksdb::ReadOptions(), v->cf_manifest));
+    for (it->SeekToFirst(); it->Valid(); it->Next()) {
+      ContextInfo info;
+      SQZ_RETURN_IF_ERROR(
+          Damaged(DecodeManifest(it->value().ToStringView(), path_ + ": context '" + it->key().ToString() + "'", &info),
+                  path_));
+      manifests[info.name] = info.id;
+    }
+    SQZ_RETURN_IF_ERROR(Damaged(FromRocks(it->status(), path_ + ": scanning manifests"), path_));
+  }
+  ids->clear();
+  for (auto* cf : {v->cf_index, v->cf_kv}) {
+    std::unique_ptr<rocksdb::Iterator> it(v->db->NewIterator(rocksdb::ReadOptions(), cf));
+    for (it->SeekToFirst(); it->Valid();) {
+      uint64_t id = 0;
+      if (!DecodeContextId(it->key().ToStringView(), &id)) {
+        return Damaged(Status::Corruption(path_ + ": malformed key in column family " + cf->GetName()), path_);
+      }
+      ids->insert(id);
+      if (id == UINT64_MAX) break;
+      it->Seek(ContextPrefix(id + 1));
+    }
+    SQZ_RETURN_IF_ERROR(Damaged(FromRocks(it->status(), path_ + ": scanning " + cf->GetName()), path_));
+  }
+  for (uint64_t id : *ids) {
+    std::string bytes;
+    if (!v->db->Get(rocksdb::ReadOptions(), v->cf_index, ManifestCopyKey(id), &bytes).ok()) continue;
+    ContextInfo copy;
+    if (!DecodeManifest(bytes, "copy", &copy).ok()) continue;
+    auto m = manifests.find(copy.name);
+    if (m == manifests.end() || m->second < copy.id) {
+      return Damaged(Status::Corruption(path_ + ": context '" + copy.name + "' (id " + std::to_string(copy.id) +
+                                        ") was committed but its manifest record is missing"),
+                     path_);
+    }
+  }
+  return Status::OK();
+}
+
 // One pass over what is on disk at a read-write open: the committed
 // contexts (manifests), the context ids present in the index and kv
 // families (one seek per id, not per record), and the id counter. Sets the
@@ -483,26 +602,20 @@ Status DBImpl::RecoverOnOpen() {
     for (it->SeekToFirst(); it->Valid(); it->Next()) {
       ContextInfo info;
       SQZ_RETURN_IF_ERROR(
-          DecodeManifest(it->value().ToStringView(), path_ + ": context '" + it->key().ToString() + "'", &info));
+          Damaged(DecodeManifest(it->value().ToStringView(), path_ + ": context '" + it->key().ToString() + "'", &info),
+                  path_));
       live.insert(info.id);
       next = std::max(next, info.id + 1);
     }
-    SQZ_RETURN_IF_ERROR(FromRocks(it->status(), path_ + ": scanning manifests"));
+    SQZ_RETURN_IF_ERROR(Damaged(FromRocks(it->status(), path_ + ": scanning manifests"), path_));
   }
-  std::set<uint64_t> orphans;
-  for (auto* cf : {v->cf_index, v->cf_kv}) {
-    std::unique_ptr<rocksdb::Iterator> it(v->db->NewIterator(rocksdb::ReadOptions(), cf));
-    for (it->SeekToFirst(); it->Valid();) {
-      uint64_t id = 0;
-      if (!DecodeContextId(it->key().ToStringView(), &id)) {
-        return Status::Corruption(path_ + ": malformed key in column family " + cf->GetName());
-      }
-      if (!live.count(id)) orphans.insert(id);
-      if (id == UINT64_MAX) break;
-      next = std::max(next, id + 1);
-      it->Seek(ContextPrefix(id + 1));
-    }
-    SQZ_RETURN_IF_ERROR(FromRocks(it->status(), path_ + ": scanning " + cf->GetName()));
+  // Also refuses (before anything is removed) when a committed context has
+  // lost its manifest record.
+  std::set<uint64_t> ids, orphans;
+  SQZ_RETURN_IF_ERROR(CheckManifestsAgainstCopies(v, &ids));
+  for (uint64_t id : ids) {
+    if (!live.count(id)) orphans.insert(id);
+    if (id != UINT64_MAX) next = std::max(next, id + 1);
   }
   next_ctx_id_ = next;
   if (orphans.empty()) return Status::OK();
@@ -525,12 +638,31 @@ Status DBImpl::DeleteContextData(uint64_t ctx, rocksdb::WriteBatch* batch) {
 Status DBImpl::CompactContext(uint64_t ctx) {
   const std::string b = ContextPrefix(ctx), e = ContextEnd(ctx);
   rocksdb::Slice begin(b), end(e);
+  rocksdb::RangePtr range(&begin, &end);
   rocksdb::CompactRangeOptions co;
   co.bottommost_level_compaction = rocksdb::BottommostLevelCompaction::kForceOptimized;
   for (auto* cf : {view_->cf_index, view_->cf_kv}) {
+    // Table files wholly inside the range (every file below level 0 holds
+    // one context: the partitioner) are deleted without being read, so a
+    // damaged file of a dropped context goes with it; the compaction then
+    // handles what is left (level 0, the tombstones).
+    SQZ_RETURN_IF_ERROR(FromRocks(rocksdb::DeleteFilesInRanges(view_->db.get(), cf, &range, 1, /*include_end=*/false),
+                                  path_ + ": deleting the table files of a removed context"));
+    KillPoint("reclaim:files-deleted");
     SQZ_RETURN_IF_ERROR(FromRocks(view_->db->CompactRange(co, cf, &begin, &end), path_ + ": compacting"));
   }
   return Status::OK();
+}
+
+// Moves a freshly committed context's level-0 tables down (a trivial move:
+// nothing is rewritten when no other file overlaps, which the partitioner
+// and the fresh id guarantee), so that every table below level 0 holds one
+// context and a later drop can delete them whole. Best effort.
+void DBImpl::SettleContext(uint64_t ctx) {
+  const std::string b = ContextPrefix(ctx), e = ContextEnd(ctx);
+  rocksdb::Slice begin(b), end(e);
+  rocksdb::CompactRangeOptions co;
+  for (auto* cf : {view_->cf_index, view_->cf_kv}) (void)view_->db->CompactRange(co, cf, &begin, &end);
 }
 
 // --- reclamation ---------------------------------------------------------------
@@ -584,6 +716,7 @@ Status DBImpl::Reclaim() {
   }
   for (uint64_t id : ready) {
     SQZ_RETURN_IF_ERROR(CompactContext(id));
+    KillPoint("reclaim:compacted");
     rocksdb::WriteOptions wo;
     wo.sync = true;
     SQZ_RETURN_IF_ERROR(FromRocks(v->db->Delete(wo, v->cf_default, ReclaimKey(id)), path_ + ": reclaim marker"));
@@ -679,7 +812,11 @@ Status DBImpl::DropContext(const std::string& name) {
     SQZ_RETURN_IF_ERROR(FromRocks(view_->db->Write(wo, &batch), "dropping context '" + name + "'"));
     pending_[info.id] = view_->db->GetLatestSequenceNumber();
   }
-  return Reclaim();
+  KillPoint("drop:committed");
+  // The drop is committed; a reclaim that fails (a damaged table file that
+  // must be compacted) leaves its marker for the next open.
+  (void)Reclaim();
+  return Status::OK();
 }
 
 // --- writing -----------------------------------------------------------------
@@ -734,6 +871,7 @@ Status DBImpl::CommitContext(const ContextInfo& info_in, bool replace) {
     had_old = gs.ok();
     rocksdb::WriteBatch batch;
     SQZ_RETURN_IF_ERROR(FromRocks(batch.Put(view_->cf_manifest, info.name, manifest), "commit"));
+    SQZ_RETURN_IF_ERROR(FromRocks(batch.Put(view_->cf_index, ManifestCopyKey(info.id), manifest), "commit"));
     if (had_old) {
       SQZ_RETURN_IF_ERROR(DeleteContextData(old.id, &batch));
       SQZ_RETURN_IF_ERROR(FromRocks(batch.Put(view_->cf_default, ReclaimKey(old.id), ""), "commit"));
@@ -744,7 +882,12 @@ Status DBImpl::CommitContext(const ContextInfo& info_in, bool replace) {
     SQZ_RETURN_IF_ERROR(FromRocks(view_->db->Write(wo, &batch), "committing context '" + info.name + "'"));
     if (had_old) pending_[old.id] = view_->db->GetLatestSequenceNumber();
   }
-  return had_old ? Reclaim() : Status::OK();
+  if (had_old) KillPoint("replace:committed");
+  SettleContext(info.id);
+  // The commit is done: a reclaim that fails now leaves its marker for the
+  // background thread or the next open.
+  if (had_old) (void)Reclaim();
+  return Status::OK();
 }
 
 Status DBImpl::AbortContext(uint64_t id) {

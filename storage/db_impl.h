@@ -56,6 +56,7 @@ class DBImpl final : public DB, public Store {
   Status DescribeContext(const std::string& name, ContextInfo* info) override;
   Status DropContext(const std::string& name) override;
   Status VerifyContext(const std::string& name, VerifyReport* report) override;
+  Status Backup(const std::string& backup_dir, BackupInfo* info) override;
   Store* store() override { return this; }
 
   // --- storage::Store ------------------------------------------------------
@@ -81,8 +82,10 @@ class DBImpl final : public DB, public Store {
   Status CheckFormatVersion(RocksView* v, bool fresh);
   Status CatchUpUntilConsistent(RocksView* v);
   Status RecoverOnOpen();
+  Status CheckManifestsAgainstCopies(RocksView* v, std::set<uint64_t>* ids);
   Status DeleteContextData(uint64_t ctx, rocksdb::WriteBatch* batch);
   Status CompactContext(uint64_t ctx);
+  void SettleContext(uint64_t ctx);
   Status GetManifest(RocksView* v, const rocksdb::ReadOptions& ro, const std::string& name, ContextInfo* info);
   // Compacts every dropped range no live snapshot still needs and deletes
   // its reclaim marker. Thread-safe.
@@ -112,5 +115,9 @@ class DBImpl final : public DB, public Store {
 
 // Converts a RocksDB status, prefixing `what` (e.g. "reading manifest of 'x'").
 Status FromRocks(const rocksdb::Status& s, std::string_view what);
+
+// The column families of a squeeze database with their options (all four,
+// in the order default, manifest, index, kv).
+std::vector<rocksdb::ColumnFamilyDescriptor> ColumnFamilies(const std::shared_ptr<rocksdb::Cache>& cache);
 
 }  // namespace sqz::storage

@@ -30,6 +30,10 @@ std::string PageKey(uint64_t ctx, uint32_t layer, uint32_t head, uint32_t page) 
 
 std::string ReclaimKey(uint64_t ctx) { return std::string(kReclaimPrefix) + EncodeBE(ctx, 8); }
 
+std::string ManifestCopyKey(uint64_t ctx) { return ContextPrefix(ctx) + std::string(8, '\xff'); }
+
+bool IsManifestCopyKey(std::string_view key) { return key.size() == 16 && key.substr(8) == std::string(8, '\xff'); }
+
 bool DecodeContextId(std::string_view key, uint64_t* ctx) { return DecodeBE(key, 8, ctx); }
 
 bool DecodePageKey(std::string_view key, uint64_t* ctx, uint32_t* layer, uint32_t* head, uint32_t* page) {

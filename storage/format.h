@@ -27,6 +27,12 @@ std::string ContextEnd(uint64_t ctx);                                           
 std::string HeadKey(uint64_t ctx, uint32_t layer, uint32_t head);                 // 16 bytes
 std::string PageKey(uint64_t ctx, uint32_t layer, uint32_t head, uint32_t page);  // 20 bytes
 std::string ReclaimKey(uint64_t ctx);
+// Index family: ctx(8) then 8 bytes 0xff. A redundant copy of the context's
+// Manifest, committed in the same batch as the manifest record, inside the
+// context's key range (so a drop's range delete removes it): `sqctl repair`
+// recovers the manifests from it when the manifest family is lost.
+std::string ManifestCopyKey(uint64_t ctx);
+bool IsManifestCopyKey(std::string_view key);
 // Decodes the context id of any index or kv key (false if shorter than 8 bytes).
 bool DecodeContextId(std::string_view key, uint64_t* ctx);
 bool DecodePageKey(std::string_view key, uint64_t* ctx, uint32_t* layer, uint32_t* head, uint32_t* page);

@@ -239,5 +239,51 @@ TEST(IndexKvSourceTest, InMemoryValidation) {
   ExpectError(MakeInMemoryKvSource(4, {l}, "m", &src), {"dtype"});
 }
 
+// Issue 9, items 5 and 6: a KV tensor name with a non-canonical or huge
+// layer index is an error, never ignored (layers.01.k used to turn a 2-layer
+// file into a 1-layer context) and never sized by (layers.9999999.k used to
+// allocate ten million layer slots, 3.3 GB, before reporting a gap).
+TEST(IndexKvSourceTest, LayerNamesAreCanonicalAndBounded) {
+  ScopedTempDir dir("sqz-kvsrc");
+  std::unique_ptr<KvSource> src;
+  const std::map<std::string, std::string> meta = {{"n_q_heads", "4"}};
+  for (const char* bad : {"layers.01.k", "layers.00.v", "layers.+1.k", "layers.1x.k", "layers..k", "layers.9999999.k",
+                          "layers.1048576.v", "layers.99999999999999999999.k", "layers.01.q_window"}) {
+    auto t = TinyTensors();
+    t.push_back({bad, "F16", {2, 3, 4}, F16Bytes(24)});
+    ExpectError(OpenBytes(dir, SafetensorsBytes(t, meta), &src), {"kv.safetensors", bad, "not a valid layer tensor"});
+    EXPECT_EQ(src, nullptr) << bad;
+  }
+  // The 2-layer file written with layers.01.* for layer 1: refused, not 1 layer.
+  auto t = TinyTensors();
+  t[2].name = "layers.01.k";
+  t[3].name = "layers.01.v";
+  ExpectError(OpenBytes(dir, SafetensorsBytes(t, meta), &src), {"layers.01.k", "not a valid layer tensor"});
+  // A gap up to a large (valid) index is reported from the names alone.
+  t = TinyTensors();
+  t.push_back({"layers.1000000.k", "F16", {2, 3, 4}, F16Bytes(24)});
+  ExpectError(OpenBytes(dir, SafetensorsBytes(t, meta), &src), {"missing layer 2", "highest layer present is 1000000"});
+  // Other tensors under layers.* are still ignored.
+  t = TinyTensors();
+  t.push_back({"layers.0.attn.k", "F16", {1}, F16Bytes(1)});
+  t.push_back({"layers.x.bias", "F16", {1}, F16Bytes(1)});
+  ASSERT_TRUE(OpenBytes(dir, SafetensorsBytes(t, meta), &src).ok());
+  EXPECT_EQ(src->shape().n_layers, 2);
+}
+
+// Issue 9, item 6: tensors whose bytes overlap (v pointing at k's bytes) or
+// leave gaps are refused: the format forbids them.
+TEST(IndexKvSourceTest, AliasedOrGappedDataIsRefused) {
+  ScopedTempDir dir("sqz-kvsrc");
+  std::unique_ptr<KvSource> src;
+  const std::string header =
+      "{\"__metadata__\":{\"n_q_heads\":\"4\"},\"layers.0.k\":{\"dtype\":\"F16\",\"shape\":[2,3,4],"
+      "\"data_offsets\":[0,48]},\"layers.0.v\":{\"dtype\":\"F16\",\"shape\":[2,3,4],"
+      "\"data_offsets\":[0,48]}}";
+  std::string bytes(8, '\0');
+  for (int i = 0; i < 8; ++i) bytes[i] = static_cast<char>((header.size() >> (8 * i)) & 0xff);
+  ExpectError(OpenBytes(dir, bytes + header + F16Bytes(24), &src), {"layers.0.v", "overlaps", "layers.0.k"});
+}
+
 }  // namespace
 }  // namespace sqz

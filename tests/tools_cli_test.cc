@@ -295,10 +295,12 @@ TEST_F(SqctlCli, JsonOutputParsesWithAnyContextName) {
     EXPECT_DOUBLE_EQ(j["thresholds"][3]["quantile"].get<double>(), 0.9);
     EXPECT_TRUE(j["thresholds"][3]["flat"].is_number());
 
-    // The text form is not cut either.
+    // The text form is not cut either; control characters and backslashes
+    // are escaped there so the name stays on its line.
     std::string out;
     ASSERT_EQ(Run("info --db " + Db() + " --context " + ShellQuote(name), &out), 0) << out;
-    EXPECT_NE(out.find(name + " (id "), std::string::npos) << out;
+    const std::string shown = name == long_name ? name : "say \"hi\" C:\\\\dir\\\\ it's\\nline two\\ttab\\x01/x";
+    EXPECT_NE(out.find(shown + " (id "), std::string::npos) << out;
   }
   ASSERT_EQ(RunJson("list --db " + Db() + " --json", &j, &err), 0) << err;
   ASSERT_FALSE(j.is_discarded()) << err;

@@ -2,7 +2,9 @@
 // giving a clean error (a Status, never a crash or an over-allocation).
 
 #include <gtest/gtest.h>
+#include <sys/stat.h>
 
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -342,6 +344,21 @@ std::vector<BadCase> BadFiles() {
   c.push_back({"unterminated string", RawFile(R"({"t)")});
   c.push_back({"bad escape", RawFile(R"({"t\q":1})")});
   c.push_back({"truncated unicode escape", RawFile(R"({"\u12)")});
+  // Issue 9, item 6: the tensors must tile the data section exactly.
+  c.push_back({"second tensor aliases the first", RawFile(R"({"k":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},)"
+                                                          R"("v":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})",
+                                                          data8)});
+  c.push_back({"overlapping tensors", RawFile(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},)"
+                                              R"("b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})",
+                                              std::string(12, '\0'))});
+  c.push_back({"gap between tensors", RawFile(R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},)"
+                                              R"("b":{"dtype":"F32","shape":[1],"data_offsets":[8,12]}})",
+                                              std::string(12, '\0'))});
+  c.push_back(
+      {"gap before the first tensor", RawFile(R"({"t":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})", data8)});
+  c.push_back(
+      {"bytes after the last tensor", RawFile(R"({"t":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}})", data8)});
+  c.push_back({"data but no tensor", RawFile("{}", data8)});
   return c;
 }
 
@@ -356,6 +373,46 @@ TEST(SafetensorsTest, CorruptInputsGiveCleanErrors) {
     // The message names the file.
     EXPECT_NE(s.message().find("raw.safetensors"), std::string::npos) << c.what << ": " << s.ToString();
   }
+}
+
+// The tiling rule in the messages, and what it still accepts (zero-size
+// tensors, any order in the header).
+TEST(SafetensorsTest, DataSectionMustBeTiledExactly) {
+  ScopedTempDir dir;
+  std::unique_ptr<SafetensorsFile> f;
+  Status s = OpenBytes(dir,
+                       RawFile(R"({"k":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},)"
+                               R"("v":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})",
+                               std::string(8, '\0')),
+                       &f);
+  EXPECT_NE(s.message().find("tensor 'v' (data_offsets [0, 8)) overlaps tensor 'k'"), std::string::npos)
+      << s.ToString();
+  s = OpenBytes(dir, RawFile(R"({"t":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}})", std::string(8, '\0')), &f);
+  EXPECT_NE(s.message().find("4 byte(s) after the last tensor"), std::string::npos) << s.ToString();
+  s = OpenBytes(dir,
+                RawFile(R"({"b":{"dtype":"F32","shape":[1],"data_offsets":[4,8]},"e":{"dtype":"F32","shape":[0],)"
+                        R"("data_offsets":[4,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}})",
+                        std::string(8, '\0')),
+                &f);
+  ASSERT_TRUE(s.ok()) << s.ToString();
+  EXPECT_EQ(f->entries().size(), 3u);
+}
+
+// Issue 9, item 7: a FIFO (or any non-regular file) is refused at once: the
+// open does not wait for a writer.
+TEST(SafetensorsTest, FifoIsRefusedWithoutBlocking) {
+  ScopedTempDir dir;
+  const std::string fifo = dir.Sub("pipe.safetensors");
+  ASSERT_EQ(mkfifo(fifo.c_str(), 0600), 0);
+  std::unique_ptr<SafetensorsFile> f;
+  const auto t0 = std::chrono::steady_clock::now();
+  Status s = SafetensorsFile::Open(fifo, &f);
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(5));
+  EXPECT_TRUE(s.IsInvalidArgument()) << s.ToString();
+  EXPECT_NE(s.message().find("a FIFO"), std::string::npos) << s.ToString();
+  s = SafetensorsFile::Open("/dev/null", &f);
+  EXPECT_TRUE(s.IsInvalidArgument()) << s.ToString();
+  EXPECT_NE(s.message().find("a device"), std::string::npos) << s.ToString();
 }
 
 // A valid file with its data section cut short at every length.

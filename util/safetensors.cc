@@ -4,6 +4,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <set>
@@ -273,11 +274,24 @@ SafetensorsFile::~SafetensorsFile() {
 Status SafetensorsFile::Open(const std::string& path, std::unique_ptr<SafetensorsFile>* out) {
   std::unique_ptr<SafetensorsFile> f(new SafetensorsFile());
   f->path_ = path;
-  f->fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  // O_NONBLOCK: opening a FIFO for reading would otherwise wait for a
+  // writer forever; it is refused below like every other non-regular file.
+  f->fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   if (f->fd_ < 0) return Status::IOError(path + ": cannot open: " + std::strerror(errno));
   struct stat st;
   if (fstat(f->fd_, &st) != 0) return Status::IOError(path + ": cannot stat: " + std::strerror(errno));
-  if (!S_ISREG(st.st_mode)) return Status::InvalidArgument(path + ": not a regular file");
+  if (!S_ISREG(st.st_mode)) {
+    const char* what = S_ISDIR(st.st_mode)    ? "a directory"
+                       : S_ISFIFO(st.st_mode) ? "a FIFO (named pipe)"
+                       : S_ISSOCK(st.st_mode) ? "a socket"
+                                              : "a device";
+    return Status::InvalidArgument(path + ": not a regular file (it is " + what +
+                                   "); give the path of a safetensors file");
+  }
+  const int fl = fcntl(f->fd_, F_GETFL);
+  if (fl < 0 || fcntl(f->fd_, F_SETFL, fl & ~O_NONBLOCK) != 0) {
+    return Status::IOError(path + ": fcntl failed: " + std::strerror(errno));
+  }
   f->file_size_ = static_cast<uint64_t>(st.st_size);
   const std::string what = path + ": not a valid safetensors file: ";
   if (f->file_size_ < 8) return Status::Corruption(what + "shorter than the 8-byte header length");
@@ -369,6 +383,36 @@ Status SafetensorsFile::Open(const std::string& path, std::unique_ptr<Safetensor
     e.offset = data_start + begin;
     e.nbytes = end - begin;
     f->entries_.push_back(std::move(e));
+  }
+  // The tensors tile the data section exactly, as the format requires: no
+  // byte belongs to two tensors (a v that aliases k's bytes) and none to no
+  // tensor (a gap, or trailing bytes after the last one).
+  std::vector<const SafetensorsEntry*> order;
+  for (const auto& e : f->entries_) order.push_back(&e);
+  std::stable_sort(order.begin(), order.end(), [](const SafetensorsEntry* a, const SafetensorsEntry* b) {
+    return a->offset != b->offset ? a->offset < b->offset : a->nbytes < b->nbytes;
+  });
+  uint64_t at = data_start;
+  const SafetensorsEntry* prev = nullptr;
+  for (const SafetensorsEntry* e : order) {
+    auto span = [&](const SafetensorsEntry* x) {
+      return "tensor '" + x->name + "' (data_offsets [" + std::to_string(x->offset - data_start) + ", " +
+             std::to_string(x->offset - data_start + x->nbytes) + "))";
+    };
+    if (e->offset < at) {
+      return Status::Corruption(what + span(e) + " overlaps " + span(prev) + " (tensors must not share bytes)");
+    }
+    if (e->offset > at) {
+      return Status::Corruption(what + span(e) + " leaves a gap of " + std::to_string(e->offset - at) +
+                                " byte(s) before it (tensors must cover the data section contiguously)");
+    }
+    at = e->offset + e->nbytes;
+    prev = e;
+  }
+  if (at != f->file_size_) {
+    return Status::Corruption(what + std::to_string(f->file_size_ - at) +
+                              " byte(s) after the last tensor belong to no tensor (the data section must be "
+                              "covered exactly)");
   }
   *out = std::move(f);
   return Status::OK();

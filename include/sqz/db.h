@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "sqz/status.h"
@@ -114,6 +115,29 @@ struct VerifyReport {
   uint64_t bytes_checked = 0;
 };
 
+// What DB::Backup made (sqctl backup).
+struct BackupInfo {
+  uint32_t backup_id = 0;  // id within the backup directory (1, 2, ...)
+  std::vector<std::string> contexts;
+  uint64_t bytes = 0;  // size of the files of this backup (shared files counted once)
+};
+
+// What DB::Repair salvaged (sqctl repair).
+struct RepairReport {
+  std::vector<std::string> recovered;  // contexts that verified in the repaired copy, sorted
+  // Contexts known (from the damaged database's manifests or their
+  // redundant copies) that could not be recovered, each with the reason.
+  std::vector<std::pair<std::string, std::string>> lost;
+  // Context ids that had records but no readable manifest anywhere (their
+  // names are unknown); their records are not in the copy.
+  std::vector<uint64_t> unnamed_ids;
+  std::vector<std::string> damaged_files;  // table files RocksDB's repair set aside (in the copy's lost/)
+  // The write-ahead log could not be replayed beside the table files (see
+  // docs/RELIABILITY.md): writes made since the last flush are not in the
+  // copy; contexts they committed are among `lost` or absent from the copy.
+  bool logs_skipped = false;
+};
+
 class DB {
  public:
   // Opens (or creates, per options) the database at `path`. Removes the
@@ -153,6 +177,29 @@ class DB {
   // the permutation, and a CRC32C of every KV page. Corruption names the
   // first bad record.
   virtual Status VerifyContext(const std::string& name, VerifyReport* report) = 0;
+
+  // Writes a consistent copy of the database into `backup_dir` (RocksDB's
+  // BackupEngine: created when missing; an existing backup directory gets
+  // one more backup, sharing unchanged table files), then re-reads every
+  // file of it against its checksum. Readers keep running; commits made
+  // during the backup are either in it entirely or not at all.
+  // NotSupported on a read-only DB (the copy needs the writer's instance).
+  virtual Status Backup(const std::string& backup_dir, BackupInfo* info) = 0;
+
+  // Restores backup `backup_id` (0: the latest) of `backup_dir` into
+  // `db_path`, which must not exist or be empty (nothing is ever restored
+  // over a directory with files in it), then verifies every context.
+  static Status Restore(const std::string& backup_dir, uint32_t backup_id, const std::string& db_path,
+                        BackupInfo* info);
+
+  // Salvages what is readable of a damaged database at `damaged_path` into a
+  // new database at `out_path` (must not exist or be empty). The damaged
+  // directory is only read: table files are hard-linked (or copied) into
+  // `out_path` and RocksDB's RepairDB rebuilds the copy's metadata there;
+  // manifests lost with the manifest column family are recovered from their
+  // redundant copies; every context is verified and those that fail are
+  // left out and reported. OK when the copy was made, whatever was lost.
+  static Status Repair(const std::string& damaged_path, const std::string& out_path, RepairReport* report);
 
   // Internal: the interface through which the builder and the query engine
   // reach the records (storage/include/storage/store.h). Not for

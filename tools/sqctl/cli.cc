@@ -1,5 +1,6 @@
 #include "cli.h"
 
+#include <algorithm>
 #include <cctype>
 #include <cerrno>
 #include <charconv>
@@ -243,6 +244,34 @@ Status ParseDevice(const Args& args, OpenOptions* o) {
     return Status::OK();
   }
   return Status::InvalidArgument("--device expects cpu, cuda or cuda:N, got '" + v + "'");
+}
+
+Status CheckFinite(const query::LayerQueries& lq, const std::vector<float>& o, const std::vector<float>& lse,
+                   const ContextInfo& info) {
+  auto finite = [](const std::vector<float>& v) {
+    return std::all_of(v.begin(), v.end(), [](float x) { return std::isfinite(x); });
+  };
+  if (finite(o) && finite(lse)) return Status::OK();
+  float max_abs = 0;
+  for (float x : lq.q) max_abs = std::max(max_abs, std::fabs(x));
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%g", static_cast<double>(max_abs));
+  return Status::InvalidArgument(
+      "layers." + std::to_string(lq.layer) + ".q: attention scores overflow float32 (query values up to " + buf +
+      " against the keys of context '" + info.name + "'): scale the queries to the model's range");
+}
+
+Status CheckQueriesAttendFinite(const ContextHandle& h, const std::vector<query::LayerQueries>& layers) {
+  const ContextInfo& info = h.info();
+  QueryOptions dense;
+  dense.mode = SelectionMode::kDense;
+  for (const auto& lq : layers) {
+    std::vector<float> o(static_cast<size_t>(info.n_q_heads) * lq.T * info.head_dim),
+        lse(static_cast<size_t>(info.n_q_heads) * lq.T);
+    SQZ_RETURN_IF_ERROR(h.Attend(lq.layer, lq.q.data(), lq.T, dense, o.data(), lse.data(), nullptr));
+    SQZ_RETURN_IF_ERROR(CheckFinite(lq, o, lse, info));
+  }
+  return Status::OK();
 }
 
 std::string JsonDump(const Json& j) { return j.dump(-1, ' ', false, Json::error_handler_t::replace); }

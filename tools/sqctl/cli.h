@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "query/eval.h"
 #include "sqz/db.h"
 #include "sqz/query.h"
 #include "sqz/status.h"
@@ -103,6 +104,15 @@ Status ParseDevice(const Args& args, OpenOptions* o);
 inline const char* kDeviceFlagHelp =
     "cpu (default), cuda or cuda:N: with cuda the context's pages are loaded into GPU memory and decode runs "
     "on the GPU";
+
+// Attention outputs of one layer's queries must be finite: finite inputs
+// whose scores overflow float32 (queries of 1e38) would otherwise produce
+// NaN/Inf with exit 0. InvalidArgument naming the layer and the largest
+// query magnitude.
+Status CheckFinite(const query::LayerQueries& lq, const std::vector<float>& o, const std::vector<float>& lse,
+                   const ContextInfo& info);
+// The same check for a file of queries before `eval` (one dense pass).
+Status CheckQueriesAttendFinite(const ContextHandle& h, const std::vector<query::LayerQueries>& layers);
 
 using Json = nlohmann::ordered_json;
 std::string JsonDump(const Json& j);

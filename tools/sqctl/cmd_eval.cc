@@ -33,6 +33,9 @@ int Run(const Args& args) {
   s = query::ReadQueriesFile(qpath, handle->info(), &layers);
   if (!s.ok()) return Fail(kName, s);
 
+  s = CheckQueriesAttendFinite(*handle, layers);
+  if (!s.ok()) return Fail(kName, s.WithPrefix(qpath));
+
   const auto configs = query::DefaultEvalConfigs(handle->info(), budgets, !args.Has("shared-selection"));
   query::EvalReport report;
   s = query::Evaluate(*handle, layers, configs, query::EvalOptions(), &report);

@@ -105,12 +105,34 @@ int RunBuildIndex(const Args& args) {
     }
   }
 
+  // Every input's header is validated before the database is opened, so bad
+  // input never creates (or touches) a database.
+  int failures = 0;
+  {
+    std::vector<std::pair<std::string, std::string>> valid;
+    for (const auto& [name, path] : inputs) {
+      std::unique_ptr<KvSource> src;
+      s = OpenSafetensorsKvSource(path, &src);
+      if (s.ok()) {
+        valid.emplace_back(name, path);
+        continue;
+      }
+      std::fprintf(stderr, "sqctl build-index: context '%s' from %s: %s\n", PrintableName(name).c_str(), path.c_str(),
+                   s.ToString().c_str());
+      ++failures;
+    }
+    if (valid.empty()) {
+      if (args.Has("json")) std::printf("[]\n");
+      return 1;
+    }
+    inputs = std::move(valid);
+  }
+
   std::unique_ptr<DB> db;
   s = OpenDb(args, OpenMode::kCreate, &db);
   if (!s.ok()) return Fail(cmd, s);
   const bool quiet = args.Has("quiet");
   const bool json = args.Has("json");
-  int failures = 0;
   Json json_out = Json::array();
   for (const auto& [name, path] : inputs) {
     std::unique_ptr<KvSource> src;
@@ -124,7 +146,7 @@ int RunBuildIndex(const Args& args) {
       s = BuildContext(db.get(), name, src.get(), o, &stats);
     }
     if (!s.ok()) {
-      std::fprintf(stderr, "sqctl build-index: context '%s' from %s: %s\n", name.c_str(), path.c_str(),
+      std::fprintf(stderr, "sqctl build-index: context '%s' from %s: %s\n", PrintableName(name).c_str(), path.c_str(),
                    s.ToString().c_str());
       ++failures;
       continue;
@@ -149,7 +171,7 @@ int RunBuildIndex(const Args& args) {
       std::printf(
           "built '%s': %d layers x %d KV heads x %lld tokens x %d dims (%s) in %s; %.2f Mkeys/s; "
           "KV %s, index %s; peak RSS %s\n",
-          name.c_str(), sh.n_layers, sh.n_kv_heads, static_cast<long long>(sh.n_tokens), sh.head_dim,
+          PrintableName(name).c_str(), sh.n_layers, sh.n_kv_heads, static_cast<long long>(sh.n_tokens), sh.head_dim,
           DTypeName(sh.dtype), FormatSeconds(stats.seconds_total).c_str(), keys_rate / 1e6,
           FormatBytes(stats.kv_bytes).c_str(), FormatBytes(stats.index_bytes).c_str(),
           FormatBytes(stats.peak_rss_bytes).c_str());
@@ -186,8 +208,9 @@ int RunList(const Args& args) {
     ContextInfo info;
     s = db->DescribeContext(n, &info);
     if (!s.ok()) return Fail("list", s);
-    std::printf("%-32s %3d layers %3d/%-3d heads %8lld tokens  %s on disk\n", n.c_str(), info.n_layers, info.n_q_heads,
-                info.n_kv_heads, static_cast<long long>(info.n_tokens), FormatBytes(info.bytes_on_disk).c_str());
+    std::printf("%-32s %3d layers %3d/%-3d heads %8lld tokens  %s on disk\n", PrintableName(n).c_str(), info.n_layers,
+                info.n_q_heads, info.n_kv_heads, static_cast<long long>(info.n_tokens),
+                FormatBytes(info.bytes_on_disk).c_str());
   }
   return 0;
 }
@@ -209,7 +232,7 @@ int RunDrop(const Args& args) {
   if (!s.ok()) return Fail("drop", s);
   s = db->DropContext(args.Get("context"));
   if (!s.ok()) return Fail("drop", s);
-  std::printf("dropped '%s'\n", args.Get("context").c_str());
+  std::printf("dropped '%s'\n", PrintableName(args.Get("context")).c_str());
   return 0;
 }
 
@@ -229,11 +252,11 @@ int RunVerify(const Args& args) {
     VerifyReport r;
     s = db->VerifyContext(n, &r);
     if (s.ok()) {
-      std::printf("%-32s OK  (%lld records, %lld KV pages, %s checked)\n", n.c_str(),
+      std::printf("%-32s OK  (%lld records, %lld KV pages, %s checked)\n", PrintableName(n).c_str(),
                   static_cast<long long>(r.records_checked), static_cast<long long>(r.kv_pages_checked),
                   FormatBytes(r.bytes_checked).c_str());
     } else {
-      std::printf("%-32s FAILED: %s\n", n.c_str(), s.ToString().c_str());
+      std::printf("%-32s FAILED: %s\n", PrintableName(n).c_str(), s.ToString().c_str());
       ++bad;
     }
   }

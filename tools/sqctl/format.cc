@@ -55,6 +55,29 @@ std::string Date(int64_t unix) {
 }
 }  // namespace
 
+std::string PrintableName(const std::string& name) {
+  std::string out;
+  for (char c : name) {
+    const unsigned char u = static_cast<unsigned char>(c);
+    if (c == '\\') {
+      out += "\\\\";
+    } else if (c == '\n') {
+      out += "\\n";
+    } else if (c == '\t') {
+      out += "\\t";
+    } else if (c == '\r') {
+      out += "\\r";
+    } else if (u < 0x20 || u == 0x7f) {
+      char buf[8];
+      std::snprintf(buf, sizeof(buf), "\\x%02x", u);
+      out += buf;
+    } else {
+      out += c;
+    }
+  }
+  return out;
+}
+
 std::string ContextInfoText(const ContextInfo& i) {
   std::string out;
   // Each line sized to fit (a context name may be any length).
@@ -70,8 +93,8 @@ std::string ContextInfoText(const ContextInfo& i) {
   int64_t fsum, csum;
   MinMaxSum(i.fine_clusters, &fmin, &fmax, &fsum);
   MinMaxSum(i.coarse_clusters, &cmin, &cmax, &csum);
-  line("context        %s (id %llu)\n", i.name.c_str(), static_cast<unsigned long long>(i.id));
-  line("model          %s\n", i.model.empty() ? "-" : i.model.c_str());
+  line("context        %s (id %llu)\n", PrintableName(i.name).c_str(), static_cast<unsigned long long>(i.id));
+  line("model          %s\n", i.model.empty() ? "-" : PrintableName(i.model).c_str());
   line("shape          %d layers, %d query heads / %d KV heads, head_dim %d, %lld tokens, %s\n", i.n_layers,
        i.n_q_heads, i.n_kv_heads, i.head_dim, static_cast<long long>(i.n_tokens), DTypeName(i.dtype));
   line("always kept    %d sink + %d window tokens; %lld clustered tokens per head\n", i.n_sinks, i.window,

@@ -1,9 +1,13 @@
 // sqctl: the command-line front end of squeeze. A thin layer over the
 // library: each subcommand is a cli::Command registered by a cmd_*.cc file;
 // this file parses flags against the command's table and generates --help.
+#include <signal.h>
+
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
+#include <exception>
+#include <new>
 #include <string>
 
 #include "cli.h"
@@ -40,7 +44,29 @@ void PrintTopHelp(FILE* out) {
 
 }  // namespace
 
+int Main(int argc, char** argv);
+
+// No exception leaves sqctl as a crash: an allocation that fails (a huge
+// input, ulimit -v) or any other escaped exception is reported as an error
+// (exit 1) naming the command.
 int main(int argc, char** argv) {
+  // Past `ulimit -f` a write must fail with EFBIG (reported as an IOError
+  // naming the file) instead of killing the process without a word.
+  signal(SIGXFSZ, SIG_IGN);
+  const char* cmd = argc >= 2 ? argv[1] : "";
+  try {
+    return Main(argc, argv);
+  } catch (const std::bad_alloc&) {
+    std::fprintf(stderr, "sqctl %s: out of memory: an allocation failed and the command stopped\n", cmd);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "sqctl %s: internal error: %s\n", cmd, e.what());
+  } catch (...) {
+    std::fprintf(stderr, "sqctl %s: internal error (unknown exception)\n", cmd);
+  }
+  return 1;
+}
+
+int Main(int argc, char** argv) {
   if (argc < 2 || !std::strcmp(argv[1], "--help") || !std::strcmp(argv[1], "-h") || !std::strcmp(argv[1], "help")) {
     PrintTopHelp(argc < 2 ? stderr : stdout);
     return argc < 2 ? 2 : 0;

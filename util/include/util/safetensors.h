@@ -4,7 +4,9 @@
 //
 // The reader validates the header fully before any tensor is read: JSON
 // syntax, dtype and shape fields, offsets inside the data section,
-// size == numel * element size. Tensors with dtypes other than F32/F16/BF16
+// size == numel * element size, and the tensors tiling the data section
+// exactly (no overlap, no gap, no trailing bytes). Only regular files are
+// opened (a FIFO is refused at once, not waited on). Tensors with dtypes other than F32/F16/BF16
 // are listed (dtype_name) but cannot be read as float.
 #pragma once
 
