@@ -176,6 +176,19 @@ void AppendPages(const ContextInfo& info, const Segment& seg, std::vector<uint32
   }
 }
 
+// An empty table for `layer`, T queries, n served KV heads of G query heads.
+void StartTable(const ContextInfo& ci, int layer, int T, int G, int n, SegmentTable* t) {
+  *t = SegmentTable();
+  t->layer = layer;
+  t->T = T;
+  t->group_size = G;
+  t->n_kv_heads = n;
+  t->page_rows = ci.page_rows;
+  t->set_offsets.push_back(0);
+  t->read_offsets.push_back(0);
+  t->page_offsets.push_back(0);
+}
+
 }  // namespace
 
 void ClusterSegments(const HeadData& h, const std::vector<uint32_t>& ids, std::vector<Segment>* out) {
@@ -328,15 +341,7 @@ Status ContextHandleImpl::PlanResident(int layer, const float* q, int T, const S
   SQZ_RETURN_IF_ERROR(resident_->AttendHost(layer, T, q, DeviceConfig(params), o, lse, &sel));
   // The device's selection as a segment table: one set per KV head (GQA
   // union), attended by all its query rows, and what it reads.
-  *t = SegmentTable();
-  t->layer = layer;
-  t->T = T;
-  t->group_size = G;
-  t->n_kv_heads = n;
-  t->page_rows = ci.page_rows;
-  t->set_offsets.push_back(0);
-  t->read_offsets.push_back(0);
-  t->page_offsets.push_back(0);
+  StartTable(ci, layer, T, G, n, t);
   if (stats) stats->heads.assign(n, HeadStats());
   for (int h = 0; h < n; ++h) {
     for (uint32_t i = sel.seg_offsets[h]; i < sel.seg_offsets[h + 1]; ++i) {
@@ -475,15 +480,7 @@ Status ContextHandleImpl::Plan(int layer, const float* q, int T, const QueryOpti
   SQZ_RETURN_IF_ERROR(Resolve(options, &params));
   const ContextInfo& ci = info();
   const int G = group_size(), n = n_served(), d = ci.head_dim;
-  *t = SegmentTable();
-  t->layer = layer;
-  t->T = T;
-  t->group_size = G;
-  t->n_kv_heads = n;
-  t->page_rows = ci.page_rows;
-  t->set_offsets.push_back(0);
-  t->read_offsets.push_back(0);
-  t->page_offsets.push_back(0);
+  StartTable(ci, layer, T, G, n, t);
   t->row_set.resize(static_cast<size_t>(n) * G * T);
   const Segment always{static_cast<uint32_t>(ci.n_clustered), static_cast<uint32_t>(ci.n_always())};
   int64_t max_rows = 0;
