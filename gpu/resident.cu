@@ -7,6 +7,7 @@
 
 #include "cuda_util.h"
 #include "gpu/resident.h"
+#include "gpu/streams.h"
 #include "select.cuh"
 #include "sparse_decode.cuh"
 
@@ -108,6 +109,7 @@ class ResidentKvImpl final : public ResidentKv {
     SQZ_CUDA_TRY(cudaMalloc(&pages_, std::max<uint64_t>(page_buffer_bytes_, 1)), "cudaMalloc (KV pages)");
     SQZ_CUDA_TRY(cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, device_), "SM count");
     SQZ_CUDA_TRY(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
+    SQZ_RETURN_IF_ERROR(EnsureSideStreams(device_));  // for batches (AttendDeviceBatch), before any capture
     staged_.resize(static_cast<size_t>(shape_.n_layers) * shape_.n_heads);
     return Status::OK();
   }

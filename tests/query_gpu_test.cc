@@ -598,12 +598,34 @@ TEST_F(GpuDeviceCallTest, BatchOfContextsEqualsOneByOne) {
   EXPECT_TRUE(AttendDeviceBatch(bad, nullptr).IsInvalidArgument());
   ASSERT_TRUE(AttendDeviceBatch(items, nullptr).ok());
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-  for (int i = 0; i < n_ctx; ++i) {
-    std::vector<float> o(qs[i].size()), l(static_cast<size_t>(nq) * T);
-    ASSERT_EQ(cudaMemcpy(o.data(), items[i].args.o, o.size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
-    ASSERT_EQ(cudaMemcpy(l.data(), items[i].args.lse, l.size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
-    ExpectClose(o1[i], l1[i], o, l, d, "batch request " + std::to_string(i), 1e-6);
+  auto check = [&](const std::string& how) {
+    for (int i = 0; i < n_ctx; ++i) {
+      std::vector<float> o(qs[i].size()), l(static_cast<size_t>(nq) * T);
+      ASSERT_EQ(cudaMemcpy(o.data(), items[i].args.o, o.size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+      ASSERT_EQ(cudaMemcpy(l.data(), items[i].args.lse, l.size() * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+      ExpectClose(o1[i], l1[i], o, l, d, how + " request " + std::to_string(i), 1e-6);
+    }
+  };
+  check("batch");
+  // Captured in a CUDA graph (the requests as parallel branches), replayed
+  // into poisoned outputs: the same answers.
+  for (const DeviceBatchItem& it : items) {
+    ASSERT_EQ(cudaMemset(it.args.o, 0xff, qs[0].size() * 4), cudaSuccess);
   }
+  cudaStream_t st;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking), cudaSuccess);
+  cudaGraph_t g;
+  cudaGraphExec_t ge;
+  ASSERT_EQ(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal), cudaSuccess);
+  ASSERT_TRUE(AttendDeviceBatch(items, st).ok());
+  ASSERT_EQ(cudaStreamEndCapture(st, &g), cudaSuccess);
+  ASSERT_EQ(cudaGraphInstantiate(&ge, g, 0), cudaSuccess);
+  ASSERT_EQ(cudaGraphLaunch(ge, st), cudaSuccess);
+  ASSERT_EQ(cudaStreamSynchronize(st), cudaSuccess);
+  cudaGraphExecDestroy(ge);
+  cudaGraphDestroy(g);
+  cudaStreamDestroy(st);
+  check("graph batch");
 }
 
 TEST_F(GpuDeviceCallTest, MergeStatesMatchesTheCpu) {

@@ -235,9 +235,11 @@ struct DeviceBatchItem {
   QueryOptions options;
 };
 
-// Enqueues every request on `stream` (cudaStream_t), one after the other in
-// one launch sequence: all requests are checked first, so on an error nothing
-// is enqueued. Each request needs its own workspace.
+// Enqueues every request after what `stream` (cudaStream_t) holds: all
+// requests are checked first, so on an error nothing is enqueued; they run
+// concurrently on side streams forked from `stream` and joined back into it
+// (a CUDA graph capture of the call records parallel branches). Each request
+// needs its own workspace.
 Status AttendDeviceBatch(const std::vector<DeviceBatchItem>& items, void* stream);
 
 // The device form of MergeAttentionStates: o_* [n, head_dim] of `dtype` (F32,
