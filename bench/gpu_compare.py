@@ -68,7 +68,10 @@ def time_graph(fn, iters=200):
 
 def run(cmd):
     print("+", " ".join(cmd), file=sys.stderr, flush=True)
-    return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"{cmd[0]} failed ({r.returncode}):\n{r.stderr}")
+    return r.stdout
 
 
 def main():

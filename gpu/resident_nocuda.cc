@@ -25,7 +25,7 @@ namespace sqz::gpu {
 
 Status EnsureSideStreams(int) { return Status::OK(); }
 
-Status ForkJoin(void* stream, int n, const std::function<Status(int, void*)>& enqueue) {
+Status ForkJoin(int, void* stream, int n, const std::function<Status(int, void*)>& enqueue) {
   for (int i = 0; i < n; ++i) SQZ_RETURN_IF_ERROR(enqueue(i, stream));
   return Status::OK();
 }

@@ -61,15 +61,11 @@ Status EnsureSideStreams(int device) {
   return Status::OK();
 }
 
-Status ForkJoin(void* stream, int n, const std::function<Status(int, void*)>& enqueue) {
+Status ForkJoin(int device, void* stream, int n, const std::function<Status(int, void*)>& enqueue) {
   if (n <= 0) return Status::OK();
   auto st = static_cast<cudaStream_t>(stream);
-  int device = -1;
-  if (st == nullptr) {
-    SQZ_CUDA_TRY(cudaGetDevice(&device), "cudaGetDevice");
-  } else {
-    SQZ_CUDA_TRY(cudaStreamGetDevice(st, &device), "cudaStreamGetDevice");
-  }
+  // (No stream or device queries here: they are not allowed while a stream
+  // is being captured.)
   std::lock_guard<std::mutex> lock(Mu());
   auto it = Pools().find(device);
   if (it == Pools().end() || n == 1) {  // no side streams (no resident context on this device yet), or nothing to fork

@@ -68,6 +68,11 @@ Status AttendDeviceBatch(const std::vector<DeviceBatchItem>& items, void* stream
     if (it.args.q == nullptr || it.args.o == nullptr || it.args.lse == nullptr) {
       return Status::InvalidArgument(what + ": q, o and lse must be device pointers");
     }
+    if (it.handle->device_id() != items[0].handle->device_id()) {
+      return Status::InvalidArgument(what + ": its context is on CUDA device " +
+                                     std::to_string(it.handle->device_id()) + ", request 0's on " +
+                                     std::to_string(items[0].handle->device_id()) + " (one batch, one device)");
+    }
     for (size_t j = 0; j < i; ++j) {
       if (items[j].args.workspace == it.args.workspace) {
         return Status::InvalidArgument(what + ": shares its workspace with request " + std::to_string(j));
@@ -77,7 +82,8 @@ Status AttendDeviceBatch(const std::vector<DeviceBatchItem>& items, void* stream
   // The requests are independent: forked over side streams so they overlap
   // on the GPU (one request alone leaves most SMs idle in its selection
   // kernels), joined back into `stream`.
-  return gpu::ForkJoin(stream, static_cast<int>(items.size()), [&](int i, void* side) {
+  if (items.empty()) return Status::OK();
+  return gpu::ForkJoin(items[0].handle->device_id(), stream, static_cast<int>(items.size()), [&](int i, void* side) {
     DeviceAttendArgs a = items[i].args;
     a.stream = side;
     Status s = items[i].handle->AttendDevice(a, items[i].options);

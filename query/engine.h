@@ -71,6 +71,7 @@ class ContextHandleImpl final : public ContextHandle, public AttentionBackend {
 
   // --- ContextHandle ---------------------------------------------------------
   const ContextInfo& info() const override { return snap_->info(); }
+  int device_id() const override { return resident_ ? resident_->device() : -1; }
   int kv_head_begin() const override { return head_begin_; }
   int kv_head_end() const override { return head_end_; }
   Status Attend(int layer, const float* q, int T, const QueryOptions& options, float* o, float* lse,

@@ -193,6 +193,8 @@ class ContextHandle {
   // The generation of the version this handle reads (ContextInfo::id): a
   // cache keyed by it never mixes two versions of a context.
   uint64_t generation() const { return info().id; }
+  // The CUDA device a GPU handle's context lives on; -1 for a CPU handle.
+  virtual int device_id() const { return -1; }
   virtual int kv_head_begin() const = 0;
   virtual int kv_head_end() const = 0;
   int n_served_q_heads() const { return (kv_head_end() - kv_head_begin()) * info().group_size(); }
@@ -239,7 +241,7 @@ struct DeviceBatchItem {
 // requests are checked first, so on an error nothing is enqueued; they run
 // concurrently on side streams forked from `stream` and joined back into it
 // (a CUDA graph capture of the call records parallel branches). Each request
-// needs its own workspace.
+// needs its own workspace; all handles must live on one device, `stream`'s.
 Status AttendDeviceBatch(const std::vector<DeviceBatchItem>& items, void* stream);
 
 // The device form of MergeAttentionStates: o_* [n, head_dim] of `dtype` (F32,

@@ -18,11 +18,11 @@ namespace sqz::gpu {
 Status EnsureSideStreams(int device);
 
 // Calls enqueue(i, side_stream) for i in [0, n), the pieces spread over the
-// side streams of `stream`'s device (cudaStream_t; null: the legacy default
-// stream of the current device); everything enqueued runs after what was
+// side streams of `device` (`stream`, a cudaStream_t of that device; null:
+// its legacy default stream); everything enqueued runs after what was
 // enqueued on `stream` before, and what is enqueued on `stream` afterwards
 // runs after all of it. An error from enqueue stops the loop (the fork is
 // still joined) and is returned.
-Status ForkJoin(void* stream, int n, const std::function<Status(int, void*)>& enqueue);
+Status ForkJoin(int device, void* stream, int n, const std::function<Status(int, void*)>& enqueue);
 
 }  // namespace sqz::gpu
