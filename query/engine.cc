@@ -284,24 +284,38 @@ Status ContextHandleImpl::LoadResident(const OpenOptions& options) {
   shape.clustered_pages = ci.clustered_pages;
   Status s = gpu::ResidentKv::Create(options.device_id, shape, &resident_);
   if (!s.ok()) return s.WithPrefix(ctx + ": opening on device cuda:" + std::to_string(options.device_id));
-  // Every page of every served head, in chunks through one host buffer.
+  // Every page of every served head, in chunks of pages read in parallel
+  // (snapshot reads are thread-safe; the uploads serialise in ResidentKv).
   const int64_t per_head = ci.pages_per_head(), chunk = 1024;
+  const int64_t chunks_per_head = (per_head + chunk - 1) / chunk;
+  const int n_served_heads = n_served();
+  const int64_t tasks = static_cast<int64_t>(ci.n_layers) * n_served_heads * chunks_per_head;
   const size_t page_bytes = ci.page_bytes();
-  std::vector<uint8_t> host;
-  std::vector<uint32_t> ids;
-  for (int layer = 0; layer < ci.n_layers; ++layer) {
-    for (int g = head_begin_; g < head_end_; ++g) {
-      for (int64_t first = 0; first < per_head; first += chunk) {
-        const int64_t n = std::min(chunk, per_head - first);
-        ids.resize(static_cast<size_t>(n));
-        for (int64_t i = 0; i < n; ++i) ids[i] = static_cast<uint32_t>(first + i);
-        storage::PageSet set;
-        SQZ_RETURN_IF_ERROR(snap_->ReadPages(layer, g, ids.data(), ids.size(), &set));
-        host.resize(static_cast<size_t>(n) * page_bytes);
+  std::vector<Status> status(static_cast<size_t>(tasks));
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t task = 0; task < tasks; ++task) {
+    const int layer = static_cast<int>(task / (n_served_heads * chunks_per_head));
+    const int h = static_cast<int>(task / chunks_per_head % n_served_heads);
+    const int64_t first = task % chunks_per_head * chunk, n = std::min(chunk, per_head - first);
+    try {  // no exception may leave an OpenMP region
+      std::vector<uint32_t> ids(static_cast<size_t>(n));
+      for (int64_t i = 0; i < n; ++i) ids[i] = static_cast<uint32_t>(first + i);
+      storage::PageSet set;
+      Status st = snap_->ReadPages(layer, head_begin_ + h, ids.data(), ids.size(), &set);
+      if (st.ok()) {
+        std::vector<uint8_t> host(static_cast<size_t>(n) * page_bytes);
         for (int64_t i = 0; i < n; ++i) std::memcpy(host.data() + i * page_bytes, set.data(i), page_bytes);
-        SQZ_RETURN_IF_ERROR(resident_->Upload(layer, g - head_begin_, first, host.data(), n));
+        st = resident_->Upload(layer, h, first, host.data(), n);
       }
-      const HeadData& hd = head(layer, g - head_begin_);
+      status[task] = std::move(st);
+    } catch (const std::exception& e) {
+      status[task] = Status::IOError(ctx + ": loading pages to the GPU: " + e.what());
+    }
+  }
+  for (const Status& st : status) SQZ_RETURN_IF_ERROR(st);
+  for (int layer = 0; layer < ci.n_layers; ++layer) {
+    for (int h = 0; h < n_served_heads; ++h) {
+      const HeadData& hd = head(layer, h);
       gpu::HeadIndexHost x;
       x.k2 = hd.k2;
       x.k1 = hd.k1;
@@ -309,7 +323,7 @@ Status ContextHandleImpl::LoadResident(const OpenOptions& options) {
       x.fine_offsets = hd.fine_offsets.data();
       x.coarse_centroids = hd.coarse_centroids.data();
       x.coarse_child_offsets = hd.coarse_child_offsets.data();
-      SQZ_RETURN_IF_ERROR(resident_->SetIndex(layer, g - head_begin_, x));
+      SQZ_RETURN_IF_ERROR(resident_->SetIndex(layer, h, x));
     }
   }
   return resident_->FinishIndex();
