@@ -665,13 +665,34 @@ Status ContextHandleImpl::Attend(int layer, const float* q, int T, const QueryOp
       stats->seconds_score = stats->seconds_read = 0;
       stats->seconds_attend = Since(t0);
     }
-    return Status::OK();
+    return CheckOutputs(layer, q, T, o, lse);
   }
   size_t ws = 0;
   SQZ_RETURN_IF_ERROR(Plan(layer, q, T, options, &table, &ws));
   const double plan_seconds = Since(t0);
   SQZ_RETURN_IF_ERROR(Run(table, q, params.scale, o, lse, stats));
   if (stats) stats->seconds_score = plan_seconds;
+  return CheckOutputs(layer, q, T, o, lse);
+}
+
+Status ContextHandleImpl::CheckOutputs(int layer, const float* q, int T, const float* o, const float* lse) const {
+  // Finite queries can still overflow fp32 attention scores against the
+  // stored keys: never return such an answer as a success. (An empty set's
+  // row, LSE = -inf and O = 0, is an answer.)
+  const int d = info().head_dim;
+  const int64_t rows = static_cast<int64_t>(n_served_q_heads()) * T;
+  for (int64_t r = 0; r < rows; ++r) {
+    bool bad = std::isnan(lse[r]) || lse[r] == INFINITY;
+    for (int e = 0; e < d && !bad; ++e) bad = !std::isfinite(o[r * d + e]);
+    if (!bad) continue;
+    float max_abs = 0;
+    for (int64_t i = 0; i < rows * d; ++i) max_abs = std::max(max_abs, std::fabs(q[i]));
+    std::ostringstream os;
+    os << "context '" << info().name << "' layer " << layer
+       << ": attention scores overflow float32 (query values up to " << max_abs
+       << "): scale the queries to the model's range";
+    return Status::InvalidArgument(os.str());
+  }
   return Status::OK();
 }
 

@@ -90,6 +90,8 @@ class ContextHandleImpl final : public ContextHandle, public AttentionBackend {
   Status Run(const SegmentTable& table, const float* q, float scale, float* o, float* lse,
              AttendStats* stats) const override;
 
+  // InvalidArgument when an output row is not finite (scores overflowed fp32).
+  Status CheckOutputs(int layer, const float* q, int T, const float* o, const float* lse) const;
   // Checks the layer, T, the pointer and that q [n_served_q_heads, T, d] is finite.
   Status CheckQueries(int layer, const float* q, int T) const;
   // Turns options into selection parameters (thresholds looked up).

@@ -440,6 +440,36 @@ TEST_F(QueryEngineTest, HugeQueryNormsGiveFiniteResults) {
   }
 }
 
+// Queries at the edge of fp32 (1e38): either a finite answer or a clear
+// overflow error, never NaN/Inf with OK (the library's own check, not only
+// sqctl's).
+TEST_F(QueryEngineTest, OverflowingQueriesAreAnErrorNotNaN) {
+  TestContext c;
+  Build("edge", SmallSpec(1, 2), 2, false, BuildOptions(), &c);
+  int errors = 0;
+  for (float norm : {1e37f, 1e38f}) {
+    std::vector<float> q = c.q[0];
+    float max_abs = 0;
+    for (float x : q) max_abs = std::max(max_abs, std::fabs(x));
+    for (float& x : q) x = x / max_abs * norm;
+    for (SelectionMode mode : {SelectionMode::kDense, SelectionMode::kBudget}) {
+      QueryOptions qo;
+      qo.mode = mode;
+      std::vector<float> o(q.size(), NAN), lse(q.size() / c.spec.head_dim, NAN);
+      Status s = c.handle->Attend(0, q.data(), c.T, qo, o.data(), lse.data());
+      if (s.ok()) {
+        for (float x : o) ASSERT_TRUE(std::isfinite(x)) << norm;
+        for (float x : lse) ASSERT_FALSE(std::isnan(x) || x == INFINITY) << norm;
+      } else {
+        ++errors;
+        EXPECT_TRUE(s.IsInvalidArgument()) << s.ToString();
+        EXPECT_NE(s.message().find("overflow"), std::string::npos) << s.ToString();
+      }
+    }
+  }
+  std::printf("[ info ] %d of 4 edge calls refused as overflowing\n", errors);
+}
+
 TEST_F(QueryEngineTest, ClearErrors) {
   TestContext plain, calibrated;
   BuildOptions bo;

@@ -204,6 +204,8 @@ class ContextHandle {
   //   o:   [n_served_q_heads, T, head_dim] float32 (written)
   //   lse: [n_served_q_heads, T] float32 (written; natural log)
   // Errors: InvalidArgument for a layer out of range, T < 1, NaN/Inf in q,
+  // finite queries so large that attention scores overflow (never a NaN
+  // answer with OK),
   // a threshold quantile the context lacks, or an uncalibrated context in
   // threshold-quantile mode; IOError/Corruption from storage.
   virtual Status Attend(int layer, const float* q, int T, const QueryOptions& options, float* o, float* lse,
