@@ -345,8 +345,6 @@ class ResidentKvImpl final : public ResidentKv {
     sp.chunk_scored = reinterpret_cast<uint32_t*>(ws + w.chunk_scored);
     sp.n_clustered = static_cast<uint32_t>(shape_.n_clustered);
     sp.n_always = static_cast<uint32_t>(shape_.n_always);
-    sp.page_rows = static_cast<uint32_t>(shape_.page_rows);
-    sp.clustered_pages = static_cast<uint32_t>(shape_.clustered_pages);
     ScoreParams sc;
     sc.qf = qf;
     sc.H = H;
@@ -467,79 +465,8 @@ class ResidentKvImpl final : public ResidentKv {
         sel->seg_offsets.push_back(static_cast<uint32_t>(sel->seg_first.size()));
         sel->clusters_scored.push_back(st[kStatScored]);
         sel->clusters_kept.push_back(st[kStatKept]);
-        sel->rows_kept.push_back(st[kStatRows]);
-        sel->pages.push_back(st[kStatPages]);
       }
     }
-    return Status::OK();
-  }
-
-  Status Decode(int layer, const HostSegments& seg, int group, float scale, const float* q, float* o,
-                float* lse) override {
-    SQZ_RETURN_IF_ERROR(CheckDecodeShape(shape_.head_dim, group, shape_.dtype));
-    const int H = shape_.n_heads, D = shape_.head_dim;
-    if (layer < 0 || layer >= shape_.n_layers || seg.offsets.size() != static_cast<size_t>(H) + 1 ||
-        seg.first_row.size() != seg.n_rows.size() || seg.offsets.back() != seg.first_row.size()) {
-      return Status::InvalidArgument("ResidentKv::Decode: segment table does not match the resident heads");
-    }
-    // Device form: [H][stride] first / before, then count[H], rows[H].
-    uint32_t stride = 1;
-    for (int h = 0; h < H; ++h) stride = std::max(stride, seg.offsets[h + 1] - seg.offsets[h]);
-    std::vector<uint32_t> meta(2 * static_cast<size_t>(H) * stride + 2 * H, 0);
-    uint32_t* first = meta.data();
-    uint32_t* before = first + static_cast<size_t>(H) * stride;
-    uint32_t* count = before + static_cast<size_t>(H) * stride;
-    uint32_t* head_rows = count + H;
-    uint32_t max_rows = 0;
-    for (int h = 0; h < H; ++h) {
-      uint32_t rows = 0;
-      for (uint32_t s = seg.offsets[h]; s < seg.offsets[h + 1]; ++s) {
-        const uint32_t i = s - seg.offsets[h];
-        first[h * stride + i] = seg.first_row[s];
-        before[h * stride + i] = rows;
-        rows += seg.n_rows[s];
-      }
-      count[h] = seg.offsets[h + 1] - seg.offsets[h];
-      head_rows[h] = rows;
-      max_rows = std::max(max_rows, rows);
-    }
-    const size_t rows = static_cast<size_t>(H) * group;
-    std::vector<float> qs(q, q + rows * D);
-    for (float& x : qs) x *= scale;
-    const int splits = Splits(H, group, max_rows);
-    const size_t meta_bytes = Align(meta.size() * 4), q_bytes = Align(rows * D * 4);
-    std::lock_guard<std::mutex> lock(mu_);
-    SQZ_CUDA_TRY(cudaSetDevice(device_), "cudaSetDevice");
-    SQZ_RETURN_IF_ERROR(io_.Reserve(meta_bytes + 2 * q_bytes + Align(rows * 4)));
-    SQZ_RETURN_IF_ERROR(ws_.Reserve(DecodeWorkspaceFloats(H, group, D, splits) * 4));
-    uint8_t* io = static_cast<uint8_t*>(io_.ptr);
-    SQZ_CUDA_TRY(cudaMemcpyAsync(io, meta.data(), meta.size() * 4, cudaMemcpyHostToDevice, stream_),
-                 "uploading segments");
-    SQZ_CUDA_TRY(cudaMemcpyAsync(io + meta_bytes, qs.data(), rows * D * 4, cudaMemcpyHostToDevice, stream_),
-                 "uploading queries");
-    const uint32_t* dm = reinterpret_cast<const uint32_t*>(io);
-    DecodeParams p = LayerDecodeParams(layer);
-    p.seg_first = dm;
-    p.seg_before = dm + static_cast<size_t>(H) * stride;
-    p.seg_stride = static_cast<int>(stride);
-    p.seg_count = p.seg_before + static_cast<size_t>(H) * stride;
-    p.head_rows = p.seg_count + H;
-    p.count_stride = 1;
-    p.rows = group;
-    p.q = reinterpret_cast<const float*>(io + meta_bytes);
-    p.splits = splits;
-    p.part_o = static_cast<float*>(ws_.ptr);
-    p.part_m = p.part_o + rows * splits * D;
-    p.part_l = p.part_m + rows * splits;
-    DecodeOutput out;
-    out.o = io + meta_bytes + q_bytes;
-    out.lse = reinterpret_cast<float*>(io + meta_bytes + 2 * q_bytes);
-    out.G = group;
-    out.T = 1;
-    SQZ_CUDA_TRY(LaunchDecodeAny(p, out, shape_.dtype, D, DType::kF32, stream_), "launching the sparse decode kernels");
-    SQZ_CUDA_TRY(cudaMemcpyAsync(o, out.o, rows * D * 4, cudaMemcpyDeviceToHost, stream_), "downloading O");
-    SQZ_CUDA_TRY(cudaMemcpyAsync(lse, out.lse, rows * 4, cudaMemcpyDeviceToHost, stream_), "downloading LSE");
-    SQZ_CUDA_TRY(cudaStreamSynchronize(stream_), "running the sparse decode kernels");
     return Status::OK();
   }
 

@@ -50,11 +50,9 @@ inline constexpr int kSelectThreads = 512;
 enum : int {
   kStatScored = 0,    // centroid dot products per query row (coarse + fine)
   kStatKept = 1,      // fine clusters kept
-  kStatRows = 2,      // clustered rows kept
-  kStatSegments = 3,  // segments, the always set included
-  kStatPages = 4,     // distinct KV pages the segments touch
-  kStatHeadRows = 5,  // rows attended: kept rows + the always set
-  kStatCount = 8,
+  kStatSegments = 2,  // segments, the always set included
+  kStatHeadRows = 3,  // rows attended: kept rows + the always set
+  kStatCount = 4,
 };
 
 // Where one (layer, KV head)'s index lives in the flattened arrays.
@@ -200,17 +198,13 @@ struct SelectParams {
   uint32_t* seg_before = nullptr;   // [H][seg_stride]: attended rows before the segment
   int seg_stride = 0;
   uint32_t* stats = nullptr;  // [H][kStatCount]
-  uint32_t n_clustered = 0, n_always = 0, page_rows = 1, clustered_pages = 0;
+  uint32_t n_clustered = 0, n_always = 0;
 };
 
 // fp32 keys that compare like the floats (all finite or -inf here).
 __device__ inline uint32_t OrderKey(float x) {
   const uint32_t b = __float_as_uint(x);
   return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
-}
-
-__device__ inline uint32_t PageOf(uint32_t row, const SelectParams& p) {
-  return row < p.n_clustered ? row / p.page_rows : p.clustered_pages + (row - p.n_clustered) / p.page_rows;
 }
 
 // Online (max, sum) pair merge: l * e^m (+) l' * e^m'.
@@ -371,7 +365,7 @@ __device__ uint32_t RadixSelect(const uint32_t* keys, const uint32_t* sizes, uin
   __syncthreads();
   const uint32_t diff = s_lo ^ s_hi;
   int top = 24;  // the first byte (from the top) where some keys differ
-  while (top > 0 && (diff >> (top + 8)) == 0 && (diff >> top) == 0) top -= 8;
+  while (top > 0 && (diff >> top) == 0) top -= 8;
   uint32_t prefix = top == 24 ? 0u : (s_hi & (0xffffffffu << (top + 8))), remaining = need;
   for (int shift = top; shift >= 0; shift -= 8) {
     for (int i = threadIdx.x; i < 256; i += NT) hist[i] = 0;
@@ -552,30 +546,13 @@ __global__ void __launch_bounds__(NT) SelectKernel(SelectParams p) {
   }
   const uint32_t total_segs = n_seg + (p.n_always > 0 ? 1u : 0u);
   const uint32_t head_rows = rows + p.n_always;
-  __syncthreads();
-  // Pages: each segment's span, less the page it shares with the previous one.
-  uint32_t pages = 0;
-  for (uint32_t i = threadIdx.x; i < total_segs; i += NT) {
-    const uint32_t end = i + 1 < total_segs ? seg_before[i + 1] : head_rows;
-    const uint32_t f0 = seg_first[i], nr = end - seg_before[i];
-    const uint32_t pf = PageOf(f0, p), pl = PageOf(f0 + nr - 1, p);
-    pages += pl - pf + 1;
-    if (i > 0) {
-      const uint32_t prev_last = seg_first[i - 1] + (seg_before[i] - seg_before[i - 1]) - 1;
-      if (PageOf(prev_last, p) == pf) --pages;
-    }
-  }
-  __syncthreads();
-  pages = Reduce(tmp.reduce).Sum(pages);
   if (threadIdx.x == 0) {
     uint32_t* st = p.stats + h * kStatCount;
     // Scored, as the CPU counts it: dot products of the G * T rows with the
     // clusters they reach, per query (/ T); plus the coarse stage's.
     st[kStatScored] = (p.hierarchical ? st[kStatScored] : 0u) + scored / p.T;
     st[kStatKept] = kept;
-    st[kStatRows] = rows;
     st[kStatSegments] = total_segs;
-    st[kStatPages] = pages;
     st[kStatHeadRows] = head_rows;
   }
 }
@@ -603,9 +580,7 @@ __global__ void DenseSelectKernel(SelectParams p) {
   uint32_t* st = p.stats + h * kStatCount;
   st[kStatScored] = 0;
   st[kStatKept] = m.k2;
-  st[kStatRows] = p.n_clustered;
   st[kStatSegments] = n;
-  st[kStatPages] = (p.n_clustered + p.page_rows - 1) / p.page_rows + (p.n_always + p.page_rows - 1) / p.page_rows;
   st[kStatHeadRows] = p.n_clustered + p.n_always;
 }
 

@@ -690,14 +690,14 @@ TEST_F(GpuDeviceCallTest, MergeStatesMatchesTheCpu) {
   }
 }
 
-#endif  // SQZ_HAVE_CUDA
-
-// gpu::ResidentKv refuses what it cannot do, with a named reason, and its
-// attention over a host table handles zero keys and empty heads.
+// gpu::ResidentKv refuses what it cannot do, with a named reason, before
+// anything is enqueued; over zero keys its answer is exact (LSE = log N,
+// O = 0) and a head with nothing attended gets LSE = -inf, O = 0.
 TEST_F(GpuEngineTest, ResidentKvErrors) {
   gpu::ResidentShape shape;
   shape.n_layers = 1;
   shape.n_heads = 2;
+  shape.group = 1;
   shape.pages_per_head = 4;
   shape.page_rows = 16;
   shape.head_dim = 96;  // unsupported
@@ -709,30 +709,73 @@ TEST_F(GpuEngineTest, ResidentKvErrors) {
   EXPECT_NE(s.message().find("Device::kCpu"), std::string::npos) << s.ToString();
   shape.head_dim = 64;
   EXPECT_TRUE(gpu::ResidentKv::Create(gpu::DeviceCount(), shape, &r).IsNotSupported());
+  shape.group = 65;  // more query rows per KV head than the engine takes
+  EXPECT_TRUE(gpu::ResidentKv::Create(0, shape, &r).IsNotSupported());
+  shape.group = 1;
   ASSERT_TRUE(gpu::ResidentKv::Create(0, shape, &r).ok());
-  std::vector<uint8_t> page(2 * 16 * 64 * 2, 0);
-  EXPECT_TRUE(r->Upload(0, 2, 0, page.data(), 1).IsInvalidArgument());  // head out of range
-  EXPECT_TRUE(r->Upload(0, 0, 4, page.data(), 1).IsInvalidArgument());  // page out of range
-  EXPECT_TRUE(r->Upload(1, 0, 0, page.data(), 1).IsInvalidArgument());  // layer out of range
-  ASSERT_TRUE(r->Upload(0, 1, 3, page.data(), 1).ok());
-  ASSERT_TRUE(r->Upload(0, 0, 0, page.data(), 1).ok());  // zero keys and values
+  std::vector<uint8_t> pages(4 * 2 * 16 * 64 * 2, 0);                    // zero keys and values
+  EXPECT_TRUE(r->Upload(0, 2, 0, pages.data(), 1).IsInvalidArgument());  // head out of range
+  EXPECT_TRUE(r->Upload(0, 0, 4, pages.data(), 1).IsInvalidArgument());  // page out of range
+  EXPECT_TRUE(r->Upload(1, 0, 0, pages.data(), 1).IsInvalidArgument());  // layer out of range
+  ASSERT_TRUE(r->Upload(0, 0, 0, pages.data(), 4).ok());
+  ASSERT_TRUE(r->Upload(0, 1, 0, pages.data(), 4).ok());
   gpu::SelectConfig cfg;
+  cfg.mode = 0;  // dense
   cfg.scale = 0.125f;
   size_t ws = 0;
   EXPECT_TRUE(r->WorkspaceBytes(1, cfg, &ws).IsInvalidArgument());  // no index yet
-  gpu::HostSegments seg;
-  seg.offsets = {0, 1};  // one head's worth for a two-head context
-  seg.first_row = {0};
-  seg.n_rows = {4};
-  std::vector<float> q(2 * 64), o(q.size()), lse(2);
-  EXPECT_TRUE(r->Decode(0, seg, 1, 0.125f, q.data(), o.data(), lse.data()).IsInvalidArgument());
-  seg.offsets = {0, 1, 1};
-  EXPECT_TRUE(r->Decode(0, seg, 65, 0.125f, q.data(), o.data(), lse.data()).IsNotSupported());  // G > 64
-  ASSERT_TRUE(r->Decode(0, seg, 1, 0.125f, q.data(), o.data(), lse.data()).ok());
-  EXPECT_NEAR(lse[0], std::log(4.f), 1e-6);  // 4 zero keys: lse = log 4, o = 0
-  for (int e = 0; e < 64; ++e) EXPECT_EQ(o[e], 0.f);
-  EXPECT_TRUE(std::isinf(lse[1]) && lse[1] < 0);  // nothing attended
+
+  // Index: two fine clusters of 25 rows under one coarse cluster.
+  std::vector<float> cent(2 * 64, 0.f);
+  const std::vector<uint32_t> fine_offsets = {0, 25, 50}, bad_offsets = {0, 25, 49}, child = {0, 2};
+  gpu::HeadIndexHost x;
+  x.k2 = 2;
+  x.k1 = 1;
+  x.fine_centroids = cent.data();
+  x.fine_offsets = bad_offsets.data();
+  x.coarse_centroids = cent.data();
+  x.coarse_child_offsets = child.data();
+  EXPECT_TRUE(r->SetIndex(0, 0, x).IsInvalidArgument());  // offsets do not cover the 50 rows
+  x.fine_offsets = fine_offsets.data();
+  EXPECT_TRUE(r->SetIndex(0, 2, x).IsInvalidArgument());  // head out of range
+  ASSERT_TRUE(r->SetIndex(0, 0, x).ok());
+  EXPECT_TRUE(r->FinishIndex().IsInvalidArgument());  // head 1 has no index
+  ASSERT_TRUE(r->SetIndex(0, 1, x).ok());
+  ASSERT_TRUE(r->FinishIndex().ok());
+
+  EXPECT_TRUE(r->WorkspaceBytes(65, cfg, &ws).IsNotSupported());  // G * T > 64
+  ASSERT_TRUE(r->WorkspaceBytes(1, cfg, &ws).ok());
+  gpu::DeviceCall c;
+  c.T = 1;
+  c.dtype = DType::kF32;
+  s = r->Attend(c, cfg);  // null tensors
+  EXPECT_TRUE(s.IsInvalidArgument()) << s.ToString();
+  DevBuf dq(2 * 64 * 4), dout(2 * 64 * 4), dl(2 * 4), dws(ws);
+  c.q = dq.p;
+  c.o = dout.p;
+  c.lse = static_cast<float*>(dl.p);
+  c.workspace = dws.p;
+  c.workspace_bytes = ws - 1;
+  s = r->Attend(c, cfg);
+  EXPECT_TRUE(s.IsInvalidArgument()) << s.ToString();
+  EXPECT_NE(s.message().find("WorkspaceBytes"), std::string::npos) << s.ToString();
+  c.workspace_bytes = ws;
+  c.layer = 1;
+  EXPECT_TRUE(r->Attend(c, cfg).IsInvalidArgument());  // layer out of range
+
+  std::vector<float> q(2 * 64, 1.f), o(q.size(), NAN), lse(2, NAN);
+  ASSERT_TRUE(r->AttendHost(0, 1, q.data(), cfg, o.data(), lse.data()).ok());
+  for (int h = 0; h < 2; ++h) EXPECT_NEAR(lse[h], std::log(50.f), 1e-5);  // 50 zero keys
+  for (float v : o) EXPECT_EQ(v, 0.f);
+  cfg.mode = 1;
+  cfg.budget = 0;  // nothing kept, no always set: nothing attended
+  std::fill(o.begin(), o.end(), NAN);
+  ASSERT_TRUE(r->AttendHost(0, 1, q.data(), cfg, o.data(), lse.data()).ok());
+  for (float l : lse) EXPECT_TRUE(std::isinf(l) && l < 0) << l;
+  for (float v : o) EXPECT_EQ(v, 0.f);
 }
+
+#endif  // SQZ_HAVE_CUDA
 
 }  // namespace
 }  // namespace sqz

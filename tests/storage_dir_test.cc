@@ -22,17 +22,7 @@ namespace {
 
 using sqz::testing::ScopedTempDir;
 
-// Every file under `dir` with its bytes (the directory's whole state).
-std::map<std::string, std::string> Snapshot(const std::string& dir) {
-  std::map<std::string, std::string> out;
-  for (const auto& e : std::filesystem::recursive_directory_iterator(dir)) {
-    if (!e.is_regular_file()) continue;
-    std::ifstream in(e.path(), std::ios::binary);
-    out[std::filesystem::relative(e.path(), dir).string()] =
-        std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-  }
-  return out;
-}
+using sqz::testing::DirectorySnapshot;
 
 void WriteText(const std::string& path, const std::string& text) {
   std::ofstream out(path, std::ios::binary);
@@ -72,7 +62,7 @@ TEST(StorageDir, DirectoryOfOtherFilesIsNeverCreatedOver) {
   std::filesystem::create_directories(path + "/sub");
   WriteText(path + "/notes.txt", "my notes");
   WriteText(path + "/sub/data.bin", "data");
-  const auto before = Snapshot(path);
+  const auto before = DirectorySnapshot(path);
   std::unique_ptr<DB> db;
   for (bool ro : {false, true}) {
     Status s = ro ? OpenRo(path, &db) : OpenRw(path, &db);
@@ -80,7 +70,7 @@ TEST(StorageDir, DirectoryOfOtherFilesIsNeverCreatedOver) {
     EXPECT_NE(s.message().find("not a squeeze database"), std::string::npos) << s.ToString();
     EXPECT_NE(s.message().find("othing was changed"), std::string::npos) << s.ToString();
   }
-  EXPECT_EQ(Snapshot(path), before);
+  EXPECT_EQ(DirectorySnapshot(path), before);
   // A regular file is not a directory.
   WriteText(dir.Sub("file"), "x");
   Status s = OpenRw(dir.Sub("file"), &db);
@@ -98,14 +88,14 @@ TEST(StorageDir, PlainRocksDbIsNotConverted) {
     ASSERT_TRUE(raw->Put(rocksdb::WriteOptions(), "k", "v").ok());
     delete raw;
   }
-  const auto before = Snapshot(path);
+  const auto before = DirectorySnapshot(path);
   std::unique_ptr<DB> db;
   Status s = OpenRw(path, &db);
   EXPECT_TRUE(s.IsInvalidArgument()) << s.ToString();
   EXPECT_NE(s.message().find("not a squeeze database"), std::string::npos) << s.ToString();
   // RocksDB rewrites nothing of the user's data: the same files, and the same
   // bytes except the info log.
-  auto after = Snapshot(path);
+  auto after = DirectorySnapshot(path);
   for (auto* m : {&after}) {
     for (auto it = m->begin(); it != m->end();) it = it->first.rfind("LOG", 0) == 0 ? m->erase(it) : std::next(it);
   }
@@ -134,7 +124,7 @@ TEST(StorageDir, MissingCurrentIsDamageNotAbsence) {
     delete raw;
   }
   std::filesystem::remove(path + "/CURRENT");
-  const auto before = Snapshot(path);
+  const auto before = DirectorySnapshot(path);
   std::unique_ptr<DB> db;
   for (bool ro : {false, true}) {
     Status s = ro ? OpenRo(path, &db) : OpenRw(path, &db);
@@ -145,7 +135,7 @@ TEST(StorageDir, MissingCurrentIsDamageNotAbsence) {
   Options create;
   create.create_if_missing = true;
   EXPECT_FALSE(DB::Open(create, path, &db).ok());
-  EXPECT_EQ(Snapshot(path), before) << "a refused open changed the directory";
+  EXPECT_EQ(DirectorySnapshot(path), before) << "a refused open changed the directory";
   DirState st;
   EXPECT_TRUE(InspectDatabaseDir(path, &st).IsCorruption());
 }

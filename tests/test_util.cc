@@ -129,4 +129,15 @@ std::string SqctlPath() {
   return env && *env ? env : SQCTL_PATH;
 }
 
+std::map<std::string, std::string> DirectorySnapshot(const std::string& dir) {
+  std::map<std::string, std::string> out;
+  for (const auto& e : std::filesystem::recursive_directory_iterator(dir)) {
+    if (!e.is_regular_file()) continue;
+    std::ifstream in(e.path(), std::ios::binary);
+    out[std::filesystem::relative(e.path(), dir).string()] =
+        std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  }
+  return out;
+}
+
 }  // namespace sqz::testing

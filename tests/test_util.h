@@ -1,6 +1,7 @@
 // Helpers shared by the test suites.
 #pragma once
 
+#include <map>
 #include <string>
 #include <vector>
 
@@ -40,5 +41,9 @@ std::string ShellQuote(const std::string& s);
 
 // Path of the built sqctl binary ($SQZ_SQCTL overrides it).
 std::string SqctlPath();
+
+// Every regular file under `dir` (relative path) with its bytes: a
+// directory's whole state, to check that a command changed nothing.
+std::map<std::string, std::string> DirectorySnapshot(const std::string& dir);
 
 }  // namespace sqz::testing

@@ -28,17 +28,7 @@ using sqz::testing::ScopedTempDir;
 using sqz::testing::ShellQuote;
 using sqz::testing::SqctlPath;
 
-// Every file under `dir` with its bytes.
-std::map<std::string, std::string> Snapshot(const std::string& dir) {
-  std::map<std::string, std::string> out;
-  for (const auto& e : std::filesystem::recursive_directory_iterator(dir)) {
-    if (!e.is_regular_file()) continue;
-    std::ifstream in(e.path(), std::ios::binary);
-    out[std::filesystem::relative(e.path(), dir).string()] =
-        std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-  }
-  return out;
-}
+using sqz::testing::DirectorySnapshot;
 
 class SqctlRecovery : public ::testing::Test {
  protected:
@@ -74,7 +64,7 @@ TEST_F(SqctlRecovery, MissingCurrentIsRefusedAndNothingIsTouched) {
   const std::string db = dir_.Sub("d");
   Build(db);
   std::filesystem::remove(db + "/CURRENT");
-  const auto before = Snapshot(db);
+  const auto before = DirectorySnapshot(db);
   for (const std::string& cmd :
        {"list --db " + db, "verify --db " + db, "info --db " + db + " --context ctx_000",
         "drop --db " + db + " --context ctx_000",
@@ -86,7 +76,7 @@ TEST_F(SqctlRecovery, MissingCurrentIsRefusedAndNothingIsTouched) {
     EXPECT_NE(out.find("sqctl repair --db " + db), std::string::npos) << cmd << "\n" << out;
     EXPECT_EQ(out.find("build one"), std::string::npos) << cmd << "\n" << out;
   }
-  EXPECT_EQ(Snapshot(db), before) << "a refused command changed the damaged directory";
+  EXPECT_EQ(DirectorySnapshot(db), before) << "a refused command changed the damaged directory";
 }
 
 // Item 1: build-index into a non-empty directory that is not a database used
@@ -95,12 +85,12 @@ TEST_F(SqctlRecovery, BuildIntoAForeignDirectoryIsRefused) {
   const std::string mine = dir_.Sub("mine");
   std::filesystem::create_directories(mine);
   { std::ofstream(mine + "/thesis.tex") << "chapter 1"; }
-  const auto before = Snapshot(mine);
+  const auto before = DirectorySnapshot(mine);
   std::string out;
   EXPECT_EQ(Run("build-index --quiet --iters 2 --db " + mine + " --corpus " + dir_.Sub("c"), &out), 1) << out;
   EXPECT_NE(out.find("not a squeeze database"), std::string::npos) << out;
   EXPECT_NE(out.find("thesis.tex"), std::string::npos) << out;
-  EXPECT_EQ(Snapshot(mine), before);
+  EXPECT_EQ(DirectorySnapshot(mine), before);
   EXPECT_EQ(Run("list --db " + mine, &out), 1) << out;
   EXPECT_NE(out.find("not a squeeze database"), std::string::npos) << out;
 }
@@ -225,7 +215,7 @@ TEST_F(SqctlDamage, BackupWhileReadersRunAndRestore) {
   EXPECT_NE(out.find("new or empty directory"), std::string::npos) << out;
   EXPECT_EQ(Run("restore --from " + dir_.Sub("bk") + " --db " + dir_.Sub("r_first"), &out), 1) << out;
   EXPECT_EQ(Run("backup --db " + Db() + " --to " + mine, &out), 1) << out;
-  EXPECT_EQ(Snapshot(mine).size(), 1u);
+  EXPECT_EQ(DirectorySnapshot(mine).size(), 1u);
   EXPECT_EQ(Run("restore --from " + mine + " --db " + dir_.Sub("r_none"), &out), 1) << out;
   EXPECT_NE(out.find("not a backup directory"), std::string::npos) << out;
   ExpectIntact(dir_.Sub("r_first"), {"a", "b", "c"}, "first backup after refused restores");
@@ -260,14 +250,14 @@ TEST_F(SqctlDamage, RepairRecoversEveryContextFromDamagedMetadata) {
       bytes[bytes.size() / 2] ^= 0x55;
       std::ofstream(w + "/" + file, std::ios::binary | std::ios::trunc) << bytes;
     }
-    const auto before = Snapshot(w);
+    const auto before = DirectorySnapshot(w);
     std::string out;
     const int rc = Run("list --db " + w, &out);
     EXPECT_EQ(rc, 1) << what << "\n" << out;  // refused, never a short list
     EXPECT_NE(out.find("sqctl repair --db " + w), std::string::npos) << what << "\n" << out;
     ASSERT_EQ(Run("repair --db " + w + " --out " + r, &out), 0) << what << "\n" << out;
     EXPECT_EQ(out.find("LOST"), std::string::npos) << what << "\n" << out;
-    EXPECT_EQ(Snapshot(w), before) << what << ": repair changed the damaged directory";
+    EXPECT_EQ(DirectorySnapshot(w), before) << what << ": repair changed the damaged directory";
     ExpectIntact(r, {"a", "b", "c"}, what);
   }
 }

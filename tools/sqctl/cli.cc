@@ -246,21 +246,6 @@ Status ParseDevice(const Args& args, OpenOptions* o) {
   return Status::InvalidArgument("--device expects cpu, cuda or cuda:N, got '" + v + "'");
 }
 
-Status CheckFinite(const query::LayerQueries& lq, const std::vector<float>& o, const std::vector<float>& lse,
-                   const ContextInfo& info) {
-  auto finite = [](const std::vector<float>& v) {
-    return std::all_of(v.begin(), v.end(), [](float x) { return std::isfinite(x); });
-  };
-  if (finite(o) && finite(lse)) return Status::OK();
-  float max_abs = 0;
-  for (float x : lq.q) max_abs = std::max(max_abs, std::fabs(x));
-  char buf[32];
-  std::snprintf(buf, sizeof(buf), "%g", static_cast<double>(max_abs));
-  return Status::InvalidArgument(
-      "layers." + std::to_string(lq.layer) + ".q: attention scores overflow float32 (query values up to " + buf +
-      " against the keys of context '" + info.name + "'): scale the queries to the model's range");
-}
-
 Status CheckQueriesAttendFinite(const ContextHandle& h, const std::vector<query::LayerQueries>& layers) {
   const ContextInfo& info = h.info();
   QueryOptions dense;
@@ -268,8 +253,8 @@ Status CheckQueriesAttendFinite(const ContextHandle& h, const std::vector<query:
   for (const auto& lq : layers) {
     std::vector<float> o(static_cast<size_t>(info.n_q_heads) * lq.T * info.head_dim),
         lse(static_cast<size_t>(info.n_q_heads) * lq.T);
+    // Attend refuses an answer whose scores overflowed fp32.
     SQZ_RETURN_IF_ERROR(h.Attend(lq.layer, lq.q.data(), lq.T, dense, o.data(), lse.data(), nullptr));
-    SQZ_RETURN_IF_ERROR(CheckFinite(lq, o, lse, info));
   }
   return Status::OK();
 }

@@ -102,16 +102,12 @@ int Usage(const std::string& cmd, const std::string& message);
 // is InvalidArgument naming the flag (a usage error).
 Status ParseDevice(const Args& args, OpenOptions* o);
 inline const char* kDeviceFlagHelp =
-    "cpu (default), cuda or cuda:N: with cuda the context's pages are loaded into GPU memory and decode runs "
-    "on the GPU";
+    "cpu (default), cuda or cuda:N: with cuda the context's pages and index are loaded into GPU memory and "
+    "the GPU engine answers (prefill and per-head selections run on the CPU)";
 
-// Attention outputs of one layer's queries must be finite: finite inputs
-// whose scores overflow float32 (queries of 1e38) would otherwise produce
-// NaN/Inf with exit 0. InvalidArgument naming the layer and the largest
-// query magnitude.
-Status CheckFinite(const query::LayerQueries& lq, const std::vector<float>& o, const std::vector<float>& lse,
-                   const ContextInfo& info);
-// The same check for a file of queries before `eval` (one dense pass).
+// Before `eval`: one dense pass over the file's queries, so queries whose
+// attention scores overflow float32 (1e38) are refused up front (Attend
+// returns InvalidArgument naming the layer and the largest query value).
 Status CheckQueriesAttendFinite(const ContextHandle& h, const std::vector<query::LayerQueries>& layers);
 
 using Json = nlohmann::ordered_json;

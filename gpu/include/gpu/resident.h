@@ -20,8 +20,8 @@
 //
 // Thread-safety: Attend is const and may run on many threads with distinct
 // workspaces; Upload / SetIndex / FinishIndex happen before (at open);
-// AttendHost and Decode serialise on an internal mutex (they use the
-// object's own buffers and stream).
+// AttendHost serialises on an internal mutex (it uses the object's own
+// buffers and stream).
 #pragma once
 
 #include <cstdint>
@@ -86,15 +86,7 @@ struct DeviceCall {
 struct DeviceSelection {
   std::vector<uint32_t> seg_offsets;  // [H + 1]
   std::vector<uint32_t> seg_first, seg_rows;
-  std::vector<int64_t> clusters_scored, clusters_kept, rows_kept, pages;
-};
-
-// The read segments of the served heads of one layer: head h attends
-// runs [offsets[h], offsets[h + 1]) of (first_row, n_rows).
-struct HostSegments {
-  std::vector<uint32_t> offsets;
-  std::vector<uint32_t> first_row;
-  std::vector<uint32_t> n_rows;
+  std::vector<int64_t> clusters_scored, clusters_kept;
 };
 
 class ResidentKv {
@@ -128,11 +120,6 @@ class ResidentKv {
   // attends, copies out, synchronises; with `selection`, what was selected.
   virtual Status AttendHost(int layer, int T, const float* q, const SelectConfig& config, float* o, float* lse,
                             DeviceSelection* selection = nullptr) = 0;
-
-  // Attention alone over a host-planned table (decode: T = 1 and G query
-  // rows per head): q [n_heads * G, D] -> o, lse (natural log), host memory.
-  virtual Status Decode(int layer, const HostSegments& segments, int group_size, float scale, const float* q, float* o,
-                        float* lse) = 0;
 };
 
 }  // namespace sqz::gpu
