@@ -558,8 +558,10 @@ TEST_F(GpuDeviceCallTest, BatchOfContextsEqualsOneByOne) {
   for (int i = 0; i < n_ctx; ++i) {
     s.n_tokens = 2000 + 700 * i;
     s.seed = 10 + i;
-    Build("b" + std::to_string(i), s, BuildOptions());
-    OpenBoth("b" + std::to_string(i), &cpus[i], &gpus[i]);
+    std::string name = "b";  // (not "b" + std::to_string(i): a false -Wrestrict from GCC 12 in Release)
+    name += std::to_string(i);
+    Build(name, s, BuildOptions());
+    OpenBoth(name, &cpus[i], &gpus[i]);
   }
   const int d = s.head_dim, nq = s.n_q_heads, T = 1;
   std::vector<std::vector<float>> qs(n_ctx), o1(n_ctx), l1(n_ctx);

@@ -239,8 +239,9 @@ TEST_F(SqctlDamage, RepairRecoversEveryContextFromDamagedMetadata) {
   ASSERT_GE(cases.size(), 3u);
   int i = 0;
   for (const auto& [how, file] : cases) {
-    const std::string what = how + " " + file, w = dir_.Sub("w" + std::to_string(i)),
-                      r = dir_.Sub("r" + std::to_string(i));
+    // (Appends, not "w" + std::to_string(i): a false -Wrestrict from GCC 12 in Release.)
+    const std::string what = how + " " + file, w = dir_.Sub(std::string("w").append(std::to_string(i))),
+                      r = dir_.Sub(std::string("r").append(std::to_string(i)));
     ++i;
     std::filesystem::copy(Db(), w);
     if (how == "delete") {
@@ -284,8 +285,9 @@ TEST_F(SqctlDamage, DamagedDataFileHitsOnlyItsContext) {
   ASSERT_GE(cases.size(), 3u);
   int i = 0;
   for (const auto& [how, file] : cases) {
-    const std::string what = how + " " + file, w = dir_.Sub("w" + std::to_string(i)),
-                      r = dir_.Sub("r" + std::to_string(i));
+    // (Appends, not "w" + std::to_string(i): a false -Wrestrict from GCC 12 in Release.)
+    const std::string what = how + " " + file, w = dir_.Sub(std::string("w").append(std::to_string(i))),
+                      r = dir_.Sub(std::string("r").append(std::to_string(i)));
     ++i;
     std::filesystem::copy(Db(), w);
     const std::string f = w + "/" + file;
@@ -384,8 +386,13 @@ TEST_F(SqctlDamage, RandomByteFlipsNeverGiveAWrongAnswer) {
     ASSERT_TRUE(repair_rc == 0 || repair_rc == 1) << what << "\n" << out;
     std::set<std::string> recovered;
     for (const char* n : {"a", "b", "c"}) {
-      const bool ok = out.find("\"" + std::string(n) + "\"", out.find("\"recovered\"")) < out.find("\"lost\"");
-      const bool lost = out.find("{\"name\":\"" + std::string(n) + "\"") != std::string::npos;
+      // Quoted names built by appending (a literal + std::string gives a false
+      // -Wrestrict from GCC 12 in Release builds).
+      std::string quoted = "\"", entry = "{\"name\":\"";
+      quoted.append(n).append("\"");
+      entry.append(n).append("\"");
+      const bool ok = out.find(quoted, out.find("\"recovered\"")) < out.find("\"lost\"");
+      const bool lost = out.find(entry) != std::string::npos;
       EXPECT_TRUE(ok != lost) << what << ": context " << n << " neither recovered nor reported lost\n" << out;
       if (ok) recovered.insert(n);
     }
