@@ -168,6 +168,8 @@ class Context:
         :func:`query_options`. `out` / `lse` may be given to write in place.
         """
         opts = _options(options, kw)
+        if not hasattr(q, "shape") or not hasattr(q, "ndim"):
+            raise TypeError(f"q must be a numpy array or a torch tensor, got {type(q).__name__}")
         if _is_torch(q) and q.is_cuda:
             return self._attend_cuda(layer, q, out, lse, opts, layout, lse_base2, stats)
         if layout != "head_major" or lse_base2:

@@ -277,14 +277,15 @@ def _squeeze_attention(module, query, key, value, attention_mask, scaling=None, 
 
 def register() -> None:
     """Registers the "squeeze" and "squeeze_export" attention implementations
-    with transformers (idempotent). "squeeze_export" also gets the sdpa mask
-    (chunked export needs causal masks); "squeeze" builds its own (it sees
-    only the caller's tokens, the context is in the database)."""
+    with transformers (idempotent), both with sdpa's mask function: without a
+    ContextCache in the call "squeeze" is exactly sdpa (padding and chunked
+    prefill included); with one it attends the caller's own tokens causally
+    itself (batch size 1, no padding) and ignores the mask."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-    AttentionInterface.register(ATTN_NAME, _squeeze_attention)
-    AttentionInterface.register(EXPORT_ATTN_NAME, _export_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(EXPORT_ATTN_NAME, sdpa_mask)
+    for name, fn in ((ATTN_NAME, _squeeze_attention), (EXPORT_ATTN_NAME, _export_attention)):
+        AttentionInterface.register(name, fn)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)
 
 
 def enable(model) -> None:

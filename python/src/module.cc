@@ -521,14 +521,18 @@ nb::dict BuildFromTensors(const DbObj& db, const std::string& name, int n_q_head
     }
     const std::string at = "layers[" + std::to_string(i) + "]";
     sqz::KvLayerView lv;
-    keep.push_back(nb::cast<Array>(t[0]));
-    lv.k = ViewOf(keep.back(), (at + ".k").c_str());
-    keep.push_back(nb::cast<Array>(t[1]));
-    lv.v = ViewOf(keep.back(), (at + ".v").c_str());
-    if (n == 3 && !t[2].is_none()) {
-      keep.push_back(nb::cast<Array>(t[2]));
-      lv.q_window = ViewOf(keep.back(), (at + ".q_window").c_str());
-    }
+    auto take = [&](nb::handle h, const std::string& what) {
+      Array a;
+      if (!nb::try_cast<Array>(h, a)) {
+        Fail(sqz::Status::InvalidArgument(what + ": expected an array in host memory (numpy, or a torch CPU " +
+                                          "tensor), got " + nb::type_name(h.type()).c_str()));
+      }
+      keep.push_back(std::move(a));
+      return ViewOf(keep.back(), what.c_str());
+    };
+    lv.k = take(t[0], at + ".k");
+    lv.v = take(t[1], at + ".v");
+    if (n == 3 && !t[2].is_none()) lv.q_window = take(t[2], at + ".q_window");
     views.push_back(std::move(lv));
     ++i;
   }
