@@ -45,12 +45,17 @@ for lib in blas lapack; do
   fi
 done
 
-# Python tooling for the cross-checks (tests/python): a project-local venv.
+# Python: a project-local venv (.venv or $SQZ_VENV) with the cross-check
+# tools (scripts/requirements.txt) and the Python package's build tools, Hugging
+# Face stack and test tools (python/requirements.txt); nothing system-wide.
+# Reinstalled when a requirements file changes.
 VENV=${SQZ_VENV:-.venv}
-if ! "$VENV/bin/python" -c 'import numpy, safetensors' >/dev/null 2>&1; then
-  echo "setup: creating $VENV (numpy, safetensors)"
-  python3 -m venv "$VENV"
-  "$VENV/bin/pip" install --quiet --disable-pip-version-check -r scripts/requirements.txt
+req_stamp="$VENV/.sqz-requirements"
+if [ ! -x "$VENV/bin/python" ] || ! cat scripts/requirements.txt python/requirements.txt | cmp -s - "$req_stamp"; then
+  echo "setup: installing Python requirements into $VENV (torch, transformers, ...; first time ~2 min)"
+  [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check -r scripts/requirements.txt -r python/requirements.txt
+  cat scripts/requirements.txt python/requirements.txt >"$req_stamp"
 fi
 
 if [ "${SQZ_SKIP_BUILD:-0}" = "1" ]; then exit 0; fi
@@ -58,3 +63,10 @@ if [ "${SQZ_SKIP_BUILD:-0}" = "1" ]; then exit 0; fi
 BUILD_DIR=${SQZ_BUILD_DIR:-build}
 cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DSQZ_WERROR=ON ${SQZ_CMAKE_ARGS:-} >/dev/null
 cmake --build "$BUILD_DIR" -j "$(nproc)"
+
+# The Python package (pyproject.toml): the extension builds in
+# build/python/<tag> (incremental) and installs into the venv.
+if [ "${SQZ_SKIP_PYTHON:-0}" != "1" ]; then
+  echo "setup: pip install . (the squeeze Python package) into $VENV"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-build-isolation . ${SQZ_PIP_ARGS:-}
+fi

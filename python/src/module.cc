@@ -93,8 +93,8 @@ void RegisterErrors(nb::module_& m) {
 // ---------------------------------------------------------------------------
 // Arrays
 // ---------------------------------------------------------------------------
-using Array = nb::ndarray<nb::ro>;      // any dtype/device, read-only view
-using OutArray = nb::ndarray<>;         // writable
+using Array = nb::ndarray<nb::ro>;  // any dtype/device, read-only view
+using OutArray = nb::ndarray<>;     // writable
 
 constexpr int kDLCpu = 1;
 constexpr int kDLCuda = 2;
@@ -103,13 +103,26 @@ constexpr int kDLCudaHost = 3;
 std::string DTypeString(nb::dlpack::dtype t) {
   const char* kind = "?";
   switch (static_cast<nb::dlpack::dtype_code>(t.code)) {
-    case nb::dlpack::dtype_code::Int: kind = "int"; break;
-    case nb::dlpack::dtype_code::UInt: kind = "uint"; break;
-    case nb::dlpack::dtype_code::Float: kind = "float"; break;
-    case nb::dlpack::dtype_code::Bfloat: kind = "bfloat"; break;
-    case nb::dlpack::dtype_code::Complex: kind = "complex"; break;
-    case nb::dlpack::dtype_code::Bool: kind = "bool"; break;
-    default: break;
+    case nb::dlpack::dtype_code::Int:
+      kind = "int";
+      break;
+    case nb::dlpack::dtype_code::UInt:
+      kind = "uint";
+      break;
+    case nb::dlpack::dtype_code::Float:
+      kind = "float";
+      break;
+    case nb::dlpack::dtype_code::Bfloat:
+      kind = "bfloat";
+      break;
+    case nb::dlpack::dtype_code::Complex:
+      kind = "complex";
+      break;
+    case nb::dlpack::dtype_code::Bool:
+      kind = "bool";
+      break;
+    default:
+      break;
   }
   return std::string(kind) + std::to_string(t.bits);
 }
@@ -152,14 +165,14 @@ void CheckArray(const A& a, const ArraySpec& spec, const std::vector<int64_t>& s
   const int dev = a.device_type();
   if (spec.cuda ? dev != kDLCuda : (dev != kDLCpu && dev != kDLCudaHost)) {
     Fail(sqz::Status::InvalidArgument(std::string(spec.what) + ": the tensor is on the " +
-                                      (dev == kDLCuda ? "GPU" : "device type " + std::to_string(dev)) +
-                                      ", expected " + (spec.cuda ? "a CUDA tensor" : "host memory (CPU)")));
+                                      (dev == kDLCuda ? "GPU" : "device type " + std::to_string(dev)) + ", expected " +
+                                      (spec.cuda ? "a CUDA tensor" : "host memory (CPU)")));
   }
   if (dtype) {
     const sqz::DType got = ToDType(a.dtype(), spec.what);
     if (got != *dtype) {
-      Fail(sqz::Status::InvalidArgument(std::string(spec.what) + ": dtype " + DTypeString(a.dtype()) +
-                                        ", expected " + sqz::DTypeName(*dtype)));
+      Fail(sqz::Status::InvalidArgument(std::string(spec.what) + ": dtype " + DTypeString(a.dtype()) + ", expected " +
+                                        sqz::DTypeName(*dtype)));
     }
   }
   std::vector<int64_t> got(a.ndim());
@@ -272,7 +285,7 @@ struct DbBox {
 class DbObj {
  public:
   static DbObj Open(const std::string& path, bool read_only, bool create_if_missing, bool error_if_exists,
-                   size_t block_cache_bytes) {
+                    size_t block_cache_bytes) {
     sqz::Options o;
     o.read_only = read_only;
     o.create_if_missing = create_if_missing;
@@ -311,7 +324,7 @@ class DbObj {
 class ContextObj {
  public:
   static ContextObj Open(const DbObj& db, const std::string& name, const std::string& device, int device_id,
-                        int kv_head_begin, int kv_head_end, const std::string& residency, size_t device_cache_bytes) {
+                         int kv_head_begin, int kv_head_end, const std::string& residency, size_t device_cache_bytes) {
     sqz::OpenOptions o;
     if (device == "cpu") {
       o.device = sqz::Device::kCpu;
@@ -417,8 +430,8 @@ class ContextObj {
       }
     }
     if (q.device_id() != hd.device_id()) {
-      Fail(sqz::Status::InvalidArgument("q is on cuda:" + std::to_string(q.device_id()) + ", the context on cuda:" +
-                                        std::to_string(hd.device_id())));
+      Fail(sqz::Status::InvalidArgument("q is on cuda:" + std::to_string(q.device_id()) +
+                                        ", the context on cuda:" + std::to_string(hd.device_id())));
     }
     a.layer = layer;
     a.T = static_cast<int>(T);
@@ -569,8 +582,8 @@ void MergeDevice(const OutArray& o_a, const OutArray& lse_a, const Array& o_b, c
   CheckArray(lse_b, {"lse_b", true}, {n}, sqz::DType::kF32);
   nb::gil_scoped_release nogil;
   Check(sqz::MergeAttentionStatesDevice(o_a.data(), static_cast<float*>(lse_a.data()), o_b.data(),
-                                        static_cast<const float*>(lse_b.data()), n, static_cast<int>(d), dt,
-                                        lse_base2, reinterpret_cast<void*>(stream)));
+                                        static_cast<const float*>(lse_b.data()), n, static_cast<int>(d), dt, lse_base2,
+                                        reinterpret_cast<void*>(stream)));
 }
 
 }  // namespace
@@ -625,53 +638,63 @@ NB_MODULE(_core, m) {
       .def_prop_ro("path", [](const DbObj& d) { return d.db()->path(); })
       .def_prop_ro("read_only", [](const DbObj& d) { return d.db()->read_only(); })
       .def_prop_ro("closed", [](const DbObj& d) { return !d.box() || !d.box()->db; })
-      .def("refresh", [](const DbObj& d) {
-        sqz::DB* db = d.db();
-        nb::gil_scoped_release nogil;
-        Check(db->Refresh());
-      })
-      .def("contexts", [](const DbObj& d) {
-        std::vector<std::string> names;
-        sqz::DB* db = d.db();
-        {
-          nb::gil_scoped_release nogil;
-          Check(db->ListContexts(&names));
-        }
-        return names;
-      })
-      .def("describe", [](const DbObj& d, const std::string& name) {
-        sqz::ContextInfo info;
-        sqz::DB* db = d.db();
-        {
-          nb::gil_scoped_release nogil;
-          Check(db->DescribeContext(name, &info));
-        }
-        return InfoDict(info);
-      }, "name"_a)
-      .def("drop", [](const DbObj& d, const std::string& name) {
-        sqz::DB* db = d.db();
-        nb::gil_scoped_release nogil;
-        Check(db->DropContext(name));
-      }, "name"_a)
-      .def("verify", [](const DbObj& d, const std::string& name) {
-        sqz::VerifyReport r;
-        sqz::DB* db = d.db();
-        {
-          nb::gil_scoped_release nogil;
-          Check(db->VerifyContext(name, &r));
-        }
-        nb::dict out;
-        out["records_checked"] = r.records_checked;
-        out["kv_pages_checked"] = r.kv_pages_checked;
-        out["bytes_checked"] = r.bytes_checked;
-        return out;
-      }, "name"_a)
+      .def("refresh",
+           [](const DbObj& d) {
+             sqz::DB* db = d.db();
+             nb::gil_scoped_release nogil;
+             Check(db->Refresh());
+           })
+      .def("contexts",
+           [](const DbObj& d) {
+             std::vector<std::string> names;
+             sqz::DB* db = d.db();
+             {
+               nb::gil_scoped_release nogil;
+               Check(db->ListContexts(&names));
+             }
+             return names;
+           })
+      .def(
+          "describe",
+          [](const DbObj& d, const std::string& name) {
+            sqz::ContextInfo info;
+            sqz::DB* db = d.db();
+            {
+              nb::gil_scoped_release nogil;
+              Check(db->DescribeContext(name, &info));
+            }
+            return InfoDict(info);
+          },
+          "name"_a)
+      .def(
+          "drop",
+          [](const DbObj& d, const std::string& name) {
+            sqz::DB* db = d.db();
+            nb::gil_scoped_release nogil;
+            Check(db->DropContext(name));
+          },
+          "name"_a)
+      .def(
+          "verify",
+          [](const DbObj& d, const std::string& name) {
+            sqz::VerifyReport r;
+            sqz::DB* db = d.db();
+            {
+              nb::gil_scoped_release nogil;
+              Check(db->VerifyContext(name, &r));
+            }
+            nb::dict out;
+            out["records_checked"] = r.records_checked;
+            out["kv_pages_checked"] = r.kv_pages_checked;
+            out["bytes_checked"] = r.bytes_checked;
+            return out;
+          },
+          "name"_a)
       .def("close", &DbObj::Close);
 
   nb::class_<ContextObj>(m, "Context")
       .def_static("open", &ContextObj::Open, "db"_a, "name"_a, "device"_a = "cpu", "device_id"_a = 0,
-                  "kv_head_begin"_a = 0, "kv_head_end"_a = -1, "residency"_a = "storage",
-                  "device_cache_bytes"_a = 0)
+                  "kv_head_begin"_a = 0, "kv_head_end"_a = -1, "residency"_a = "storage", "device_cache_bytes"_a = 0)
       .def_prop_ro("info", [](const ContextObj& c) { return InfoDict(c.h().info()); })
       .def_prop_ro("device_id", [](const ContextObj& c) { return c.h().device_id(); })
       .def_prop_ro("kv_head_begin", [](const ContextObj& c) { return c.h().kv_head_begin(); })
@@ -679,13 +702,13 @@ NB_MODULE(_core, m) {
       .def_prop_ro("n_served_q_heads", [](const ContextObj& c) { return c.h().n_served_q_heads(); })
       .def("attend", &ContextObj::Attend, "layer"_a, "q"_a, "out"_a, "lse"_a, "options"_a, "stats"_a = false)
       .def("workspace_bytes", &ContextObj::WorkspaceBytes, "T"_a, "options"_a)
-      .def("attend_device", &ContextObj::AttendDevice, "layer"_a, "q"_a, "out"_a, "lse"_a, "workspace"_a,
-           "stream"_a, "layout"_a, "lse_base2"_a, "options"_a)
+      .def("attend_device", &ContextObj::AttendDevice, "layer"_a, "q"_a, "out"_a, "lse"_a, "workspace"_a, "stream"_a,
+           "layout"_a, "lse_base2"_a, "options"_a)
       .def("close", &ContextObj::Close);
 
   m.def("build_from_file", &BuildFromFile, "db"_a, "name"_a, "path"_a, "options"_a, "progress"_a = nb::none());
-  m.def("build_from_tensors", &BuildFromTensors, "db"_a, "name"_a, "n_q_heads"_a, "layers"_a, "model"_a,
-        "options"_a, "progress"_a = nb::none());
+  m.def("build_from_tensors", &BuildFromTensors, "db"_a, "name"_a, "n_q_heads"_a, "layers"_a, "model"_a, "options"_a,
+        "progress"_a = nb::none());
   m.def("merge_states", &Merge, "o_a"_a, "lse_a"_a, "o_b"_a, "lse_b"_a);
   m.def("merge_states_device", &MergeDevice, "o_a"_a, "lse_a"_a, "o_b"_a, "lse_b"_a, "lse_base2"_a, "stream"_a);
 }
