@@ -69,6 +69,7 @@ struct Acc {
 struct ConfigAcc {
   Acc kinds[2];  // concentrated, spread
   Acc all;
+  std::vector<Acc> heads;  // per (layer, query head), EvalReport::heads order
   int64_t keys_read = 0, keys_clustered = 0;
   uint64_t bytes_read = 0, bytes_dense = 0;
   double seconds = 0;
@@ -290,6 +291,7 @@ Status Evaluate(const ContextHandle& handle, const std::vector<LayerQueries>& qu
     }
 
     // Head kinds from the dense attention.
+    const size_t head_base = report->heads.size();
     std::vector<int> kind(n_q);
     for (int qh = 0; qh < n_q; ++qh) {
       double mass = 0;
@@ -304,6 +306,7 @@ Status Evaluate(const ContextHandle& handle, const std::vector<LayerQueries>& qu
 
     for (size_t ci = 0; ci < configs.size(); ++ci) {
       const QueryOptions& qo = configs[ci].options;
+      acc[ci].heads.resize(report->heads.size());
       if (qo.softmax_scale != 0 && qo.softmax_scale != static_cast<float>(scale)) {
         return Status::InvalidArgument("eval compares against the default softmax scale; config '" + configs[ci].name +
                                        "' sets another");
@@ -352,6 +355,7 @@ Status Evaluate(const ContextHandle& handle, const std::vector<LayerQueries>& qu
               const double kf = n_clustered > 0 ? static_cast<double>(keys) / n_clustered : 0.0;
               acc[ci].kinds[kind[qh]].Add(recall, oracle, err, kf);
               acc[ci].all.Add(recall, oracle, err, kf);
+              acc[ci].heads[head_base + qh].Add(recall, oracle, err, kf);
             }
           }
         }
@@ -365,6 +369,7 @@ Status Evaluate(const ContextHandle& handle, const std::vector<LayerQueries>& qu
     r.all = acc[ci].all.Finish();
     r.concentrated = acc[ci].kinds[0].Finish();
     r.spread = acc[ci].kinds[1].Finish();
+    for (const Acc& h : acc[ci].heads) r.per_head.push_back(h.Finish());
     r.read_fraction =
         acc[ci].keys_clustered > 0 ? static_cast<double>(acc[ci].keys_read) / acc[ci].keys_clustered : 0.0;
     r.bytes_read = acc[ci].bytes_read;

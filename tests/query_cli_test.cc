@@ -155,6 +155,40 @@ TEST_F(QueryCliTest, EvalReportsPerConfigurationAndHeadKind) {
   EXPECT_TRUE(j["configs"][1]["spread"].contains("samples"));
   ASSERT_TRUE(j["heads"].is_array());
   EXPECT_EQ(j["heads"].size(), static_cast<size_t>(j["heads_concentrated"].get<int>() + j["heads_spread"].get<int>()));
+  // Per (layer, query head): every head has as many samples, so their mean is
+  // the overall mean; dense recalls everything.
+  for (const auto& c : j["configs"]) {
+    ASSERT_EQ(c["head_recall"].size(), j["heads"].size()) << c["name"];
+    ASSERT_EQ(c["head_oracle"].size(), j["heads"].size()) << c["name"];
+    double sum = 0;
+    for (const auto& r : c["head_recall"]) sum += r.get<double>();
+    EXPECT_NEAR(sum / static_cast<double>(j["heads"].size()), c["all"]["recall_mean"].get<double>(), 1e-9) << c["name"];
+  }
+  for (const auto& r : j["configs"][0]["head_recall"]) EXPECT_NEAR(r.get<double>(), 1.0, 1e-9);
+}
+
+TEST_F(QueryCliTest, EvalPlot) {
+  std::string out;
+  const std::string png = dir_->Sub("recall.png");
+  // No interpreter: a clear error naming what --plot needs, exit 1, no crash.
+  EXPECT_EQ(testing::RunCommand("SQZ_PYTHON=/nonexistent/python " + testing::SqctlPath() + " " + Base("eval") +
+                                    " --budgets 0.125 --plot " + png,
+                                &out),
+            1)
+      << out;
+  EXPECT_NE(out.find("--plot needs the squeeze Python package"), std::string::npos) << out;
+  // With the project's venv (scripts/setup.sh installs the package there): a PNG.
+  const std::string py = std::string(SQZ_SOURCE_DIR) + "/.venv/bin/python";
+  if (!std::filesystem::exists(py)) GTEST_SKIP() << "no " << py << " (scripts/setup.sh makes it)";
+  ASSERT_EQ(testing::RunCommand("SQZ_PYTHON=" + py + " " + testing::SqctlPath() + " " + Base("eval") +
+                                    " --budgets 0.125,0.25 --plot " + png,
+                                &out),
+            0)
+      << out;
+  std::ifstream f(png, std::ios::binary);
+  char magic[8] = {};
+  f.read(magic, 8);
+  EXPECT_EQ(std::string(magic + 1, 3), "PNG") << out;
 }
 
 TEST_F(QueryCliTest, DeviceOption) {

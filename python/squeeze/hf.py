@@ -466,8 +466,10 @@ class ContextCache(_Tracking, _dynamic_cache_base()):
         self.context = context
         self.n_ctx = int(context.info["n_tokens"])
         self.options = options if options is not None else squeeze.query_options(**query_kw)
-        self.keys_read = 0  # clustered keys read, summed over calls, layers and KV heads (host path)
-        self.keys_total = 0  # clustered keys there were to read
+        # Clustered keys attended per query and KV head, summed over queries,
+        # layers and KV heads (host calls), and the clustered keys there were.
+        self.keys_read = 0.0
+        self.keys_total = 0
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return super().get_seq_length(layer_idx) + self.n_ctx
@@ -500,13 +502,24 @@ class ContextCache(_Tracking, _dynamic_cache_base()):
             return o.float(), lse
         q32 = q.detach().to("cpu", torch.float32).contiguous()
         o, lse, st = ctx.attend(layer, q32, options=opts, stats=True)
-        self.keys_read += int(st["keys_selected"])
-        self.keys_total += int(ctx.info["n_clustered"]) * len(st["heads"])
+        self._count_reads(st, g, T)
         return o.to(q.device), lse.to(q.device)
+
+    def _count_reads(self, st: dict, g: int, T: int) -> None:
+        # keys_attended sums, over the group's query heads and the T queries,
+        # the keys each attended (window and sinks included): per query and
+        # KV head that is what one decode step reads, also when T queries
+        # select one by one in a single call (their union would overstate it).
+        info = self.context.info
+        n_always = int(info["n_tokens"]) - int(info["n_clustered"])
+        for h in st["heads"]:
+            self.keys_read += h["keys_attended"] / g - n_always * T
+            self.keys_total += int(info["n_clustered"]) * T
 
     @property
     def fraction_read(self) -> float:
-        """Clustered keys read / clustered keys there were, over the host calls so far."""
+        """Mean fraction of the context's clustered keys a query read (per
+        query and KV head, as a decode step reads), over the host calls so far."""
         return self.keys_read / self.keys_total if self.keys_total else 0.0
 
 

@@ -72,7 +72,7 @@ def _nll(logits: torch.Tensor, targets: list[int]) -> float:
 
 @torch.no_grad()
 def evaluate_document(model, tok, name: str, path: str, db: squeeze.DB, *, n_ctx: int, n_cont: int,
-                      answer_tokens: int, sqctl: str | None, work: str) -> dict:
+                      answer_tokens: int, sqctl: str | None, work: str, plot_dir: str | None = None) -> dict:
     ids = hf.tokenize_document(tok, open(path, encoding="utf-8", errors="replace").read())
     if len(ids) < n_ctx + n_cont:
         raise squeeze.InvalidArgumentError(f"{path}: {len(ids)} tokens, need {n_ctx + n_cont}")
@@ -109,7 +109,7 @@ def evaluate_document(model, tok, name: str, path: str, db: squeeze.DB, *, n_ctx
                   f"answers agree {[round(x, 2) for x in agree]}", file=sys.stderr)
     model.set_attn_implementation("sdpa")
     if sqctl:
-        res["sqctl_eval"] = run_sqctl_eval(model, ids[:n_ctx + n_cont], n_ctx, db, name, sqctl, work)
+        res["sqctl_eval"] = run_sqctl_eval(model, ids[:n_ctx + n_cont], n_ctx, db, name, sqctl, work, plot_dir)
     return res
 
 
@@ -120,20 +120,38 @@ def _prefix(a: list[int], b: list[int]):
         yield x
 
 
-def run_sqctl_eval(model, ids: list[int], n_ctx: int, db: squeeze.DB, name: str, sqctl: str, work: str) -> dict:
-    """`sqctl eval` with the continuation's real post-RoPE queries."""
+def run_sqctl_eval(model, ids: list[int], n_ctx: int, db: squeeze.DB, name: str, sqctl: str, work: str,
+                   plot_dir: str | None = None) -> dict:
+    """`sqctl eval` with the continuation's real post-RoPE queries (and its
+    recall plot in plot_dir)."""
     layers, _ = hf.compute_kv(model, ids, window=len(ids) - n_ctx, chunk_size=512)
     qfile = os.path.join(work, f"{name}.queries.safetensors")
     from safetensors.torch import save_file
     save_file({f"layers.{i}.q": q.contiguous() for i, (_, _, q) in enumerate(layers)}, qfile)
     out = subprocess.run([sqctl, "eval", "--db", db.path, "--context", name, "--queries", qfile, "--budgets",
-                          "0.125,0.25", "--json"], check=True, capture_output=True, text=True).stdout
+                          "0.05,0.125,0.25", "--json"], check=True, capture_output=True, text=True).stdout
     rep = json.loads(out)
+    if plot_dir:
+        from squeeze.plot import plot_eval
+        os.makedirs(plot_dir, exist_ok=True)
+        plot_eval(rep, os.path.join(plot_dir, f"recall-{name}.png"),
+                  f"{name}: SmolLM2-135M, {n_ctx}-token context, queries of the next {len(ids) - n_ctx} tokens")
+    per_layer = {}
+    for i, h in enumerate(rep["heads"]):
+        for c in rep["configs"]:
+            if c["name"] in ("budget=0.125 flat", "budget=0.125 hier"):
+                per_layer.setdefault(c["name"], {}).setdefault(h["layer"], []).append(
+                    (c["head_recall"][i], c["head_oracle"][i]))
     keep = ("recall_mean", "recall_worst", "oracle_mean", "recall_over_oracle", "error_mean", "keys_fraction")
     return {"heads_concentrated": rep["heads_concentrated"], "heads_spread": rep["heads_spread"],
             "configs": [{"name": c["name"], "read_fraction": c["read_fraction"],
                          **{kind: {k: c[kind][k] for k in keep} for kind in ("all", "concentrated", "spread")}}
-                        for c in rep["configs"]]}
+                        for c in rep["configs"]],
+            "per_layer_budget_0.125": {cfg: {str(layer): {"recall": sum(r for r, _ in v) / len(v),
+                                                          "oracle": sum(o for _, o in v) / len(v),
+                                                          "worst_head_recall": min(r for r, _ in v)}
+                                             for layer, v in layers_.items()}
+                                       for cfg, layers_ in per_layer.items()}}
 
 
 def markdown(results: list[dict]) -> str:
@@ -171,6 +189,7 @@ def main(argv=None) -> int:
     p.add_argument("--documents", nargs="*", help="NAME=PATH pairs (default: GPL-3, GFDL-1.3, argparse.py)")
     p.add_argument("--sqctl", help="sqctl binary for the recall evaluation (skipped when absent)")
     p.add_argument("--out", required=True, help="JSON results; a Markdown table is printed")
+    p.add_argument("--plot-dir", help="write sqctl eval's recall plot of each document here")
     a = p.parse_args(argv)
     docs = dict(d.split("=", 1) for d in a.documents) if a.documents else default_documents()
     model, tok = hf.load_model(a.model)
@@ -179,7 +198,8 @@ def main(argv=None) -> int:
         with squeeze.open(os.path.join(work, "db")) as db:
             for name, path in docs.items():
                 results.append(evaluate_document(model, tok, name, path, db, n_ctx=a.n_ctx, n_cont=a.n_cont,
-                                                 answer_tokens=a.answer_tokens, sqctl=a.sqctl, work=work))
+                                                 answer_tokens=a.answer_tokens, sqctl=a.sqctl, work=work,
+                                                 plot_dir=a.plot_dir))
     with open(a.out, "w") as f:
         json.dump({"model": a.model, "torch": torch.__version__, "results": results}, f, indent=1)
     print(markdown(results))

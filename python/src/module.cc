@@ -164,9 +164,11 @@ template <typename A>
 void CheckArray(const A& a, const ArraySpec& spec, const std::vector<int64_t>& shape, std::optional<sqz::DType> dtype) {
   const int dev = a.device_type();
   if (spec.cuda ? dev != kDLCuda : (dev != kDLCpu && dev != kDLCudaHost)) {
-    Fail(sqz::Status::InvalidArgument(std::string(spec.what) + ": the tensor is on the " +
-                                      (dev == kDLCuda ? "GPU" : "device type " + std::to_string(dev)) + ", expected " +
-                                      (spec.cuda ? "a CUDA tensor" : "host memory (CPU)")));
+    const std::string where = dev == kDLCuda                          ? "a CUDA device"
+                              : (dev == kDLCpu || dev == kDLCudaHost) ? "the CPU"
+                                                                      : "DLPack device type " + std::to_string(dev);
+    Fail(sqz::Status::InvalidArgument(std::string(spec.what) + ": the tensor is on " + where + ", expected " +
+                                      (spec.cuda ? "a CUDA tensor (the context is on the GPU)" : "host memory")));
   }
   if (dtype) {
     const sqz::DType got = ToDType(a.dtype(), spec.what);

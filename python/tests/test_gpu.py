@@ -90,7 +90,7 @@ def test_bad_device_arguments(setup):
         with pytest.raises(squeeze.InvalidArgumentError, match="shape"):
             gpu.attend(0, q[:2])
         with pytest.raises(squeeze.InvalidArgumentError, match="contiguous"):
-            gpu.attend(0, torch.randn(1, H, d, device="cuda", dtype=torch.bfloat16).transpose(0, 1))
+            gpu.attend(0, torch.randn(2, H, d, device="cuda", dtype=torch.bfloat16).transpose(0, 1))
         with pytest.raises(squeeze.InvalidArgumentError, match="dtype"):
             gpu.attend(0, q.to(torch.float64))
         with pytest.raises(squeeze.InvalidArgumentError, match="stats"):
@@ -101,17 +101,23 @@ def test_bad_device_arguments(setup):
 
 
 def test_dense_logits_on_the_gpu_equal_the_models(setup):
+    """A CUDA model attending a CUDA context (the GPU engine stores F16/BF16):
+    the same logits as through the CPU engine over the same stored context,
+    and the model's own logits within the fp16 rounding of the stored KV."""
     model, ids, db = setup
-    hf.export_context(model, None, token_ids=ids[:2900], db=db, name="c32", kv_dtype="float32", window=64)
+    hf.export_context(model, None, token_ids=ids[:2900], db=db, name="c16", kv_dtype="float16", window=64)
     model = model.to("cuda")
     try:
-        with db.context("c32", device="cuda") as ctx:
+        with db.context("c16", device="cuda") as ctx, db.context("c16") as cpu_ctx:
             for own_len in (4, 40):  # the device call (T * G <= 64) and the host call on the GPU handle
-                own = ids[2900:2900 + own_len]
-                logits, _ = hf.own_logits(model, ctx, torch.tensor(own), mode="dense")
+                own = torch.tensor(ids[2900:2900 + own_len])
+                logits, _ = hf.own_logits(model, ctx, own, mode="dense")
+                via_cpu, _ = hf.own_logits(model, cpu_ctx, own, mode="dense")
                 with torch.no_grad():
                     full = model(input_ids=torch.tensor([ids[:2900 + own_len]], device="cuda")).logits[0, 2900:]
-                assert (logits - full).abs().max().item() < 1e-3
+                print(own_len, (logits - via_cpu).abs().max().item(), (logits - full).abs().max().item())
+                assert (logits - via_cpu).abs().max().item() < 2e-3
+                assert (logits - full).abs().max().item() < 3e-2
             new, _ = hf.generate(model, ctx, torch.tensor(ids[2900:2910]), max_new_tokens=6,
                                  query={"budget": 0.125})
             assert new.shape == (1, 6)

@@ -215,6 +215,14 @@ std::string EvalReportJson(const query::EvalReport& report) {
     c["all"] = AggregateJson(r.all);
     c["concentrated"] = AggregateJson(r.concentrated);
     c["spread"] = AggregateJson(r.spread);
+    // Per (layer, query head), in the order of "heads": recall and oracle means.
+    Json recall = Json::array(), oracle = Json::array();
+    for (const query::EvalAggregate& a : r.per_head) {
+      recall.push_back(Finite(a.recall_mean));
+      oracle.push_back(Finite(a.oracle_mean));
+    }
+    c["head_recall"] = std::move(recall);
+    c["head_oracle"] = std::move(oracle);
     configs.push_back(std::move(c));
   }
   j["configs"] = std::move(configs);

@@ -77,6 +77,9 @@ struct EvalConfigResult {
   uint64_t bytes_read = 0;   // KV bytes read by all the Attend calls
   uint64_t bytes_dense = 0;  // KV bytes dense Attend calls would read instead
   double seconds = 0;        // wall time of the Attend calls
+  // The same statistics per (layer, query head), in the order of
+  // EvalReport::heads.
+  std::vector<EvalAggregate> per_head;
 };
 
 // The classification of one (layer, query head).
