@@ -31,10 +31,12 @@ uint64_t AttendStats::bytes_read() const {
 
 Status ContextHandle::Open(DB* db, const std::string& name, const OpenOptions& options,
                            std::unique_ptr<ContextHandle>* out) {
-  std::unique_ptr<query::ContextHandleImpl> impl;
-  SQZ_RETURN_IF_ERROR(query::ContextHandleImpl::Open(db, name, options, &impl));
-  *out = std::move(impl);
-  return Status::OK();
+  return util::Guarded("ContextHandle::Open", [&] {
+    std::unique_ptr<query::ContextHandleImpl> impl;
+    SQZ_RETURN_IF_ERROR(query::ContextHandleImpl::Open(db, name, options, &impl));
+    *out = std::move(impl);
+    return Status::OK();
+  });
 }
 
 Status ContextHandle::Open(DB* db, const std::string& name, std::unique_ptr<ContextHandle>* out) {
@@ -53,7 +55,16 @@ Status ContextHandle::AttendDevice(const DeviceAttendArgs&, const QueryOptions&)
                               "device call");
 }
 
+namespace {
+Status AttendDeviceBatchUnguarded(const std::vector<DeviceBatchItem>& items, void* stream);
+}  // namespace
+
 Status AttendDeviceBatch(const std::vector<DeviceBatchItem>& items, void* stream) {
+  return util::Guarded("AttendDeviceBatch", [&] { return AttendDeviceBatchUnguarded(items, stream); });
+}
+
+namespace {
+Status AttendDeviceBatchUnguarded(const std::vector<DeviceBatchItem>& items, void* stream) {
   for (size_t i = 0; i < items.size(); ++i) {
     const DeviceBatchItem& it = items[i];
     const std::string what = "batch request " + std::to_string(i);
@@ -90,10 +101,13 @@ Status AttendDeviceBatch(const std::vector<DeviceBatchItem>& items, void* stream
     return s.ok() ? s : s.WithPrefix("batch request " + std::to_string(i));
   });
 }
+}  // namespace
 
 Status MergeAttentionStatesDevice(void* o_a, float* lse_a, const void* o_b, const float* lse_b, int64_t n, int head_dim,
                                   DType dtype, bool lse_base2, void* stream) {
-  return gpu::MergeStatesDevice(o_a, lse_a, o_b, lse_b, n, head_dim, dtype, lse_base2, stream);
+  return util::Guarded("MergeAttentionStatesDevice", [&] {
+    return gpu::MergeStatesDevice(o_a, lse_a, o_b, lse_b, n, head_dim, dtype, lse_base2, stream);
+  });
 }
 
 }  // namespace sqz
@@ -484,8 +498,8 @@ Status ContextHandleImpl::Resolve(const QueryOptions& options, SelectionParams* 
   return Status::OK();
 }
 
-Status ContextHandleImpl::Plan(int layer, const float* q, int T, const QueryOptions& options,
-                               SegmentTable* table) const {
+Status ContextHandleImpl::PlanUnguarded(int layer, const float* q, int T, const QueryOptions& options,
+                                        SegmentTable* table) const {
   SelectionParams params;
   SQZ_RETURN_IF_ERROR(Resolve(options, &params));
   if (OnDevice(params, T)) {
@@ -628,9 +642,9 @@ Status ContextHandleImpl::Run(const SegmentTable& t, const float* q, float scale
       status[h] = RunHead(t, h, q + h * group_rows * d, scale, o + h * group_rows * d, lse + h * group_rows,
                           &head_stats[h], seconds[h].data());
     } catch (const std::bad_alloc&) {
-      status[h] = Status::IOError("out of memory attending KV head " + std::to_string(h));
+      status[h] = Status::Aborted("out of memory attending KV head " + std::to_string(h));
     } catch (const std::exception& e) {
-      status[h] = Status::IOError(std::string("attending KV head ") + std::to_string(h) + ": " + e.what());
+      status[h] = Status::Aborted(std::string("attending KV head ") + std::to_string(h) + ": " + e.what());
     }
   }
   for (int h = 0; h < n; ++h) {
@@ -647,8 +661,8 @@ Status ContextHandleImpl::Run(const SegmentTable& t, const float* q, float scale
   return Status::OK();
 }
 
-Status ContextHandleImpl::Attend(int layer, const float* q, int T, const QueryOptions& options, float* o, float* lse,
-                                 AttendStats* stats) const {
+Status ContextHandleImpl::AttendUnguarded(int layer, const float* q, int T, const QueryOptions& options, float* o,
+                                          float* lse, AttendStats* stats) const {
   if (o == nullptr || lse == nullptr) {
     return Status::InvalidArgument("context '" + info().name + "' layer " + std::to_string(layer) +
                                    ": output buffers are null");
@@ -731,7 +745,7 @@ Status ContextHandleImpl::DeviceCall(const DeviceAttendArgs& a, const QueryOptio
   return Status::OK();
 }
 
-Status ContextHandleImpl::DeviceWorkspaceBytes(int T, const QueryOptions& options, size_t* bytes) const {
+Status ContextHandleImpl::DeviceWorkspaceBytesUnguarded(int T, const QueryOptions& options, size_t* bytes) const {
   DeviceAttendArgs a;
   a.T = T;
   SelectionParams params;
@@ -740,7 +754,7 @@ Status ContextHandleImpl::DeviceWorkspaceBytes(int T, const QueryOptions& option
   return resident_->WorkspaceBytes(T, DeviceConfig(params), bytes);
 }
 
-Status ContextHandleImpl::AttendDevice(const DeviceAttendArgs& args, const QueryOptions& options) const {
+Status ContextHandleImpl::AttendDeviceUnguarded(const DeviceAttendArgs& args, const QueryOptions& options) const {
   SelectionParams params;
   gpu::DeviceCall c;
   SQZ_RETURN_IF_ERROR(DeviceCall(args, options, &params, &c));
@@ -749,8 +763,8 @@ Status ContextHandleImpl::AttendDevice(const DeviceAttendArgs& args, const Query
   return Status::OK();
 }
 
-Status ContextHandleImpl::ReadRows(int layer, int kv_head, int64_t first_row, int64_t n_rows, float* k, float* v,
-                                   uint64_t* bytes) const {
+Status ContextHandleImpl::ReadRowsUnguarded(int layer, int kv_head, int64_t first_row, int64_t n_rows, float* k,
+                                            float* v, uint64_t* bytes) const {
   const ContextInfo& ci = info();
   if (layer < 0 || layer >= ci.n_layers || kv_head < head_begin_ || kv_head >= head_end_) {
     return Status::InvalidArgument(Where(layer, kv_head) + ": not served by this handle");

@@ -36,6 +36,7 @@
 #include "sqz/query.h"
 #include "sqz/status.h"
 #include "storage/store.h"
+#include "util/guard.h"
 
 namespace sqz::query {
 
@@ -74,13 +75,33 @@ class ContextHandleImpl final : public ContextHandle, public AttentionBackend {
   int device_id() const override { return resident_ ? resident_->device() : -1; }
   int kv_head_begin() const override { return head_begin_; }
   int kv_head_end() const override { return head_end_; }
+  // Each entry point runs under util::Guarded: no exception escapes it.
   Status Attend(int layer, const float* q, int T, const QueryOptions& options, float* o, float* lse,
-                AttendStats* stats = nullptr) const override;
-  Status Plan(int layer, const float* q, int T, const QueryOptions& options, SegmentTable* table) const override;
+                AttendStats* stats = nullptr) const override {
+    return util::Guarded("ContextHandle::Attend", [&] { return AttendUnguarded(layer, q, T, options, o, lse, stats); });
+  }
+  Status Plan(int layer, const float* q, int T, const QueryOptions& options, SegmentTable* table) const override {
+    return util::Guarded("ContextHandle::Plan", [&] { return PlanUnguarded(layer, q, T, options, table); });
+  }
   Status ReadRows(int layer, int kv_head, int64_t first_row, int64_t n_rows, float* k, float* v,
-                  uint64_t* bytes = nullptr) const override;
-  Status DeviceWorkspaceBytes(int T, const QueryOptions& options, size_t* bytes) const override;
-  Status AttendDevice(const DeviceAttendArgs& args, const QueryOptions& options) const override;
+                  uint64_t* bytes = nullptr) const override {
+    return util::Guarded("ContextHandle::ReadRows",
+                         [&] { return ReadRowsUnguarded(layer, kv_head, first_row, n_rows, k, v, bytes); });
+  }
+  Status DeviceWorkspaceBytes(int T, const QueryOptions& options, size_t* bytes) const override {
+    return util::Guarded("ContextHandle::DeviceWorkspaceBytes",
+                         [&] { return DeviceWorkspaceBytesUnguarded(T, options, bytes); });
+  }
+  Status AttendDevice(const DeviceAttendArgs& args, const QueryOptions& options) const override {
+    return util::Guarded("ContextHandle::AttendDevice", [&] { return AttendDeviceUnguarded(args, options); });
+  }
+  Status AttendUnguarded(int layer, const float* q, int T, const QueryOptions& options, float* o, float* lse,
+                         AttendStats* stats) const;
+  Status PlanUnguarded(int layer, const float* q, int T, const QueryOptions& options, SegmentTable* table) const;
+  Status ReadRowsUnguarded(int layer, int kv_head, int64_t first_row, int64_t n_rows, float* k, float* v,
+                           uint64_t* bytes) const;
+  Status DeviceWorkspaceBytesUnguarded(int T, const QueryOptions& options, size_t* bytes) const;
+  Status AttendDeviceUnguarded(const DeviceAttendArgs& args, const QueryOptions& options) const;
 
   // --- AttentionBackend --------------------------------------------------------
   // Workspace: the CPU engine keeps per-thread scratch; the figure reported is

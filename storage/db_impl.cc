@@ -22,6 +22,7 @@
 #include "directory.h"
 #include "records.h"
 #include "util/crc32c.h"
+#include "util/guard.h"
 
 namespace sqz::storage {
 
@@ -295,10 +296,12 @@ class WriterImpl final : public ContextWriter {
 
 namespace sqz {
 Status DB::Open(const Options& options, const std::string& path, std::unique_ptr<DB>* db) {
-  std::unique_ptr<storage::DBImpl> impl(new storage::DBImpl());
-  SQZ_RETURN_IF_ERROR(impl->OpenImpl(options, path));
-  *db = std::move(impl);
-  return Status::OK();
+  return util::Guarded("DB::Open", [&] {
+    std::unique_ptr<storage::DBImpl> impl(new storage::DBImpl());
+    SQZ_RETURN_IF_ERROR(impl->OpenImpl(options, path));
+    *db = std::move(impl);
+    return Status::OK();
+  });
 }
 }  // namespace sqz
 
@@ -484,7 +487,7 @@ Status DBImpl::OpenImpl(const Options& options, const std::string& path) {
   return Status::OK();
 }
 
-Status DBImpl::Refresh() {
+Status DBImpl::RefreshUnguarded() {
   if (!read_only_) return Status::OK();
   std::shared_ptr<RocksView> v;
   SQZ_RETURN_IF_ERROR(OpenView(false, &v));
@@ -752,7 +755,7 @@ Status DBImpl::GetManifest(RocksView* v, const rocksdb::ReadOptions& ro, const s
   return Status::OK();
 }
 
-Status DBImpl::ListContexts(std::vector<std::string>* names) {
+Status DBImpl::ListContextsUnguarded(std::vector<std::string>* names) {
   names->clear();
   auto v = view();
   std::unique_ptr<rocksdb::Iterator> it(v->db->NewIterator(rocksdb::ReadOptions(), v->cf_manifest));
@@ -760,7 +763,7 @@ Status DBImpl::ListContexts(std::vector<std::string>* names) {
   return FromRocks(it->status(), path_ + ": listing contexts");
 }
 
-Status DBImpl::DescribeContext(const std::string& name, ContextInfo* info) {
+Status DBImpl::DescribeContextUnguarded(const std::string& name, ContextInfo* info) {
   auto v = view();
   SQZ_RETURN_IF_ERROR(GetManifest(v.get(), rocksdb::ReadOptions(), name, info));
   const std::string b = ContextPrefix(info->id), e = ContextEnd(info->id);
@@ -794,7 +797,7 @@ Status DBImpl::OpenSnapshotImpl(const std::string& name, std::unique_ptr<Snapsho
   return Status::OK();
 }
 
-Status DBImpl::DropContext(const std::string& name) {
+Status DBImpl::DropContextUnguarded(const std::string& name) {
   if (read_only_) return Status::NotSupported(path_ + ": opened read-only; drop needs a read-write open");
   {
     std::lock_guard<std::mutex> lock(commit_mu_);
@@ -899,7 +902,7 @@ Status DBImpl::AbortContext(uint64_t id) {
 
 // --- verify --------------------------------------------------------------------
 
-Status DBImpl::VerifyContext(const std::string& name, VerifyReport* report) {
+Status DBImpl::VerifyContextUnguarded(const std::string& name, VerifyReport* report) {
   VerifyReport local;
   if (!report) report = &local;
   *report = VerifyReport();

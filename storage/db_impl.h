@@ -27,6 +27,7 @@
 #include "format.h"
 #include "sqz/db.h"
 #include "storage/store.h"
+#include "util/guard.h"
 
 namespace sqz::storage {
 
@@ -51,13 +52,32 @@ class DBImpl final : public DB, public Store {
   // --- sqz::DB -------------------------------------------------------------
   const std::string& path() const override { return path_; }
   bool read_only() const override { return read_only_; }
-  Status Refresh() override;
-  Status ListContexts(std::vector<std::string>* names) override;
-  Status DescribeContext(const std::string& name, ContextInfo* info) override;
-  Status DropContext(const std::string& name) override;
-  Status VerifyContext(const std::string& name, VerifyReport* report) override;
-  Status Backup(const std::string& backup_dir, BackupInfo* info) override;
+  // Each entry point runs under util::Guarded: no exception escapes it.
+  Status Refresh() override {
+    return util::Guarded("DB::Refresh", [&] { return RefreshUnguarded(); });
+  }
+  Status ListContexts(std::vector<std::string>* names) override {
+    return util::Guarded("DB::ListContexts", [&] { return ListContextsUnguarded(names); });
+  }
+  Status DescribeContext(const std::string& name, ContextInfo* info) override {
+    return util::Guarded("DB::DescribeContext", [&] { return DescribeContextUnguarded(name, info); });
+  }
+  Status DropContext(const std::string& name) override {
+    return util::Guarded("DB::DropContext", [&] { return DropContextUnguarded(name); });
+  }
+  Status VerifyContext(const std::string& name, VerifyReport* report) override {
+    return util::Guarded("DB::VerifyContext", [&] { return VerifyContextUnguarded(name, report); });
+  }
+  Status Backup(const std::string& backup_dir, BackupInfo* info) override {
+    return util::Guarded("DB::Backup", [&] { return BackupUnguarded(backup_dir, info); });
+  }
   Store* store() override { return this; }
+  Status RefreshUnguarded();
+  Status ListContextsUnguarded(std::vector<std::string>* names);
+  Status DescribeContextUnguarded(const std::string& name, ContextInfo* info);
+  Status DropContextUnguarded(const std::string& name);
+  Status VerifyContextUnguarded(const std::string& name, VerifyReport* report);
+  Status BackupUnguarded(const std::string& backup_dir, BackupInfo* info);
 
   // --- storage::Store ------------------------------------------------------
   Status BeginContext(const std::string& name, bool replace, const ContextInfo& shape,

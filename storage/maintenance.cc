@@ -15,6 +15,7 @@
 #include "db_impl.h"
 #include "directory.h"
 #include "records.h"
+#include "util/guard.h"
 
 namespace sqz::storage {
 
@@ -58,7 +59,7 @@ uint64_t BackupBytes(rocksdb::BackupEngineReadOnlyBase* be, uint32_t id) {
 
 }  // namespace
 
-Status DBImpl::Backup(const std::string& backup_dir, BackupInfo* info) {
+Status DBImpl::BackupUnguarded(const std::string& backup_dir, BackupInfo* info) {
   if (read_only_) return Status::NotSupported(path_ + ": opened read-only; a backup needs the writer's instance");
   BackupInfo local;
   if (!info) info = &local;
@@ -106,7 +107,23 @@ namespace sqz {
 
 using storage::FromRocks;
 
+namespace {
+Status RestoreUnguarded(const std::string& backup_dir, uint32_t backup_id, const std::string& db_path,
+                        BackupInfo* info);
+Status RepairUnguarded(const std::string& damaged, const std::string& out, RepairReport* report);
+}  // namespace
+
 Status DB::Restore(const std::string& backup_dir, uint32_t backup_id, const std::string& db_path, BackupInfo* info) {
+  return util::Guarded("DB::Restore", [&] { return RestoreUnguarded(backup_dir, backup_id, db_path, info); });
+}
+
+Status DB::Repair(const std::string& damaged, const std::string& out, RepairReport* report) {
+  return util::Guarded("DB::Repair", [&] { return RepairUnguarded(damaged, out, report); });
+}
+
+namespace {
+Status RestoreUnguarded(const std::string& backup_dir, uint32_t backup_id, const std::string& db_path,
+                        BackupInfo* info) {
   BackupInfo local;
   if (!info) info = &local;
   *info = BackupInfo();
@@ -143,8 +160,6 @@ Status DB::Restore(const std::string& backup_dir, uint32_t backup_id, const std:
   return storage::VerifyAll(db_path, &info->contexts).WithPrefix("the restored database " + db_path);
 }
 
-namespace {
-
 // Copies (hard-links table files, which RocksDB never modifies) the RocksDB
 // files of `from` into `to`.
 Status CopyDatabaseFiles(const std::string& from, const std::string& to, bool logs) {
@@ -169,9 +184,7 @@ struct Candidate {
   std::string manifest;  // encoded
 };
 
-}  // namespace
-
-Status DB::Repair(const std::string& damaged, const std::string& out, RepairReport* report) {
+Status RepairUnguarded(const std::string& damaged, const std::string& out, RepairReport* report) {
   RepairReport local;
   if (!report) report = &local;
   *report = RepairReport();
@@ -393,5 +406,7 @@ Status DB::Repair(const std::string& damaged, const std::string& out, RepairRepo
   for (const auto& [n, why] : lost_reason) report->lost.emplace_back(n, why);
   return Status::OK();
 }
+
+}  // namespace
 
 }  // namespace sqz

@@ -207,7 +207,8 @@ class ContextHandle {
   // finite queries so large that attention scores overflow (never a NaN
   // answer with OK),
   // a threshold quantile the context lacks, or an uncalibrated context in
-  // threshold-quantile mode; IOError/Corruption from storage.
+  // threshold-quantile mode; IOError/Corruption from storage; Aborted when
+  // memory runs out (no exception leaves any call of this API).
   virtual Status Attend(int layer, const float* q, int T, const QueryOptions& options, float* o, float* lse,
                         AttendStats* stats = nullptr) const = 0;
 

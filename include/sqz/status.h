@@ -1,6 +1,8 @@
 // Status: the result of every fallible call in the squeeze API.
 //
-// No exceptions cross the public API. A call that can fail returns a Status;
+// No exceptions cross the public API (every entry point runs under
+// util::Guarded: an exception, std::bad_alloc included, becomes Aborted naming
+// the call; tests/query_oom_test.cc). A call that can fail returns a Status;
 // OK carries no allocation. Error statuses carry a code and a message that
 // names the file, context or argument at fault and what is wrong with it.
 //

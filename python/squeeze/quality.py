@@ -177,6 +177,13 @@ def markdown(results: list[dict]) -> str:
                 lines.append(f"| {c['name']} | {100 * c['read_fraction']:.1f}% | {c['all']['recall_mean']:.3f} | "
                              f"{c['all']['oracle_mean']:.3f} | {c['concentrated']['recall_mean']:.3f} | "
                              f"{c['spread']['recall_mean']:.3f} | {c['all']['error_mean']:.3f} |")
+            for cfg, per in e.get("per_layer_budget_0.125", {}).items():
+                rows = sorted(((v["recall"], int(k), v) for k, v in per.items()))
+                med = rows[len(rows) // 2][0]
+                worst = ", ".join(f"layer {k} {r:.3f} (oracle {v['oracle']:.3f}, worst head {v['worst_head_recall']:.3f})"
+                                  for r, k, v in rows[:3])
+                lines.append(f"\nPer layer, {cfg}: recall median {med:.3f}, best {rows[-1][0]:.3f} (layer "
+                             f"{rows[-1][1]}); lowest: {worst}.")
     return "\n".join(lines) + "\n"
 
 
@@ -189,8 +196,12 @@ def main(argv=None) -> int:
     p.add_argument("--documents", nargs="*", help="NAME=PATH pairs (default: GPL-3, GFDL-1.3, argparse.py)")
     p.add_argument("--sqctl", help="sqctl binary for the recall evaluation (skipped when absent)")
     p.add_argument("--out", required=True, help="JSON results; a Markdown table is printed")
+    p.add_argument("--markdown-only", action="store_true", help="print the tables of an existing --out file")
     p.add_argument("--plot-dir", help="write sqctl eval's recall plot of each document here")
     a = p.parse_args(argv)
+    if a.markdown_only:
+        print(markdown(json.load(open(a.out))["results"]))
+        return 0
     docs = dict(d.split("=", 1) for d in a.documents) if a.documents else default_documents()
     model, tok = hf.load_model(a.model)
     results = []
