@@ -99,9 +99,10 @@ int sqz_db_options_init(sqz_db_options* options);
  * options NULL = defaults. On success *db is a new handle (close it with
  * sqz_db_close); on failure *db is set to NULL. Errors: SQZ_NOT_FOUND (no
  * database and not creating one, or read_only), SQZ_ALREADY_EXISTS
- * (error_if_exists), SQZ_IO_ERROR (another process holds it read-write, or a
- * directory with other files in it), SQZ_CORRUPTION, SQZ_NOT_SUPPORTED (a
- * newer format version). */
+ * (error_if_exists), SQZ_INVALID_ARGUMENT (`path` is a file, or a directory
+ * holding files that are not a squeeze database: nothing is created over
+ * them), SQZ_IO_ERROR (another process holds it read-write), SQZ_CORRUPTION,
+ * SQZ_NOT_SUPPORTED (a newer format version). */
 int sqz_db_open(const char* path, const sqz_db_options* options, sqz_db** db);
 
 /* Releases the handle (NULL is a no-op). The database closes once no context
