@@ -38,26 +38,21 @@ static int g_failures;
     }                                                                          \
   } while (0)
 
-/* Fails the case (returns from it) when a call does not succeed. */
-#define REQUIRE_OK(expr)                                                                                \
-  do {                                                                                                  \
-    const int rc_ = (expr);                                                                             \
-    ++g_checks;                                                                                         \
-    if (rc_ != SQZ_OK) {                                                                                \
-      fprintf(stderr, "%s:%d: %s returned %d: %s\n", __FILE__, __LINE__, #expr, rc_, sqz_last_error()); \
-      ++g_failures;                                                                                     \
-      return;                                                                                           \
-    }                                                                                                   \
-  } while (0)
+/* Counts a check that a call returned SQZ_OK; reports it otherwise.
+ * Returns whether it did. */
+static int check_ok(int rc, const char* expr, const char* file, int line) {
+  ++g_checks;
+  if (rc == SQZ_OK) return 1;
+  fprintf(stderr, "%s:%d: %s returned %d (%s): %s\n", file, line, expr, rc, sqz_status_name(rc), sqz_last_error());
+  ++g_failures;
+  return 0;
+}
 
-#define CHECK_OK(expr)                                                                                  \
-  do {                                                                                                  \
-    const int rc_ = (expr);                                                                             \
-    ++g_checks;                                                                                         \
-    if (rc_ != SQZ_OK) {                                                                                \
-      fprintf(stderr, "%s:%d: %s returned %d: %s\n", __FILE__, __LINE__, #expr, rc_, sqz_last_error()); \
-      ++g_failures;                                                                                     \
-    }                                                                                                   \
+#define CHECK_OK(expr) (void)check_ok((expr), #expr, __FILE__, __LINE__)
+/* Also ends the case (returns from it) when the call failed. */
+#define REQUIRE_OK(expr)                                      \
+  do {                                                        \
+    if (!check_ok((expr), #expr, __FILE__, __LINE__)) return; \
   } while (0)
 
 /* The call fails with `code`, and this thread's last error is
@@ -236,14 +231,8 @@ static sqz_build_options build_options(void) {
 /* Builds `name` into db from kv; returns 0 when it failed (reported). */
 static int build(sqz_db* db, const char* name, const kv_data* kv) {
   const sqz_build_options o = build_options();
-  const int rc = sqz_build_context_from_tensors(db, name, &kv->tensors, &o, NULL);
-  ++g_checks;
-  if (rc != SQZ_OK) {
-    fprintf(stderr, "building '%s' failed (%d): %s\n", name, rc, sqz_last_error());
-    ++g_failures;
-    return 0;
-  }
-  return 1;
+  return check_ok(sqz_build_context_from_tensors(db, name, &kv->tensors, &o, NULL), "sqz_build_context_from_tensors",
+                  __FILE__, __LINE__);
 }
 
 static float* random_queries(uint64_t seed, size_t n) {
@@ -365,11 +354,19 @@ static sqz_db* open_db(const char* path, int read_only) {
   o.read_only = read_only;
   o.block_cache_bytes = (size_t)16 << 20;
   sqz_db* db = NULL;
-  const int rc = sqz_db_open(path, &o, &db);
-  ++g_checks;
-  if (rc != SQZ_OK) {
-    fprintf(stderr, "opening %s failed (%d): %s\n", path, rc, sqz_last_error());
-    ++g_failures;
+  check_ok(sqz_db_open(path, &o, &db), "sqz_db_open", __FILE__, __LINE__);
+  return db;
+}
+
+/* A new database g_tmp/<db_file> holding context `name`, built from
+ * kv_make(kv, seed, dtype, q_window); NULL when that failed (reported). */
+static sqz_db* db_with_context(const char* db_file, const char* name, kv_data* kv, uint64_t seed, int dtype,
+                               int q_window) {
+  kv_make(kv, seed, dtype, q_window);
+  sqz_db* db = open_db(tmp_path(db_file), 0);
+  if (db && !build(db, name, kv)) {
+    sqz_db_close(db);
+    db = NULL;
   }
   return db;
 }
@@ -536,11 +533,9 @@ static void case_dense(void) {
 /* Budget, threshold and hierarchical modes: finite answers, the budget's
  * share of the keys read, fewer bytes than dense. */
 static void case_sparse(void) {
-  sqz_db* db = open_db(tmp_path("sparse.db"), 0);
-  if (!db) return;
   kv_data kv;
-  kv_make(&kv, 5, SQZ_DTYPE_F32, 1);
-  if (!build(db, "ctx", &kv)) return;
+  sqz_db* db = db_with_context("sparse.db", "ctx", &kv, 5, SQZ_DTYPE_F32, 1);
+  if (!db) return;
   sqz_context* ctx = NULL;
   REQUIRE_OK(sqz_context_open(db, "ctx", NULL, &ctx));
   const int T = 1;
@@ -907,12 +902,10 @@ static void case_errors(void) {
  * after a refresh and refuses writes; a context outlives its database
  * handle. */
 static void case_readonly(void) {
-  const char* path = tmp_path("shared.db");
-  sqz_db* w = open_db(path, 0);
-  if (!w) return;
   kv_data kv;
-  kv_make(&kv, 13, SQZ_DTYPE_F16, 0);
-  if (!build(w, "first", &kv)) return;
+  sqz_db* w = db_with_context("shared.db", "first", &kv, 13, SQZ_DTYPE_F16, 0);
+  if (!w) return;
+  const char* path = tmp_path("shared.db");
   sqz_db* r = open_db(path, 1);
   if (!r) return;
   size_t count = 0;
@@ -948,11 +941,9 @@ static void case_readonly(void) {
 
 /* Backup and restore into a new directory. */
 static void case_backup(void) {
-  sqz_db* db = open_db(tmp_path("orig.db"), 0);
-  if (!db) return;
   kv_data kv;
-  kv_make(&kv, 14, SQZ_DTYPE_F32, 1);
-  if (!build(db, "ctx", &kv)) return;
+  sqz_db* db = db_with_context("orig.db", "ctx", &kv, 14, SQZ_DTYPE_F32, 1);
+  if (!db) return;
   uint32_t id = 0;
   CHECK_OK(sqz_db_backup(db, tmp_path("b"), &id));
   CHECK(id == 1);
