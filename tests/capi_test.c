@@ -462,11 +462,13 @@ static void case_catalog(void) {
   sqz_context_info_free(&a2);
   /* The handle opened before the replace still reads its version. */
   CHECK(dense_error(ctx, &f32, 0, 0, kQHeads, 1, 0, 11) <= 1e-4);
+  sqz_context_close(ctx);
 
   CHECK_OK(sqz_db_drop_context(db, "ctx_f16"));
   CHECK_OK(sqz_db_list_contexts(db, &names, &count));
   CHECK(count == 1 && strcmp(names[0], "ctx_f32") == 0);
   sqz_names_free(names);
+  sqz_context_info_free(&b); /* describe overwrites *info: release what it held first */
   CHECK_ERR(sqz_db_describe_context(db, "ctx_f16", &b), SQZ_NOT_FOUND, "ctx_f16");
   CHECK(b.name == NULL && b.model == NULL && b.n_tokens == 0); /* zeroed on failure */
   CHECK_ERR(sqz_db_drop_context(db, "ctx_f16"), SQZ_NOT_FOUND, "ctx_f16");

@@ -201,7 +201,8 @@ typedef struct sqz_context_info {
   int64_t created_unix;
 } sqz_context_info;
 
-/* Fills *info for context `name`. On failure *info is zeroed (so
+/* Fills *info for context `name`. *info is overwritten, never freed: release
+ * what a previous call put there first. On failure *info is zeroed (so
  * sqz_context_info_free on it is always safe). Errors: SQZ_NOT_FOUND. */
 int sqz_db_describe_context(sqz_db* db, const char* name, sqz_context_info* info);
 
@@ -314,8 +315,8 @@ int sqz_context_open(sqz_db* db, const char* name, const sqz_open_options* optio
 void sqz_context_close(sqz_context* ctx);
 
 /* Fills *info with the version this handle reads (info->id is its
- * generation). On failure *info is zeroed. Release with
- * sqz_context_info_free. */
+ * generation); *info is overwritten as by sqz_db_describe_context, and
+ * zeroed on failure. Release with sqz_context_info_free. */
 int sqz_context_describe(const sqz_context* ctx, sqz_context_info* info);
 
 /* The served KV heads [*kv_head_begin, *kv_head_end) and the number of query
