@@ -179,7 +179,10 @@ TEST_F(QueryCliTest, EvalPlot) {
   EXPECT_NE(out.find("--plot needs the squeeze Python package"), std::string::npos) << out;
   // With the project's venv (scripts/setup.sh installs the package there): a PNG.
   const std::string py = std::string(SQZ_SOURCE_DIR) + "/.venv/bin/python";
-  if (!std::filesystem::exists(py)) GTEST_SKIP() << "no " << py << " (scripts/setup.sh makes it)";
+  if (!std::filesystem::exists(py) ||
+      testing::RunCommand(py + " -c 'import squeeze.plot, matplotlib' >/dev/null 2>&1") != 0) {
+    GTEST_SKIP() << py << " lacks the squeeze package or matplotlib (scripts/setup.sh installs both)";
+  }
   ASSERT_EQ(testing::RunCommand("SQZ_PYTHON=" + py + " " + testing::SqctlPath() + " " + Base("eval") +
                                     " --budgets 0.125,0.25 --plot " + png,
                                 &out),
