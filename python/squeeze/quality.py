@@ -63,6 +63,7 @@ def configs() -> list[dict]:
         for qt in (0.8, 0.9):
             out.append({"label": f"threshold q={qt} {tag}", "mode": "threshold", "threshold_quantile": qt,
                         "hierarchical": hier})
+    out.append({"label": "budget 1/8 flat, layer 0 dense", "mode": "budget", "budget": 0.125, "dense_layers": [0]})
     return out
 
 
@@ -72,7 +73,8 @@ def _nll(logits: torch.Tensor, targets: list[int]) -> float:
 
 @torch.no_grad()
 def evaluate_document(model, tok, name: str, path: str, db: squeeze.DB, *, n_ctx: int, n_cont: int,
-                      answer_tokens: int, sqctl: str | None, work: str, plot_dir: str | None = None) -> dict:
+                      answer_tokens: int, sqctl: str | None, work: str, plot_dir: str | None = None,
+                      only: list[str] | None = None) -> dict:
     ids = hf.tokenize_document(tok, open(path, encoding="utf-8", errors="replace").read())
     if len(ids) < n_ctx + n_cont:
         raise squeeze.InvalidArgumentError(f"{path}: {len(ids)} tokens, need {n_ctx + n_cont}")
@@ -88,6 +90,8 @@ def evaluate_document(model, tok, name: str, path: str, db: squeeze.DB, *, n_ctx
     dense_answers = None
     with db.context(name) as ctx:
         for c in configs():
+            if only and c["label"] not in only and c["mode"] != "dense":
+                continue
             opts = {k: v for k, v in c.items() if k != "label"}
             t = time.perf_counter()
             logits, cache = hf.own_logits(model, ctx, torch.tensor(cont), tokenizer=tok, per_query_selection=True,
@@ -132,8 +136,10 @@ def run_sqctl_eval(model, ids: list[int], n_ctx: int, db: squeeze.DB, name: str,
                           "0.05,0.125,0.25", "--json"], check=True, capture_output=True, text=True).stdout
     rep = json.loads(out)
     if plot_dir:
-        from squeeze.plot import plot_eval
         os.makedirs(plot_dir, exist_ok=True)
+        with open(os.path.join(plot_dir, f"eval-{name}.json"), "w") as f:
+            f.write(out)  # the full report: recall and oracle per (layer, query head) and configuration
+        from squeeze.plot import plot_eval
         plot_eval(rep, os.path.join(plot_dir, f"recall-{name}.png"),
                   f"{name}: SmolLM2-135M, {n_ctx}-token context, queries of the next {len(ids) - n_ctx} tokens")
     per_layer = {}
@@ -194,6 +200,7 @@ def main(argv=None) -> int:
     p.add_argument("--n-cont", type=int, default=256)
     p.add_argument("--answer-tokens", type=int, default=16)
     p.add_argument("--documents", nargs="*", help="NAME=PATH pairs (default: GPL-3, GFDL-1.3, argparse.py)")
+    p.add_argument("--only", nargs="*", help="evaluate only the configurations with these labels")
     p.add_argument("--sqctl", help="sqctl binary for the recall evaluation (skipped when absent)")
     p.add_argument("--out", required=True, help="JSON results; a Markdown table is printed")
     p.add_argument("--markdown-only", action="store_true", help="print the tables of an existing --out file")
@@ -210,7 +217,7 @@ def main(argv=None) -> int:
             for name, path in docs.items():
                 results.append(evaluate_document(model, tok, name, path, db, n_ctx=a.n_ctx, n_cont=a.n_cont,
                                                  answer_tokens=a.answer_tokens, sqctl=a.sqctl, work=work,
-                                                 plot_dir=a.plot_dir))
+                                                 plot_dir=a.plot_dir, only=a.only))
     with open(a.out, "w") as f:
         json.dump({"model": a.model, "torch": torch.__version__, "results": results}, f, indent=1)
     print(markdown(results))

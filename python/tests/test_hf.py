@@ -100,11 +100,18 @@ def test_budget_reads_its_fraction_and_stays_close(smollm2, doc_ids, exported):
     with db.context("gpl") as ctx:
         dense, _ = hf.own_logits(model, ctx, torch.tensor(own), tokenizer=tok, mode="dense")
         sparse, cache = hf.own_logits(model, ctx, torch.tensor(own), tokenizer=tok, budget=0.25)
+        layer0, cache0 = hf.own_logits(model, ctx, torch.tensor(own), tokenizer=tok, budget=0.25, dense_layers=[0])
+        with pytest.raises(squeeze.InvalidArgumentError, match="dense_layers"):
+            hf.ContextCache(ctx, model, tok, dense_layers=[30])
 
     def nll(lg):
         return torch.nn.functional.cross_entropy(lg[:-1].float(), targets).item()
 
-    print(f"nll dense {nll(dense):.3f} budget 1/4 {nll(sparse):.3f}, read {cache.fraction_read:.3f}")
+    print(f"nll dense {nll(dense):.3f} budget 1/4 {nll(sparse):.3f}, read {cache.fraction_read:.3f}; "
+          f"layer 0 dense {nll(layer0):.3f}, read {cache0.fraction_read:.3f}")
+    # one of 30 layers dense: reads 1/30 of the difference more, and is a different computation
+    assert cache0.fraction_read == pytest.approx(cache.fraction_read + (1 - cache.fraction_read) / 30, abs=0.01)
+    assert not torch.equal(layer0, sparse)
     assert 0.2 < cache.fraction_read < 0.35
     assert nll(sparse) < nll(dense) + 0.5  # a quarter of the keys keeps most of the quality
     assert not torch.equal(sparse, dense)  # and it really is a different (sparse) computation
