@@ -46,11 +46,11 @@ TEST(LibraryAllocationFailure, EntryPointsReturnStatusNeverThrow) {
     Status s = BuildContext(db.get(), "c", src.get(), bo);
     ASSERT_TRUE(s.ok()) << s.ToString();
   }
-  const int st = testing::RunSelfChild(
-      "QueryOomChild.DISABLED_Run",
-      {std::string(kEnvDb) + "=" + path, std::string("LD_PRELOAD=") + SQZ_ALLOC_SHIM_PATH,
-       "SQZ_FAIL_NEW_AT_LEAST=" + std::to_string(size_t{2} << 20)},
-      120);
+  const int st =
+      testing::RunSelfChild("QueryOomChild.DISABLED_Run",
+                            {std::string(kEnvDb) + "=" + path, std::string("LD_PRELOAD=") + SQZ_ALLOC_SHIM_PATH,
+                             "SQZ_FAIL_NEW_AT_LEAST=" + std::to_string(size_t{2} << 20)},
+                            120);
   ASSERT_NE(st, -1);
   EXPECT_TRUE(WIFEXITED(st)) << "the child died of signal " << (WIFSIGNALED(st) ? WTERMSIG(st) : 0);
   EXPECT_EQ(WEXITSTATUS(st), 0);
