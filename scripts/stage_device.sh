@@ -19,6 +19,9 @@ for b in "$BUILD_DIR"/tests/sqz_*_tests "$BUILD_DIR"/tools/sqctl "$BUILD_DIR"/be
   [ -x "$b" ] && [ -f "$b" ] && cp "$b" .device/bin/
 done
 strip --strip-unneeded .device/bin/* 2>/dev/null || true
+# The allocation-failure shim the tests preload (run them with
+# SQZ_ALLOC_SHIM=/tmp/sqz/lib/libsqz_alloc_fail_shim.so there).
+cp "$BUILD_DIR"/tests/libsqz_alloc_fail_shim.so .device/lib/ 2>/dev/null || true
 # Shared libraries: everything ldd resolves outside glibc's core set.
 for b in .device/bin/*; do
   ldd "$b" | awk '/=> \// {print $3}'

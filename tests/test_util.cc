@@ -39,6 +39,13 @@ ScopedTempDir::~ScopedTempDir() {
   std::filesystem::remove_all(path_, ec);
 }
 
+std::string AllocShimPath() {
+  const char* env = std::getenv("SQZ_ALLOC_SHIM");
+  const std::string path = env != nullptr && *env != '\0' ? env : SQZ_ALLOC_SHIM_PATH;
+  std::error_code ec;
+  return std::filesystem::exists(path, ec) ? path : "";
+}
+
 int RunCommand(const std::string& cmd, std::string* output) {
   std::string full = cmd + " 2>&1";
   FILE* p = popen(full.c_str(), "r");

@@ -20,6 +20,11 @@ class ScopedTempDir {
   std::string path_;
 };
 
+// The allocation-failure shim (tests/alloc_fail_shim.cc): $SQZ_ALLOC_SHIM when
+// set (staged binaries, e.g. on the GPU machine), else the one built beside
+// the tests; "" when neither exists.
+std::string AllocShimPath();
+
 // Runs a shell command, returns its exit status (-1 if it could not run)
 // and appends stdout+stderr to *output when given.
 int RunCommand(const std::string& cmd, std::string* output = nullptr);
