@@ -5,11 +5,11 @@
 # Python cross-check of the safetensors files), the Python package's tests
 # (pytest, real model included), checks formatting against the
 # checked-in .clang-format, then runs the suite again under ASan + UBSan
-# (scripts/sanitize.sh). About 10 minutes from a fresh clone on 2 cores.
+# (scripts/sanitize.sh). About 35 minutes from a fresh clone on 2 cores.
 #
 #   scripts/test.sh                 # all of the above (what CI runs)
 #   SQZ_SLOW=1 scripts/test.sh      # also the slow (large-context) tests
-#   SQZ_QUICK=1 scripts/test.sh     # the suite only: no format check, no sanitizers
+#   SQZ_QUICK=1 scripts/test.sh     # the suite and pytest only: no format check, no sanitizers
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
