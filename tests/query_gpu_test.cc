@@ -253,37 +253,25 @@ class GpuEngineTest : public ::testing::Test {
 };
 
 TEST_F(GpuEngineTest, SmolLMShapesF16) {  // d = 64, G = 3
-  KvSpec s;
-  s.n_layers = 2;
-  s.n_kv_heads = 3;
-  s.n_q_heads = 9;
-  s.n_tokens = 3000;
-  s.head_dim = 64;
-  s.q_window = 32;
+  KvSpec s{.n_layers = 2, .n_kv_heads = 3, .n_q_heads = 9, .n_tokens = 3000, .head_dim = 64, .q_window = 32};
   Build("smol", s, BuildOptions());
   Check("smol", {1, 3}, Configs());
 }
 
 TEST_F(GpuEngineTest, LlamaShapesBF16) {  // d = 128, G = 4, T up to 16 (64 query rows per KV head)
-  KvSpec s;
-  s.n_layers = 1;
-  s.n_kv_heads = 8;
-  s.n_q_heads = 32;
-  s.n_tokens = 8192;
-  s.head_dim = 128;
-  s.dtype = DType::kBF16;
-  s.q_window = 32;
+  KvSpec s{.n_layers = 1,
+           .n_kv_heads = 8,
+           .n_q_heads = 32,
+           .n_tokens = 8192,
+           .head_dim = 128,
+           .dtype = DType::kBF16,
+           .q_window = 32};
   Build("llama", s, BuildOptions());
   Check("llama", {1, 2, 16}, Configs());
 }
 
 TEST_F(GpuEngineTest, MhaOddPagesEmptySelection) {
-  KvSpec s;
-  s.n_layers = 1;
-  s.n_kv_heads = 4;
-  s.n_q_heads = 4;  // G = 1
-  s.n_tokens = 1000;
-  s.head_dim = 128;
+  KvSpec s{.n_layers = 1, .n_kv_heads = 4, .n_q_heads = 4, .n_tokens = 1000, .head_dim = 128};  // G = 1
   BuildOptions bo;
   bo.page_rows = 7;  // pages and segments never aligned
   bo.window = 0;     // no always set: a selection can be empty
@@ -300,13 +288,7 @@ TEST_F(GpuEngineTest, MhaOddPagesEmptySelection) {
 
 // Clusters of one token (fine_ratio 1) and of thousands (two clusters).
 TEST_F(GpuEngineTest, TinyAndHugeClusters) {
-  KvSpec s;
-  s.n_layers = 1;
-  s.n_kv_heads = 2;
-  s.n_q_heads = 8;
-  s.n_tokens = 4000;
-  s.head_dim = 64;
-  s.dtype = DType::kBF16;
+  KvSpec s{.n_layers = 1, .n_kv_heads = 2, .n_q_heads = 8, .n_tokens = 4000, .head_dim = 64, .dtype = DType::kBF16};
   BuildOptions one;
   one.fine_ratio = 1.0;
   one.coarse_ratio = 0.02;
@@ -334,13 +316,7 @@ TEST_F(GpuEngineTest, TinyAndHugeClusters) {
 // What the GPU engine does not take runs on the CPU over the same snapshot
 // (bitwise the CPU's answer); a KV-head-range handle equals the full one.
 TEST_F(GpuEngineTest, FallbackAndHeadRange) {
-  KvSpec s;
-  s.n_layers = 2;
-  s.n_kv_heads = 4;
-  s.n_q_heads = 16;
-  s.n_tokens = 6000;
-  s.head_dim = 128;
-  s.dtype = DType::kBF16;
+  KvSpec s{.n_layers = 2, .n_kv_heads = 4, .n_q_heads = 16, .n_tokens = 6000, .head_dim = 128, .dtype = DType::kBF16};
   Build("res", s, BuildOptions());
   std::unique_ptr<ContextHandle> cpu, gpu_h, gpu_part;
   OpenBoth("res", &cpu, &gpu_h);
@@ -495,13 +471,7 @@ class GpuDeviceCallTest : public GpuEngineTest {
 };
 
 TEST_F(GpuDeviceCallTest, DtypesLayoutsBase2AndGraphs) {
-  KvSpec s;
-  s.n_layers = 2;
-  s.n_kv_heads = 4;
-  s.n_q_heads = 16;
-  s.n_tokens = 5000;
-  s.head_dim = 128;
-  s.dtype = DType::kBF16;
+  KvSpec s{.n_layers = 2, .n_kv_heads = 4, .n_q_heads = 16, .n_tokens = 5000, .head_dim = 128, .dtype = DType::kBF16};
   Build("dev", s, BuildOptions());
   std::unique_ptr<ContextHandle> cpu, gpu_h;
   OpenBoth("dev", &cpu, &gpu_h);
@@ -548,11 +518,7 @@ TEST_F(GpuDeviceCallTest, DtypesLayoutsBase2AndGraphs) {
 }
 
 TEST_F(GpuDeviceCallTest, BatchOfContextsEqualsOneByOne) {
-  KvSpec s;
-  s.n_layers = 1;
-  s.n_kv_heads = 2;
-  s.n_q_heads = 8;
-  s.head_dim = 64;
+  KvSpec s{.n_layers = 1, .n_kv_heads = 2, .n_q_heads = 8, .head_dim = 64};
   const int n_ctx = 3;
   std::vector<std::unique_ptr<ContextHandle>> cpus(n_ctx), gpus(n_ctx);
   for (int i = 0; i < n_ctx; ++i) {

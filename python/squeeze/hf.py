@@ -321,7 +321,7 @@ class _ExportCache(_Tracking, _dynamic_cache_base()):
             self.queries.setdefault(layer, []).append(query[0, :, lo:, :].detach().to("cpu", torch.float32))
 
 
-def _np_dtype_name(kv_dtype: str) -> torch.dtype:
+def _torch_dtype(kv_dtype: str) -> torch.dtype:
     table = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     if kv_dtype not in table:
         raise squeeze.InvalidArgumentError(f"kv_dtype must be one of {sorted(table)}, got {kv_dtype!r}")
@@ -411,7 +411,7 @@ def export_context(model, tokenizer, *, text: str | None = None, token_ids: Sequ
     t0 = time.perf_counter()
     layers, n_q_heads = compute_kv(model, ids, window=window, chunk_size=chunk_size, progress=progress)
     t_model = time.perf_counter() - t0
-    dt = _np_dtype_name(kv_dtype) if kv_dtype else layers[0][0].dtype
+    dt = _torch_dtype(kv_dtype) if kv_dtype else layers[0][0].dtype
     layers = [(k.to(dt).contiguous(), v.to(dt).contiguous(), q) for k, v, q in layers]
     ident = identity_string(model_identity(model, tokenizer))
     summary: dict[str, Any] = {"n_tokens": len(ids), "n_layers": len(layers), "seconds_model": t_model,

@@ -105,7 +105,7 @@ def evaluate_document(model, tok, name: str, path: str, db: squeeze.DB, *, n_ctx
                 answers.append(new[0].tolist())
             if c["mode"] == "dense":
                 dense_answers = answers
-            agree = [sum(1 for _ in _prefix(a, d)) / max(1, len(d)) for a, d in zip(answers, dense_answers or [])]
+            agree = [_common_prefix(a, d) / max(1, len(d)) for a, d in zip(answers, dense_answers or [])]
             row["answers"] = [tok.decode(a, skip_special_tokens=True) for a in answers]
             row["answer_prefix_agreement"] = agree
             res["configs"].append(row)
@@ -117,11 +117,12 @@ def evaluate_document(model, tok, name: str, path: str, db: squeeze.DB, *, n_ctx
     return res
 
 
-def _prefix(a: list[int], b: list[int]):
-    for x, y in zip(a, b):
-        if x != y:
-            return
-        yield x
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens a and b share."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
 
 
 def run_sqctl_eval(model, ids: list[int], n_ctx: int, db: squeeze.DB, name: str, sqctl: str, work: str,

@@ -17,9 +17,11 @@
 #include <nanobind/stl/tuple.h>
 #include <nanobind/stl/vector.h>
 
+#include <climits>
 #include <memory>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -378,7 +380,9 @@ class ContextObj {
                                         std::to_string(d) + "] (served query heads, queries, head_dim)"));
     }
     const int64_t T = static_cast<int64_t>(q.shape(1));
-    if (T < 1 || T > (int64_t{1} << 30)) Fail(sqz::Status::InvalidArgument("q: T must be at least 1"));
+    if (T < 1 || T > INT32_MAX) {
+      Fail(sqz::Status::InvalidArgument("q: T = " + std::to_string(T) + " queries; it must be in [1, 2^31)"));
+    }
     CheckArray(q, {"q", false}, {H, T, d}, sqz::DType::kF32);
     CheckArray(o, {"out", false}, {H, T, d}, sqz::DType::kF32);
     CheckArray(lse, {"lse", false}, {H, T}, sqz::DType::kF32);
@@ -556,15 +560,24 @@ nb::dict BuildFromTensors(const DbObj& db, const std::string& name, int n_q_head
   return RunBuild(db, name, src.get(), options, std::move(progress));
 }
 
-void Merge(const OutArray& o_a, const OutArray& lse_a, const Array& o_b, const Array& lse_b) {
+// The states of a merge: o_* [n, head_dim] of one dtype, lse_* [n] float32,
+// all in host memory or all on the GPU. Returns (n, head_dim, dtype).
+std::tuple<int64_t, int64_t, sqz::DType> CheckMergeStates(const OutArray& o_a, const OutArray& lse_a, const Array& o_b,
+                                                          const Array& lse_b, bool cuda) {
   if (o_a.ndim() != 2) {
     Fail(sqz::Status::InvalidArgument("o_a: expected [n, head_dim] (reshape to 2 dimensions)"));
   }
   const int64_t n = static_cast<int64_t>(o_a.shape(0)), d = static_cast<int64_t>(o_a.shape(1));
-  CheckArray(o_a, {"o_a", false}, {n, d}, sqz::DType::kF32);
-  CheckArray(lse_a, {"lse_a", false}, {n}, sqz::DType::kF32);
-  CheckArray(o_b, {"o_b", false}, {n, d}, sqz::DType::kF32);
-  CheckArray(lse_b, {"lse_b", false}, {n}, sqz::DType::kF32);
+  const sqz::DType dt = cuda ? ToDType(o_a.dtype(), "o_a") : sqz::DType::kF32;
+  CheckArray(o_a, {"o_a", cuda}, {n, d}, dt);
+  CheckArray(lse_a, {"lse_a", cuda}, {n}, sqz::DType::kF32);
+  CheckArray(o_b, {"o_b", cuda}, {n, d}, dt);
+  CheckArray(lse_b, {"lse_b", cuda}, {n}, sqz::DType::kF32);
+  return {n, d, dt};
+}
+
+void Merge(const OutArray& o_a, const OutArray& lse_a, const Array& o_b, const Array& lse_b) {
+  const auto [n, d, dt] = CheckMergeStates(o_a, lse_a, o_b, lse_b, /*cuda=*/false);
   nb::gil_scoped_release nogil;
   sqz::MergeAttentionStates(static_cast<float*>(o_a.data()), static_cast<float*>(lse_a.data()),
                             static_cast<const float*>(o_b.data()), static_cast<const float*>(lse_b.data()), n,
@@ -573,15 +586,7 @@ void Merge(const OutArray& o_a, const OutArray& lse_a, const Array& o_b, const A
 
 void MergeDevice(const OutArray& o_a, const OutArray& lse_a, const Array& o_b, const Array& lse_b, bool lse_base2,
                  uintptr_t stream) {
-  if (o_a.ndim() != 2) {
-    Fail(sqz::Status::InvalidArgument("o_a: expected [n, head_dim] (reshape to 2 dimensions)"));
-  }
-  const int64_t n = static_cast<int64_t>(o_a.shape(0)), d = static_cast<int64_t>(o_a.shape(1));
-  const sqz::DType dt = ToDType(o_a.dtype(), "o_a");
-  CheckArray(o_a, {"o_a", true}, {n, d}, dt);
-  CheckArray(lse_a, {"lse_a", true}, {n}, sqz::DType::kF32);
-  CheckArray(o_b, {"o_b", true}, {n, d}, dt);
-  CheckArray(lse_b, {"lse_b", true}, {n}, sqz::DType::kF32);
+  const auto [n, d, dt] = CheckMergeStates(o_a, lse_a, o_b, lse_b, /*cuda=*/true);
   nb::gil_scoped_release nogil;
   Check(sqz::MergeAttentionStatesDevice(o_a.data(), static_cast<float*>(lse_a.data()), o_b.data(),
                                         static_cast<const float*>(lse_b.data()), n, static_cast<int>(d), dt, lse_base2,

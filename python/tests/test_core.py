@@ -139,6 +139,10 @@ def test_merge_matches_formula():
     want = (np.exp(la - lse)[:, None] * oa + np.exp(lb - lse)[:, None] * ob)
     o, l = squeeze.merge(oa.copy(), la.copy(), ob, lb)
     assert np.abs(o - want).max() < 1e-6 and np.abs(l - lse).max() < 1e-6
+    with pytest.raises(squeeze.InvalidArgumentError, match=r"lse_b: shape \[5\], expected \[6\]"):
+        squeeze.merge(oa.copy(), la.copy(), ob, lb[:5])
+    with pytest.raises(squeeze.InvalidArgumentError, match="o_a: expected \\[n, head_dim\\]"):
+        squeeze.merge(oa.reshape(-1), la.copy(), ob, lb)
 
 
 def test_build_from_file_matches_tensors(db, rng, tmp_path):
@@ -219,6 +223,8 @@ def test_library_errors_map_to_classes(db, rng, tmp_path):
         db.build("dev", layers=[(x, x) for x in [torch.zeros(1, 2, 3, device="meta")]], n_q_heads=1)
     with pytest.raises(squeeze.InvalidArgumentError, match="device must be"):
         db.context("c", device="tpu")
+    with pytest.raises(squeeze.InvalidArgumentError, match="residency must be"):
+        db.context("c", residency="disk")
     # a directory that is not a database is never created over
     foreign = tmp_path / "foreign"
     foreign.mkdir()

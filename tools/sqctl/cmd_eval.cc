@@ -97,14 +97,16 @@ int Run(const Args& args) {
   query::EvalReport report;
   s = query::Evaluate(*handle, layers, configs, query::EvalOptions(), &report);
   if (!s.ok()) return Fail(kName, s.WithPrefix(qpath));
-  if (args.Has("json")) {
-    std::printf("%s\n", EvalReportJson(report).c_str());
+  const bool json = args.Has("json"), plot = args.Has("plot");
+  const std::string report_json = json || plot ? EvalReportJson(report) : std::string();
+  if (json) {
+    std::printf("%s\n", report_json.c_str());
   } else {
     std::printf("%s", query::FormatEvalReport(report).c_str());
   }
-  if (args.Has("plot")) {
+  if (plot) {
     std::fflush(stdout);
-    s = WritePlot(EvalReportJson(report), args.Get("plot"));
+    s = WritePlot(report_json, args.Get("plot"));
     if (!s.ok()) return Fail(kName, s);
   }
   return 0;
