@@ -32,7 +32,6 @@ import threading
 import time
 from typing import Any, Iterable, Sequence
 
-import numpy as np
 import torch
 
 import squeeze

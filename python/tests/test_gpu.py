@@ -8,7 +8,6 @@ a GPU model and a GPU context against the model's own generation.
 import os
 import tempfile
 
-import numpy as np
 import pytest
 
 from conftest import need
