@@ -8,7 +8,9 @@ Status CheckDecodeShape(int head_dim, int group_size, DType dtype) {
     return Status::NotSupported("GPU engine: the GQA group size must be 1.." + std::to_string(kMaxSelectRows));
   }
   if (dtype != DType::kF16 && dtype != DType::kBF16) {
-    return Status::NotSupported("GPU engine: the stored dtype must be F16 or BF16");
+    return Status::NotSupported(
+        "GPU engine: the context stores F32 keys and values, the GPU engine takes F16 or BF16 (build the context from "
+        "F16/BF16 tensors, e.g. python -m squeeze.hf export --kv-dtype float16)");
   }
   return Status::OK();
 }

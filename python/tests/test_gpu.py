@@ -97,6 +97,11 @@ def test_bad_device_arguments(setup):
     with db.context("c") as cpu:
         with pytest.raises(squeeze.Error):  # a CPU context has no device call
             cpu.attend(0, q)
+    # The GPU engine stores F16/BF16 only: an F32 context is refused with the remedy.
+    model, ids, _ = setup
+    hf.export_context(model, None, token_ids=ids[:300], db=db, name="f32", kv_dtype="float32", window=16)
+    with pytest.raises(squeeze.NotSupportedError, match="--kv-dtype float16"):
+        db.context("f32", device="cuda")
 
 
 def test_dense_logits_on_the_gpu_equal_the_models(setup):
