@@ -3,6 +3,7 @@
 #include <rocksdb/cache.h>
 #include <rocksdb/convenience.h>
 #include <rocksdb/env.h>
+#include <rocksdb/sst_file_reader.h>
 #include <rocksdb/sst_partitioner.h>
 #include <rocksdb/table.h>
 #include <rocksdb/write_batch.h>
@@ -105,10 +106,19 @@ void KillPoint(const char* name) {
   if (want != nullptr && std::strcmp(want, name) == 0) raise(SIGKILL);
 }
 
+// RocksDB's LOCK file is held (by another process, or another open in this
+// one). Matched on RocksDB's messages ("While lock file: DIR/LOCK: ...",
+// "lock hold by current process"), not on the word "lock" alone, which
+// "block checksum mismatch" also holds.
+bool IsLockHeld(std::string_view message) {
+  return message.find("While lock file") != std::string_view::npos ||
+         message.find("lock hold by current process") != std::string_view::npos;
+}
+
 // A RocksDB error at open that is not a lock held by another process is
 // damage to the database's files: say what to run.
 Status Damaged(const Status& s, const std::string& path) {
-  if (s.ok() || s.message().find("lock") != std::string::npos) return s;
+  if (s.ok() || IsLockHeld(s.message())) return s;
   if (!s.IsCorruption() && !s.IsIOError() && !s.IsNotFound()) return s;
   return Status::Corruption(s.message() + ". The database is damaged; nothing was changed. Salvage its contexts into " +
                             "a new directory with: sqctl repair --db " + path + " --out NEW_DIR");
@@ -321,52 +331,171 @@ std::shared_ptr<RocksView> DBImpl::view() const {
   return view_;
 }
 
-Status DBImpl::OpenView(bool fresh_dir, std::shared_ptr<RocksView>* out) {
-  auto v = std::make_shared<RocksView>();
+rocksdb::Status DBImpl::OpenRocks(bool fresh_dir, bool paranoid, OpenMode mode, RocksView* v) {
   rocksdb::DBOptions dbo;
   // Only a directory found new or empty is created in (OpenImpl decides).
-  dbo.create_if_missing = fresh_dir && !read_only_;
-  dbo.create_missing_column_families = fresh_dir && !read_only_;
+  dbo.create_if_missing = fresh_dir && mode == OpenMode::kReadWrite;
+  dbo.create_missing_column_families = dbo.create_if_missing;
   dbo.max_background_jobs = std::max(1, options_.max_background_jobs);
-  dbo.paranoid_checks = true;
+  dbo.paranoid_checks = paranoid;
   dbo.info_log_level = rocksdb::InfoLogLevel::WARN_LEVEL;
   dbo.keep_log_file_num = 2;
-  rocksdb::CompressionType zstd = rocksdb::kZSTD;
-  std::vector<rocksdb::CompressionType> supported = rocksdb::GetSupportedCompressions();
-  if (std::find(supported.begin(), supported.end(), zstd) == supported.end()) {
-    return Status::NotSupported("this RocksDB build lacks zstd compression, which the index column family uses");
-  }
-  std::vector<rocksdb::ColumnFamilyDescriptor> descs = ColumnFamilies(cache_);
+  const std::vector<rocksdb::ColumnFamilyDescriptor> descs = ColumnFamilies(cache_);
   rocksdb::DB* raw = nullptr;
   rocksdb::Status s;
-  if (!read_only_) {
+  if (mode == OpenMode::kReadWrite) {
     s = rocksdb::DB::Open(dbo, path_, descs, &v->handles, &raw);
-    if (!s.ok() && s.IsIOError() && s.ToString().find("lock") != std::string::npos) {
-      return Status::IOError(path_ + ": the database is open read-write in another process (" + s.ToString() +
-                             "); readers can use a read-only open (sqctl's list/info/query/eval/verify do)");
-    }
   } else {
-    // A secondary instance: no lock, tails nothing until asked (we never ask:
-    // Refresh opens a new one). It needs every table file open from the start
-    // so that files the writer deletes later stay readable.
+    // Read-only instances write nothing, not even a log, and need every
+    // table file open from the start so that files the writer deletes later
+    // stay readable.
     dbo.max_open_files = -1;
     dbo.info_log = std::make_shared<NullLogger>();
-    char tmpl[] = "/tmp/sqz-reader-XXXXXX";
-    if (!mkdtemp(tmpl)) return Status::IOError("cannot create a scratch directory for a read-only open");
-    v->secondary_dir = tmpl;
-    s = RetryWhileRacingWriter([&] {
-      v->handles.clear();
-      return rocksdb::DB::OpenAsSecondary(dbo, path_, v->secondary_dir, descs, &v->handles, &raw);
-    });
+    if (mode == OpenMode::kReadOnly) {
+      s = RetryWhileRacingWriter([&] {
+        v->handles.clear();
+        return rocksdb::DB::OpenForReadOnly(dbo, path_, descs, &v->handles, &raw);
+      });
+    } else {
+      // A secondary instance: no lock, tails nothing until asked (we never
+      // ask: Refresh opens a new one).
+      char tmpl[] = "/tmp/sqz-reader-XXXXXX";
+      if (!mkdtemp(tmpl)) return rocksdb::Status::IOError("cannot create a scratch directory for a read-only open");
+      v->secondary_dir = tmpl;
+      s = RetryWhileRacingWriter([&] {
+        v->handles.clear();
+        return rocksdb::DB::OpenAsSecondary(dbo, path_, v->secondary_dir, descs, &v->handles, &raw);
+      });
+    }
   }
-  if (!s.ok()) return Damaged(FromRocks(s, path_ + ": cannot open the database"), path_);
+  if (!s.ok()) return s;
   v->db.reset(raw);
   v->cf_default = v->handles[0];
   v->cf_manifest = v->handles[1];
   v->cf_index = v->handles[2];
   v->cf_kv = v->handles[3];
+  return s;
+}
+
+Status DBImpl::OpenView(bool fresh_dir, std::shared_ptr<RocksView>* out) {
+  rocksdb::CompressionType zstd = rocksdb::kZSTD;
+  std::vector<rocksdb::CompressionType> supported = rocksdb::GetSupportedCompressions();
+  if (std::find(supported.begin(), supported.end(), zstd) == supported.end()) {
+    return Status::NotSupported("this RocksDB build lacks zstd compression, which the index column family uses");
+  }
+  auto v = std::make_shared<RocksView>();
+  const rocksdb::Status s =
+      OpenRocks(fresh_dir, /*paranoid=*/true, read_only_ ? OpenMode::kSecondary : OpenMode::kReadWrite, v.get());
+  if (!s.ok() && !read_only_ && s.IsIOError() && IsLockHeld(s.ToString())) {
+    return Status::IOError(path_ + ": the database is open read-write in another process (" + s.ToString() +
+                           "); readers can use a read-only open (sqctl's list/info/query/eval/verify do)");
+  }
+  if (!s.ok()) {
+    // A table file that cannot be loaded fails a paranoid open: if only
+    // context data is damaged, the other contexts stay usable.
+    const Status failed = Damaged(FromRocks(s, path_ + ": cannot open the database"), path_);
+    if (fresh_dir || !(s.IsCorruption() || s.IsIOError())) return failed;
+    bool found = false;
+    SQZ_RETURN_IF_ERROR(OpenDegraded(out, &found));
+    return found ? Status::OK() : failed;
+  }
   SQZ_RETURN_IF_ERROR(Damaged(CheckFormatVersion(v.get(), fresh_dir), path_));
-  if (read_only_) SQZ_RETURN_IF_ERROR(CatchUpUntilConsistent(v.get()));
+  if (read_only_) {
+    // A secondary instance silently leaves out a table file it cannot load
+    // (and every later file of its family): a reader that still misses
+    // records after a few rounds of catching up looks for damage.
+    Status cs = CatchUpUntilConsistent(v.get(), 3);
+    if (!cs.ok()) {
+      bool found = false;
+      SQZ_RETURN_IF_ERROR(OpenDegraded(out, &found));
+      if (found) return Status::OK();
+      if (cs.IsCorruption()) cs = CatchUpUntilConsistent(v.get(), 47);
+    }
+    SQZ_RETURN_IF_ERROR(cs);
+  }
+  *out = std::move(v);
+  return Status::OK();
+}
+
+std::string RocksView::DamageOf(uint64_t id) const {
+  std::string what;
+  for (const auto& d : damaged) {
+    if (id < d.first_id || id > d.last_id) continue;
+    if (!what.empty()) what += "; ";
+    what += "its table file " + d.file + " (" + d.family + " family) " + d.problem;
+    if (d.copy_only) what += " (it held only the redundant copy of the context's manifest)";
+  }
+  return what;
+}
+
+Status DBImpl::FindDamagedTables(std::vector<RocksView::DamagedTable>* damaged) {
+  damaged->clear();
+  // A plain read-only open with paranoid checks off loads whatever it can
+  // and lists every table file the MANIFEST names; it writes nothing.
+  RocksView probe;
+  const rocksdb::Status s = OpenRocks(false, /*paranoid=*/false, OpenMode::kReadOnly, &probe);
+  if (!s.ok()) return Damaged(FromRocks(s, path_ + ": cannot open the database"), path_);
+  std::vector<rocksdb::LiveFileMetaData> files;
+  probe.db->GetLiveFilesMetaData(&files);
+  std::vector<std::string> metadata;  // damaged files of the default and manifest families
+  for (const auto& f : files) {
+    const std::string name = f.name.substr(f.name.find_last_of('/') + 1);
+    const std::string path = path_ + "/" + name;
+    std::error_code ec;
+    const uint64_t size = std::filesystem::file_size(path, ec);
+    std::string problem;
+    if (ec) {
+      problem = std::filesystem::exists(path, ec) ? "cannot be read (" + ec.message() + ")" : "is missing";
+    } else if (size != f.size) {
+      problem = "has " + std::to_string(size) + " bytes (the MANIFEST says " + std::to_string(f.size) + ")";
+    } else {
+      rocksdb::Options o;
+      rocksdb::SstFileReader reader(o);
+      const rocksdb::Status rs = reader.Open(path);
+      if (!rs.ok()) problem = "cannot be opened (" + rs.ToString() + ")";
+    }
+    if (problem.empty()) continue;
+    RocksView::DamagedTable d;
+    d.file = name;
+    d.family = f.column_family_name;
+    d.problem = problem;
+    const bool data = d.family == kCfIndex || d.family == kCfKv;
+    if (!data || !DecodeContextId(f.smallestkey, &d.first_id) || !DecodeContextId(f.largestkey, &d.last_id)) {
+      metadata.push_back(name + " (" + d.family + " family) " + problem);
+      continue;
+    }
+    d.copy_only = IsManifestCopyKey(f.smallestkey) && f.smallestkey == f.largestkey;
+    damaged->push_back(d);
+  }
+  if (!metadata.empty()) {
+    std::string list;
+    for (const auto& m : metadata) list += (list.empty() ? "" : "; ") + m;
+    return Damaged(Status::Corruption(path_ + ": table file " + list + ", which every context needs"), path_);
+  }
+  return Status::OK();
+}
+
+Status DBImpl::OpenDegraded(std::shared_ptr<RocksView>* out, bool* found) {
+  std::vector<RocksView::DamagedTable> damaged;
+  SQZ_RETURN_IF_ERROR(FindDamagedTables(&damaged));
+  *found = !damaged.empty();
+  if (damaged.empty()) return Status::OK();
+  auto v = std::make_shared<RocksView>();
+  const rocksdb::Status s =
+      OpenRocks(false, /*paranoid=*/false, read_only_ ? OpenMode::kReadOnly : OpenMode::kReadWrite, v.get());
+  if (!s.ok()) return Damaged(FromRocks(s, path_ + ": cannot open the database"), path_);
+  v->damaged = std::move(damaged);
+  if (!read_only_) {
+    // No automatic compaction may pick a damaged file (it would fail, again
+    // and again); dropping or replacing the damaged context deletes its files
+    // whole, and the reclaim compacts only what is left.
+    for (auto* cf : {v->cf_index, v->cf_kv}) {
+      SQZ_RETURN_IF_ERROR(
+          FromRocks(v->db->SetOptions(cf, {{"disable_auto_compactions", "true"}}), path_ + ": degraded open"));
+    }
+  }
+  SQZ_RETURN_IF_ERROR(Damaged(CheckFormatVersion(v.get(), false), path_));
+  if (read_only_) SQZ_RETURN_IF_ERROR(CatchUpUntilConsistent(v.get(), 1));
   *out = std::move(v);
   return Status::OK();
 }
@@ -379,10 +508,10 @@ Status DBImpl::OpenView(bool fresh_dir, std::shared_ptr<RocksView>* out) {
 // until every visible context has its records (the first and last index
 // record and the last KV page of its last head), so a reader never sees a
 // partial context.
-Status DBImpl::CatchUpUntilConsistent(RocksView* v) {
+Status DBImpl::CatchUpUntilConsistent(RocksView* v, int attempts) {
   std::string missing;
   Status copies;
-  for (int attempt = 0; attempt < 50; ++attempt) {
+  for (int attempt = 0; attempt < attempts; ++attempt) {
     missing.clear();
     copies = Status::OK();
     std::unique_ptr<rocksdb::Iterator> it(v->db->NewIterator(rocksdb::ReadOptions(), v->cf_manifest));
@@ -390,6 +519,7 @@ Status DBImpl::CatchUpUntilConsistent(RocksView* v) {
       ContextInfo info;
       SQZ_RETURN_IF_ERROR(
           DecodeManifest(it->value().ToStringView(), path_ + ": context '" + it->key().ToString() + "'", &info));
+      if (!v->DamageOf(info.id).empty()) continue;  // a degraded open: reading it fails, with the reason
       const uint32_t L = static_cast<uint32_t>(info.n_layers - 1), H = static_cast<uint32_t>(info.n_kv_heads - 1);
       const uint32_t P = static_cast<uint32_t>(info.pages_per_head() - 1);
       const std::pair<rocksdb::ColumnFamilyHandle*, std::string> keys[] = {{v->cf_index, HeadKey(info.id, 0, 0)},
@@ -415,6 +545,7 @@ Status DBImpl::CatchUpUntilConsistent(RocksView* v) {
       if (copies.ok()) return Status::OK();
       if (!copies.IsCorruption()) return copies;
     }
+    if (attempt + 1 == attempts) break;
     std::this_thread::sleep_for(std::chrono::milliseconds(std::min(5 * (attempt + 1), 100)));
     SQZ_RETURN_IF_ERROR(FromRocks(v->db->TryCatchUpWithPrimary(), path_ + ": catching up with the writer"));
   }
@@ -556,14 +687,32 @@ Status DBImpl::CheckManifestsAgainstCopies(RocksView* v, std::set<uint64_t>* ids
   ids->clear();
   for (auto* cf : {v->cf_index, v->cf_kv}) {
     std::unique_ptr<rocksdb::Iterator> it(v->db->NewIterator(rocksdb::ReadOptions(), cf));
-    for (it->SeekToFirst(); it->Valid();) {
+    uint64_t from = 0;  // the seek target: the first id not yet seen
+    for (it->SeekToFirst();;) {
+      if (!it->Valid() && !it->status().ok()) {
+        // A degraded open: the seek ran into a damaged table file. Its
+        // contexts count as present; go on after them.
+        const RocksView::DamagedTable* hit = nullptr;
+        for (const auto& d : v->damaged) {
+          if (d.family == cf->GetName() && d.last_id >= from && (!hit || d.first_id < hit->first_id)) hit = &d;
+        }
+        if (!hit) break;
+        ids->insert(hit->first_id);
+        ids->insert(hit->last_id);
+        if (hit->last_id == UINT64_MAX) break;
+        from = hit->last_id + 1;
+        it->Seek(ContextPrefix(from));
+        continue;
+      }
+      if (!it->Valid()) break;
       uint64_t id = 0;
       if (!DecodeContextId(it->key().ToStringView(), &id)) {
         return Damaged(Status::Corruption(path_ + ": malformed key in column family " + cf->GetName()), path_);
       }
       ids->insert(id);
       if (id == UINT64_MAX) break;
-      it->Seek(ContextPrefix(id + 1));
+      from = id + 1;
+      it->Seek(ContextPrefix(from));
     }
     SQZ_RETURN_IF_ERROR(Damaged(FromRocks(it->status(), path_ + ": scanning " + cf->GetName()), path_));
   }
@@ -776,6 +925,7 @@ Status DBImpl::DescribeContextUnguarded(const std::string& name, ContextInfo* in
     SQZ_RETURN_IF_ERROR(FromRocks(v->db->GetApproximateSizes(so, cf, &r, 1, &size), "estimating context size"));
     info->bytes_on_disk += size;
   }
+  info->damage = v->DamageOf(info->id);
   return Status::OK();
 }
 
@@ -793,6 +943,14 @@ Status DBImpl::OpenSnapshotImpl(const std::string& name, std::unique_ptr<Snapsho
   // The manifest is read at the snapshot: shapes, id and records all come
   // from one version.
   SQZ_RETURN_IF_ERROR(GetManifest(v.get(), s->Read(), name, s->mutable_info()));
+  for (const auto& d : v->damaged) {
+    const uint64_t id = s->info().id;
+    if (d.copy_only || id < d.first_id || id > d.last_id) continue;
+    return Status::Corruption(
+        "context '" + name + "' in " + path_ + " is damaged: " + v->DamageOf(id) +
+        ". The other contexts are not affected. Drop it (sqctl drop --db " + path_ + " --context " + name +
+        ") and rebuild it, or salvage the database with sqctl repair --db " + path_ + " --out NEW_DIR");
+  }
   *out = std::move(s);
   return Status::OK();
 }
@@ -910,6 +1068,15 @@ Status DBImpl::VerifyContextUnguarded(const std::string& name, VerifyReport* rep
   SQZ_RETURN_IF_ERROR(OpenSnapshotImpl(name, &base));
   const SnapshotImpl& snap = *base;
   const ContextInfo& m = snap.info();
+  // (Damage to its records fails OpenSnapshotImpl; this is the loss of its
+  // manifest copy only, which reads do not need but repair might.)
+  const std::string damage = snap.view()->DamageOf(m.id);
+  if (!damage.empty()) {
+    return Status::Corruption("context '" + name + "' in " + path_ + " is damaged: " + damage +
+                              ". Its records are intact: rebuild it with --replace, or salvage the database with "
+                              "sqctl repair --db " +
+                              path_ + " --out NEW_DIR");
+  }
   report->records_checked++;
   const uint64_t page_bytes = m.page_bytes();
   rocksdb::ReadOptions ro = snap.Read();

@@ -41,6 +41,21 @@ struct RocksView {
   rocksdb::ColumnFamilyHandle* cf_index = nullptr;
   rocksdb::ColumnFamilyHandle* cf_kv = nullptr;
   std::string secondary_dir;  // read-only instances: their private scratch directory (outside the database)
+
+  // A degraded open (docs/RELIABILITY.md, "Damage is contained"): table files
+  // of the index or kv family that are missing, of the wrong size or
+  // unreadable. Each holds the records of the contexts first_id..last_id
+  // (one context below level 0). Empty for a healthy database.
+  struct DamagedTable {
+    std::string file;     // "000021.sst"
+    std::string family;   // "index" or "kv"
+    std::string problem;  // "is missing", "has 100 bytes (the MANIFEST says 200)", ...
+    uint64_t first_id = 0, last_id = 0;
+    bool copy_only = false;  // holds nothing but a context's redundant manifest copy
+  };
+  std::vector<DamagedTable> damaged;
+  // What is wrong with context `id`'s table files; empty when nothing is.
+  std::string DamageOf(uint64_t id) const;
 };
 
 class SnapshotImpl;
@@ -99,8 +114,22 @@ class DBImpl final : public DB, public Store {
   Status OpenImpl(const Options& options, const std::string& path);
   Status OpenSnapshotImpl(const std::string& name, std::unique_ptr<SnapshotImpl>* out);
   Status OpenView(bool fresh_dir, std::shared_ptr<RocksView>* out);
+  // How OpenRocks opens RocksDB: read-write, as a secondary instance (the
+  // readers' normal open), or with OpenForReadOnly (a reader's degraded open,
+  // which sees every table file the MANIFEST names).
+  enum class OpenMode { kReadWrite, kSecondary, kReadOnly };
+  // `paranoid` off lets a table file that cannot be loaded pass the open.
+  rocksdb::Status OpenRocks(bool fresh_dir, bool paranoid, OpenMode mode, RocksView* v);
+  // After an open that failed (or a reader that found a context's records
+  // missing): finds the table files that are missing, truncated or
+  // unreadable. With damage confined to the index and kv families, opens a
+  // degraded view into *out in which every other context works; *found
+  // false when no table file is damaged (the failure was something else).
+  Status OpenDegraded(std::shared_ptr<RocksView>* out, bool* found);
+  Status FindDamagedTables(std::vector<RocksView::DamagedTable>* damaged);
   Status CheckFormatVersion(RocksView* v, bool fresh);
-  Status CatchUpUntilConsistent(RocksView* v);
+  // Up to `attempts` rounds of checking and catching up (read-only).
+  Status CatchUpUntilConsistent(RocksView* v, int attempts);
   Status RecoverOnOpen();
   Status CheckManifestsAgainstCopies(RocksView* v, std::set<uint64_t>* ids);
   Status DeleteContextData(uint64_t ctx, rocksdb::WriteBatch* batch);

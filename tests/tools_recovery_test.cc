@@ -263,11 +263,14 @@ TEST_F(SqctlDamage, RepairRecoversEveryContextFromDamagedMetadata) {
   }
 }
 
-// Item 2, damage to one context's data files: the others stay listable,
-// verifiable and queryable with identical answers; the damaged one is
-// reported (never answered wrongly), can be dropped, and repair reports
-// exactly it as lost. A missing or truncated table file makes RocksDB refuse
-// the open: the message names repair, and repair keeps the other contexts.
+// Item 2, damage to one context's data files (a flipped byte, the file
+// deleted, the file truncated): the others stay listable, verifiable and
+// queryable with identical answers, in place; the damaged one is reported
+// (list marks it, verify fails it, a query refuses it: never a wrong
+// answer), a new context can be built beside it, it can be dropped, after
+// which the database is healthy again; and repair reports exactly it as
+// lost. A missing or truncated file fails RocksDB's paranoid open: the
+// database then opens degraded (docs/RELIABILITY.md).
 TEST_F(SqctlDamage, DamagedDataFileHitsOnlyItsContext) {
   const auto tables = TableFiles(Db());
   // b is the second context built: id 2.
@@ -283,6 +286,12 @@ TEST_F(SqctlDamage, DamagedDataFileHitsOnlyItsContext) {
     }
   }
   ASSERT_GE(cases.size(), 3u);
+  // The answer of a context "d" built from a's KV, in a healthy database.
+  const std::string build_d =
+      "build-index --quiet --iters 2 --kv " + dir_.Sub("c/ctx_000.safetensors") + " --name d --db ";
+  std::string d_reference, log;
+  ASSERT_EQ(Run(build_d + dir_.Sub("d_ref"), &log), 0) << log;
+  ASSERT_EQ(Query(dir_.Sub("d_ref"), "d", &d_reference), 0) << d_reference;
   int i = 0;
   for (const auto& [how, file] : cases) {
     // (Appends, not "w" + std::to_string(i): a false -Wrestrict from GCC 12 in Release.)
@@ -302,8 +311,13 @@ TEST_F(SqctlDamage, DamagedDataFileHitsOnlyItsContext) {
     }
     std::string out;
     const int list_rc = Run("list --db " + w, &out);
+    // A missing or truncated file is found at open and named.
+    if (how != "flip") {
+      EXPECT_EQ(list_rc, 0) << what << "\n" << out;
+      EXPECT_NE(out.find("context b is damaged: its table file " + file), std::string::npos) << what << "\n" << out;
+    }
     if (list_rc == 0) {
-      // Opens: every context listed, b's damage reported by verify only.
+      // Opens: every context listed, b's damage reported by verify.
       for (const char* n : {"a", "b", "c"}) EXPECT_NE(out.find(n), std::string::npos) << what << "\n" << out;
       EXPECT_EQ(Run("verify --db " + w, &out), 1) << what << "\n" << out;
       EXPECT_NE(out.find("b                                FAILED"), std::string::npos) << what << "\n" << out;
@@ -315,11 +329,16 @@ TEST_F(SqctlDamage, DamagedDataFileHitsOnlyItsContext) {
       std::string bytes;
       const int qrc = Query(w, "b", &bytes);
       EXPECT_TRUE(qrc == 1 || bytes == reference_["b"]) << what << ": b answered wrongly (rc " << qrc << ")";
-      // The damaged context can be dropped, and the rest is intact.
+      // A context can be built beside the damaged one; the damaged one can
+      // be dropped, after which everything verifies and answers as before.
       const std::string wd = w + "_drop";
       std::filesystem::copy(w, wd);
+      ASSERT_EQ(Run(build_d + wd, &out), 0) << what << "\n" << out;
       EXPECT_EQ(Run("drop --db " + wd + " --context b", &out), 0) << what << "\n" << out;
       ExpectIntact(wd, {"a", "c"}, what + ", after dropping b");
+      std::string d_bytes;
+      EXPECT_EQ(Query(wd, "d", &d_bytes), 0) << what << ": " << d_bytes;
+      EXPECT_TRUE(d_bytes == d_reference) << what << ": d answers differently than in a healthy database";
     } else {
       EXPECT_EQ(list_rc, 1) << what << "\n" << out;
       EXPECT_NE(out.find("sqctl repair --db " + w), std::string::npos) << what << "\n" << out;

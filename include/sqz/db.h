@@ -101,6 +101,11 @@ struct ContextInfo {
   uint64_t bytes_on_disk = 0;  // RocksDB's estimate for the context's key ranges
   double build_seconds = 0;
   int64_t created_unix = 0;
+  // Filled by DescribeContext, not stored: empty for a healthy context, else
+  // what is wrong with its table files (missing, truncated, unreadable; a
+  // degraded open, docs/RELIABILITY.md). Reading such a context fails with
+  // Corruption; every other context works, and dropping it is allowed.
+  std::string damage;
 
   int group_size() const { return n_kv_heads > 0 ? n_q_heads / n_kv_heads : 0; }
   int64_t n_always() const { return n_tokens - n_clustered; }

@@ -250,6 +250,7 @@ nb::dict InfoDict(const sqz::ContextInfo& i) {
   d["bytes_on_disk"] = i.bytes_on_disk;
   d["build_seconds"] = i.build_seconds;
   d["created_unix"] = i.created_unix;
+  d["damage"] = i.damage;  // "" when healthy
   return d;
 }
 

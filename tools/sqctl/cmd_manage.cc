@@ -199,18 +199,30 @@ int RunList(const Args& args) {
       j["n_layers"] = info.n_layers;
       j["n_tokens"] = info.n_tokens;
       j["bytes_on_disk"] = info.bytes_on_disk;
+      if (!info.damage.empty()) j["damage"] = info.damage;
       out.push_back(std::move(j));
     }
     std::printf("%s\n", JsonDump(out).c_str());
     return 0;
   }
+  int damaged = 0;
   for (const auto& n : names) {
     ContextInfo info;
     s = db->DescribeContext(n, &info);
     if (!s.ok()) return Fail("list", s);
-    std::printf("%-32s %3d layers %3d/%-3d heads %8lld tokens  %s on disk\n", PrintableName(n).c_str(), info.n_layers,
+    std::printf("%-32s %3d layers %3d/%-3d heads %8lld tokens  %s on disk%s\n", PrintableName(n).c_str(), info.n_layers,
                 info.n_q_heads, info.n_kv_heads, static_cast<long long>(info.n_tokens),
-                FormatBytes(info.bytes_on_disk).c_str());
+                FormatBytes(info.bytes_on_disk).c_str(), info.damage.empty() ? "" : "  DAMAGED");
+    if (!info.damage.empty()) {
+      ++damaged;
+      std::fprintf(stderr, "sqctl list: context %s is damaged: %s\n", PrintableName(n).c_str(), info.damage.c_str());
+    }
+  }
+  if (damaged > 0) {
+    std::fprintf(stderr,
+                 "sqctl list: %d damaged context(s); the others work. Drop each (sqctl drop --db %s --context NAME) "
+                 "and rebuild it, or salvage the database with sqctl repair --db %s --out NEW_DIR\n",
+                 damaged, db->path().c_str(), db->path().c_str());
   }
   return 0;
 }

@@ -128,6 +128,7 @@ std::string ContextInfoText(const ContextInfo& i) {
   line("bytes          KV %s raw, index %s raw, %s on disk\n", FormatBytes(i.kv_bytes).c_str(),
        FormatBytes(i.index_bytes).c_str(), FormatBytes(i.bytes_on_disk).c_str());
   line("built          %s in %s\n", Date(i.created_unix).c_str(), FormatSeconds(i.build_seconds).c_str());
+  if (!i.damage.empty()) line("DAMAGED        %s\n", i.damage.c_str());
   return out;
 }
 
@@ -168,6 +169,7 @@ std::string ContextInfoJson(const ContextInfo& i) {
   j["bytes_on_disk"] = i.bytes_on_disk;
   j["build_seconds"] = i.build_seconds;
   j["created_unix"] = i.created_unix;
+  if (!i.damage.empty()) j["damage"] = i.damage;
   j["fine_clusters"] = i.fine_clusters;
   j["coarse_clusters"] = i.coarse_clusters;
   j["thresholds"] = std::move(thresholds);
