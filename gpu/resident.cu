@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <mutex>
 #include <string>
 
@@ -108,6 +110,24 @@ class ResidentKvImpl final : public ResidentKv {
     }
     SQZ_CUDA_TRY(cudaMalloc(&pages_, std::max<uint64_t>(page_buffer_bytes_, 1)), "cudaMalloc (KV pages)");
     SQZ_CUDA_TRY(cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, device_), "SM count");
+    {
+      // SelectKernel stages a head's keys and sizes in shared memory when
+      // they fit in what one block may opt in to (227 KiB on an H100: up to
+      // ~25,000 clusters per head), less what the kernel declares statically.
+      int optin = 0;
+      SQZ_CUDA_TRY(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device_),
+                   "shared memory per block");
+      cudaFuncAttributes attr{};
+      SQZ_CUDA_TRY(cudaFuncGetAttributes(&attr, SelectKernel<kSelectThreads>), "SelectKernel attributes");
+      const size_t avail = static_cast<size_t>(optin) > attr.sharedSizeBytes ? optin - attr.sharedSizeBytes : 0;
+      SQZ_CUDA_TRY(cudaFuncSetAttribute(SelectKernel<kSelectThreads>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(avail)),
+                   "SelectKernel shared memory");
+      // SQZ_GPU_SELECT_UNSTAGED=1 (tests): the global-memory path, as for
+      // heads with more clusters than fit.
+      const char* unstaged = std::getenv("SQZ_GPU_SELECT_UNSTAGED");
+      select_stage_max_ = unstaged != nullptr && std::strcmp(unstaged, "1") == 0 ? 0 : avail;
+    }
     SQZ_CUDA_TRY(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
     SQZ_RETURN_IF_ERROR(EnsureSideStreams(device_));  // for batches (AttendDeviceBatch), before any capture
     staged_.resize(static_cast<size_t>(shape_.n_layers) * shape_.n_heads);
@@ -488,7 +508,9 @@ class ResidentKvImpl final : public ResidentKv {
     const dim3 grid(sp.n_chunks, shape_.n_heads);
     RowStatsKernel<><<<grid, kChunkClusters, 0, s>>>(sp);
     KeysKernel<><<<grid, kChunkClusters, 0, s>>>(sp);
-    SelectKernel<kSelectThreads><<<shape_.n_heads, kSelectThreads, 0, s>>>(sp);
+    const size_t stage = SelectStageBytes(sp.k_stride);
+    sp.staged = stage <= select_stage_max_;
+    SelectKernel<kSelectThreads><<<shape_.n_heads, kSelectThreads, sp.staged ? stage : 0, s>>>(sp);
     return cudaGetLastError();
   }
 
@@ -517,6 +539,7 @@ class ResidentKvImpl final : public ResidentKv {
 
   int device_;
   int sm_count_ = 1;
+  size_t select_stage_max_ = 0;  // dynamic shared memory SelectKernel may stage in (opted in at Create)
   ResidentShape shape_;
   size_t page_bytes_ = 0;
   uint64_t page_buffer_bytes_ = 0;

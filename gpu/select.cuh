@@ -199,7 +199,12 @@ struct SelectParams {
   int seg_stride = 0;
   uint32_t* stats = nullptr;  // [H][kStatCount]
   uint32_t n_clustered = 0, n_always = 0;
+  // SelectKernel stages a head's sizes, keys and flags in shared memory
+  // (SelectStageBytes(k_stride) of dynamic shared memory; when they fit).
+  bool staged = false;
 };
+
+inline size_t SelectStageBytes(int k_stride) { return static_cast<size_t>(k_stride) * (2 * sizeof(uint32_t) + 1); }
 
 // fp32 keys that compare like the floats (all finite or -inf here).
 __device__ inline uint32_t OrderKey(float x) {
@@ -216,41 +221,44 @@ __device__ inline void MergeMax(float& m, float& l, float om, float ol) {
 
 // Grid (n_chunks, H), kChunkClusters threads: per row, the chunk's
 // (max, sum_j N_j exp(s_j - max)); scores of -inf (not reached) count for
-// nothing.
+// nothing. A warp per row (rows round-robin over the warps), each lane over
+// kChunkClusters / 32 clusters: no block-wide synchronisation.
 template <int NT = kChunkClusters>  // a template so that it may be defined in this header
 __global__ void __launch_bounds__(NT) RowStatsKernel(SelectParams p) {
-  __shared__ float wm[kChunkClusters / 32], wl[kChunkClusters / 32];
+  constexpr int kPerLane = kChunkClusters / 32;
   const int h = blockIdx.y, R = p.G * p.T, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const HeadMeta m = p.meta[h];
   const uint32_t k = p.coarse ? m.k1 : m.k2;
-  const uint32_t j = blockIdx.x * kChunkClusters + threadIdx.x;
-  if (blockIdx.x * kChunkClusters >= k) {  // past this head's clusters: empty partials
-    if (threadIdx.x < R) {
-      p.part_m[(static_cast<size_t>(h) * R + threadIdx.x) * p.n_chunks + blockIdx.x] = -INFINITY;
-      p.part_l[(static_cast<size_t>(h) * R + threadIdx.x) * p.n_chunks + blockIdx.x] = 0.f;
-    }
-    return;
+  const uint32_t j0 = blockIdx.x * kChunkClusters;
+  const uint32_t* sizes = p.sizes + (p.coarse ? m.coarse_base : m.fine_base);
+  float n[kPerLane];
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) {
+    const uint32_t j = j0 + i * 32 + lane;
+    n[i] = j < k ? static_cast<float>(sizes[j]) : 0.f;
   }
-  const float n = j < k ? static_cast<float>(p.sizes[(p.coarse ? m.coarse_base : m.fine_base) + j]) : 0.f;
   const float* scores = p.scores + static_cast<size_t>(h) * R * p.k_stride;
-  for (int r = 0; r < R; ++r) {
-    float mm = j < k ? scores[static_cast<size_t>(r) * p.k_stride + j] : -INFINITY;
-    float ll = mm == -INFINITY ? 0.f : n;
+  for (int r = warp; r < R; r += NT / 32) {
+    float s[kPerLane];
+    float mm = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) {
+      const uint32_t j = j0 + i * 32 + lane;
+      s[i] = j < k ? scores[static_cast<size_t>(r) * p.k_stride + j] : -INFINITY;
+      mm = fmaxf(mm, s[i]);
+    }
+    float ll = 0.f;
+    if (mm != -INFINITY) {
+#pragma unroll
+      for (int i = 0; i < kPerLane; ++i) ll += s[i] == -INFINITY ? 0.f : n[i] * expf(s[i] - mm);
+    }
     for (int off = 16; off > 0; off /= 2) {
       MergeMax(mm, ll, __shfl_xor_sync(0xffffffffu, mm, off), __shfl_xor_sync(0xffffffffu, ll, off));
     }
     if (lane == 0) {
-      wm[warp] = mm;
-      wl[warp] = ll;
+      p.part_m[(static_cast<size_t>(h) * R + r) * p.n_chunks + blockIdx.x] = mm;
+      p.part_l[(static_cast<size_t>(h) * R + r) * p.n_chunks + blockIdx.x] = ll;
     }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      float bm = -INFINITY, bl = 0.f;
-      for (int w = 0; w < kChunkClusters / 32; ++w) MergeMax(bm, bl, wm[w], wl[w]);
-      p.part_m[(static_cast<size_t>(h) * R + r) * p.n_chunks + blockIdx.x] = bm;
-      p.part_l[(static_cast<size_t>(h) * R + r) * p.n_chunks + blockIdx.x] = bl;
-    }
-    __syncthreads();
   }
 }
 
@@ -433,6 +441,28 @@ __global__ void __launch_bounds__(NT) SelectKernel(SelectParams p) {
   uint32_t* keys = p.keys + static_cast<size_t>(h) * p.k_stride;
   uint8_t* flags = p.flags + static_cast<size_t>(h) * p.k_stride;
   const uint8_t all_bits = static_cast<uint8_t>((1u << p.G) - 1u);
+  if (p.staged) {
+    // The head's keys (budget) or flags (threshold) and sizes in shared
+    // memory, loaded coalesced: the rule's passes and the blocked loops
+    // below (a thread's clusters are adjacent: strided global loads) then
+    // read shared memory.
+    extern __shared__ uint32_t stage[];  // sizes [k_stride], keys [k_stride], flags [k_stride] bytes
+    uint32_t* s_sizes = stage;
+    uint32_t* s_keys = stage + p.k_stride;
+    uint8_t* s_flags = reinterpret_cast<uint8_t*>(stage + 2 * static_cast<size_t>(p.k_stride));
+    for (uint32_t j = threadIdx.x; j < k; j += NT) {
+      s_sizes[j] = sizes[j];
+      if (p.mode == 1) {
+        s_keys[j] = keys[j];
+      } else {
+        s_flags[j] = flags[j];
+      }
+    }
+    __syncthreads();
+    sizes = s_sizes;
+    keys = s_keys;
+    flags = s_flags;
+  }
 
   uint32_t total = 0, scored = 0;
   for (int c = threadIdx.x; c < p.n_chunks; c += NT) {
