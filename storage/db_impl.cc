@@ -532,6 +532,9 @@ Status DBImpl::CatchUpUntilConsistent(RocksView* v, int attempts) {
           missing = info.name;
           break;
         }
+        // A damaged block (checksum) or file of this context: it is present,
+        // and reading it fails with that error; the other contexts open.
+        if (gs.IsCorruption() || gs.IsIOError()) break;
         SQZ_RETURN_IF_ERROR(FromRocks(gs, path_ + ": checking context '" + info.name + "'"));
       }
     }
@@ -688,19 +691,37 @@ Status DBImpl::CheckManifestsAgainstCopies(RocksView* v, std::set<uint64_t>* ids
   for (auto* cf : {v->cf_index, v->cf_kv}) {
     std::unique_ptr<rocksdb::Iterator> it(v->db->NewIterator(rocksdb::ReadOptions(), cf));
     uint64_t from = 0;  // the seek target: the first id not yet seen
+    std::vector<std::pair<uint64_t, uint64_t>> files;  // context id range of each table file (on an error)
     for (it->SeekToFirst();;) {
       if (!it->Valid() && !it->status().ok()) {
-        // A degraded open: the seek ran into a damaged table file. Its
-        // contexts count as present; go on after them.
-        const RocksView::DamagedTable* hit = nullptr;
-        for (const auto& d : v->damaged) {
-          if (d.family == cf->GetName() && d.last_id >= from && (!hit || d.first_id < hit->first_id)) hit = &d;
+        // The seek ran into a damaged table file (missing in a degraded
+        // open, or a block that fails its checksum): go on after the
+        // contexts of the first file at or after `from`. Reading them fails
+        // with the error. They are left out of *ids, so they escape the
+        // leftover removal (nothing damaged is ever removed as a leftover)
+        // and the copy check; the id counter does not need them (an id is
+        // persisted before any record uses it).
+        if (files.empty()) {
+          std::vector<rocksdb::LiveFileMetaData> md;
+          v->db->GetLiveFilesMetaData(&md);
+          for (const auto& f : md) {
+            uint64_t a = 0, b = 0;
+            if (f.column_family_name == cf->GetName() && DecodeContextId(f.smallestkey, &a) &&
+                DecodeContextId(f.largestkey, &b)) {
+              files.emplace_back(a, b);
+            }
+          }
+          for (const auto& d : v->damaged) {
+            if (d.family == cf->GetName()) files.emplace_back(d.first_id, d.last_id);
+          }
+        }
+        const std::pair<uint64_t, uint64_t>* hit = nullptr;
+        for (const auto& f : files) {
+          if (f.second >= from && (!hit || f.first < hit->first)) hit = &f;
         }
         if (!hit) break;
-        ids->insert(hit->first_id);
-        ids->insert(hit->last_id);
-        if (hit->last_id == UINT64_MAX) break;
-        from = hit->last_id + 1;
+        if (hit->second == UINT64_MAX) break;
+        from = hit->second + 1;
         it->Seek(ContextPrefix(from));
         continue;
       }
