@@ -690,7 +690,7 @@ Status DBImpl::CheckManifestsAgainstCopies(RocksView* v, std::set<uint64_t>* ids
   ids->clear();
   for (auto* cf : {v->cf_index, v->cf_kv}) {
     std::unique_ptr<rocksdb::Iterator> it(v->db->NewIterator(rocksdb::ReadOptions(), cf));
-    uint64_t from = 0;  // the seek target: the first id not yet seen
+    uint64_t from = 0;                                 // the seek target: the first id not yet seen
     std::vector<std::pair<uint64_t, uint64_t>> files;  // context id range of each table file (on an error)
     for (it->SeekToFirst();;) {
       if (!it->Valid() && !it->status().ok()) {
