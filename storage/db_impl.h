@@ -14,8 +14,12 @@
 #pragma once
 
 #include <rocksdb/db.h>
+#include <rocksdb/env.h>
+#include <rocksdb/file_system.h>
 
+#include <chrono>
 #include <condition_variable>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -40,7 +44,9 @@ struct RocksView {
   rocksdb::ColumnFamilyHandle* cf_manifest = nullptr;
   rocksdb::ColumnFamilyHandle* cf_index = nullptr;
   rocksdb::ColumnFamilyHandle* cf_kv = nullptr;
-  std::string secondary_dir;  // read-only instances: their private scratch directory (outside the database)
+  std::string secondary_dir;          // read-only instances: their private scratch directory (outside the database)
+  std::unique_ptr<rocksdb::Env> env;  // SetSecondaryFileSystemForTest's, when set (outlives db)
+  void SetDb(rocksdb::DB* raw);       // takes the opened instance; handles already filled, in ColumnFamilies' order
 
   // A degraded open (docs/RELIABILITY.md, "Damage is contained"): table files
   // of the index or kv family that are missing, of the wrong size or
@@ -103,6 +109,9 @@ class DBImpl final : public DB, public Store {
   std::shared_ptr<RocksView> view() const;
   Status CommitContext(const ContextInfo& info, bool replace);
   Status AbortContext(uint64_t id);
+  // Runs PurgeObsoleteFiles on the reclaimer thread 100 ms and 1.1 s from
+  // now. Thread-safe (also called from RocksDB's threads).
+  void SchedulePurge();
   // Snapshot bookkeeping for deferred reclamation (read-write only).
   const rocksdb::Snapshot* AcquireSnapshot();
   void ReleaseSnapshot(const rocksdb::Snapshot* s);
@@ -128,8 +137,9 @@ class DBImpl final : public DB, public Store {
   Status OpenDegraded(std::shared_ptr<RocksView>* out, bool* found);
   Status FindDamagedTables(std::vector<RocksView::DamagedTable>* damaged);
   Status CheckFormatVersion(RocksView* v, bool fresh);
-  // Up to `attempts` rounds of checking and catching up (read-only).
-  Status CatchUpUntilConsistent(RocksView* v, int attempts);
+  Status OpenSecondary(std::shared_ptr<RocksView>* out, bool* moved);
+  Status OpenConsistentSecondary(std::shared_ptr<RocksView>* out);
+  Status CheckComplete(RocksView* v, Status* incomplete);
   Status RecoverOnOpen();
   Status CheckManifestsAgainstCopies(RocksView* v, std::set<uint64_t>* ids);
   Status DeleteContextData(uint64_t ctx, rocksdb::WriteBatch* batch);
@@ -140,6 +150,7 @@ class DBImpl final : public DB, public Store {
   // its reclaim marker. Thread-safe.
   Status Reclaim();
   void ReclaimLoop();
+  void PurgeObsoleteFiles();
 
   Options options_;
   std::string path_;
@@ -158,9 +169,20 @@ class DBImpl final : public DB, public Store {
   std::multiset<uint64_t> live_snapshots_;  // sequence numbers of open snapshots
   std::map<uint64_t, uint64_t> pending_;    // dropped context id -> sequence number of its drop
   bool reclaim_wanted_ = false;
+  int purge_passes_ = 0;  // PurgeObsoleteFiles passes still to run, the next at purge_due_
+  std::chrono::steady_clock::time_point purge_due_;
   bool stop_ = false;
   std::thread reclaimer_;
 };
+
+// Test hook: called each time a read-only open (or Refresh) finds its view
+// partial and is about to take a new one (tests/query_snapshot_test.cc).
+// Empty: nothing.
+void SetViewRetryHookForTest(std::function<void()> hook);
+
+// Test hook: read-only opens reach the files through `fs` (null: the
+// default file system), e.g. to act between RocksDB's reads.
+void SetSecondaryFileSystemForTest(std::shared_ptr<rocksdb::FileSystem> fs);
 
 // Converts a RocksDB status, prefixing `what` (e.g. "reading manifest of 'x'").
 Status FromRocks(const rocksdb::Status& s, std::string_view what);

@@ -20,6 +20,7 @@
 // a disabled SnapshotChild.* test, and kill themselves with SIGKILL.
 #include <gtest/gtest.h>
 #include <rocksdb/db.h>
+#include <rocksdb/file_system.h>
 #include <signal.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -30,8 +31,10 @@
 #include <cstdint>
 #include <cstdlib>
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <memory>
+#include <set>
 #include <string>
 #include <thread>
 #include <tuple>
@@ -43,6 +46,7 @@
 #include "sqz/query.h"
 #include "storage/db_impl.h"
 #include "storage/format.h"
+#include "storage/records.h"
 #include "synth/synthetic.h"
 #include "tests/test_util.h"
 
@@ -558,6 +562,64 @@ TEST_F(SnapshotTest, ReclaimDoesNotWaitForHandlesOpenedAfterTheDrop) {
   ExpectServes(*later, b_, a_, "handle opened after the drop");
 }
 
+// The table files in the directory are exactly the current version's,
+// within 5 s (polled): none left over.
+bool WaitOnlyLiveTables(DB* db, std::string* extra) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  while (true) {
+    std::vector<rocksdb::LiveFileMetaData> live;
+    Impl(db)->view()->db->GetLiveFilesMetaData(&live);
+    std::set<std::string> names;
+    for (const auto& f : live) names.insert(std::filesystem::path(f.name).filename().string());
+    extra->clear();
+    for (const auto& e : std::filesystem::directory_iterator(db->path())) {
+      const std::string n = e.path().filename().string();
+      if (e.path().extension() == ".sst" && !names.count(n)) *extra += n + " ";
+    }
+    if (extra->empty()) return true;
+    if (std::chrono::steady_clock::now() > deadline) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+}
+
+// Found by the stress test (tools/stress): RocksDB deletes the files a
+// compaction made obsolete at the end of the job, except one that a read of
+// another thread (here: queries on another context) held at that moment;
+// that one stayed until RocksDB's next flush or compaction, so in a process
+// that only serves queries a dropped context's space was never reclaimed.
+// The same for the copies RocksDB's own compaction leaves when it rewrites a
+// new context's tables (zeroing sequence numbers) after a handle closes.
+TEST_F(SnapshotTest, SpaceIsReclaimedWhileOtherContextsAreRead) {
+  ASSERT_TRUE(Build(db_.get(), "other", b_).ok());
+  std::unique_ptr<ContextHandle> other;
+  ASSERT_TRUE(ContextHandle::Open(db_.get(), "other", &other).ok());
+  std::atomic<bool> stop{false};
+  std::vector<std::thread> readers;
+  for (int t = 0; t < 2; ++t) {
+    readers.emplace_back([&] {
+      const int64_t n = other->info().n_tokens;
+      std::vector<float> k(static_cast<size_t>(n) * kHeadDim), v(k.size());
+      while (!stop) {
+        Status s = other->ReadRows(0, 0, 0, n, k.data(), v.data());
+        if (!s.ok()) ADD_FAILURE() << s.ToString();
+      }
+    });
+  }
+  for (int round = 0; round < 3 && !HasFailure(); ++round) {
+    ASSERT_TRUE(Build(db_.get(), "doc", a_).ok());
+    std::unique_ptr<ContextHandle> h;
+    ASSERT_TRUE(ContextHandle::Open(db_.get(), "doc", &h).ok());
+    h.reset();  // the last snapshot goes: RocksDB rewrites the new tables
+    std::string extra;
+    EXPECT_TRUE(WaitOnlyLiveTables(db_.get(), &extra)) << "round " << round << ", after a handle closed: " << extra;
+    ASSERT_TRUE(db_->DropContext("doc").ok());
+    EXPECT_TRUE(WaitOnlyLiveTables(db_.get(), &extra)) << "round " << round << ", after the drop: " << extra;
+  }
+  stop = true;
+  for (auto& t : readers) t.join();
+  ExpectServes(*other, b_, a_, "the context read throughout");
+}
+
 TEST_F(SnapshotTest, MarkerLeftByAKilledProcessIsReclaimedAtOpen) {
   ASSERT_TRUE(Build(db_.get(), "doc", a_).ok());
   ASSERT_TRUE(Build(db_.get(), "other", b_).ok());
@@ -657,6 +719,35 @@ TEST_F(SnapshotTest, ReclaimKillPointsBetweenCommitAndCompaction) {
       for (const auto& n : names) EXPECT_TRUE(db->VerifyContext(n, nullptr).ok()) << n;
     }
   }
+}
+
+// A replace killed after its records reached the table files but before its
+// commit (kill point commit:flushed, which the stress test also uses): the
+// old version stands, and the next open removes the new records.
+TEST_F(SnapshotTest, ReplaceKilledBeforeItsCommitKeepsTheOldVersion) {
+  ASSERT_TRUE(Build(db_.get(), "doc", a_).ok());
+  const uint64_t id = IdOf("doc");
+  db_.reset();
+  const int status = sqz::testing::RunSelfChild(
+      "SnapshotChild.DISABLED_DropOrReplaceAndDie",
+      {std::string(kEnvDb) + "=" + Path(), "SQZ_CHILD_OP=replace", "SQZ_KILL_POINT=commit:flushed"}, 120);
+  ASSERT_TRUE(KilledBySigkill(status)) << "child status " << status;
+  uint64_t killed = 0;
+  {
+    RawDb raw(Path());
+    ASSERT_TRUE(raw.ok());
+    killed = raw.NextId() - 1;
+    ASSERT_NE(killed, id);
+    EXPECT_GT(PhysicalKeys(raw.db.get(), raw.handles[2], raw.handles[3], killed), 0)
+        << "the killed replace wrote no records: this test proves nothing";
+  }
+  ASSERT_TRUE(DB::Open(Options(), Path(), &db_).ok());
+  EXPECT_EQ(PhysicalKeys(db_.get(), killed), 0) << "the killed replace's records were left";
+  EXPECT_EQ(IdOf("doc"), id);
+  std::unique_ptr<ContextHandle> h;
+  ASSERT_TRUE(ContextHandle::Open(db_.get(), "doc", &h).ok());
+  ExpectServes(*h, a_, b_, "the old version");
+  EXPECT_TRUE(db_->VerifyContext("doc", nullptr).ok());
 }
 
 // A marker written by hand (as a crash between the drop's batch and the
@@ -944,6 +1035,119 @@ TEST_F(ReadOnlyTest, OpenDuringCommitsNeverSeesAPartialContext) {
   ro.reset();
   EXPECT_TRUE(writer_errors.empty()) << writer_errors.front();
   std::printf("[ info ] %d read-only rounds: A %d, B %d\n", rounds, seen_a, seen_b);
+}
+
+// Found by the stress test (tools/stress): a read-only open that found its
+// view partial used to catch the same RocksDB secondary instance up with the
+// writer. If the writer had flushed in between, the instance kept in its
+// memtable what it had replayed from the WAL, and Get (memtable first)
+// answered that old record while an iterator answered the flushed one
+// (RocksDB issues 14444, 15051): the view listed a context that did not
+// open, or, here, opened a context it did not list. Deterministic: the view
+// first sees a manifest record without its records ("ghost"); before the
+// retry the writer deletes that record and flushes the manifest family.
+TEST_F(ReadOnlyTest, ViewRetriedAfterAPartialContextIsConsistent) {
+  ASSERT_TRUE(Build(db_.get(), "doc", a_).ok());
+  auto v = Impl(db_.get())->view();
+  std::string bytes;
+  ASSERT_TRUE(v->db->Get(rocksdb::ReadOptions(), v->cf_manifest, "doc", &bytes).ok());
+  ContextInfo ghost;
+  ASSERT_TRUE(storage::DecodeManifest(bytes, "doc", &ghost).ok());
+  ghost.name = "ghost";
+  ghost.id = 1000;  // no records anywhere
+  rocksdb::WriteOptions wo;
+  wo.sync = true;
+  ASSERT_TRUE(v->db->Put(wo, v->cf_manifest, "ghost", storage::EncodeManifest(ghost)).ok());
+
+  int retries = 0;
+  storage::SetViewRetryHookForTest([&] {
+    if (retries++ > 0) return;
+    ASSERT_TRUE(v->db->Delete(wo, v->cf_manifest, "ghost").ok());
+    ASSERT_TRUE(v->db->Flush(rocksdb::FlushOptions(), v->cf_manifest).ok());
+  });
+  std::unique_ptr<DB> ro;
+  Status s = DB::Open(ReadOnly(), Path(), &ro);
+  storage::SetViewRetryHookForTest(nullptr);
+  ASSERT_TRUE(s.ok()) << s.ToString();
+  EXPECT_EQ(retries, 1) << "the open did not retry: this test proves nothing";
+  EXPECT_EQ(List(ro.get()), std::vector<std::string>{"doc"});
+  ContextInfo info;
+  s = ro->DescribeContext("ghost", &info);
+  EXPECT_TRUE(s.IsNotFound()) << "a context the view does not list describes: " << s.ToString();
+  std::unique_ptr<ContextHandle> h;
+  s = ContextHandle::Open(ro.get(), "ghost", &h);
+  EXPECT_TRUE(s.IsNotFound()) << "a context the view does not list opens: " << s.ToString();
+  ASSERT_TRUE(ContextHandle::Open(ro.get(), "doc", &h).ok());
+  ExpectServes(*h, a_, b_, "read-only handle");
+}
+
+// Runs `act` once, when RocksDB lists the database directory for its
+// write-ahead logs after it opened the MANIFEST (a secondary's open: the
+// MANIFEST first, then the logs).
+class BetweenManifestAndLogsFs final : public rocksdb::FileSystemWrapper {
+ public:
+  BetweenManifestAndLogsFs(std::string dir, std::function<void()> act)
+      : rocksdb::FileSystemWrapper(rocksdb::FileSystem::Default()), dir_(std::move(dir)), act_(std::move(act)) {}
+  const char* Name() const override { return "BetweenManifestAndLogsFs"; }
+  rocksdb::IOStatus NewSequentialFile(const std::string& f, const rocksdb::FileOptions& o,
+                                      std::unique_ptr<rocksdb::FSSequentialFile>* r,
+                                      rocksdb::IODebugContext* dbg) override {
+    if (f.find("MANIFEST-") != std::string::npos) manifest_read_ = true;
+    return target()->NewSequentialFile(f, o, r, dbg);
+  }
+  rocksdb::IOStatus GetChildren(const std::string& dir, const rocksdb::IOOptions& o, std::vector<std::string>* r,
+                                rocksdb::IODebugContext* dbg) override {
+    if (manifest_read_ && act_ && std::filesystem::equivalent(dir, dir_)) {
+      auto act = std::move(act_);
+      act_ = nullptr;
+      act();
+    }
+    return target()->GetChildren(dir, o, r, dbg);
+  }
+
+ private:
+  std::string dir_;
+  std::function<void()> act_;
+  bool manifest_read_ = false;
+};
+
+// Found by the stress test (tools/stress): a read-only open listed a
+// context dropped before the open began. RocksDB's secondary reads the
+// MANIFEST, then the write-ahead logs; the drop was only in a log, which the
+// writer flushed and deleted in between (here a flush; in the stress test a
+// writer's read-write open), and the secondary skips a missing log
+// silently. The view must be the database after the drop.
+TEST_F(ReadOnlyTest, LogFlushedDuringTheOpenIsNotLost) {
+  ASSERT_TRUE(Build(db_.get(), "doc", a_).ok());
+  ASSERT_TRUE(Build(db_.get(), "gone", b_).ok());
+  auto v = Impl(db_.get())->view();
+  const std::vector<rocksdb::ColumnFamilyHandle*> all = {v->cf_default, v->cf_manifest, v->cf_index, v->cf_kv};
+  ASSERT_TRUE(v->db->Flush(rocksdb::FlushOptions(), all).ok());  // the manifests in table files
+  // A handle holds the dropped records (their reclaim waits for it), so the
+  // old view is whole: only the log has the drop.
+  std::unique_ptr<ContextHandle> held;
+  ASSERT_TRUE(ContextHandle::Open(db_.get(), "gone", &held).ok());
+  ASSERT_TRUE(db_->DropContext("gone").ok());
+
+  bool acted = false;
+  storage::SetSecondaryFileSystemForTest(std::make_shared<BetweenManifestAndLogsFs>(Path(), [&] {
+    acted = true;
+    ASSERT_TRUE(v->db->Flush(rocksdb::FlushOptions(), all).ok());
+    ASSERT_TRUE(v->db->DisableFileDeletions().ok());
+    ASSERT_TRUE(v->db->EnableFileDeletions(/*force=*/false).ok());  // the flushed log is deleted now
+  }));
+  std::unique_ptr<DB> ro;
+  Status s = DB::Open(ReadOnly(), Path(), &ro);
+  storage::SetSecondaryFileSystemForTest(nullptr);
+  ASSERT_TRUE(s.ok()) << s.ToString();
+  EXPECT_TRUE(acted) << "the writer did not act during the open: this test proves nothing";
+  EXPECT_EQ(List(ro.get()), std::vector<std::string>{"doc"}) << "a context dropped before the open is listed";
+  ContextInfo info;
+  EXPECT_TRUE(ro->DescribeContext("gone", &info).IsNotFound());
+  std::unique_ptr<ContextHandle> h;
+  ASSERT_TRUE(ContextHandle::Open(ro.get(), "doc", &h).ok());
+  ExpectServes(*h, a_, b_, "read-only handle");
+  ExpectServes(*held, b_, a_, "the writer's handle on the dropped context");
 }
 
 // name -> (size, mtime in ns, mode) of everything under `root`.

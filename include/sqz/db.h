@@ -38,7 +38,10 @@ struct Options {
   // Open for reading only: no lock, no write of any kind to the directory
   // (no leftover cleanup, no space reclamation), create_if_missing ignored.
   // The reader's view is fixed at Open; Refresh() moves it forward. Drop and
-  // build calls return NotSupported.
+  // build calls return NotSupported. Beside a writer, Open and Refresh retry
+  // until they get a whole, current view; a writer that changes its files
+  // (flushes, compactions) during every attempt for about 4 s makes them
+  // return IOError ending in "try again" (transient: nothing is wrong).
   bool read_only = false;
   // Bytes of RocksDB block cache shared by index records and KV blocks
   // (the in-memory cache that makes repeated queries "warm").
