@@ -5,10 +5,11 @@
 // Asserts, beyond "no crash, leak, hang or unbounded allocation": a record
 // that decodes passes the validator it promises (a manifest ValidateManifest,
 // a head index ValidateHeadIndex against its context) and round-trips:
-// encoding the decoded values and decoding again gives the same values, and
-// encoding those gives the same bytes.
+// encoding the decoded values and decoding again gives the same values
+// (floating-point ones by value, below), and encoding those gives the same
+// bytes.
+#include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -19,42 +20,49 @@
 namespace sqz::fuzz {
 namespace {
 
-// Floating-point fields compare by their bits (a NaN in a field the
-// validator does not look at must survive the round trip too).
+// Floating-point fields compare by value, a NaN equal to a NaN (one may sit
+// in a field the validator does not look at). Not by bits: FlatBuffers does
+// not store a scalar equal to its default, and -0.0 == 0.0, so a -0.0 comes
+// back as 0.0 (the same value in every use: thresholds are compared with
+// scores, ratios multiplied).
 template <typename T>
-bool SameBits(const T& a, const T& b) {
-  return std::memcmp(&a, &b, sizeof(T)) == 0;
+bool SameValue(T a, T b) {
+  return a == b || (std::isnan(a) && std::isnan(b));
 }
 template <typename T>
-bool SameBits(const std::vector<T>& a, const std::vector<T>& b) {
-  return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0);
+bool SameValues(const std::vector<T>& a, const std::vector<T>& b) {
+  if (a.size() != b.size()) return false;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (!SameValue(a[i], b[i])) return false;
+  }
+  return true;
 }
 
 bool SameManifest(const ContextInfo& a, const ContextInfo& b) {
   if (a.thresholds.size() != b.thresholds.size()) return false;
   for (size_t i = 0; i < a.thresholds.size(); ++i) {
     const ThresholdInfo &x = a.thresholds[i], &y = b.thresholds[i];
-    if (!SameBits(x.quantile, y.quantile) || !SameBits(x.flat, y.flat) || !SameBits(x.coarse, y.coarse) ||
-        !SameBits(x.fine, y.fine)) {
+    if (!SameValue(x.quantile, y.quantile) || !SameValue(x.flat, y.flat) || !SameValue(x.coarse, y.coarse) ||
+        !SameValue(x.fine, y.fine)) {
       return false;
     }
   }
   return a.name == b.name && a.id == b.id && a.format_version == b.format_version && a.model == b.model &&
          a.n_layers == b.n_layers && a.n_kv_heads == b.n_kv_heads && a.n_q_heads == b.n_q_heads &&
          a.head_dim == b.head_dim && a.n_tokens == b.n_tokens && a.dtype == b.dtype && a.window == b.window &&
-         a.n_sinks == b.n_sinks && a.n_clustered == b.n_clustered && SameBits(a.fine_ratio, b.fine_ratio) &&
-         SameBits(a.coarse_ratio, b.coarse_ratio) && a.kmeans_iters == b.kmeans_iters && a.seed == b.seed &&
+         a.n_sinks == b.n_sinks && a.n_clustered == b.n_clustered && SameValue(a.fine_ratio, b.fine_ratio) &&
+         SameValue(a.coarse_ratio, b.coarse_ratio) && a.kmeans_iters == b.kmeans_iters && a.seed == b.seed &&
          a.fine_clusters == b.fine_clusters && a.coarse_clusters == b.coarse_clusters &&
          a.calibration_queries == b.calibration_queries && a.page_rows == b.page_rows &&
          a.clustered_pages == b.clustered_pages && a.always_pages == b.always_pages &&
          a.cluster_size_histogram == b.cluster_size_histogram && a.kv_bytes == b.kv_bytes &&
          a.index_bytes == b.index_bytes && a.bytes_on_disk == b.bytes_on_disk &&
-         SameBits(a.build_seconds, b.build_seconds) && a.created_unix == b.created_unix;
+         SameValue(a.build_seconds, b.build_seconds) && a.created_unix == b.created_unix;
 }
 
 bool SameHeadIndex(const storage::HeadIndexRecord& a, const storage::HeadIndexRecord& b) {
-  return a.layer == b.layer && a.head == b.head && SameBits(a.fine_centroids, b.fine_centroids) &&
-         a.fine_offsets == b.fine_offsets && SameBits(a.coarse_centroids, b.coarse_centroids) &&
+  return a.layer == b.layer && a.head == b.head && SameValues(a.fine_centroids, b.fine_centroids) &&
+         a.fine_offsets == b.fine_offsets && SameValues(a.coarse_centroids, b.coarse_centroids) &&
          a.coarse_child_offsets == b.coarse_child_offsets && a.permutation == b.permutation && a.page_crc == b.page_crc;
 }
 
