@@ -80,10 +80,11 @@ class SeedWriter {
     for (const char* t : {"fuzz_safetensors", "fuzz_records", "fuzz_queries"}) fs::create_directories(corpus_ / t);
     fs::create_directories(scratch_);
     // Synthetic contexts: KV files for fuzz_safetensors, queries files for
-    // fuzz_queries; the first (calibrated) and the third (no window
-    // queries: uncalibrated) are built for fuzz_records.
+    // fuzz_queries, and each one built for fuzz_records: calibrated; 6
+    // tokens, all of them window and sinks (no clustered key, no cluster,
+    // an empty histogram); no window queries (uncalibrated).
     SQZ_RETURN_IF_ERROR(Synthetic("f16", TinySpec(2, 2, 4, 32, 8, DType::kF16, 4), true));
-    SQZ_RETURN_IF_ERROR(Synthetic("bf16", TinySpec(1, 1, 2, 6, 2, DType::kBF16, 1), false));
+    SQZ_RETURN_IF_ERROR(Synthetic("bf16", TinySpec(1, 1, 2, 6, 2, DType::kBF16, 1), true));
     SQZ_RETURN_IF_ERROR(Synthetic("f32", TinySpec(1, 2, 2, 20, 4, DType::kF32, 0), true));
     SQZ_RETURN_IF_ERROR(HandWritten());
     return Status::OK();
