@@ -83,9 +83,9 @@ class SeedWriter {
     // fuzz_queries, and each one built for fuzz_records: calibrated; 6
     // tokens, all of them window and sinks (no clustered key, no cluster,
     // an empty histogram); no window queries (uncalibrated).
-    SQZ_RETURN_IF_ERROR(Synthetic("f16", TinySpec(2, 2, 4, 32, 8, DType::kF16, 4), true));
-    SQZ_RETURN_IF_ERROR(Synthetic("bf16", TinySpec(1, 1, 2, 6, 2, DType::kBF16, 1), true));
-    SQZ_RETURN_IF_ERROR(Synthetic("f32", TinySpec(1, 2, 2, 20, 4, DType::kF32, 0), true));
+    SQZ_RETURN_IF_ERROR(Synthetic("f16", TinySpec(2, 2, 4, 32, 8, DType::kF16, 4)));
+    SQZ_RETURN_IF_ERROR(Synthetic("bf16", TinySpec(1, 1, 2, 6, 2, DType::kBF16, 1)));
+    SQZ_RETURN_IF_ERROR(Synthetic("f32", TinySpec(1, 2, 2, 20, 4, DType::kF32, 0)));
     SQZ_RETURN_IF_ERROR(HandWritten());
     return Status::OK();
   }
@@ -109,7 +109,7 @@ class SeedWriter {
     return query::ReadQueriesFile(path.string(), QueriesContext(Bytes(prefix)), &queries);
   }
 
-  Status Synthetic(const std::string& tag, const synth::Spec& spec, bool build) {
+  Status Synthetic(const std::string& tag, const synth::Spec& spec) {
     const fs::path kv = scratch_ / ("kv_" + tag + ".safetensors");
     const fs::path q = scratch_ / ("q_" + tag + ".safetensors");
     SQZ_RETURN_IF_ERROR(synth::WriteContextFiles(spec, kv.string(), q.string()));
@@ -130,7 +130,7 @@ class SeedWriter {
     SQZ_RETURN_IF_ERROR(OpenSafetensorsKvSource(kv.string(), &src));
     SQZ_RETURN_IF_ERROR(Put("fuzz_queries", "synth_queries_" + tag, prefix + bytes));
     SQZ_RETURN_IF_ERROR(Put("fuzz_safetensors", "synth_queries_" + tag, bytes));
-    return build ? Build(tag, kv) : Status::OK();
+    return Build(tag, kv);
   }
 
   // Builds the context into a scratch database and writes its records as
@@ -158,8 +158,8 @@ class SeedWriter {
     info.created_unix = 0;
     info.bytes_on_disk = 0;
     const std::string manifest = storage::EncodeManifest(info);
-    ContextInfo decoded;
-    SQZ_RETURN_IF_ERROR(storage::DecodeManifest(manifest, "seed", &decoded));
+    ContextInfo manifest_back;
+    SQZ_RETURN_IF_ERROR(storage::DecodeManifest(manifest, "seed", &manifest_back));
     SQZ_RETURN_IF_ERROR(Put("fuzz_records", "manifest_" + tag, std::string(1, '\0') + manifest));
     for (int l = 0; l < info.n_layers; ++l) {
       for (int h = 0; h < info.n_kv_heads; ++h) {
@@ -174,10 +174,10 @@ class SeedWriter {
         if (!HeadIndexPrefix(c, &prefix)) return Status::InvalidArgument(tag + ": shapes outside the record prefix");
         const HeadIndexCall back = HeadIndexContext(Bytes(prefix));
         const std::string record = storage::EncodeHeadIndex(info, rec);
-        storage::HeadIndexRecord decoded;
+        storage::HeadIndexRecord record_back;
         SQZ_RETURN_IF_ERROR(storage::ValidateManifest(back.info));
         SQZ_RETURN_IF_ERROR(
-            storage::DecodeHeadIndex(record, back.Context(), back.layer, back.head, back.full, "seed", &decoded));
+            storage::DecodeHeadIndex(record, back.Context(), back.layer, back.head, back.full, "seed", &record_back));
         SQZ_RETURN_IF_ERROR(Put("fuzz_records", "head_" + tag + "_" + std::to_string(l) + "_" + std::to_string(h),
                                 std::string(1, '\1') + prefix + record));
       }

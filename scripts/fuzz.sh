@@ -19,13 +19,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 usage() {
-  sed -n '10,14p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '11,15p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 mode=ci
 seconds=${SQZ_FUZZ_SECONDS:-60}
 case "${1:-}" in
   "") ;;
+  -h | --help)
+    sed -n '11,15p' "$0" | sed 's/^# \{0,1\}//'
+    exit 0
+    ;;
   --long)
     mode=long
     seconds=${2:-}
