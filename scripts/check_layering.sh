@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bad=$(grep -rlE '#include *[<"](rocksdb|flatbuffers)/' --include='*.c' --include='*.cc' --include='*.h' --include='*.cu' \
-        include util index gpu query tools capi bench 2>/dev/null || true)
+        include util index gpu query tools capi bench fuzz 2>/dev/null || true)
 if [ -n "$bad" ]; then
   echo "check_layering: only storage/ may include RocksDB or FlatBuffers headers; found in:" >&2
   echo "$bad" >&2

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs everything squeeze needs on Debian 12 (idempotent), then configures
+# Installs everything squeeze needs on Debian 12 (idempotent; clang, libFuzzer
+# and clang's OpenMP are for scripts/fuzz.sh), then configures
 # and builds the project into build/ (or $SQZ_BUILD_DIR) with warnings as
 # errors (-DSQZ_WERROR=ON; SQZ_CMAKE_ARGS is passed after it).
 #
@@ -15,6 +16,7 @@ PKGS=(
   libflatbuffers-dev flatbuffers-compiler
   libgtest-dev libgmock-dev libbenchmark-dev
   nlohmann-json3-dev clang-format
+  clang libclang-rt-14-dev libomp-dev
   python3 python3-venv python3-pip time
 )
 

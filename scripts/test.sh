@@ -5,11 +5,12 @@
 # Python cross-check of the safetensors files), the Python package's tests
 # (pytest, real model included), checks formatting against the
 # checked-in .clang-format, then runs the suite again under ASan + UBSan
-# (scripts/sanitize.sh). About 35 minutes from a fresh clone on 2 cores.
+# (scripts/sanitize.sh), then the libFuzzer targets for a minute each
+# (scripts/fuzz.sh). About 40 minutes from a fresh clone on 2 cores.
 #
 #   scripts/test.sh                 # all of the above (what CI runs)
 #   SQZ_SLOW=1 scripts/test.sh      # also the slow (large-context) tests
-#   SQZ_QUICK=1 scripts/test.sh     # the suite and pytest only: no format check, no sanitizers
+#   SQZ_QUICK=1 scripts/test.sh     # the suite and pytest only: no format check, no sanitizers, no fuzzing
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -28,3 +29,6 @@ scripts/format.sh --check
 echo
 echo "== ASan + UBSan: scripts/sanitize.sh"
 scripts/sanitize.sh
+echo
+echo "== libFuzzer: scripts/fuzz.sh (each target ${SQZ_FUZZ_SECONDS:-60} s)"
+scripts/fuzz.sh

@@ -24,7 +24,9 @@ float HalfToFloat(uint16_t h) { return _cvtsh_ss(h); }
 
 uint16_t FloatToHalf(float f) {
   // F16C rounds to nearest even with _MM_FROUND_TO_NEAREST_INT; NaN stays NaN.
-  return _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT);
+  // (The vector form of _cvtss_sh: clang's _cvtss_sh is a macro with a
+  // compound literal, which -Wpedantic refuses in C++.)
+  return static_cast<uint16_t>(_mm_extract_epi16(_mm_cvtps_ph(_mm_set_ss(f), _MM_FROUND_TO_NEAREST_INT), 0));
 }
 
 uint16_t FloatToBf16(float f) {

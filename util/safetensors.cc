@@ -17,6 +17,7 @@ namespace sqz {
 namespace {
 
 // A JSON value, just enough for safetensors headers.
+struct JsonMember;
 struct Json {
   enum class Kind { kNull, kBool, kNumber, kString, kArray, kObject } kind = Kind::kNull;
   bool b = false;
@@ -25,7 +26,14 @@ struct Json {
   double d = 0;
   std::string s;
   std::vector<Json> arr;
-  std::vector<std::pair<std::string, Json>> obj;  // in file order
+  std::vector<JsonMember> obj;  // in file order
+};
+// One member of an object. Not std::pair<std::string, Json>: a pair needs
+// its types complete where it is named, and Json is not yet inside its own
+// definition (libstdc++ with clang refuses it).
+struct JsonMember {
+  std::string key;
+  Json value;
 };
 
 class JsonParser {
@@ -221,8 +229,8 @@ class JsonParser {
       SkipWs();
       if (pos_ >= t_.size() || t_[pos_] != ':') return Fail("expected ':'");
       ++pos_;
-      v->obj.emplace_back(std::move(key), Json());
-      if (!Value(&v->obj.back().second, depth + 1)) return false;
+      v->obj.push_back(JsonMember{std::move(key), Json()});
+      if (!Value(&v->obj.back().value, depth + 1)) return false;
       SkipWs();
       if (pos_ >= t_.size()) return Fail("unterminated object");
       char c = t_[pos_++];
