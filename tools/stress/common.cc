@@ -27,12 +27,10 @@ Status Flags::Parse(int argc, char** argv, int first, const std::vector<std::str
     if (!found) return Status::InvalidArgument("unknown flag --" + a);
     if (is_switch) {
       values_[a] = "1";
-      switches_.insert(a);
     } else {
       if (i + 1 >= argc) return Status::InvalidArgument("--" + a + " needs a value");
       values_[a] = argv[++i];
     }
-    order_.push_back(a);
   }
   return Status::OK();
 }
@@ -67,17 +65,6 @@ Status Flags::GetDouble(const std::string& name, double def, double min, double 
   }
   *out = v;
   return Status::OK();
-}
-
-std::string Flags::ToString() const {
-  std::string s;
-  std::set<std::string> done;
-  for (const auto& name : order_) {
-    if (!done.insert(name).second) continue;
-    s += " --" + name;
-    if (!switches_.count(name)) s += " " + values_.at(name);
-  }
-  return s;
 }
 
 std::vector<std::string> ContextNames(int n) {

@@ -4,7 +4,6 @@
 
 #include <cstdint>
 #include <map>
-#include <set>
 #include <string>
 #include <vector>
 
@@ -31,13 +30,9 @@ class Flags {
   std::string Get(const std::string& name, const std::string& def = "") const;
   Status GetInt(const std::string& name, int64_t def, int64_t min, int64_t max, int64_t* out) const;
   Status GetDouble(const std::string& name, double def, double min, double max, double* out) const;
-  // Every flag given, as a command line fragment (for "reproduce with").
-  std::string ToString() const;
 
  private:
   std::map<std::string, std::string> values_;
-  std::vector<std::string> order_;
-  std::set<std::string> switches_;
 };
 
 // The files of a stress run under its work directory.
