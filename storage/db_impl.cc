@@ -607,7 +607,7 @@ Status DBImpl::OpenSecondary(std::shared_ptr<RocksView>* out, bool* moved) {
 // (and every later file of its family): a view still incomplete after three
 // attempts looks for damage (OpenDegraded) before it keeps trying.
 Status DBImpl::OpenConsistentSecondary(std::shared_ptr<RocksView>* out) {
-  Status incomplete;
+  Status incomplete, probe;
   for (int attempt = 0; attempt < 50; ++attempt) {
     if (attempt > 0) {
       {
@@ -617,9 +617,11 @@ Status DBImpl::OpenConsistentSecondary(std::shared_ptr<RocksView>* out) {
       std::this_thread::sleep_for(std::chrono::milliseconds(std::min(5 * attempt, 100)));
     }
     if (attempt == 3 && incomplete.IsCorruption()) {
+      // (A probe that fails may be racing the writer: keep trying, and say
+      // what it found if the view never completes.)
       bool found = false;
-      SQZ_RETURN_IF_ERROR(OpenDegraded(out, &found));
-      if (found) return Status::OK();
+      probe = OpenDegraded(out, &found);
+      if (probe.ok() && found) return Status::OK();
     }
     std::shared_ptr<RocksView> v;
     bool moved = false;
@@ -636,7 +638,7 @@ Status DBImpl::OpenConsistentSecondary(std::shared_ptr<RocksView>* out) {
       return Status::OK();
     }
   }
-  return incomplete;
+  return probe.ok() ? incomplete : probe;
 }
 
 // Sets *incomplete to a Corruption naming what is partial in the instance's
