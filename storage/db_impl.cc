@@ -61,7 +61,10 @@ class NullLogger : public rocksdb::Logger {
 // fails the way such a race makes it fail.
 rocksdb::Status RetryWhileRacingWriter(const std::function<rocksdb::Status()>& op) {
   rocksdb::Status s = op();
-  for (int attempt = 0; attempt < 8 && (s.IsIOError() || s.IsPathNotFound() || s.IsCorruption()); ++attempt) {
+  // (TryAgain: a secondary found the MANIFEST it was reading replaced, "The
+  // primary may have switched to a new MANIFEST and deleted the old one".)
+  for (int attempt = 0; attempt < 8 && (s.IsIOError() || s.IsPathNotFound() || s.IsCorruption() || s.IsTryAgain());
+       ++attempt) {
     std::this_thread::sleep_for(std::chrono::milliseconds(10 << std::min(attempt, 5)));
     s = op();
   }
