@@ -455,6 +455,13 @@ Status DBImpl::OpenView(bool fresh_dir, std::shared_ptr<RocksView>* out) {
   return Status::OK();
 }
 
+bool RocksView::RecordsDamaged(uint64_t id) const {
+  for (const auto& d : damaged) {
+    if (!d.copy_only && id >= d.first_id && id <= d.last_id) return true;
+  }
+  return false;
+}
+
 std::string RocksView::DamageOf(uint64_t id) const {
   std::string what;
   for (const auto& d : damaged) {
@@ -466,15 +473,15 @@ std::string RocksView::DamageOf(uint64_t id) const {
   return what;
 }
 
-Status DBImpl::FindDamagedTables(std::vector<RocksView::DamagedTable>* damaged) {
-  damaged->clear();
+Status DBImpl::FindDamagedTables(std::shared_ptr<RocksView>* probe_out) {
   // A plain read-only open with paranoid checks off loads whatever it can
   // and lists every table file the MANIFEST names; it writes nothing.
-  RocksView probe;
-  const rocksdb::Status s = OpenRocks(false, /*paranoid=*/false, OpenMode::kReadOnly, &probe);
+  auto probe = std::make_shared<RocksView>();
+  const rocksdb::Status s = OpenRocks(false, /*paranoid=*/false, OpenMode::kReadOnly, probe.get());
   if (!s.ok()) return Damaged(FromRocks(s, path_ + ": cannot open the database"), path_);
+  std::vector<RocksView::DamagedTable>* damaged = &probe->damaged;
   std::vector<rocksdb::LiveFileMetaData> files;
-  probe.db->GetLiveFilesMetaData(&files);
+  probe->db->GetLiveFilesMetaData(&files);
   std::vector<std::string> metadata;  // damaged files of the default and manifest families
   for (const auto& f : files) {
     const std::string name = f.name.substr(f.name.find_last_of('/') + 1);
@@ -510,20 +517,23 @@ Status DBImpl::FindDamagedTables(std::vector<RocksView::DamagedTable>* damaged) 
     for (const auto& m : metadata) list += (list.empty() ? "" : "; ") + m;
     return Damaged(Status::Corruption(path_ + ": table file " + list + ", which every context needs"), path_);
   }
+  *probe_out = std::move(probe);
   return Status::OK();
 }
 
 Status DBImpl::OpenDegraded(std::shared_ptr<RocksView>* out, bool* found) {
-  std::vector<RocksView::DamagedTable> damaged;
-  SQZ_RETURN_IF_ERROR(FindDamagedTables(&damaged));
-  *found = !damaged.empty();
-  if (damaged.empty()) return Status::OK();
-  auto v = std::make_shared<RocksView>();
-  const rocksdb::Status s =
-      OpenRocks(false, /*paranoid=*/false, read_only_ ? OpenMode::kReadOnly : OpenMode::kReadWrite, v.get());
-  if (!s.ok()) return Damaged(FromRocks(s, path_ + ": cannot open the database"), path_);
-  v->damaged = std::move(damaged);
+  std::shared_ptr<RocksView> v;
+  SQZ_RETURN_IF_ERROR(FindDamagedTables(&v));
+  *found = !v->damaged.empty();
+  if (!*found) return Status::OK();
   if (!read_only_) {
+    // The writer's view: the probe (read-only) closes before the read-write
+    // open takes the lock.
+    std::vector<RocksView::DamagedTable> damaged = std::move(v->damaged);
+    v = std::make_shared<RocksView>();
+    const rocksdb::Status s = OpenRocks(false, /*paranoid=*/false, OpenMode::kReadWrite, v.get());
+    if (!s.ok()) return Damaged(FromRocks(s, path_ + ": cannot open the database"), path_);
+    v->damaged = std::move(damaged);
     // No automatic compaction may pick a damaged file (it would fail, again
     // and again); dropping or replacing the damaged context deletes its files
     // whole, and the reclaim compacts only what is left.
@@ -831,6 +841,8 @@ Status DBImpl::CheckManifestsAgainstCopies(RocksView* v, std::set<uint64_t>* ids
         // and the copy check; the id counter does not need them (an id is
         // persisted before any record uses it).
         if (files.empty()) {
+          // (Every table file of the version, the damaged ones of a degraded
+          // open included.)
           std::vector<rocksdb::LiveFileMetaData> md;
           v->db->GetLiveFilesMetaData(&md);
           for (const auto& f : md) {
@@ -839,9 +851,6 @@ Status DBImpl::CheckManifestsAgainstCopies(RocksView* v, std::set<uint64_t>* ids
                 DecodeContextId(f.largestkey, &b)) {
               files.emplace_back(a, b);
             }
-          }
-          for (const auto& d : v->damaged) {
-            if (d.family == cf->GetName()) files.emplace_back(d.first_id, d.last_id);
           }
         }
         const std::pair<uint64_t, uint64_t>* hit = nullptr;
@@ -1129,11 +1138,9 @@ Status DBImpl::OpenSnapshotImpl(const std::string& name, std::unique_ptr<Snapsho
   // The manifest is read at the snapshot: shapes, id and records all come
   // from one version.
   SQZ_RETURN_IF_ERROR(GetManifest(v.get(), s->Read(), name, s->mutable_info()));
-  for (const auto& d : v->damaged) {
-    const uint64_t id = s->info().id;
-    if (d.copy_only || id < d.first_id || id > d.last_id) continue;
+  if (v->RecordsDamaged(s->info().id)) {
     return Status::Corruption(
-        "context '" + name + "' in " + path_ + " is damaged: " + v->DamageOf(id) +
+        "context '" + name + "' in " + path_ + " is damaged: " + v->DamageOf(s->info().id) +
         ". The other contexts are not affected. Drop it (sqctl drop --db " + path_ + " --context " + name +
         ") and rebuild it, or salvage the database with sqctl repair --db " + path_ + " --out NEW_DIR");
   }
@@ -1260,9 +1267,11 @@ Status DBImpl::VerifyContextUnguarded(const std::string& name, VerifyReport* rep
   const std::string damage = snap.view()->DamageOf(m.id);
   if (!damage.empty()) {
     return Status::Corruption("context '" + name + "' in " + path_ + " is damaged: " + damage +
-                              ". Its records are intact: rebuild it with --replace, or salvage the database with "
-                              "sqctl repair --db " +
-                              path_ + " --out NEW_DIR");
+                              ". Its records are intact and queries work; to restore the copy, rebuild it (sqctl "
+                              "build-index --db " +
+                              path_ + " --name " + name +
+                              " --replace --kv FILE), or salvage the database with sqctl repair --db " + path_ +
+                              " --out NEW_DIR");
   }
   report->records_checked++;
   const uint64_t page_bytes = m.page_bytes();

@@ -62,6 +62,8 @@ struct RocksView {
   std::vector<DamagedTable> damaged;
   // What is wrong with context `id`'s table files; empty when nothing is.
   std::string DamageOf(uint64_t id) const;
+  // A damaged file holds records of context `id` (not only its manifest copy).
+  bool RecordsDamaged(uint64_t id) const;
 };
 
 class SnapshotImpl;
@@ -135,7 +137,9 @@ class DBImpl final : public DB, public Store {
   // degraded view into *out in which every other context works; *found
   // false when no table file is damaged (the failure was something else).
   Status OpenDegraded(std::shared_ptr<RocksView>* out, bool* found);
-  Status FindDamagedTables(std::vector<RocksView::DamagedTable>* damaged);
+  // The probe of OpenDegraded: a read-only view (OpenForReadOnly, paranoid
+  // checks off) whose `damaged` lists what it found.
+  Status FindDamagedTables(std::shared_ptr<RocksView>* probe);
   Status CheckFormatVersion(RocksView* v, bool fresh);
   Status OpenSecondary(std::shared_ptr<RocksView>* out, bool* moved);
   Status OpenConsistentSecondary(std::shared_ptr<RocksView>* out);

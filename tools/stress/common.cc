@@ -26,7 +26,7 @@ Status Flags::Parse(int argc, char** argv, int first, const std::vector<std::str
     }
     if (!found) return Status::InvalidArgument("unknown flag --" + a);
     if (is_switch) {
-      values_[a] = "1";
+      values_[a].assign(1, '1');  // (not = "1": a false -Wrestrict from GCC 12 in Release)
     } else {
       if (i + 1 >= argc) return Status::InvalidArgument("--" + a + " needs a value");
       values_[a] = argv[++i];
