@@ -40,7 +40,7 @@ constexpr size_t Align(size_t x) { return (x + 255) / 256 * 256; }
 // Where each array of a call lives in the caller's workspace.
 struct WsLayout {
   size_t qf = 0, scores = 0, keys = 0, flags = 0, coarse_keep = 0, seg_first = 0, seg_before = 0, stats = 0, part_m = 0,
-         part_l = 0, chunk_weight = 0, chunk_scored = 0, part = 0, total = 0;
+         part_l = 0, chunk_weight = 0, chunk_scored = 0, hist = 0, split_seg = 0, part = 0, total = 0;
   int splits = 1, rows = 0;
 };
 
@@ -127,6 +127,10 @@ class ResidentKvImpl final : public ResidentKv {
       // heads with more clusters than fit.
       const char* unstaged = std::getenv("SQZ_GPU_SELECT_UNSTAGED");
       select_stage_max_ = unstaged != nullptr && std::strcmp(unstaged, "1") == 0 ? 0 : avail;
+      // SQZ_GPU_SELECT_RADIX=1 (tests): the budget rule by radix select, as
+      // when the boundary bin of the histogram holds too many clusters.
+      const char* radix = std::getenv("SQZ_GPU_SELECT_RADIX");
+      select_radix_ = radix != nullptr && std::strcmp(radix, "1") == 0;
     }
     SQZ_CUDA_TRY(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
     SQZ_RETURN_IF_ERROR(EnsureSideStreams(device_));  // for batches (AttendDeviceBatch), before any capture
@@ -281,11 +285,13 @@ class ResidentKvImpl final : public ResidentKv {
     take(&w->seg_first, static_cast<size_t>(H) * SegStride() * 4);
     take(&w->seg_before, static_cast<size_t>(H) * SegStride() * 4);
     take(&w->stats, static_cast<size_t>(H) * kStatCount * 4);
-    const size_t chunks = (ks + kChunkClusters - 1) / kChunkClusters;
-    take(&w->part_m, static_cast<size_t>(H) * R * chunks * 4);
-    take(&w->part_l, static_cast<size_t>(H) * R * chunks * 4);
+    const size_t chunks = (ks + kChunkClusters - 1) / kChunkClusters, parts = (ks + kScoreChunk - 1) / kScoreChunk;
+    take(&w->part_m, static_cast<size_t>(H) * R * parts * 4);
+    take(&w->part_l, static_cast<size_t>(H) * R * parts * 4);
     take(&w->chunk_weight, static_cast<size_t>(H) * chunks * 4);
     take(&w->chunk_scored, static_cast<size_t>(H) * chunks * 4);
+    take(&w->hist, c.mode == 1 ? static_cast<size_t>(H) * kKeyBins * 4 : 0);
+    take(&w->split_seg, static_cast<size_t>(H) * w->splits * 4);
     take(&w->part, DecodeWorkspaceFloats(H, R, D, w->splits) * 4);
     w->total = off;
     return Status::OK();
@@ -332,14 +338,10 @@ class ResidentKvImpl final : public ResidentKv {
     auto s = static_cast<cudaStream_t>(c.stream);
     DeviceGuard guard(device_);
     uint8_t* ws = static_cast<uint8_t*>(c.workspace);
-    float* qf = reinterpret_cast<float*>(ws + w.qf);
-    // 1. Queries: fp32, scaled, [H][R][D].
-    cudaError_t e = c.dtype == DType::kF32   ? LaunchPrep<float>(c, qf, H, G, D, cfg.scale, s)
-                    : c.dtype == DType::kF16 ? LaunchPrep<__half>(c, qf, H, G, D, cfg.scale, s)
-                                             : LaunchPrep<__nv_bfloat16>(c, qf, H, G, D, cfg.scale, s);
-    SQZ_CUDA_TRY(e, "launching the query conversion");
+    float* qf = reinterpret_cast<float*>(ws + w.qf);  // the queries, fp32, scaled, [H][R][D]
 
-    // 2. Selection and the segment table, on the device.
+    // 1. Selection and the segment table, on the device (the scoring kernel
+    // also converts the queries for the attention kernel).
     const HeadMeta* meta = d_meta_ + static_cast<size_t>(c.layer) * H;
     SelectParams sp;
     sp.H = H;
@@ -363,9 +365,16 @@ class ResidentKvImpl final : public ResidentKv {
     sp.part_l = reinterpret_cast<float*>(ws + w.part_l);
     sp.chunk_weight = reinterpret_cast<uint32_t*>(ws + w.chunk_weight);
     sp.chunk_scored = reinterpret_cast<uint32_t*>(ws + w.chunk_scored);
+    sp.hist = cfg.mode == 1 && !select_radix_ ? reinterpret_cast<uint32_t*>(ws + w.hist) : nullptr;
+    sp.bin_lo = std::log(static_cast<float>(R)) - kKeySpan;
+    sp.split_seg = reinterpret_cast<uint32_t*>(ws + w.split_seg);
+    sp.splits = w.splits;
     sp.n_clustered = static_cast<uint32_t>(shape_.n_clustered);
     sp.n_always = static_cast<uint32_t>(shape_.n_always);
     ScoreParams sc;
+    sc.q = c.q;
+    sc.token_major = c.token_major;
+    sc.scale = cfg.scale;
     sc.qf = qf;
     sc.H = H;
     sc.G = G;
@@ -373,15 +382,23 @@ class ResidentKvImpl final : public ResidentKv {
     sc.meta = meta;
     sc.scores = scores;
     sc.k_stride = sp.k_stride;
+    sc.part_m = reinterpret_cast<float*>(ws + w.part_m);
+    sc.part_l = reinterpret_cast<float*>(ws + w.part_l);
+    sc.hist = sp.hist;
     const double n = static_cast<double>(shape_.n_clustered);
     if (cfg.mode == 0) {
-      DenseSelectKernel<><<<H, 1, 0, s>>>(sp);
+      cudaError_t e = c.dtype == DType::kF32   ? LaunchPrep<float>(c, qf, H, G, D, cfg.scale, s)
+                      : c.dtype == DType::kF16 ? LaunchPrep<__half>(c, qf, H, G, D, cfg.scale, s)
+                                               : LaunchPrep<__nv_bfloat16>(c, qf, H, G, D, cfg.scale, s);
+      SQZ_CUDA_TRY(e, "launching the query conversion");
+      DenseSelectKernel<><<<H, 32, 0, s>>>(sp);
       SQZ_CUDA_TRY(cudaGetLastError(), "launching the dense selection");
     } else {
       if (cfg.hierarchical) {
         sc.coarse = true;
         sc.centroids = d_coarse_cent_;
-        SQZ_CUDA_TRY(LaunchScore(sc, k1_max_, s), "launching the coarse scoring");
+        sc.sizes = d_coarse_size_;
+        SQZ_CUDA_TRY(LaunchScore(sc, k1_max_, c.dtype, s), "launching the coarse scoring");
         SelectParams cs = sp;
         cs.coarse = true;
         cs.sizes = d_coarse_size_;
@@ -394,7 +411,8 @@ class ResidentKvImpl final : public ResidentKv {
       }
       sc.coarse = false;
       sc.centroids = d_fine_cent_;
-      SQZ_CUDA_TRY(LaunchScore(sc, k2_max_, s), "launching the centroid scoring");
+      sc.sizes = d_fine_size_;
+      SQZ_CUDA_TRY(LaunchScore(sc, k2_max_, c.dtype, s), "launching the centroid scoring");
       sp.sizes = d_fine_size_;
       sp.hierarchical = cfg.hierarchical;
       sp.target = cfg.budget * n;
@@ -402,7 +420,7 @@ class ResidentKvImpl final : public ResidentKv {
       SQZ_CUDA_TRY(LaunchSelect(sp, k2_max_, s), "launching the selection");
     }
 
-    // 3. Attention over the segments, and the merge into O / LSE.
+    // 2. Attention over the segments, and the merge into O / LSE.
     DecodeParams dp = LayerDecodeParams(c.layer);
     dp.seg_first = sp.seg_first;
     dp.seg_before = sp.seg_before;
@@ -410,6 +428,7 @@ class ResidentKvImpl final : public ResidentKv {
     dp.seg_count = sp.stats + kStatSegments;
     dp.head_rows = sp.stats + kStatHeadRows;
     dp.count_stride = kStatCount;
+    dp.split_seg = sp.split_seg;
     dp.rows = R;
     dp.q = qf;
     dp.splits = w.splits;
@@ -501,33 +520,44 @@ class ResidentKvImpl final : public ResidentKv {
     return std::max(1, std::min({wave, kMaxSplits, static_cast<int>(std::ceil(rows / 64.0))}));
   }
 
-  // Selection of one level: row statistics and keys per chunk of clusters
+  // Selection of one level after its scoring: the keys per chunk of clusters
   // (every SM), then the rule and the compaction (a block per head).
   cudaError_t LaunchSelect(SelectParams sp, int k_max, cudaStream_t s) const {
     sp.n_chunks = std::max(1, (k_max + kChunkClusters - 1) / kChunkClusters);
-    const dim3 grid(sp.n_chunks, shape_.n_heads);
-    RowStatsKernel<><<<grid, kChunkClusters, 0, s>>>(sp);
-    KeysKernel<><<<grid, kChunkClusters, 0, s>>>(sp);
+    sp.n_parts = ScoreParts(k_max);
+    KeysKernel<><<<dim3(sp.n_chunks, shape_.n_heads), kChunkClusters, 0, s>>>(sp);
     const size_t stage = SelectStageBytes(sp.k_stride);
     sp.staged = stage <= select_stage_max_;
     SelectKernel<kSelectThreads><<<shape_.n_heads, kSelectThreads, sp.staged ? stage : 0, s>>>(sp);
     return cudaGetLastError();
   }
 
-  // Scoring: about 6 blocks per SM in all (each loops over its share of the
-  // head's centroids), shared memory for the head's query rows.
-  cudaError_t LaunchScore(const ScoreParams& sc, int k_max, cudaStream_t s) const {
-    constexpr int per_block = kScoreThreads / kScoreTpc;
-    const int need = (std::max(k_max, 1) + per_block - 1) / per_block;
-    const int cap = std::max(1, 6 * sm_count_ / shape_.n_heads);
-    const dim3 grid(std::min(need, cap), shape_.n_heads);
-    const size_t smem = static_cast<size_t>(sc.G) * sc.T * shape_.head_dim * sizeof(float);
-    if (shape_.head_dim == 64) {
-      ScoreKernel<64><<<grid, kScoreThreads, smem, s>>>(sc);
-    } else {
-      ScoreKernel<128><<<grid, kScoreThreads, smem, s>>>(sc);
+  static int ScoreParts(int k_max) { return std::max(1, (k_max + kScoreChunk - 1) / kScoreChunk); }
+
+  // Scoring and the rows' partial states: a block per chunk of kScoreChunk
+  // clusters and head; shared memory for the head's query rows and the
+  // chunk's scores.
+  template <int D>
+  static cudaError_t LaunchScoreAs(ScoreParams sc, DType q_type, dim3 grid, size_t smem, cudaStream_t s) {
+    switch (q_type) {
+      case DType::kF32:
+        ScoreKernel<D, float><<<grid, kScoreThreads, smem, s>>>(sc);
+        break;
+      case DType::kF16:
+        ScoreKernel<D, __half><<<grid, kScoreThreads, smem, s>>>(sc);
+        break;
+      default:
+        ScoreKernel<D, __nv_bfloat16><<<grid, kScoreThreads, smem, s>>>(sc);
     }
     return cudaGetLastError();
+  }
+
+  cudaError_t LaunchScore(ScoreParams sc, int k_max, DType q_type, cudaStream_t s) const {
+    sc.n_chunks = ScoreParts(k_max);
+    const dim3 grid(sc.n_chunks, shape_.n_heads);
+    const size_t smem = ScoreSmemBytes(sc.G * sc.T, shape_.head_dim);
+    return shape_.head_dim == 64 ? LaunchScoreAs<64>(sc, q_type, grid, smem, s)
+                                 : LaunchScoreAs<128>(sc, q_type, grid, smem, s);
   }
 
   struct Staged {
@@ -540,6 +570,7 @@ class ResidentKvImpl final : public ResidentKv {
   int device_;
   int sm_count_ = 1;
   size_t select_stage_max_ = 0;  // dynamic shared memory SelectKernel may stage in (opted in at Create)
+  bool select_radix_ = false;    // the budget rule without the histogram (tests)
   ResidentShape shape_;
   size_t page_bytes_ = 0;
   uint64_t page_buffer_bytes_ = 0;

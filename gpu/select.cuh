@@ -2,22 +2,27 @@
 // layer and every served KV head at once (docs/SEMANTICS.md, "Estimated
 // probabilities" and "Selection"; the CPU reference is query/selection.cc).
 //
-//   PrepQueriesKernel   q (fp32/fp16/bf16, head- or token-major) -> qf, fp32,
-//                       scaled, [H][R][D] with row r = g * T + t
-//   ScoreKernel         s[h][r][j] = qf[h][r] . c_j for every centroid of a
-//                       level; in the fine stage of a hierarchical lookup only
-//                       children of kept coarse clusters are read (the others
-//                       score -inf for the rows that did not keep them)
-//   RowStatsKernel      per chunk of clusters: each row's (max, denominator)
-//                       partial state
+//   ScoreKernel         per chunk of kScoreChunk clusters and KV head:
+//                       s[h][r][j] = qf[h][r] . c_j for every query row
+//                       (row r = g * T + t; the caller's queries converted and
+//                       scaled on the way, and written as qf for the attention
+//                       kernels), then each row's partial softmax state over
+//                       the chunk; in the fine stage of a hierarchical lookup
+//                       only children of kept coarse clusters are read (the
+//                       others score -inf for the rows that did not keep them)
 //   KeysKernel          per chunk: the rows' denominators from the partials,
 //                       then each cluster's estimated probabilities as the
-//                       budget order's key or the threshold flags
-//   SelectKernel        one block per KV head: the rule (budget: a radix
-//                       select of the mass order with size accumulation),
-//                       then, in the fine stage, the kept clusters compacted
-//                       into the head's segments (adjacent clusters merged,
-//                       the always set appended) and its statistics.
+//                       budget order's key (and its size added to the head's
+//                       histogram of log-masses) or the threshold flags
+//   SelectKernel        one block per KV head: the rule (budget: the
+//                       histogram's boundary bin, its clusters ranked exactly;
+//                       a radix select of the keys when the bin holds too
+//                       many), then, in the fine stage, the kept clusters
+//                       compacted into the head's segments (adjacent clusters
+//                       merged, the always set appended), the segment where
+//                       each attention block's share of rows starts, and the
+//                       head's statistics.
+//   PrepQueriesKernel   dense mode only (no scoring): the query conversion.
 // The per-cluster work runs on every SM; only the rule and the compaction
 // are one block per head.
 //
@@ -43,8 +48,9 @@
 namespace sqz::gpu {
 
 inline constexpr int kMaxSelectRows = 64;  // query rows per KV head (G * T) the selection takes
-inline constexpr int kScoreThreads = 128;
+inline constexpr int kScoreThreads = 256;
 inline constexpr int kSelectThreads = 512;
+inline constexpr uint32_t kMaxCandidates = 1024;  // clusters of the budget's boundary bin the select kernel ranks
 
 // Per-head statistics the select kernel writes ([H][kStatCount] uint32).
 enum : int {
@@ -93,119 +99,6 @@ __global__ void PrepQueriesKernel(const E* q, float* qf, int H, int G, int T, in
   }
 }
 
-struct ScoreParams {
-  const float* qf = nullptr;  // [H][R][D]
-  int H = 0, G = 0, T = 0;    // R = G * T
-  const HeadMeta* meta = nullptr;
-  bool coarse = false;               // which level
-  const float* centroids = nullptr;  // that level's centroids [*, D]
-  // Fine stage of a hierarchical lookup: the parent of each fine cluster and
-  // the coarse keep masks (bit g: query head g kept it); null when flat.
-  const uint32_t* parent = nullptr;
-  const uint8_t* coarse_keep = nullptr;  // [H][k1_stride]
-  int k1_stride = 0;
-  float* scores = nullptr;  // [H][R][k_stride]
-  int k_stride = 0;
-};
-
-// Grid (ceil(k_max * kScoreTpc / kScoreThreads), H): kScoreTpc threads per
-// centroid (adjacent threads read adjacent 16 bytes: coalesced), the rows in
-// chunks of 8 (decode reads each centroid once), a 3-step shuffle reduction.
-inline constexpr int kScoreTpc = 8;
-template <int D>
-__global__ void __launch_bounds__(kScoreThreads) ScoreKernel(ScoreParams p) {
-  constexpr int kE4 = D / 4 / kScoreTpc;                // float4 per thread
-  constexpr int kPerBlock = kScoreThreads / kScoreTpc;  // centroids per block and round
-  extern __shared__ float4 sq[];                        // [R][D / 4] (dynamic: R * D * 4 bytes)
-  const int h = blockIdx.y, R = p.G * p.T;
-  const float4* qh = reinterpret_cast<const float4*>(p.qf + static_cast<size_t>(h) * R * D);
-  for (int i = threadIdx.x; i < R * D / 4; i += blockDim.x) sq[i] = qh[i];
-  __syncthreads();
-  const HeadMeta m = p.meta[h];
-  const uint32_t k = p.coarse ? m.k1 : m.k2;
-  const int part = threadIdx.x % kScoreTpc;
-  const float4* cbase =
-      reinterpret_cast<const float4*>(p.centroids + static_cast<size_t>(p.coarse ? m.coarse_base : m.fine_base) * D);
-  // Rounds over the head's centroids; the loop bound is uniform per block so
-  // the whole warp takes part in the shuffles.
-  for (uint32_t j0 = blockIdx.x * kPerBlock; j0 < k; j0 += gridDim.x * kPerBlock) {
-    const uint32_t j = j0 + threadIdx.x / kScoreTpc;
-    const bool valid = j < k;
-    float* out = p.scores + static_cast<size_t>(h) * R * p.k_stride + j;
-    uint32_t bits = valid ? 0xffu : 0u;
-    if (valid && p.parent != nullptr) {
-      bits = p.coarse_keep[static_cast<size_t>(h) * p.k1_stride + p.parent[m.fine_base + j]];
-    }
-    float4 cv[kE4];
-    const float4* c = cbase + static_cast<size_t>(valid ? j : 0) * (D / 4);
-#pragma unroll
-    for (int e = 0; e < kE4; ++e) cv[e] = bits != 0 ? __ldg(c + part + e * kScoreTpc) : make_float4(0.f, 0.f, 0.f, 0.f);
-    for (int r0 = 0; r0 < R; r0 += 8) {
-      float acc[8];
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        acc[i] = 0.f;
-        if (r0 + i < R) {
-#pragma unroll
-          for (int e = 0; e < kE4; ++e) {
-            const float4 qv = sq[(r0 + i) * (D / 4) + part + e * kScoreTpc];
-            acc[i] += qv.x * cv[e].x + qv.y * cv[e].y + qv.z * cv[e].z + qv.w * cv[e].w;
-          }
-        }
-#pragma unroll
-        for (int off = kScoreTpc / 2; off > 0; off /= 2) acc[i] += __shfl_xor_sync(0xffffffffu, acc[i], off);
-      }
-      if (valid && part == 0) {
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          const int r = r0 + i;
-          if (r < R) out[static_cast<size_t>(r) * p.k_stride] = ((bits >> (r / p.T)) & 1u) ? acc[i] : -INFINITY;
-        }
-      }
-    }
-  }
-}
-
-inline constexpr int kChunkClusters = 256;  // clusters per block of the row-stats and keys kernels
-
-struct SelectParams {
-  int H = 0, G = 0, T = 0;
-  const HeadMeta* meta = nullptr;
-  bool coarse = false;            // stage: coarse (writes coarse_keep) or fine (writes segments)
-  bool hierarchical = false;      // fine stage after a coarse one (adds to its statistics)
-  int mode = 1;                   // 1 budget (joint over the group), 2 threshold (per query head, union)
-  double target = 0;              // budget: rows to reach
-  float tau = 0;                  // threshold
-  const float* scores = nullptr;  // [H][R][k_stride]
-  int k_stride = 0;
-  const uint32_t* sizes = nullptr;  // the level's cluster sizes (flattened)
-  // Per chunk of kChunkClusters clusters (n_chunks per head): row partial
-  // states [H][R][n_chunks] (max, sum N exp(s - max)), and per chunk the
-  // candidates' size and the dot products with reached clusters [H][n_chunks].
-  float* part_m = nullptr;
-  float* part_l = nullptr;
-  uint32_t* chunk_weight = nullptr;
-  uint32_t* chunk_scored = nullptr;
-  int n_chunks = 0;
-  uint32_t* keys = nullptr;  // [H][k_stride]: budget order keys (0 = not a candidate)
-  uint8_t* flags = nullptr;  // [H][k_stride]: kept (bit g: query head g)
-  // Coarse stage output.
-  uint8_t* coarse_keep = nullptr;  // [H][k1_stride]
-  int k1_stride = 0;
-  // Fine stage outputs.
-  const uint32_t* first = nullptr;  // first stored row of each fine cluster (flattened)
-  uint32_t* seg_first = nullptr;    // [H][seg_stride]
-  uint32_t* seg_before = nullptr;   // [H][seg_stride]: attended rows before the segment
-  int seg_stride = 0;
-  uint32_t* stats = nullptr;  // [H][kStatCount]
-  uint32_t n_clustered = 0, n_always = 0;
-  // SelectKernel stages a head's sizes, keys and flags in shared memory
-  // (SelectStageBytes(k_stride) of dynamic shared memory; when they fit).
-  bool staged = false;
-};
-
-inline size_t SelectStageBytes(int k_stride) { return static_cast<size_t>(k_stride) * (2 * sizeof(uint32_t) + 1); }
-
 // fp32 keys that compare like the floats (all finite or -inf here).
 __device__ inline uint32_t OrderKey(float x) {
   const uint32_t b = __float_as_uint(x);
@@ -219,38 +112,158 @@ __device__ inline void MergeMax(float& m, float& l, float om, float ol) {
   m = mm;
 }
 
-// Grid (n_chunks, H), kChunkClusters threads: per row, the chunk's
-// (max, sum_j N_j exp(s_j - max)); scores of -inf (not reached) count for
-// nothing. A warp per row (rows round-robin over the warps), each lane over
-// kChunkClusters / 32 clusters: no block-wide synchronisation.
-template <int NT = kChunkClusters>  // a template so that it may be defined in this header
-__global__ void __launch_bounds__(NT) RowStatsKernel(SelectParams p) {
-  constexpr int kPerLane = kChunkClusters / 32;
+inline constexpr int kScoreChunk = 64;  // clusters per block of the scoring kernel (its row-statistics chunk)
+inline constexpr int kScoreTpc = 8;     // threads per centroid
+
+struct ScoreParams {
+  // The caller's queries (element type: the kernel's E), head- or
+  // token-major, and the softmax scale; block 0 of each head also writes
+  // them converted (qf, [H][R][D] fp32, scaled) for the attention kernels.
+  const void* q = nullptr;
+  bool token_major = false;
+  float scale = 1.f;
+  float* qf = nullptr;
+  int H = 0, G = 0, T = 0;  // R = G * T
+  const HeadMeta* meta = nullptr;
+  bool coarse = false;               // which level
+  const float* centroids = nullptr;  // that level's centroids [*, D]
+  const uint32_t* sizes = nullptr;   // that level's cluster sizes (flattened)
+  // Fine stage of a hierarchical lookup: the parent of each fine cluster and
+  // the coarse keep masks (bit g: query head g kept it); null when flat.
+  const uint32_t* parent = nullptr;
+  const uint8_t* coarse_keep = nullptr;  // [H][k1_stride]
+  int k1_stride = 0;
+  float* scores = nullptr;  // [H][R][k_stride]
+  int k_stride = 0;
+  // Per chunk of kScoreChunk clusters, each row's partial softmax state over
+  // the chunk: (max, sum_j N_j exp(s_j - max)), [H][R][n_chunks].
+  float* part_m = nullptr;
+  float* part_l = nullptr;
+  int n_chunks = 0;
+  uint32_t* hist = nullptr;  // [H][kKeyBins]: zeroed here for the keys kernel (null: no budget rule)
+};
+
+inline constexpr int kKeyBins = 4096;  // the budget rule's histogram of estimated masses (log scale)
+inline constexpr float kKeySpan = 48.f;  // log-mass range the bins cover below log(R); lower masses share bin 0
+
+// Shared memory of the scoring kernel: the head's query rows and the chunk's scores.
+inline size_t ScoreSmemBytes(int R, int D) { return static_cast<size_t>(R) * (D + kScoreChunk) * sizeof(float); }
+
+template <typename E>
+__device__ inline float LoadQ(const void* q, int64_t i) {
+  return LoadFloat(static_cast<const E*>(q) + i);
+}
+
+// Grid (ceil(k_max / kScoreChunk), H), kScoreThreads threads: the scores of
+// a chunk of a level's clusters for every query row of the head (kScoreTpc
+// threads per centroid, adjacent threads reading adjacent 16 bytes, both
+// halves of the chunk's centroids loaded before any arithmetic), written to
+// `scores`, then each row's partial softmax state over the chunk. In the
+// fine stage of a hierarchical lookup, only children of kept coarse clusters
+// are read (the others score -inf for the rows that did not keep them).
+template <int D, typename E>
+__global__ void __launch_bounds__(kScoreThreads) ScoreKernel(ScoreParams p) {
+  constexpr int kE4 = D / 4 / kScoreTpc;                // float4 per thread and centroid
+  constexpr int kPerPass = kScoreThreads / kScoreTpc;   // centroids per pass
+  constexpr int kPasses = kScoreChunk / kPerPass;
+  extern __shared__ float4 smem[];
   const int h = blockIdx.y, R = p.G * p.T, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  float4* sq = smem;                                    // [R][D / 4]
+  float* ss = reinterpret_cast<float*>(smem + R * D / 4);  // [R][kScoreChunk]
   const HeadMeta m = p.meta[h];
   const uint32_t k = p.coarse ? m.k1 : m.k2;
-  const uint32_t j0 = blockIdx.x * kChunkClusters;
-  const uint32_t* sizes = p.sizes + (p.coarse ? m.coarse_base : m.fine_base);
-  float n[kPerLane];
+  const uint32_t base = p.coarse ? m.coarse_base : m.fine_base;
+  const uint32_t j0 = blockIdx.x * kScoreChunk;
+  const int part = threadIdx.x % kScoreTpc, slot = threadIdx.x / kScoreTpc;
+
+  // The centroid loads first: they do not depend on the queries.
+  float4 cv[kPasses][kE4];
+  uint32_t bits[kPasses];
 #pragma unroll
-  for (int i = 0; i < kPerLane; ++i) {
-    const uint32_t j = j0 + i * 32 + lane;
-    n[i] = j < k ? static_cast<float>(sizes[j]) : 0.f;
+  for (int ps = 0; ps < kPasses; ++ps) {
+    const uint32_t j = j0 + ps * kPerPass + slot;
+    bits[ps] = j < k ? 0xffu : 0u;
+    if (j < k && p.parent != nullptr) {
+      bits[ps] = p.coarse_keep[static_cast<size_t>(h) * p.k1_stride + p.parent[base + j]];
+    }
+    const float4* c = reinterpret_cast<const float4*>(p.centroids + static_cast<size_t>(base + (j < k ? j : 0)) * D);
+#pragma unroll
+    for (int e = 0; e < kE4; ++e) {
+      cv[ps][e] = bits[ps] != 0 ? __ldg(c + part + e * kScoreTpc) : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
   }
-  const float* scores = p.scores + static_cast<size_t>(h) * R * p.k_stride;
-  for (int r = warp; r < R; r += NT / 32) {
-    float s[kPerLane];
+  float n_lane[kScoreChunk / 32];
+#pragma unroll
+  for (int i = 0; i < kScoreChunk / 32; ++i) {
+    const uint32_t j = j0 + i * 32 + lane;
+    n_lane[i] = j < k ? static_cast<float>(p.sizes[base + j]) : 0.f;
+  }
+
+  // The head's query rows, converted and scaled (row r = g * T + t).
+  float* sqf = reinterpret_cast<float*>(sq);
+  float* qf = p.qf + static_cast<size_t>(h) * R * D;
+  const int64_t n_qh = static_cast<int64_t>(p.H) * p.G;
+  for (int i = threadIdx.x; i < R * D; i += blockDim.x) {
+    const int r = i / D, d = i % D, g = r / p.T, t = r % p.T;
+    const int64_t qh = static_cast<int64_t>(h) * p.G + g;
+    const int64_t src = (p.token_major ? t * n_qh + qh : qh * p.T + t) * D + d;
+    const float v = p.scale * LoadQ<E>(p.q, src);
+    sqf[i] = v;
+    if (blockIdx.x == 0) qf[i] = v;
+  }
+  if (blockIdx.x == 0 && p.hist != nullptr) {
+    uint4* hz = reinterpret_cast<uint4*>(p.hist + static_cast<size_t>(h) * kKeyBins);
+    for (int i = threadIdx.x; i < kKeyBins / 4; i += blockDim.x) hz[i] = make_uint4(0, 0, 0, 0);
+  }
+  __syncthreads();
+
+#pragma unroll
+  for (int ps = 0; ps < kPasses; ++ps) {
+    const uint32_t j = j0 + ps * kPerPass + slot;
+    float* out = p.scores + static_cast<size_t>(h) * R * p.k_stride + j;
+    for (int r0 = 0; r0 < R; r0 += 4) {
+      float acc[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        acc[i] = 0.f;
+        const int r = min(r0 + i, R - 1);
+#pragma unroll
+        for (int e = 0; e < kE4; ++e) {
+          const float4 qv = sq[r * (D / 4) + part + e * kScoreTpc];
+          acc[i] += qv.x * cv[ps][e].x + qv.y * cv[ps][e].y + qv.z * cv[ps][e].z + qv.w * cv[ps][e].w;
+        }
+#pragma unroll
+        for (int off = kScoreTpc / 2; off > 0; off /= 2) acc[i] += __shfl_xor_sync(0xffffffffu, acc[i], off);
+      }
+      if (part == 0) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int r = r0 + i;
+          if (r < R) {
+            const float s = j < k && ((bits[ps] >> (r / p.T)) & 1u) ? acc[i] : -INFINITY;
+            ss[r * kScoreChunk + ps * kPerPass + slot] = s;
+            if (j < k) out[static_cast<size_t>(r) * p.k_stride] = s;
+          }
+        }
+      }
+    }
+  }
+  __syncthreads();
+
+  // Each row's partial state over the chunk: a warp per row. Scores of -inf
+  // (not reached, or past the head's clusters) count for nothing.
+  for (int r = warp; r < R; r += kScoreThreads / 32) {
+    float s[kScoreChunk / 32];
     float mm = -INFINITY;
 #pragma unroll
-    for (int i = 0; i < kPerLane; ++i) {
-      const uint32_t j = j0 + i * 32 + lane;
-      s[i] = j < k ? scores[static_cast<size_t>(r) * p.k_stride + j] : -INFINITY;
+    for (int i = 0; i < kScoreChunk / 32; ++i) {
+      s[i] = ss[r * kScoreChunk + i * 32 + lane];
       mm = fmaxf(mm, s[i]);
     }
     float ll = 0.f;
     if (mm != -INFINITY) {
 #pragma unroll
-      for (int i = 0; i < kPerLane; ++i) ll += s[i] == -INFINITY ? 0.f : n[i] * expf(s[i] - mm);
+      for (int i = 0; i < kScoreChunk / 32; ++i) ll += s[i] == -INFINITY ? 0.f : n_lane[i] * expf(s[i] - mm);
     }
     for (int off = 16; off > 0; off /= 2) {
       MergeMax(mm, ll, __shfl_xor_sync(0xffffffffu, mm, off), __shfl_xor_sync(0xffffffffu, ll, off));
@@ -260,6 +273,71 @@ __global__ void __launch_bounds__(NT) RowStatsKernel(SelectParams p) {
       p.part_l[(static_cast<size_t>(h) * R + r) * p.n_chunks + blockIdx.x] = ll;
     }
   }
+}
+
+inline constexpr int kChunkClusters = 256;  // clusters per block of the keys kernel
+
+struct SelectParams {
+  int H = 0, G = 0, T = 0;
+  const HeadMeta* meta = nullptr;
+  bool coarse = false;            // stage: coarse (writes coarse_keep) or fine (writes segments)
+  bool hierarchical = false;      // fine stage after a coarse one (adds to its statistics)
+  int mode = 1;                   // 1 budget (joint over the group), 2 threshold (per query head, union)
+  double target = 0;              // budget: rows to reach
+  float tau = 0;                  // threshold
+  const float* scores = nullptr;  // [H][R][k_stride]
+  int k_stride = 0;
+  const uint32_t* sizes = nullptr;  // the level's cluster sizes (flattened)
+  // The scoring kernel's row partial states, [H][R][n_parts] (max, sum N
+  // exp(s - max) per chunk of kScoreChunk clusters); per chunk of
+  // kChunkClusters clusters of the keys kernel (n_chunks per head), the
+  // candidates' size and the dot products with reached clusters [H][n_chunks].
+  const float* part_m = nullptr;
+  const float* part_l = nullptr;
+  int n_parts = 0;
+  uint32_t* chunk_weight = nullptr;
+  uint32_t* chunk_scored = nullptr;
+  int n_chunks = 0;
+  uint32_t* keys = nullptr;  // [H][k_stride]: budget order keys (0 = not a candidate)
+  uint8_t* flags = nullptr;  // [H][k_stride]: kept (bit g: query head g)
+  // Budget rule: the candidates' sizes per bin of estimated log-mass
+  // ([H][kKeyBins], zeroed by the scoring kernel; null: radix select only),
+  // bins of width kKeySpan / kKeyBins from bin_lo = log(R) - kKeySpan.
+  uint32_t* hist = nullptr;
+  float bin_lo = 0;
+  // Coarse stage output.
+  uint8_t* coarse_keep = nullptr;  // [H][k1_stride]
+  int k1_stride = 0;
+  // Fine stage outputs.
+  const uint32_t* first = nullptr;  // first stored row of each fine cluster (flattened)
+  uint32_t* seg_first = nullptr;    // [H][seg_stride]
+  uint32_t* seg_before = nullptr;   // [H][seg_stride]: attended rows before the segment
+  int seg_stride = 0;
+  uint32_t* stats = nullptr;  // [H][kStatCount]
+  uint32_t n_clustered = 0, n_always = 0;
+  // For the attention kernel's blocks: the segment holding the first row of
+  // each of its `splits` equal shares of a head's attended rows,
+  // [H][splits] (a share starting past the head's rows gets nothing).
+  uint32_t* split_seg = nullptr;
+  int splits = 1;
+  // SelectKernel stages a head's sizes, keys and flags in shared memory
+  // (SelectStageBytes(k_stride) of dynamic shared memory; when they fit).
+  bool staged = false;
+};
+
+inline size_t SelectStageBytes(int k_stride) { return static_cast<size_t>(k_stride) * (2 * sizeof(uint32_t) + 1); }
+
+// The histogram bin of an estimated log-mass x: monotone, so a cluster in a
+// higher bin has a strictly larger mass (the keys and select kernels compute
+// it with the same rounded operations: no contraction into an FMA).
+__device__ inline int KeyBin(float x, float lo) {
+  const float f = __fmul_rn(__fsub_rn(x, lo), static_cast<float>(kKeyBins) / kKeySpan);
+  return f <= 0.f ? 0 : (f >= static_cast<float>(kKeyBins - 1) ? kKeyBins - 1 : static_cast<int>(f));
+}
+
+// The float an OrderKey came from.
+__device__ inline float KeyValue(uint32_t key) {
+  return __uint_as_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
 }
 
 // Grid (n_chunks, H), kChunkClusters threads: the rows' log-denominators
@@ -273,12 +351,15 @@ __global__ void __launch_bounds__(NT) KeysKernel(SelectParams p) {
   const int h = blockIdx.y, R = p.G * p.T, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const HeadMeta m = p.meta[h];
   const uint32_t k = p.coarse ? m.k1 : m.k2;
-  for (int r = threadIdx.x; r < R; r += blockDim.x) {
-    const float* pm = p.part_m + (static_cast<size_t>(h) * R + r) * p.n_chunks;
-    const float* pl = p.part_l + (static_cast<size_t>(h) * R + r) * p.n_chunks;
+  for (int r = warp; r < R; r += NT / 32) {  // a warp per row: lanes over the partials
+    const float* pm = p.part_m + (static_cast<size_t>(h) * R + r) * p.n_parts;
+    const float* pl = p.part_l + (static_cast<size_t>(h) * R + r) * p.n_parts;
     float mm = -INFINITY, ll = 0.f;
-    for (int c = 0; c < p.n_chunks; ++c) MergeMax(mm, ll, pm[c], pl[c]);
-    row_lse[r] = mm == -INFINITY ? INFINITY : mm + logf(ll);
+    for (int c = lane; c < p.n_parts; c += 32) MergeMax(mm, ll, pm[c], pl[c]);
+    for (int off = 16; off > 0; off /= 2) {
+      MergeMax(mm, ll, __shfl_xor_sync(0xffffffffu, mm, off), __shfl_xor_sync(0xffffffffu, ll, off));
+    }
+    if (lane == 0) row_lse[r] = mm == -INFINITY ? INFINITY : mm + logf(ll);
   }
   __syncthreads();
   const uint32_t j = blockIdx.x * kChunkClusters + threadIdx.x;
@@ -301,8 +382,10 @@ __global__ void __launch_bounds__(NT) KeysKernel(SelectParams p) {
           const float a = scores[static_cast<size_t>(r) * p.k_stride + j] - row_lse[r];
           if (a != -INFINITY) sum += expf(a - mx);
         }
-        key = OrderKey(mx + logf(sum));
+        const float x = mx + logf(sum);
+        key = OrderKey(x);
         weight = size;
+        if (p.hist != nullptr) atomicAdd(p.hist + static_cast<size_t>(h) * kKeyBins + KeyBin(x, p.bin_lo), size);
       }
       p.keys[static_cast<size_t>(h) * p.k_stride + j] = key;
     } else {
@@ -432,6 +515,10 @@ __global__ void __launch_bounds__(NT) SelectKernel(SelectParams p) {
     typename Scan64::TempStorage scan64;
   } tmp;
   __shared__ uint32_t shared_kstar, shared_remaining;
+  // The histogram rule's candidates: the clusters of the boundary bin.
+  __shared__ uint32_t cand_key[kMaxCandidates], cand_id[kMaxCandidates], cand_size[kMaxCandidates];
+  __shared__ uint32_t s_ncand;
+  __shared__ int s_bstar;
 
   const int h = blockIdx.x;
   const HeadMeta m = p.meta[h];
@@ -492,35 +579,112 @@ __global__ void __launch_bounds__(NT) SelectKernel(SelectParams p) {
       need = static_cast<uint32_t>(ceil(target));  // integer sizes: sum >= target <=> sum >= ceil(target)
     }
     const bool all = need > 0 && need == total;
-    uint32_t kstar = 0xffffffffu, remaining = 0;
-    if (need > 0 && !all) kstar = RadixSelect<NT>(keys, sizes, k, need, &remaining);
-    if (threadIdx.x == 0) {
-      shared_kstar = kstar;
-      shared_remaining = remaining;
-    }
-    __syncthreads();
-    kstar = shared_kstar;
-    remaining = shared_remaining;
-    // Keys above K* are kept; keys equal to K* in id order while the sizes of
-    // the tied ones before them are < remaining. Blocked: thread t owns
-    // clusters [t * per, (t + 1) * per), one scan.
-    const uint32_t per = (k + NT - 1) / NT, jb = min(k, threadIdx.x * per), je = min(k, jb + per);
-    uint32_t local = 0;
-    for (uint32_t j = jb; j < je; ++j) local += (!all && keys[j] != 0 && keys[j] == kstar) ? sizes[j] : 0u;
-    uint32_t before;
-    Scan(tmp.scan).ExclusiveSum(local, before);
-    for (uint32_t j = jb; j < je; ++j) {
-      const uint32_t key = keys[j];
-      bool keep = false;
-      if (key != 0 && need > 0) {
-        if (all || key > kstar) {
-          keep = true;
-        } else if (key == kstar) {
-          keep = before < remaining;
-          before += sizes[j];
+    // The rule: 0 none or every candidate kept; 1 through the histogram of
+    // masses; 2 radix select over the keys (no histogram, or more candidates
+    // in the boundary bin than the histogram path ranks).
+    int rule = need > 0 && !all ? (p.hist != nullptr ? 1 : 2) : 0;
+    if (rule == 1) {
+      // The bin b* holding the boundary: W(bins > b*) < need <= W(bins >= b*).
+      // Thread t sums bins kKeyBins - kPer (t + 1) .. kKeyBins - 1 - kPer t
+      // (thread 0 the highest), one exclusive scan.
+      constexpr int kPer = kKeyBins / NT;
+      static_assert(kPer % 4 == 0, "whole uint4 loads of the histogram");
+      const int b0 = kKeyBins - kPer * (threadIdx.x + 1);
+      uint32_t w[kPer];
+      const uint4* hp = reinterpret_cast<const uint4*>(p.hist + static_cast<size_t>(h) * kKeyBins + b0);
+#pragma unroll
+      for (int i = 0; i < kPer / 4; ++i) {
+        const uint4 u = hp[i];
+        w[4 * i] = u.x, w[4 * i + 1] = u.y, w[4 * i + 2] = u.z, w[4 * i + 3] = u.w;
+      }
+      uint32_t local = 0;
+#pragma unroll
+      for (int i = 0; i < kPer; ++i) local += w[i];
+      if (threadIdx.x == 0) {
+        s_ncand = 0;
+        s_bstar = kKeyBins;  // (the scan always finds the bin: the histogram sums to the total)
+      }
+      uint32_t above;
+      Scan(tmp.scan).ExclusiveSum(local, above);
+      if (above < need && need <= above + local) {
+        uint32_t acc = above;
+        for (int i = kPer - 1; i >= 0; --i) {
+          if (acc + w[i] >= need) {
+            s_bstar = b0 + i;
+            shared_remaining = need - acc;
+            break;
+          }
+          acc += w[i];
         }
       }
-      flags[j] = keep ? all_bits : 0;
+      __syncthreads();
+      const int bstar = s_bstar;
+      // Clusters in higher bins are kept, in lower ones not; those in b* are
+      // ranked exactly (key, then id) among themselves.
+      for (uint32_t j = threadIdx.x; j < k; j += NT) {
+        const uint32_t key = keys[j];
+        uint8_t f = 0;
+        if (key != 0) {
+          const int b = KeyBin(KeyValue(key), p.bin_lo);
+          if (b > bstar) {
+            f = all_bits;
+          } else if (b == bstar) {
+            const uint32_t c = atomicAdd(&s_ncand, 1u);
+            if (c < kMaxCandidates) {
+              cand_key[c] = key;
+              cand_id[c] = j;
+              cand_size[c] = sizes[j];
+            }
+          }
+        }
+        flags[j] = f;
+      }
+      __syncthreads();
+      const uint32_t n = s_ncand, remaining = shared_remaining;
+      if (n <= kMaxCandidates) {
+        for (uint32_t i = threadIdx.x; i < n; i += NT) {
+          const uint32_t ki = cand_key[i], ii = cand_id[i];
+          uint32_t before = 0;  // sizes of the candidates ordered before i
+          for (uint32_t c = 0; c < n; ++c) {
+            const uint32_t kc = cand_key[c];
+            if (kc > ki || (kc == ki && cand_id[c] < ii)) before += cand_size[c];
+          }
+          if (before < remaining) flags[ii] = all_bits;
+        }
+      } else {
+        rule = 2;
+      }
+    }
+    if (rule == 2) {
+      uint32_t remaining = 0;
+      const uint32_t kstar = RadixSelect<NT>(keys, sizes, k, need, &remaining);
+      if (threadIdx.x == 0) {
+        shared_kstar = kstar;
+        shared_remaining = remaining;
+      }
+      __syncthreads();
+      // Keys above K* are kept; keys equal to K* in id order while the sizes
+      // of the tied ones before them are < remaining. Blocked: thread t owns
+      // clusters [t * per, (t + 1) * per), one scan.
+      const uint32_t ks = shared_kstar, rem = shared_remaining;
+      const uint32_t per = (k + NT - 1) / NT, jb = min(k, threadIdx.x * per), je = min(k, jb + per);
+      uint32_t local = 0;
+      for (uint32_t j = jb; j < je; ++j) local += keys[j] != 0 && keys[j] == ks ? sizes[j] : 0u;
+      uint32_t before;
+      Scan(tmp.scan).ExclusiveSum(local, before);
+      for (uint32_t j = jb; j < je; ++j) {
+        const uint32_t key = keys[j];
+        bool keep = false;
+        if (key > ks) {
+          keep = true;
+        } else if (key != 0 && key == ks) {
+          keep = before < rem;
+          before += sizes[j];
+        }
+        flags[j] = keep ? all_bits : 0;
+      }
+    } else if (rule == 0) {
+      for (uint32_t j = threadIdx.x; j < k; j += NT) flags[j] = all && keys[j] != 0 ? all_bits : 0;
     }
   }
   __syncthreads();
@@ -554,6 +718,12 @@ __global__ void __launch_bounds__(NT) SelectKernel(SelectParams p) {
   __syncthreads();
   Scan64(tmp.scan64).ExclusiveSum(local, before, sum);
   uint32_t seg = static_cast<uint32_t>(before >> 40), row = static_cast<uint32_t>(before & ((1ull << 40) - 1));
+  const uint32_t n_seg = static_cast<uint32_t>(sum >> 40), rows = static_cast<uint32_t>(sum & ((1ull << 40) - 1));
+  const uint32_t head_rows = rows + p.n_always;
+  // The attention kernel's shares of the head's rows: share s starts at row
+  // s * share; the cluster holding that row names its segment.
+  uint32_t* split_seg = p.split_seg + static_cast<size_t>(h) * p.splits;
+  const uint32_t share = (head_rows + p.splits - 1) / p.splits;
   prev = jb > 0 && flags[jb - 1] != 0;
   for (uint32_t j = jb; j < je; ++j) {
     const bool f = flags[j] != 0;
@@ -563,19 +733,24 @@ __global__ void __launch_bounds__(NT) SelectKernel(SelectParams p) {
         seg_before[seg] = row;
         ++seg;
       }
-      row += sizes[j];
+      const uint32_t end = row + sizes[j];
+      for (uint32_t sh = (row + share - 1) / share; sh < static_cast<uint32_t>(p.splits) && sh * share < end; ++sh) {
+        split_seg[sh] = seg - 1;
+      }
+      row = end;
     }
     prev = f;
   }
-  const uint32_t n_seg = static_cast<uint32_t>(sum >> 40), rows = static_cast<uint32_t>(sum & ((1ull << 40) - 1));
   __syncthreads();
   kept = Reduce(tmp.reduce).Sum(kept);
   if (threadIdx.x == 0 && p.n_always > 0) {
     seg_first[n_seg] = p.n_clustered;
     seg_before[n_seg] = rows;
+    for (uint32_t sh = (rows + share - 1) / share; sh < static_cast<uint32_t>(p.splits) && sh * share < head_rows; ++sh) {
+      split_seg[sh] = n_seg;
+    }
   }
   const uint32_t total_segs = n_seg + (p.n_always > 0 ? 1u : 0u);
-  const uint32_t head_rows = rows + p.n_always;
   if (threadIdx.x == 0) {
     uint32_t* st = p.stats + h * kStatCount;
     // Scored, as the CPU counts it: dot products of the G * T rows with the
@@ -588,12 +763,19 @@ __global__ void __launch_bounds__(NT) SelectKernel(SelectParams p) {
 }
 
 // Every fine cluster kept (dense mode): one segment of the clustered rows and
-// the always set. Grid H, one thread. (A template only so that it may be
-// defined in this header.)
+// the always set, and the attention kernel's shares. Grid H, 32 threads. (A
+// template only so that it may be defined in this header.)
 template <int Unused = 0>
 __global__ void DenseSelectKernel(SelectParams p) {
   const int h = blockIdx.x;
   const HeadMeta m = p.meta[h];
+  const uint32_t head_rows = p.n_clustered + p.n_always;
+  const uint32_t share = (head_rows + p.splits - 1) / p.splits;
+  for (int sh = threadIdx.x; sh < p.splits; sh += blockDim.x) {
+    p.split_seg[static_cast<size_t>(h) * p.splits + sh] =
+        p.n_clustered > 0 && static_cast<uint32_t>(sh) * share < p.n_clustered ? 0u : (p.n_clustered > 0 ? 1u : 0u);
+  }
+  if (threadIdx.x != 0) return;
   uint32_t* seg_first = p.seg_first + static_cast<size_t>(h) * p.seg_stride;
   uint32_t* seg_before = p.seg_before + static_cast<size_t>(h) * p.seg_stride;
   uint32_t n = 0;
@@ -611,7 +793,7 @@ __global__ void DenseSelectKernel(SelectParams p) {
   st[kStatScored] = 0;
   st[kStatKept] = m.k2;
   st[kStatSegments] = n;
-  st[kStatHeadRows] = p.n_clustered + p.n_always;
+  st[kStatHeadRows] = head_rows;
 }
 
 }  // namespace sqz::gpu

@@ -40,6 +40,9 @@ struct DecodeParams {
   const uint32_t* seg_count = nullptr;  // stride count_stride
   const uint32_t* head_rows = nullptr;  // stride count_stride
   int count_stride = 1;
+  // [H][splits]: the segment holding the first row of each block's share
+  // (rows [s * share, (s + 1) * share), share = ceil(head_rows / splits)).
+  const uint32_t* split_seg = nullptr;
   int n_heads = 0;
   int rows = 0;  // query rows per head (G * T)
   int page_rows = 0;
@@ -141,23 +144,31 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, NR <= 4 ? 4 : 2) SparseDeco
     for (int e = 0; e < 8; ++e) acc[i][e] = 0.f;
   }
 
+  // The segments of this block's share, staged in shared memory when they
+  // fit (else read from global memory); s indexes them from the share's first.
+  constexpr uint32_t kSegCache = 256;
+  __shared__ uint32_t c_first[kSegCache], c_before[kSegCache];
   const uint32_t* first = p.seg_first + static_cast<size_t>(h) * p.seg_stride;
   const uint32_t* before = p.seg_before + static_cast<size_t>(h) * p.seg_stride;
-  const uint32_t n_seg = p.seg_count[h * p.count_stride];
-  // This thread's rows: r0 + it * kStep + (warp * kUnroll + u) * kRowsPerLoad + sub.
-  const uint32_t my0 = r0 + warp * kUnroll * kRowsPerLoad + sub;
-  uint32_t s = 0;
-  if (my0 < r1) {  // the segment holding my0 (binary search), then walk forward
-    uint32_t lo = 0, hi = n_seg;
-    while (hi - lo > 1) {
-      const uint32_t mid = (lo + hi) / 2;
-      if (before[mid] <= my0)
-        lo = mid;
-      else
-        hi = mid;
-    }
-    s = lo;
+  uint32_t n_seg = 0;
+  if (r0 < r1) {
+    const uint32_t* split_seg = p.split_seg + static_cast<size_t>(h) * p.splits;
+    const uint32_t lo = split_seg[split];
+    const uint32_t hi = r1 < total ? split_seg[split + 1] : p.seg_count[h * p.count_stride] - 1;
+    n_seg = hi - lo + 1;
+    first += lo;
+    before += lo;
   }
+  if (n_seg <= kSegCache) {
+    for (uint32_t i = threadIdx.x; i < n_seg; i += blockDim.x) {
+      c_first[i] = first[i];
+      c_before[i] = before[i];
+    }
+    first = c_first;
+    before = c_before;
+  }
+  __syncthreads();
+  uint32_t s = 0;  // the segment of this thread's next row (rows ascend)
   for (uint32_t base = r0; base < r1; base += kStep) {
     uint4 kv[kUnroll], vv[kUnroll];
     bool ok[kUnroll];
