@@ -69,23 +69,26 @@ cudaError_t LaunchPrep(const DeviceCall& c, float* qf, int H, int G, int D, floa
 }
 
 template <typename T, int D>
-cudaError_t LaunchDecodeAs(const DecodeParams& p, const DecodeOutput& out, DType o_type, cudaStream_t s) {
+cudaError_t LaunchDecodeAs(const DecodeParams& p, const DecodeOutput& out, DType o_type, cudaStream_t s, bool pdl) {
   switch (o_type) {
     case DType::kF32:
-      return LaunchSparseDecode<T, D, float>(p, out, s);
+      return LaunchSparseDecode<T, D, float>(p, out, s, pdl);
     case DType::kF16:
-      return LaunchSparseDecode<T, D, __half>(p, out, s);
+      return LaunchSparseDecode<T, D, __half>(p, out, s, pdl);
     default:
-      return LaunchSparseDecode<T, D, __nv_bfloat16>(p, out, s);
+      return LaunchSparseDecode<T, D, __nv_bfloat16>(p, out, s, pdl);
   }
 }
 
 cudaError_t LaunchDecodeAny(const DecodeParams& p, const DecodeOutput& out, DType kv, int D, DType o_type,
-                            cudaStream_t s) {
+                            cudaStream_t s, bool pdl) {
   const bool half = kv == DType::kF16;
-  if (D == 64)
-    return half ? LaunchDecodeAs<__half, 64>(p, out, o_type, s) : LaunchDecodeAs<__nv_bfloat16, 64>(p, out, o_type, s);
-  return half ? LaunchDecodeAs<__half, 128>(p, out, o_type, s) : LaunchDecodeAs<__nv_bfloat16, 128>(p, out, o_type, s);
+  if (D == 64) {
+    return half ? LaunchDecodeAs<__half, 64>(p, out, o_type, s, pdl)
+                : LaunchDecodeAs<__nv_bfloat16, 64>(p, out, o_type, s, pdl);
+  }
+  return half ? LaunchDecodeAs<__half, 128>(p, out, o_type, s, pdl)
+              : LaunchDecodeAs<__nv_bfloat16, 128>(p, out, o_type, s, pdl);
 }
 
 class ResidentKvImpl final : public ResidentKv {
@@ -131,6 +134,10 @@ class ResidentKvImpl final : public ResidentKv {
       // when the boundary bin of the histogram holds too many clusters.
       const char* radix = std::getenv("SQZ_GPU_SELECT_RADIX");
       select_radix_ = radix != nullptr && std::strcmp(radix, "1") == 0;
+      // SQZ_GPU_PDL=0: the kernels of a call without programmatic dependent
+      // launch (gpu/launch.cuh), for comparison.
+      const char* pdl = std::getenv("SQZ_GPU_PDL");
+      pdl_ = !(pdl != nullptr && std::strcmp(pdl, "0") == 0);
     }
     SQZ_CUDA_TRY(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
     SQZ_RETURN_IF_ERROR(EnsureSideStreams(device_));  // for batches (AttendDeviceBatch), before any capture
@@ -192,22 +199,20 @@ class ResidentKvImpl final : public ResidentKv {
       k1_max_ = std::max(k1_max_, s.k1);
     }
     // One buffer: meta [L*H], fine centroids, coarse centroids, then the
-    // uint32 arrays: fine first / size / parent, coarse size.
+    // uint32 arrays: fine size / parent, coarse size (a fine cluster's first
+    // stored row is the sum of the sizes before it).
     std::vector<HeadMeta> meta(staged_.size());
     std::vector<float> fc, cc;
-    std::vector<uint32_t> ffirst, fsize, fparent, csize;
+    std::vector<uint32_t> fsize, fparent, csize;
     fc.reserve(n_fine * D);
     cc.reserve(n_coarse * D);
     for (size_t i = 0; i < staged_.size(); ++i) {
       const Staged& s = staged_[i];
-      meta[i] = HeadMeta{static_cast<uint32_t>(ffirst.size()), static_cast<uint32_t>(s.k2),
+      meta[i] = HeadMeta{static_cast<uint32_t>(fsize.size()), static_cast<uint32_t>(s.k2),
                          static_cast<uint32_t>(csize.size()), static_cast<uint32_t>(s.k1)};
       fc.insert(fc.end(), s.fine_cent.begin(), s.fine_cent.end());
       cc.insert(cc.end(), s.coarse_cent.begin(), s.coarse_cent.end());
-      for (int j = 0; j < s.k2; ++j) {
-        ffirst.push_back(s.fine_offsets[j]);
-        fsize.push_back(s.fine_offsets[j + 1] - s.fine_offsets[j]);
-      }
+      for (int j = 0; j < s.k2; ++j) fsize.push_back(s.fine_offsets[j + 1] - s.fine_offsets[j]);
       std::vector<uint32_t> parent(s.k2, 0);
       for (int a = 0; a < s.k1; ++a) {
         for (uint32_t j = s.coarse_child[a]; j < s.coarse_child[a + 1]; ++j) parent[j] = a;
@@ -216,7 +221,7 @@ class ResidentKvImpl final : public ResidentKv {
       fparent.insert(fparent.end(), parent.begin(), parent.end());
     }
     const size_t o_meta = 0, o_fc = Align(meta.size() * sizeof(HeadMeta)), o_cc = o_fc + Align(fc.size() * 4),
-                 o_ffirst = o_cc + Align(cc.size() * 4), o_fsize = o_ffirst + Align(ffirst.size() * 4),
+                 o_fsize = o_cc + Align(cc.size() * 4),
                  o_fparent = o_fsize + Align(fsize.size() * 4), o_csize = o_fparent + Align(fparent.size() * 4),
                  total = o_csize + Align(csize.size() * 4 + 4);
     std::lock_guard<std::mutex> lock(mu_);
@@ -233,14 +238,12 @@ class ResidentKvImpl final : public ResidentKv {
     SQZ_RETURN_IF_ERROR(put(o_meta, meta.data(), meta.size() * sizeof(HeadMeta)));
     SQZ_RETURN_IF_ERROR(put(o_fc, fc.data(), fc.size() * 4));
     SQZ_RETURN_IF_ERROR(put(o_cc, cc.data(), cc.size() * 4));
-    SQZ_RETURN_IF_ERROR(put(o_ffirst, ffirst.data(), ffirst.size() * 4));
     SQZ_RETURN_IF_ERROR(put(o_fsize, fsize.data(), fsize.size() * 4));
     SQZ_RETURN_IF_ERROR(put(o_fparent, fparent.data(), fparent.size() * 4));
     SQZ_RETURN_IF_ERROR(put(o_csize, csize.data(), csize.size() * 4));
     d_meta_ = reinterpret_cast<const HeadMeta*>(b + o_meta);
     d_fine_cent_ = reinterpret_cast<const float*>(b + o_fc);
     d_coarse_cent_ = reinterpret_cast<const float*>(b + o_cc);
-    d_fine_first_ = reinterpret_cast<const uint32_t*>(b + o_ffirst);
     d_fine_size_ = reinterpret_cast<const uint32_t*>(b + o_fsize);
     d_fine_parent_ = reinterpret_cast<const uint32_t*>(b + o_fparent);
     d_coarse_size_ = reinterpret_cast<const uint32_t*>(b + o_csize);
@@ -356,7 +359,6 @@ class ResidentKvImpl final : public ResidentKv {
     sp.flags = ws + w.flags;
     sp.coarse_keep = ws + w.coarse_keep;
     sp.k1_stride = K1Stride();
-    sp.first = d_fine_first_;
     sp.seg_first = reinterpret_cast<uint32_t*>(ws + w.seg_first);
     sp.seg_before = reinterpret_cast<uint32_t*>(ws + w.seg_before);
     sp.seg_stride = SegStride();
@@ -391,14 +393,14 @@ class ResidentKvImpl final : public ResidentKv {
                       : c.dtype == DType::kF16 ? LaunchPrep<__half>(c, qf, H, G, D, cfg.scale, s)
                                                : LaunchPrep<__nv_bfloat16>(c, qf, H, G, D, cfg.scale, s);
       SQZ_CUDA_TRY(e, "launching the query conversion");
-      DenseSelectKernel<><<<H, 32, 0, s>>>(sp);
-      SQZ_CUDA_TRY(cudaGetLastError(), "launching the dense selection");
+      SQZ_CUDA_TRY(LaunchKernel(pdl_, DenseSelectKernel<0>, dim3(H), dim3(32), 0, s, sp),
+                   "launching the dense selection");
     } else {
       if (cfg.hierarchical) {
         sc.coarse = true;
         sc.centroids = d_coarse_cent_;
         sc.sizes = d_coarse_size_;
-        SQZ_CUDA_TRY(LaunchScore(sc, k1_max_, c.dtype, s), "launching the coarse scoring");
+        SQZ_CUDA_TRY(LaunchScore(sc, k1_max_, c.dtype, s, false), "launching the coarse scoring");
         SelectParams cs = sp;
         cs.coarse = true;
         cs.sizes = d_coarse_size_;
@@ -412,7 +414,7 @@ class ResidentKvImpl final : public ResidentKv {
       sc.coarse = false;
       sc.centroids = d_fine_cent_;
       sc.sizes = d_fine_size_;
-      SQZ_CUDA_TRY(LaunchScore(sc, k2_max_, c.dtype, s), "launching the centroid scoring");
+      SQZ_CUDA_TRY(LaunchScore(sc, k2_max_, c.dtype, s, cfg.hierarchical && pdl_), "launching the centroid scoring");
       sp.sizes = d_fine_size_;
       sp.hierarchical = cfg.hierarchical;
       sp.target = cfg.budget * n;
@@ -442,7 +444,7 @@ class ResidentKvImpl final : public ResidentKv {
     out.T = T;
     out.token_major = c.token_major;
     out.lse_base2 = c.lse_base2;
-    SQZ_CUDA_TRY(LaunchDecodeAny(dp, out, shape_.dtype, D, c.dtype, s), "launching the sparse attention");
+    SQZ_CUDA_TRY(LaunchDecodeAny(dp, out, shape_.dtype, D, c.dtype, s, pdl_), "launching the sparse attention");
     return Status::OK();
   }
 
@@ -525,11 +527,13 @@ class ResidentKvImpl final : public ResidentKv {
   cudaError_t LaunchSelect(SelectParams sp, int k_max, cudaStream_t s) const {
     sp.n_chunks = std::max(1, (k_max + kChunkClusters - 1) / kChunkClusters);
     sp.n_parts = ScoreParts(k_max);
-    KeysKernel<><<<dim3(sp.n_chunks, shape_.n_heads), kChunkClusters, 0, s>>>(sp);
+    cudaError_t e =
+        LaunchKernel(pdl_, KeysKernel<kChunkClusters>, dim3(sp.n_chunks, shape_.n_heads), dim3(kChunkClusters), 0, s, sp);
+    if (e != cudaSuccess) return e;
     const size_t stage = SelectStageBytes(sp.k_stride);
     sp.staged = stage <= select_stage_max_;
-    SelectKernel<kSelectThreads><<<shape_.n_heads, kSelectThreads, sp.staged ? stage : 0, s>>>(sp);
-    return cudaGetLastError();
+    return LaunchKernel(pdl_, SelectKernel<kSelectThreads>, dim3(shape_.n_heads), dim3(kSelectThreads),
+                        sp.staged ? stage : 0, s, sp);
   }
 
   static int ScoreParts(int k_max) { return std::max(1, (k_max + kScoreChunk - 1) / kScoreChunk); }
@@ -538,26 +542,27 @@ class ResidentKvImpl final : public ResidentKv {
   // clusters and head; shared memory for the head's query rows and the
   // chunk's scores.
   template <int D>
-  static cudaError_t LaunchScoreAs(ScoreParams sc, DType q_type, dim3 grid, size_t smem, cudaStream_t s) {
+  static cudaError_t LaunchScoreAs(const ScoreParams& sc, DType q_type, dim3 grid, size_t smem, cudaStream_t s,
+                                   bool pdl) {
+    const dim3 block(kScoreThreads);
     switch (q_type) {
       case DType::kF32:
-        ScoreKernel<D, float><<<grid, kScoreThreads, smem, s>>>(sc);
-        break;
+        return LaunchKernel(pdl, ScoreKernel<D, float>, grid, block, smem, s, sc);
       case DType::kF16:
-        ScoreKernel<D, __half><<<grid, kScoreThreads, smem, s>>>(sc);
-        break;
+        return LaunchKernel(pdl, ScoreKernel<D, __half>, grid, block, smem, s, sc);
       default:
-        ScoreKernel<D, __nv_bfloat16><<<grid, kScoreThreads, smem, s>>>(sc);
+        return LaunchKernel(pdl, ScoreKernel<D, __nv_bfloat16>, grid, block, smem, s, sc);
     }
-    return cudaGetLastError();
   }
 
-  cudaError_t LaunchScore(ScoreParams sc, int k_max, DType q_type, cudaStream_t s) const {
+  // `pdl`: launched with programmatic dependent launch (not as the first
+  // kernel of a call, which follows the caller's work).
+  cudaError_t LaunchScore(ScoreParams sc, int k_max, DType q_type, cudaStream_t s, bool pdl) const {
     sc.n_chunks = ScoreParts(k_max);
     const dim3 grid(sc.n_chunks, shape_.n_heads);
     const size_t smem = ScoreSmemBytes(sc.G * sc.T, shape_.head_dim);
-    return shape_.head_dim == 64 ? LaunchScoreAs<64>(sc, q_type, grid, smem, s)
-                                 : LaunchScoreAs<128>(sc, q_type, grid, smem, s);
+    return shape_.head_dim == 64 ? LaunchScoreAs<64>(sc, q_type, grid, smem, s, pdl)
+                                 : LaunchScoreAs<128>(sc, q_type, grid, smem, s, pdl);
   }
 
   struct Staged {
@@ -571,6 +576,7 @@ class ResidentKvImpl final : public ResidentKv {
   int sm_count_ = 1;
   size_t select_stage_max_ = 0;  // dynamic shared memory SelectKernel may stage in (opted in at Create)
   bool select_radix_ = false;    // the budget rule without the histogram (tests)
+  bool pdl_ = true;              // kernels after a call's first with programmatic dependent launch
   ResidentShape shape_;
   size_t page_bytes_ = 0;
   uint64_t page_buffer_bytes_ = 0;
@@ -582,7 +588,6 @@ class ResidentKvImpl final : public ResidentKv {
   const HeadMeta* d_meta_ = nullptr;
   const float* d_fine_cent_ = nullptr;
   const float* d_coarse_cent_ = nullptr;
-  const uint32_t* d_fine_first_ = nullptr;
   const uint32_t* d_fine_size_ = nullptr;
   const uint32_t* d_fine_parent_ = nullptr;
   const uint32_t* d_coarse_size_ = nullptr;

@@ -45,6 +45,8 @@
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
 
+#include "launch.cuh"
+
 namespace sqz::gpu {
 
 inline constexpr int kMaxSelectRows = 64;  // query rows per KV head (G * T) the selection takes
@@ -87,6 +89,8 @@ __device__ inline float LoadFloat<__nv_bfloat16>(const __nv_bfloat16* p) {
 // qf[((h * G + g) * T + t) * D + d] = scale * q(query head h * G + g, token t, d).
 template <typename E>
 __global__ void PrepQueriesKernel(const E* q, float* qf, int H, int G, int T, int D, bool token_major, float scale) {
+  WaitForPrevious();
+  LetDependentsLaunch();
   const int64_t n = static_cast<int64_t>(H) * G * T * D;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -176,7 +180,9 @@ __global__ void __launch_bounds__(kScoreThreads) ScoreKernel(ScoreParams p) {
   const uint32_t j0 = blockIdx.x * kScoreChunk;
   const int part = threadIdx.x % kScoreTpc, slot = threadIdx.x / kScoreTpc;
 
-  // The centroid loads first: they do not depend on the queries.
+  // The centroid loads first: they do not depend on the queries nor (flat)
+  // on the previous kernel.
+  if (p.parent != nullptr) WaitForPrevious();  // the coarse stage's keep masks
   float4 cv[kPasses][kE4];
   uint32_t bits[kPasses];
 #pragma unroll
@@ -199,6 +205,7 @@ __global__ void __launch_bounds__(kScoreThreads) ScoreKernel(ScoreParams p) {
     n_lane[i] = j < k ? static_cast<float>(p.sizes[base + j]) : 0.f;
   }
 
+  WaitForPrevious();
   // The head's query rows, converted and scaled (row r = g * T + t).
   float* sqf = reinterpret_cast<float*>(sq);
   float* qf = p.qf + static_cast<size_t>(h) * R * D;
@@ -249,6 +256,7 @@ __global__ void __launch_bounds__(kScoreThreads) ScoreKernel(ScoreParams p) {
     }
   }
   __syncthreads();
+  LetDependentsLaunch();
 
   // Each row's partial state over the chunk: a warp per row. Scores of -inf
   // (not reached, or past the head's clusters) count for nothing.
@@ -309,7 +317,6 @@ struct SelectParams {
   uint8_t* coarse_keep = nullptr;  // [H][k1_stride]
   int k1_stride = 0;
   // Fine stage outputs.
-  const uint32_t* first = nullptr;  // first stored row of each fine cluster (flattened)
   uint32_t* seg_first = nullptr;    // [H][seg_stride]
   uint32_t* seg_before = nullptr;   // [H][seg_stride]: attended rows before the segment
   int seg_stride = 0;
@@ -351,6 +358,8 @@ __global__ void __launch_bounds__(NT) KeysKernel(SelectParams p) {
   const int h = blockIdx.y, R = p.G * p.T, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const HeadMeta m = p.meta[h];
   const uint32_t k = p.coarse ? m.k1 : m.k2;
+  WaitForPrevious();
+  LetDependentsLaunch();
   for (int r = warp; r < R; r += NT / 32) {  // a warp per row: lanes over the partials
     const float* pm = p.part_m + (static_cast<size_t>(h) * R + r) * p.n_parts;
     const float* pl = p.part_l + (static_cast<size_t>(h) * R + r) * p.n_parts;
@@ -423,6 +432,17 @@ __global__ void __launch_bounds__(NT) KeysKernel(SelectParams p) {
     p.chunk_scored[static_cast<size_t>(h) * p.n_chunks + blockIdx.x] = b;
   }
 }
+
+// The compaction's scan: segments started, attended rows, stored rows and
+// kept clusters before a thread's clusters.
+struct CompactionScan {
+  uint32_t segs, rows, stored, kept;
+};
+struct CompactionSum {
+  __device__ CompactionScan operator()(const CompactionScan& a, const CompactionScan& b) const {
+    return {a.segs + b.segs, a.rows + b.rows, a.stored + b.stored, a.kept + b.kept};
+  }
+};
 
 // Budget rule by radix select over the keys (0 = not a candidate): the
 // largest key K* with W(key > K*) < need <= W(key >= K*), W = sum of sizes;
@@ -506,13 +526,13 @@ __device__ uint32_t RadixSelect(const uint32_t* keys, const uint32_t* sizes, uin
 // clusters merged, the always set appended) and its statistics.
 template <int NT>
 __global__ void __launch_bounds__(NT) SelectKernel(SelectParams p) {
-  using Reduce = cub::BlockReduce<uint32_t, NT>;
   using Scan = cub::BlockScan<uint32_t, NT>;
-  using Scan64 = cub::BlockScan<unsigned long long, NT>;
+  using Reduce64 = cub::BlockReduce<unsigned long long, NT>;
+  using ScanC = cub::BlockScan<CompactionScan, NT>;
   __shared__ union {
-    typename Reduce::TempStorage reduce;
+    typename Reduce64::TempStorage reduce64;
     typename Scan::TempStorage scan;
-    typename Scan64::TempStorage scan64;
+    typename ScanC::TempStorage scanc;
   } tmp;
   __shared__ uint32_t shared_kstar, shared_remaining;
   // The histogram rule's candidates: the clusters of the boundary bin.
@@ -528,6 +548,8 @@ __global__ void __launch_bounds__(NT) SelectKernel(SelectParams p) {
   uint32_t* keys = p.keys + static_cast<size_t>(h) * p.k_stride;
   uint8_t* flags = p.flags + static_cast<size_t>(h) * p.k_stride;
   const uint8_t all_bits = static_cast<uint8_t>((1u << p.G) - 1u);
+  WaitForPrevious();
+  LetDependentsLaunch();
   if (p.staged) {
     // The head's keys (budget) or flags (threshold) and sizes in shared
     // memory, loaded coalesced: the rule's passes and the blocked loops
@@ -537,12 +559,26 @@ __global__ void __launch_bounds__(NT) SelectKernel(SelectParams p) {
     uint32_t* s_sizes = stage;
     uint32_t* s_keys = stage + p.k_stride;
     uint8_t* s_flags = reinterpret_cast<uint8_t*>(stage + 2 * static_cast<size_t>(p.k_stride));
-    for (uint32_t j = threadIdx.x; j < k; j += NT) {
-      s_sizes[j] = sizes[j];
-      if (p.mode == 1) {
-        s_keys[j] = keys[j];
-      } else {
-        s_flags[j] = flags[j];
+    constexpr int kU = 4;  // loads in flight per thread
+    for (uint32_t j0 = threadIdx.x; j0 < k; j0 += kU * NT) {
+      uint32_t a[kU], b[kU];
+#pragma unroll
+      for (int u = 0; u < kU; ++u) {
+        const uint32_t j = j0 + u * NT;
+        a[u] = j < k ? sizes[j] : 0u;
+        b[u] = j < k ? (p.mode == 1 ? keys[j] : flags[j]) : 0u;
+      }
+#pragma unroll
+      for (int u = 0; u < kU; ++u) {
+        const uint32_t j = j0 + u * NT;
+        if (j < k) {
+          s_sizes[j] = a[u];
+          if (p.mode == 1) {
+            s_keys[j] = b[u];
+          } else {
+            s_flags[j] = static_cast<uint8_t>(b[u]);
+          }
+        }
       }
     }
     __syncthreads();
@@ -551,22 +587,18 @@ __global__ void __launch_bounds__(NT) SelectKernel(SelectParams p) {
     flags = s_flags;
   }
 
-  uint32_t total = 0, scored = 0;
+  // The candidates' total size and the dot products, (total << 32) + scored
+  // (scored <= k * kMaxSelectRows < 2^32).
+  unsigned long long ts = 0;
   for (int c = threadIdx.x; c < p.n_chunks; c += NT) {
-    total += p.chunk_weight[static_cast<size_t>(h) * p.n_chunks + c];
-    scored += p.chunk_scored[static_cast<size_t>(h) * p.n_chunks + c];
+    ts += (static_cast<unsigned long long>(p.chunk_weight[static_cast<size_t>(h) * p.n_chunks + c]) << 32) +
+          p.chunk_scored[static_cast<size_t>(h) * p.n_chunks + c];
   }
-  total = Reduce(tmp.reduce).Sum(total);
+  ts = Reduce64(tmp.reduce64).Sum(ts);
+  __shared__ unsigned long long s_ts;
+  if (threadIdx.x == 0) s_ts = ts;
   __syncthreads();
-  scored = Reduce(tmp.reduce).Sum(scored);
-  __shared__ uint32_t s_total, s_scored;
-  if (threadIdx.x == 0) {
-    s_total = total;
-    s_scored = scored;
-  }
-  __syncthreads();
-  total = s_total;
-  scored = s_scored;
+  const uint32_t total = static_cast<uint32_t>(s_ts >> 32), scored = static_cast<uint32_t>(s_ts);
 
   if (p.mode == 1) {
     const double target = p.target;
@@ -697,28 +729,30 @@ __global__ void __launch_bounds__(NT) SelectKernel(SelectParams p) {
   }
 
   // Compaction. Blocked: thread t owns clusters [t * per, (t + 1) * per); one
-  // scan of (segment starts << 40 | rows) gives each its first segment and row.
-  const uint32_t* first = p.first + base;
+  // scan gives each its first segment, attended row, stored row (the
+  // clusters' rows are stored in cluster order: the first stored row of a
+  // cluster is the sum of the sizes before it) and kept clusters.
   uint32_t* seg_first = p.seg_first + static_cast<size_t>(h) * p.seg_stride;
   uint32_t* seg_before = p.seg_before + static_cast<size_t>(h) * p.seg_stride;
   const uint32_t per = (k + NT - 1) / NT, jb = min(k, threadIdx.x * per), je = min(k, jb + per);
-  unsigned long long local = 0;
-  uint32_t kept = 0;
+  CompactionScan local{0, 0, 0, 0};
   bool prev = jb > 0 && flags[jb - 1] != 0;
   for (uint32_t j = jb; j < je; ++j) {
     const bool f = flags[j] != 0;
+    const uint32_t size = sizes[j];
+    local.stored += size;
     if (f) {
-      ++kept;
-      local += sizes[j];
-      if (!prev) local += 1ull << 40;
+      ++local.kept;
+      local.rows += size;
+      if (!prev) ++local.segs;
     }
     prev = f;
   }
-  unsigned long long before, sum;
+  CompactionScan before, sum;
   __syncthreads();
-  Scan64(tmp.scan64).ExclusiveSum(local, before, sum);
-  uint32_t seg = static_cast<uint32_t>(before >> 40), row = static_cast<uint32_t>(before & ((1ull << 40) - 1));
-  const uint32_t n_seg = static_cast<uint32_t>(sum >> 40), rows = static_cast<uint32_t>(sum & ((1ull << 40) - 1));
+  ScanC(tmp.scanc).ExclusiveScan(local, before, CompactionScan{0, 0, 0, 0}, CompactionSum(), sum);
+  uint32_t seg = before.segs, row = before.rows, stored = before.stored;
+  const uint32_t n_seg = sum.segs, rows = sum.rows, kept = sum.kept;
   const uint32_t head_rows = rows + p.n_always;
   // The attention kernel's shares of the head's rows: share s starts at row
   // s * share; the cluster holding that row names its segment.
@@ -727,22 +761,22 @@ __global__ void __launch_bounds__(NT) SelectKernel(SelectParams p) {
   prev = jb > 0 && flags[jb - 1] != 0;
   for (uint32_t j = jb; j < je; ++j) {
     const bool f = flags[j] != 0;
+    const uint32_t size = sizes[j];
     if (f) {
       if (!prev) {
-        seg_first[seg] = first[j];
+        seg_first[seg] = stored;
         seg_before[seg] = row;
         ++seg;
       }
-      const uint32_t end = row + sizes[j];
+      const uint32_t end = row + size;
       for (uint32_t sh = (row + share - 1) / share; sh < static_cast<uint32_t>(p.splits) && sh * share < end; ++sh) {
         split_seg[sh] = seg - 1;
       }
       row = end;
     }
+    stored += size;
     prev = f;
   }
-  __syncthreads();
-  kept = Reduce(tmp.reduce).Sum(kept);
   if (threadIdx.x == 0 && p.n_always > 0) {
     seg_first[n_seg] = p.n_clustered;
     seg_before[n_seg] = rows;
@@ -771,6 +805,8 @@ __global__ void DenseSelectKernel(SelectParams p) {
   const HeadMeta m = p.meta[h];
   const uint32_t head_rows = p.n_clustered + p.n_always;
   const uint32_t share = (head_rows + p.splits - 1) / p.splits;
+  WaitForPrevious();
+  LetDependentsLaunch();
   for (int sh = threadIdx.x; sh < p.splits; sh += blockDim.x) {
     p.split_seg[static_cast<size_t>(h) * p.splits + sh] =
         p.n_clustered > 0 && static_cast<uint32_t>(sh) * share < p.n_clustered ? 0u : (p.n_clustered > 0 ? 1u : 0u);

@@ -23,6 +23,8 @@
 
 #include <cstdint>
 
+#include "launch.cuh"
+
 namespace sqz::gpu {
 
 inline constexpr int kMaxGroup = 8;     // query rows per block (a GQA group's heads, times T)
@@ -117,6 +119,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, NR <= 4 ? 4 : 2) SparseDeco
   const int sub = lane / kTpr, col = lane % kTpr;  // which row of the load, which 8 elements
   const int q0 = chunk * NR, nq = min(NR, p.rows - q0);
 
+  WaitForPrevious();
+  LetDependentsLaunch();
   const uint32_t total = p.head_rows[h * p.count_stride];
   const uint32_t per = (total + p.splits - 1) / p.splits;
   const uint32_t r0 = min(total, split * per), r1 = min(total, r0 + per);
@@ -307,6 +311,7 @@ __global__ void __launch_bounds__(kMergeWarps * 32) SparseDecodeMergeKernel(Deco
   __shared__ float s_mm, s_ll;
   const size_t row = blockIdx.x;  // h * rows + r
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  WaitForPrevious();
   const float* pm = p.part_m + row * p.splits;
   const float* pl = p.part_l + row * p.splits;
   if (warp == 0) {
@@ -353,24 +358,27 @@ __global__ void __launch_bounds__(kMergeWarps * 32) SparseDecodeMergeKernel(Deco
   }
 }
 
-// Launches both kernels on `stream`. Returns the launch error.
+// Launches both kernels on `stream` (the split kernel with programmatic
+// dependent launch when `pdl`, the merge kernel with it always: launch.cuh).
+// Returns the launch error.
 template <typename T, int D, typename O>
-cudaError_t LaunchSparseDecode(const DecodeParams& p, const DecodeOutput& out, cudaStream_t stream) {
+cudaError_t LaunchSparseDecode(const DecodeParams& p, const DecodeOutput& out, cudaStream_t stream, bool pdl) {
   if (p.rows < 1 || p.splits < 1 || p.splits > kMaxSplits || p.n_heads < 1) return cudaErrorInvalidValue;
   const dim3 block(kDecodeWarps * 32);
+  cudaError_t e;
   if (p.rows == 1) {
-    SparseDecodeSplitKernel<T, D, 1><<<dim3(p.n_heads, p.splits, 1), block, 0, stream>>>(p);
+    e = LaunchKernel(pdl, SparseDecodeSplitKernel<T, D, 1>, dim3(p.n_heads, p.splits, 1), block, 0, stream, p);
   } else if (p.rows == 2) {
-    SparseDecodeSplitKernel<T, D, 2><<<dim3(p.n_heads, p.splits, 1), block, 0, stream>>>(p);
+    e = LaunchKernel(pdl, SparseDecodeSplitKernel<T, D, 2>, dim3(p.n_heads, p.splits, 1), block, 0, stream, p);
   } else if (p.rows <= 4) {
-    SparseDecodeSplitKernel<T, D, 4><<<dim3(p.n_heads, p.splits, 1), block, 0, stream>>>(p);
+    e = LaunchKernel(pdl, SparseDecodeSplitKernel<T, D, 4>, dim3(p.n_heads, p.splits, 1), block, 0, stream, p);
   } else {
-    SparseDecodeSplitKernel<T, D, 8><<<dim3(p.n_heads, p.splits, (p.rows + 7) / 8), block, 0, stream>>>(p);
+    e = LaunchKernel(pdl, SparseDecodeSplitKernel<T, D, 8>, dim3(p.n_heads, p.splits, (p.rows + 7) / 8), block, 0,
+                     stream, p);
   }
-  cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return e;
-  SparseDecodeMergeKernel<O, D><<<dim3(p.n_heads * p.rows, D / 32), kMergeWarps * 32, 0, stream>>>(p, out);
-  return cudaGetLastError();
+  return LaunchKernel(pdl, SparseDecodeMergeKernel<O, D>, dim3(p.n_heads * p.rows, D / 32), dim3(kMergeWarps * 32), 0,
+                      stream, p, out);
 }
 
 }  // namespace sqz::gpu
