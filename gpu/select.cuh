@@ -165,8 +165,10 @@ __device__ inline float LoadQ(const void* q, int64_t i) {
 // `scores`, then each row's partial softmax state over the chunk. In the
 // fine stage of a hierarchical lookup, only children of kept coarse clusters
 // are read (the others score -inf for the rows that did not keep them).
+// (Registers sized for 4 resident blocks per SM: 2 us faster at 128K than 3
+// on the H100, docs/results/2026-11-24-h100-gpu-engine.txt section 13.)
 template <int D, typename E>
-__global__ void __launch_bounds__(kScoreThreads) ScoreKernel(ScoreParams p) {
+__global__ void __launch_bounds__(kScoreThreads, 4) ScoreKernel(ScoreParams p) {
   constexpr int kE4 = D / 4 / kScoreTpc;                // float4 per thread and centroid
   constexpr int kPerPass = kScoreThreads / kScoreTpc;   // centroids per pass
   constexpr int kPasses = kScoreChunk / kPerPass;
