@@ -221,9 +221,8 @@ class ResidentKvImpl final : public ResidentKv {
       fparent.insert(fparent.end(), parent.begin(), parent.end());
     }
     const size_t o_meta = 0, o_fc = Align(meta.size() * sizeof(HeadMeta)), o_cc = o_fc + Align(fc.size() * 4),
-                 o_fsize = o_cc + Align(cc.size() * 4),
-                 o_fparent = o_fsize + Align(fsize.size() * 4), o_csize = o_fparent + Align(fparent.size() * 4),
-                 total = o_csize + Align(csize.size() * 4 + 4);
+                 o_fsize = o_cc + Align(cc.size() * 4), o_fparent = o_fsize + Align(fsize.size() * 4),
+                 o_csize = o_fparent + Align(fparent.size() * 4), total = o_csize + Align(csize.size() * 4 + 4);
     std::lock_guard<std::mutex> lock(mu_);
     SQZ_CUDA_TRY(cudaSetDevice(device_), "cudaSetDevice");
     if (index_) cudaFree(index_);
@@ -527,8 +526,8 @@ class ResidentKvImpl final : public ResidentKv {
   cudaError_t LaunchSelect(SelectParams sp, int k_max, cudaStream_t s) const {
     sp.n_chunks = std::max(1, (k_max + kChunkClusters - 1) / kChunkClusters);
     sp.n_parts = ScoreParts(k_max);
-    cudaError_t e =
-        LaunchKernel(pdl_, KeysKernel<kChunkClusters>, dim3(sp.n_chunks, shape_.n_heads), dim3(kChunkClusters), 0, s, sp);
+    cudaError_t e = LaunchKernel(pdl_, KeysKernel<kChunkClusters>, dim3(sp.n_chunks, shape_.n_heads),
+                                 dim3(kChunkClusters), 0, s, sp);
     if (e != cudaSuccess) return e;
     const size_t stage = SelectStageBytes(sp.k_stride);
     sp.staged = stage <= select_stage_max_;

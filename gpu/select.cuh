@@ -147,7 +147,7 @@ struct ScoreParams {
   uint32_t* hist = nullptr;  // [H][kKeyBins]: zeroed here for the keys kernel (null: no budget rule)
 };
 
-inline constexpr int kKeyBins = 4096;  // the budget rule's histogram of estimated masses (log scale)
+inline constexpr int kKeyBins = 4096;    // the budget rule's histogram of estimated masses (log scale)
 inline constexpr float kKeySpan = 48.f;  // log-mass range the bins cover below log(R); lower masses share bin 0
 
 // Shared memory of the scoring kernel: the head's query rows and the chunk's scores.
@@ -169,12 +169,12 @@ __device__ inline float LoadQ(const void* q, int64_t i) {
 // on the H100, docs/results/2026-11-24-h100-gpu-engine.txt section 13.)
 template <int D, typename E>
 __global__ void __launch_bounds__(kScoreThreads, 4) ScoreKernel(ScoreParams p) {
-  constexpr int kE4 = D / 4 / kScoreTpc;                // float4 per thread and centroid
-  constexpr int kPerPass = kScoreThreads / kScoreTpc;   // centroids per pass
+  constexpr int kE4 = D / 4 / kScoreTpc;               // float4 per thread and centroid
+  constexpr int kPerPass = kScoreThreads / kScoreTpc;  // centroids per pass
   constexpr int kPasses = kScoreChunk / kPerPass;
   extern __shared__ float4 smem[];
   const int h = blockIdx.y, R = p.G * p.T, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  float4* sq = smem;                                    // [R][D / 4]
+  float4* sq = smem;                                       // [R][D / 4]
   float* ss = reinterpret_cast<float*>(smem + R * D / 4);  // [R][kScoreChunk]
   const HeadMeta m = p.meta[h];
   const uint32_t k = p.coarse ? m.k1 : m.k2;
@@ -319,8 +319,8 @@ struct SelectParams {
   uint8_t* coarse_keep = nullptr;  // [H][k1_stride]
   int k1_stride = 0;
   // Fine stage outputs.
-  uint32_t* seg_first = nullptr;    // [H][seg_stride]
-  uint32_t* seg_before = nullptr;   // [H][seg_stride]: attended rows before the segment
+  uint32_t* seg_first = nullptr;   // [H][seg_stride]
+  uint32_t* seg_before = nullptr;  // [H][seg_stride]: attended rows before the segment
   int seg_stride = 0;
   uint32_t* stats = nullptr;  // [H][kStatCount]
   uint32_t n_clustered = 0, n_always = 0;
@@ -782,7 +782,8 @@ __global__ void __launch_bounds__(NT) SelectKernel(SelectParams p) {
   if (threadIdx.x == 0 && p.n_always > 0) {
     seg_first[n_seg] = p.n_clustered;
     seg_before[n_seg] = rows;
-    for (uint32_t sh = (rows + share - 1) / share; sh < static_cast<uint32_t>(p.splits) && sh * share < head_rows; ++sh) {
+    for (uint32_t sh = (rows + share - 1) / share; sh < static_cast<uint32_t>(p.splits) && sh * share < head_rows;
+         ++sh) {
       split_seg[sh] = n_seg;
     }
   }
