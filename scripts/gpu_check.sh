@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine, from the repository root, over the bundle that
+# scripts/stage_device.sh made here (carried as .device/): the GPU tests
+# (default, and under each switch that selects another kernel path), the
+# library's allocation-failure test, compute-sanitizer memcheck and racecheck,
+# and the benchmark against PyTorch SDPA and FlexAttention. Writes everything
+# to one results file and prints its summary.
+#
+#   scripts/gpu_check.sh [RESULTS_FILE] [--quick]    # --quick: tests only
+#
+# (With the device tool: command "scripts/gpu_check.sh $OUT/gpu_check.txt",
+# carry .device; about 5 minutes in all, the benchmark ~3.5 of them.)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+RESULTS=${1:-gpu_check.txt}
+QUICK=0
+[ "${2:-}" = "--quick" ] && QUICK=1
+ROOT=$PWD
+mkdir -p /tmp/sqz && tar -C /tmp/sqz -xzf .device/bundle.tar.gz || { echo "no .device/bundle.tar.gz" >&2; exit 1; }
+export LD_LIBRARY_PATH=/tmp/sqz/lib SQZ_SQCTL=/tmp/sqz/bin/sqctl SQZ_ALLOC_SHIM=/tmp/sqz/lib/libsqz_alloc_fail_shim.so
+T=/tmp/sqz/bin/sqz_query_tests
+fail=0
+: > "$RESULTS"
+step() {  # step NAME COMMAND...: runs it in /tmp, its output appended to the results file
+  local name=$1
+  shift
+  echo "== $name" >> "$RESULTS"
+  (cd /tmp && "$@") >> "$RESULTS" 2>&1
+  local rc=$?
+  echo "== $name: rc=$rc" >> "$RESULTS"
+  echo "$name: rc=$rc"
+  [ $rc -eq 0 ] || fail=1
+}
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader >> "$RESULTS" 2>&1
+step "GPU tests" $T --gtest_filter='Gpu*:LibraryAllocationFailure*'
+step "GPU tests, SQZ_GPU_SELECT_RADIX=1" env SQZ_GPU_SELECT_RADIX=1 $T --gtest_filter='Gpu*'
+step "GPU tests, SQZ_GPU_SELECT_UNSTAGED=1" env SQZ_GPU_SELECT_UNSTAGED=1 $T --gtest_filter='Gpu*'
+step "GPU tests, SQZ_GPU_PDL=0" env SQZ_GPU_PDL=0 $T --gtest_filter='Gpu*'
+grep -h "differ from the CPU" "$RESULTS" | sort | uniq -c | sed 's/^/  /'
+if [ $QUICK -eq 0 ]; then
+  step "memcheck" compute-sanitizer --tool memcheck --error-exitcode 1 $T --gtest_filter='Gpu*'
+  step "racecheck" compute-sanitizer --tool racecheck --error-exitcode 1 $T \
+    --gtest_filter='GpuEngineTest.LlamaShapesBF16:GpuEngineTest.TinyAndHugeClusters:GpuEngineTest.MhaOddPagesEmptySelection'
+  step "benchmark" python3 "$ROOT/bench/gpu_compare.py" --sqctl /tmp/sqz/bin/sqctl --gpu-bench /tmp/sqz/bin/gpu_bench \
+    --tokens 32768,131072 --iters 2
+  sed -n '/^# summary/,$p' "$RESULTS"
+fi
+echo "results: $RESULTS"
+exit $fail
