@@ -138,6 +138,10 @@ class ResidentKvImpl final : public ResidentKv {
       // launch (gpu/launch.cuh), for comparison.
       const char* pdl = std::getenv("SQZ_GPU_PDL");
       pdl_ = !(pdl != nullptr && std::strcmp(pdl, "0") == 0);
+      // SQZ_GPU_SEGMENTS_UNSTAGED=1 (tests): the attention blocks read their
+      // segments from global memory, as for shares of more than 256 segments.
+      const char* seg = std::getenv("SQZ_GPU_SEGMENTS_UNSTAGED");
+      segments_unstaged_ = seg != nullptr && std::strcmp(seg, "1") == 0;
     }
     SQZ_CUDA_TRY(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
     SQZ_RETURN_IF_ERROR(EnsureSideStreams(device_));  // for batches (AttendDeviceBatch), before any capture
@@ -430,6 +434,7 @@ class ResidentKvImpl final : public ResidentKv {
     dp.head_rows = sp.stats + kStatHeadRows;
     dp.count_stride = kStatCount;
     dp.split_seg = sp.split_seg;
+    if (segments_unstaged_) dp.seg_cache = 0;
     dp.rows = R;
     dp.q = qf;
     dp.splits = w.splits;
@@ -575,7 +580,8 @@ class ResidentKvImpl final : public ResidentKv {
   int sm_count_ = 1;
   size_t select_stage_max_ = 0;  // dynamic shared memory SelectKernel may stage in (opted in at Create)
   bool select_radix_ = false;    // the budget rule without the histogram (tests)
-  bool pdl_ = true;              // kernels after a call's first with programmatic dependent launch
+  bool segments_unstaged_ = false;
+  bool pdl_ = true;  // kernels after a call's first with programmatic dependent launch
   ResidentShape shape_;
   size_t page_bytes_ = 0;
   uint64_t page_buffer_bytes_ = 0;

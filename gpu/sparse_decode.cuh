@@ -45,6 +45,10 @@ struct DecodeParams {
   // [H][splits]: the segment holding the first row of each block's share
   // (rows [s * share, (s + 1) * share), share = ceil(head_rows / splits)).
   const uint32_t* split_seg = nullptr;
+  // A block stages its share's segments in shared memory when there are at
+  // most this many (at most kSegCache; 0: always read them from global
+  // memory, for tests).
+  uint32_t seg_cache = 256;
   int n_heads = 0;
   int rows = 0;  // query rows per head (G * T)
   int page_rows = 0;
@@ -163,7 +167,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, NR <= 4 ? 4 : 2) SparseDeco
     first += lo;
     before += lo;
   }
-  if (n_seg <= kSegCache) {
+  if (n_seg <= min(kSegCache, p.seg_cache)) {
     for (uint32_t i = threadIdx.x; i < n_seg; i += blockDim.x) {
       c_first[i] = first[i];
       c_before[i] = before[i];

@@ -36,6 +36,7 @@ step "GPU tests" $T --gtest_filter='Gpu*:LibraryAllocationFailure*'
 step "GPU tests, SQZ_GPU_SELECT_RADIX=1" env SQZ_GPU_SELECT_RADIX=1 $T --gtest_filter='Gpu*'
 step "GPU tests, SQZ_GPU_SELECT_UNSTAGED=1" env SQZ_GPU_SELECT_UNSTAGED=1 $T --gtest_filter='Gpu*'
 step "GPU tests, SQZ_GPU_PDL=0" env SQZ_GPU_PDL=0 $T --gtest_filter='Gpu*'
+step "GPU tests, SQZ_GPU_SEGMENTS_UNSTAGED=1" env SQZ_GPU_SEGMENTS_UNSTAGED=1 $T --gtest_filter='Gpu*'
 grep -h "differ from the CPU" "$RESULTS" | sort | uniq -c | sed 's/^/  /'
 if [ $QUICK -eq 0 ]; then
   step "memcheck" compute-sanitizer --tool memcheck --error-exitcode 1 $T --gtest_filter='Gpu*'
