@@ -123,6 +123,7 @@ void FillInfo(const sqz::ContextInfo& ci, sqz_context_info* out) {
   try {
     r.name = CopyString(ci.name);
     r.model = CopyString(ci.model);
+    r.damage = CopyString(ci.damage);
     if (!ci.thresholds.empty()) {
       r.thresholds = static_cast<sqz_threshold*>(std::calloc(ci.thresholds.size(), sizeof(sqz_threshold)));
       if (!r.thresholds) throw std::bad_alloc();
@@ -350,6 +351,7 @@ void sqz_context_info_free(sqz_context_info* info) {
   if (!info) return;
   std::free(info->name);
   std::free(info->model);
+  std::free(info->damage);
   std::free(info->thresholds);
   *info = sqz_context_info{};
 }

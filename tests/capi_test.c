@@ -424,6 +424,7 @@ static void case_catalog(void) {
   CHECK(a.kv_bytes ==
         (uint64_t)kLayers * kKvHeads * (a.clustered_pages + a.always_pages) * 2 * a.page_rows * kDim * sizeof(float));
   CHECK(a.index_bytes > 0 && a.id > 0 && a.format_version >= 2 && a.created_unix > 0);
+  CHECK(a.damage && a.damage[0] == '\0'); /* healthy (tests/tools_recovery_test.cc: a damaged one) */
 
   CHECK_OK(sqz_db_describe_context(db, "ctx_f16", &b));
   CHECK(b.dtype == SQZ_DTYPE_F16 && strcmp(b.model, "synthetic f16") == 0);
@@ -438,7 +439,7 @@ static void case_catalog(void) {
   CHECK_OK(sqz_context_describe(ctx, &c));
   CHECK(c.id == a.id && strcmp(c.name, "ctx_f32") == 0 && c.n_tokens == kTokens && c.n_thresholds == 5);
   sqz_context_info_free(&c);
-  CHECK(c.name == NULL && c.model == NULL && c.thresholds == NULL); /* freed and zeroed */
+  CHECK(c.name == NULL && c.model == NULL && c.thresholds == NULL && c.damage == NULL); /* freed and zeroed */
   int begin = -1, end = -1, nq = -1;
   CHECK_OK(sqz_context_heads(ctx, &begin, &end, &nq));
   CHECK(begin == 0 && end == kKvHeads && nq == kQHeads);

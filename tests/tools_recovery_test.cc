@@ -16,6 +16,7 @@
 #include <thread>
 #include <vector>
 
+#include "sqz/c.h"
 #include "storage/format.h"
 #include "synth/synthetic.h"
 #include "tests/test_util.h"
@@ -315,6 +316,22 @@ TEST_F(SqctlDamage, DamagedDataFileHitsOnlyItsContext) {
     if (how != "flip") {
       EXPECT_EQ(list_rc, 0) << what << "\n" << out;
       EXPECT_NE(out.find("context b is damaged: its table file " + file), std::string::npos) << what << "\n" << out;
+      // The C API's context info carries the same damage (read-only: w is
+      // used as it is below).
+      sqz_db_options copt;
+      ASSERT_EQ(sqz_db_options_init(&copt), SQZ_OK);
+      copt.read_only = 1;
+      sqz_db* cdb = nullptr;
+      ASSERT_EQ(sqz_db_open(w.c_str(), &copt, &cdb), SQZ_OK) << what << ": " << sqz_last_error();
+      sqz_context_info ia{}, ib{};
+      EXPECT_EQ(sqz_db_describe_context(cdb, "a", &ia), SQZ_OK) << what;
+      EXPECT_EQ(sqz_db_describe_context(cdb, "b", &ib), SQZ_OK) << what;
+      EXPECT_TRUE(ia.damage != nullptr && std::string(ia.damage).empty()) << what;
+      EXPECT_TRUE(ib.damage != nullptr && std::string(ib.damage).find(file) != std::string::npos)
+          << what << ": " << (ib.damage ? ib.damage : "(null)");
+      sqz_context_info_free(&ia);
+      sqz_context_info_free(&ib);
+      sqz_db_close(cdb);
     }
     if (list_rc == 0) {
       // Opens: every context listed, b's damage reported by verify.

@@ -168,8 +168,8 @@ typedef struct sqz_threshold {
 } sqz_threshold;
 
 /* The scalar fields of sqz::ContextInfo (sqz/db.h documents each), plus the
- * name, the model string and the calibrated thresholds. The three pointers
- * are owned by the struct: release them with sqz_context_info_free. */
+ * name, the model string, the calibrated thresholds and the damage. The four
+ * pointers are owned by the struct: release them with sqz_context_info_free. */
 typedef struct sqz_context_info {
   char* name;
   char* model; /* free text from the KV source, may be "" */
@@ -199,6 +199,8 @@ typedef struct sqz_context_info {
   uint64_t bytes_on_disk;  /* RocksDB's estimate */
   double build_seconds;
   int64_t created_unix;
+  char* damage; /* "" for a healthy context; else what is wrong with its table files (a degraded open,
+                   docs/RELIABILITY.md): reading it fails with SQZ_CORRUPTION, dropping it works */
 } sqz_context_info;
 
 /* Fills *info for context `name`. *info is overwritten, never freed: release
