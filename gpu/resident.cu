@@ -60,24 +60,40 @@ class DeviceGuard {
   int prev_ = -1;
 };
 
-template <typename E>
+// Calls f(E{}) with E the element type of a query / output dtype (F32,
+// F16 or BF16), for the kernels templated on it.
+template <typename F>
+cudaError_t WithElement(DType t, F&& f) {
+  switch (t) {
+    case DType::kF32:
+      return f(float{});
+    case DType::kF16:
+      return f(__half{});
+    default:
+      return f(__nv_bfloat16{});
+  }
+}
+
+// A switch for tests and measurements: the environment variable `name`
+// equals `value`.
+bool EnvIs(const char* name, const char* value) {
+  const char* v = std::getenv(name);
+  return v != nullptr && std::strcmp(v, value) == 0;
+}
+
 cudaError_t LaunchPrep(const DeviceCall& c, float* qf, int H, int G, int D, float scale, cudaStream_t s) {
   const int64_t n = static_cast<int64_t>(H) * G * c.T * D;
   const int blocks = static_cast<int>(std::min<int64_t>((n + 255) / 256, 1024));
-  PrepQueriesKernel<E><<<blocks, 256, 0, s>>>(static_cast<const E*>(c.q), qf, H, G, c.T, D, c.token_major, scale);
-  return cudaGetLastError();
+  return WithElement(c.dtype, [&](auto e) {
+    using E = decltype(e);
+    PrepQueriesKernel<E><<<blocks, 256, 0, s>>>(static_cast<const E*>(c.q), qf, H, G, c.T, D, c.token_major, scale);
+    return cudaGetLastError();
+  });
 }
 
 template <typename T, int D>
 cudaError_t LaunchDecodeAs(const DecodeParams& p, const DecodeOutput& out, DType o_type, cudaStream_t s, bool pdl) {
-  switch (o_type) {
-    case DType::kF32:
-      return LaunchSparseDecode<T, D, float>(p, out, s, pdl);
-    case DType::kF16:
-      return LaunchSparseDecode<T, D, __half>(p, out, s, pdl);
-    default:
-      return LaunchSparseDecode<T, D, __nv_bfloat16>(p, out, s, pdl);
-  }
+  return WithElement(o_type, [&](auto o) { return LaunchSparseDecode<T, D, decltype(o)>(p, out, s, pdl); });
 }
 
 cudaError_t LaunchDecodeAny(const DecodeParams& p, const DecodeOutput& out, DType kv, int D, DType o_type,
@@ -128,20 +144,18 @@ class ResidentKvImpl final : public ResidentKv {
                    "SelectKernel shared memory");
       // SQZ_GPU_SELECT_UNSTAGED=1 (tests): the global-memory path, as for
       // heads with more clusters than fit.
-      const char* unstaged = std::getenv("SQZ_GPU_SELECT_UNSTAGED");
-      select_stage_max_ = unstaged != nullptr && std::strcmp(unstaged, "1") == 0 ? 0 : avail;
-      // SQZ_GPU_SELECT_RADIX=1 (tests): the budget rule by radix select, as
-      // when the boundary bin of the histogram holds too many clusters.
-      const char* radix = std::getenv("SQZ_GPU_SELECT_RADIX");
-      select_radix_ = radix != nullptr && std::strcmp(radix, "1") == 0;
+      select_stage_max_ = EnvIs("SQZ_GPU_SELECT_UNSTAGED", "1") ? 0 : avail;
+      // SQZ_GPU_SELECT_RADIX=1 (tests): the budget rule by radix select only.
+      // SQZ_GPU_SELECT_CANDIDATES=0 (tests): the histogram rule finds its
+      // boundary bin too full every time and hands over to the radix select.
+      select_radix_ = EnvIs("SQZ_GPU_SELECT_RADIX", "1");
+      max_candidates_ = EnvIs("SQZ_GPU_SELECT_CANDIDATES", "0") ? 0 : kMaxCandidates;
       // SQZ_GPU_PDL=0: the kernels of a call without programmatic dependent
       // launch (gpu/launch.cuh), for comparison.
-      const char* pdl = std::getenv("SQZ_GPU_PDL");
-      pdl_ = !(pdl != nullptr && std::strcmp(pdl, "0") == 0);
+      pdl_ = !EnvIs("SQZ_GPU_PDL", "0");
       // SQZ_GPU_SEGMENTS_UNSTAGED=1 (tests): the attention blocks read their
       // segments from global memory, as for shares of more than 256 segments.
-      const char* seg = std::getenv("SQZ_GPU_SEGMENTS_UNSTAGED");
-      segments_unstaged_ = seg != nullptr && std::strcmp(seg, "1") == 0;
+      segments_unstaged_ = EnvIs("SQZ_GPU_SEGMENTS_UNSTAGED", "1");
     }
     SQZ_CUDA_TRY(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
     SQZ_RETURN_IF_ERROR(EnsureSideStreams(device_));  // for batches (AttendDeviceBatch), before any capture
@@ -372,6 +386,7 @@ class ResidentKvImpl final : public ResidentKv {
     sp.chunk_scored = reinterpret_cast<uint32_t*>(ws + w.chunk_scored);
     sp.hist = cfg.mode == 1 && !select_radix_ ? reinterpret_cast<uint32_t*>(ws + w.hist) : nullptr;
     sp.bin_lo = std::log(static_cast<float>(R)) - kKeySpan;
+    sp.max_candidates = max_candidates_;
     sp.split_seg = reinterpret_cast<uint32_t*>(ws + w.split_seg);
     sp.splits = w.splits;
     sp.n_clustered = static_cast<uint32_t>(shape_.n_clustered);
@@ -392,10 +407,7 @@ class ResidentKvImpl final : public ResidentKv {
     sc.hist = sp.hist;
     const double n = static_cast<double>(shape_.n_clustered);
     if (cfg.mode == 0) {
-      cudaError_t e = c.dtype == DType::kF32   ? LaunchPrep<float>(c, qf, H, G, D, cfg.scale, s)
-                      : c.dtype == DType::kF16 ? LaunchPrep<__half>(c, qf, H, G, D, cfg.scale, s)
-                                               : LaunchPrep<__nv_bfloat16>(c, qf, H, G, D, cfg.scale, s);
-      SQZ_CUDA_TRY(e, "launching the query conversion");
+      SQZ_CUDA_TRY(LaunchPrep(c, qf, H, G, D, cfg.scale, s), "launching the query conversion");
       SQZ_CUDA_TRY(LaunchKernel(pdl_, DenseSelectKernel<0>, dim3(H), dim3(32), 0, s, sp),
                    "launching the dense selection");
     } else {
@@ -548,15 +560,9 @@ class ResidentKvImpl final : public ResidentKv {
   template <int D>
   static cudaError_t LaunchScoreAs(const ScoreParams& sc, DType q_type, dim3 grid, size_t smem, cudaStream_t s,
                                    bool pdl) {
-    const dim3 block(kScoreThreads);
-    switch (q_type) {
-      case DType::kF32:
-        return LaunchKernel(pdl, ScoreKernel<D, float>, grid, block, smem, s, sc);
-      case DType::kF16:
-        return LaunchKernel(pdl, ScoreKernel<D, __half>, grid, block, smem, s, sc);
-      default:
-        return LaunchKernel(pdl, ScoreKernel<D, __nv_bfloat16>, grid, block, smem, s, sc);
-    }
+    return WithElement(q_type, [&](auto e) {
+      return LaunchKernel(pdl, ScoreKernel<D, decltype(e)>, grid, dim3(kScoreThreads), smem, s, sc);
+    });
   }
 
   // `pdl`: launched with programmatic dependent launch (not as the first
@@ -580,6 +586,7 @@ class ResidentKvImpl final : public ResidentKv {
   int sm_count_ = 1;
   size_t select_stage_max_ = 0;  // dynamic shared memory SelectKernel may stage in (opted in at Create)
   bool select_radix_ = false;    // the budget rule without the histogram (tests)
+  uint32_t max_candidates_ = kMaxCandidates;
   bool segments_unstaged_ = false;
   bool pdl_ = true;  // kernels after a call's first with programmatic dependent launch
   ResidentShape shape_;

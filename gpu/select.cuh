@@ -86,6 +86,12 @@ __device__ inline float LoadFloat<__nv_bfloat16>(const __nv_bfloat16* p) {
   return __bfloat162float(*p);
 }
 
+// Where the caller's q holds element d of query head qh, token t: [H * G][T][D]
+// (head-major) or [T][H * G][D] (token-major).
+__device__ inline int64_t QueryIndex(int64_t qh, int t, int d, int H, int G, int T, int D, bool token_major) {
+  return (token_major ? static_cast<int64_t>(t) * H * G + qh : qh * T + t) * D + d;
+}
+
 // qf[((h * G + g) * T + t) * D + d] = scale * q(query head h * G + g, token t, d).
 template <typename E>
 __global__ void PrepQueriesKernel(const E* q, float* qf, int H, int G, int T, int D, bool token_major, float scale) {
@@ -94,12 +100,9 @@ __global__ void PrepQueriesKernel(const E* q, float* qf, int H, int G, int T, in
   const int64_t n = static_cast<int64_t>(H) * G * T * D;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int d = static_cast<int>(i % D);
     const int64_t row = i / D;  // (qh * T + t)
-    const int t = static_cast<int>(row % T);
-    const int64_t qh = row / T;
-    const int64_t src = token_major ? (static_cast<int64_t>(t) * H * G + qh) * D + d : i;
-    qf[i] = scale * LoadFloat(q + src);
+    qf[i] = scale * LoadFloat(q + QueryIndex(row / T, static_cast<int>(row % T), static_cast<int>(i % D), H, G, T, D,
+                                             token_major));
   }
 }
 
@@ -114,6 +117,13 @@ __device__ inline void MergeMax(float& m, float& l, float om, float ol) {
   const float mm = fmaxf(m, om);
   l = (m == -INFINITY ? 0.f : l * expf(m - mm)) + (om == -INFINITY ? 0.f : ol * expf(om - mm));
   m = mm;
+}
+
+// The warp's (max, sum) states merged: every lane ends with the whole warp's.
+__device__ inline void WarpMergeMax(float& m, float& l) {
+  for (int off = 16; off > 0; off /= 2) {
+    MergeMax(m, l, __shfl_xor_sync(0xffffffffu, m, off), __shfl_xor_sync(0xffffffffu, l, off));
+  }
 }
 
 inline constexpr int kScoreChunk = 64;  // clusters per block of the scoring kernel (its row-statistics chunk)
@@ -152,11 +162,6 @@ inline constexpr float kKeySpan = 48.f;  // log-mass range the bins cover below 
 
 // Shared memory of the scoring kernel: the head's query rows and the chunk's scores.
 inline size_t ScoreSmemBytes(int R, int D) { return static_cast<size_t>(R) * (D + kScoreChunk) * sizeof(float); }
-
-template <typename E>
-__device__ inline float LoadQ(const void* q, int64_t i) {
-  return LoadFloat(static_cast<const E*>(q) + i);
-}
 
 // Grid (ceil(k_max / kScoreChunk), H), kScoreThreads threads: the scores of
 // a chunk of a level's clusters for every query row of the head (kScoreTpc
@@ -211,12 +216,11 @@ __global__ void __launch_bounds__(kScoreThreads, 4) ScoreKernel(ScoreParams p) {
   // The head's query rows, converted and scaled (row r = g * T + t).
   float* sqf = reinterpret_cast<float*>(sq);
   float* qf = p.qf + static_cast<size_t>(h) * R * D;
-  const int64_t n_qh = static_cast<int64_t>(p.H) * p.G;
   for (int i = threadIdx.x; i < R * D; i += blockDim.x) {
-    const int r = i / D, d = i % D, g = r / p.T, t = r % p.T;
-    const int64_t qh = static_cast<int64_t>(h) * p.G + g;
-    const int64_t src = (p.token_major ? t * n_qh + qh : qh * p.T + t) * D + d;
-    const float v = p.scale * LoadQ<E>(p.q, src);
+    const int r = i / D;  // g * T + t
+    const int64_t src =
+        QueryIndex(static_cast<int64_t>(h) * p.G + r / p.T, r % p.T, i % D, p.H, p.G, p.T, D, p.token_major);
+    const float v = p.scale * LoadFloat(static_cast<const E*>(p.q) + src);
     sqf[i] = v;
     if (blockIdx.x == 0) qf[i] = v;
   }
@@ -275,9 +279,7 @@ __global__ void __launch_bounds__(kScoreThreads, 4) ScoreKernel(ScoreParams p) {
 #pragma unroll
       for (int i = 0; i < kScoreChunk / 32; ++i) ll += s[i] == -INFINITY ? 0.f : n_lane[i] * expf(s[i] - mm);
     }
-    for (int off = 16; off > 0; off /= 2) {
-      MergeMax(mm, ll, __shfl_xor_sync(0xffffffffu, mm, off), __shfl_xor_sync(0xffffffffu, ll, off));
-    }
+    WarpMergeMax(mm, ll);
     if (lane == 0) {
       p.part_m[(static_cast<size_t>(h) * R + r) * p.n_chunks + blockIdx.x] = mm;
       p.part_l[(static_cast<size_t>(h) * R + r) * p.n_chunks + blockIdx.x] = ll;
@@ -332,6 +334,9 @@ struct SelectParams {
   // SelectKernel stages a head's sizes, keys and flags in shared memory
   // (SelectStageBytes(k_stride) of dynamic shared memory; when they fit).
   bool staged = false;
+  // The boundary bin's clusters the histogram rule ranks at most (more: the
+  // radix select); below kMaxCandidates only in tests.
+  uint32_t max_candidates = kMaxCandidates;
 };
 
 inline size_t SelectStageBytes(int k_stride) { return static_cast<size_t>(k_stride) * (2 * sizeof(uint32_t) + 1); }
@@ -367,9 +372,7 @@ __global__ void __launch_bounds__(NT) KeysKernel(SelectParams p) {
     const float* pl = p.part_l + (static_cast<size_t>(h) * R + r) * p.n_parts;
     float mm = -INFINITY, ll = 0.f;
     for (int c = lane; c < p.n_parts; c += 32) MergeMax(mm, ll, pm[c], pl[c]);
-    for (int off = 16; off > 0; off /= 2) {
-      MergeMax(mm, ll, __shfl_xor_sync(0xffffffffu, mm, off), __shfl_xor_sync(0xffffffffu, ll, off));
-    }
+    WarpMergeMax(mm, ll);
     if (lane == 0) row_lse[r] = mm == -INFINITY ? INFINITY : mm + logf(ll);
   }
   __syncthreads();
@@ -664,7 +667,7 @@ __global__ void __launch_bounds__(NT) SelectKernel(SelectParams p) {
             f = all_bits;
           } else if (b == bstar) {
             const uint32_t c = atomicAdd(&s_ncand, 1u);
-            if (c < kMaxCandidates) {
+            if (c < p.max_candidates) {
               cand_key[c] = key;
               cand_id[c] = j;
               cand_size[c] = sizes[j];
@@ -675,7 +678,7 @@ __global__ void __launch_bounds__(NT) SelectKernel(SelectParams p) {
       }
       __syncthreads();
       const uint32_t n = s_ncand, remaining = shared_remaining;
-      if (n <= kMaxCandidates) {
+      if (n <= p.max_candidates) {
         for (uint32_t i = threadIdx.x; i < n; i += NT) {
           const uint32_t ki = cand_key[i], ii = cand_id[i];
           uint32_t before = 0;  // sizes of the candidates ordered before i

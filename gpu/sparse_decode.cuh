@@ -362,24 +362,19 @@ __global__ void __launch_bounds__(kMergeWarps * 32) SparseDecodeMergeKernel(Deco
   }
 }
 
-// Launches both kernels on `stream` (the split kernel with programmatic
-// dependent launch when `pdl`, the merge kernel with it always: launch.cuh).
-// Returns the launch error.
+// Launches both kernels on `stream`, with programmatic dependent launch
+// (launch.cuh) when `pdl`. Returns the launch error.
 template <typename T, int D, typename O>
 cudaError_t LaunchSparseDecode(const DecodeParams& p, const DecodeOutput& out, cudaStream_t stream, bool pdl) {
   if (p.rows < 1 || p.splits < 1 || p.splits > kMaxSplits || p.n_heads < 1) return cudaErrorInvalidValue;
-  const dim3 block(kDecodeWarps * 32);
-  cudaError_t e;
-  if (p.rows == 1) {
-    e = LaunchKernel(pdl, SparseDecodeSplitKernel<T, D, 1>, dim3(p.n_heads, p.splits, 1), block, 0, stream, p);
-  } else if (p.rows == 2) {
-    e = LaunchKernel(pdl, SparseDecodeSplitKernel<T, D, 2>, dim3(p.n_heads, p.splits, 1), block, 0, stream, p);
-  } else if (p.rows <= 4) {
-    e = LaunchKernel(pdl, SparseDecodeSplitKernel<T, D, 4>, dim3(p.n_heads, p.splits, 1), block, 0, stream, p);
-  } else {
-    e = LaunchKernel(pdl, SparseDecodeSplitKernel<T, D, 8>, dim3(p.n_heads, p.splits, (p.rows + 7) / 8), block, 0,
-                     stream, p);
-  }
+  // Query rows per block: the fewest of 1, 2, 4, 8 that hold a head's rows;
+  // more than 8 in blocks of 8 (grid z).
+  void (*split)(DecodeParams) = p.rows == 1   ? SparseDecodeSplitKernel<T, D, 1>
+                                : p.rows == 2 ? SparseDecodeSplitKernel<T, D, 2>
+                                : p.rows <= 4 ? SparseDecodeSplitKernel<T, D, 4>
+                                              : SparseDecodeSplitKernel<T, D, 8>;
+  const cudaError_t e = LaunchKernel(pdl, split, dim3(p.n_heads, p.splits, (p.rows + kMaxGroup - 1) / kMaxGroup),
+                                     dim3(kDecodeWarps * 32), 0, stream, p);
   if (e != cudaSuccess) return e;
   return LaunchKernel(pdl, SparseDecodeMergeKernel<O, D>, dim3(p.n_heads * p.rows, D / 32), dim3(kMergeWarps * 32), 0,
                       stream, p, out);

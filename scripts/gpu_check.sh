@@ -34,6 +34,7 @@ step() {  # step NAME COMMAND...: runs it in /tmp, its output appended to the re
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader >> "$RESULTS" 2>&1
 step "GPU tests" $T --gtest_filter='Gpu*:LibraryAllocationFailure*'
 step "GPU tests, SQZ_GPU_SELECT_RADIX=1" env SQZ_GPU_SELECT_RADIX=1 $T --gtest_filter='Gpu*'
+step "GPU tests, SQZ_GPU_SELECT_CANDIDATES=0" env SQZ_GPU_SELECT_CANDIDATES=0 $T --gtest_filter='Gpu*'
 step "GPU tests, SQZ_GPU_SELECT_UNSTAGED=1" env SQZ_GPU_SELECT_UNSTAGED=1 $T --gtest_filter='Gpu*'
 step "GPU tests, SQZ_GPU_PDL=0" env SQZ_GPU_PDL=0 $T --gtest_filter='Gpu*'
 step "GPU tests, SQZ_GPU_SEGMENTS_UNSTAGED=1" env SQZ_GPU_SEGMENTS_UNSTAGED=1 $T --gtest_filter='Gpu*'
