@@ -212,6 +212,20 @@ double TimeGraph(const std::vector<sqz::DeviceBatchItem>& items, int iters) {
   return ms * 1e3 / iters;
 }
 
+// Matrix-product FLOPs of one call with T queries: attention 4 * d per
+// (query row, attended row); with T * G > 64 (prefill: two scoring passes
+// on tensor cores) 2 * 2 * d per centroid dot product.
+double CallFlops(const sqz::ContextHandle& h, const sqz::AttendStats& st, int T) {
+  const sqz::ContextInfo& info = h.info();
+  const int G = info.group_size(), d = info.head_dim;
+  double f = 0;
+  for (const sqz::HeadStats& hs : st.heads) {
+    f += 4.0 * d * G * T * static_cast<double>(hs.keys_selected + info.n_always());
+    if (G * T > 64) f += 4.0 * d * T * static_cast<double>(hs.clusters_scored);
+  }
+  return f;
+}
+
 // Bytes one call must read: K and V of the attended rows (stored dtype) and
 // the fp32 centroids scored.
 double CallBytes(const sqz::ContextHandle& h, const sqz::AttendStats& st) {
@@ -291,12 +305,14 @@ int main(int argc, char** argv) {
     r.Init(h.get(), a.layer, a.T, q, c.qo);
     const double us = TimeGraph({r.Item()}, a.iters);
     if (c.name == "dense") dense_us = us;
-    const double bytes = CallBytes(*h, st);
+    const double bytes = CallBytes(*h, st), flops = CallFlops(*h, st, a.T);
     std::printf(
         "{\"what\": \"layer_call\", \"config\": \"%s\", \"tokens\": %lld, \"T\": %d, \"us\": %.2f, \"bytes\": %.0f, "
-        "\"floor_us\": %.2f, \"GBps\": %.1f, \"vs_our_dense\": %.2f, \"keys_selected\": %lld, \"workspace\": %zu}\n",
+        "\"floor_us\": %.2f, \"GBps\": %.1f, \"flops\": %.4g, \"TFLOPs\": %.1f, \"vs_our_dense\": %.2f, "
+        "\"keys_selected\": %lld, \"workspace\": %zu}\n",
         c.name.c_str(), static_cast<long long>(info.n_tokens), a.T, us, bytes, bytes / d2d * 1e6,
-        bytes / (us * 1e-6) / 1e9, dense_us / us, static_cast<long long>(st.keys_selected()), r.ws_bytes);
+        bytes / (us * 1e-6) / 1e9, flops, flops / (us * 1e-6) / 1e12, dense_us / us,
+        static_cast<long long>(st.keys_selected()), r.ws_bytes);
   }
 
   if (!a.batch.empty()) {

@@ -13,9 +13,12 @@ safetensors file into PyTorch and times, the same way (CUDA graph, events):
     of 128-token blocks (the blocks with the highest mean key score; the mask
     is built outside the timing, which favours FlexAttention).
 
+With --prefill-T T, the same three at prefill (T queries per call, the
+FLOP floor at the bf16 matrix-product rate measured in the same run).
+
 Prints one JSON object per line and a table. Usage (see docs/PERFORMANCE.md):
   python3 bench/gpu_compare.py --sqctl BIN --gpu-bench BIN [--tokens 32768,131072]
-      [--batch-contexts 32] [--work DIR]
+      [--batch-contexts 32] [--prefill-T 2048] [--work DIR]
 """
 import argparse
 import json
@@ -74,6 +77,77 @@ def run(cmd):
     return r.stdout
 
 
+def matmul_tflops(dev, n=8192, iters=20):
+    """bf16 n^3 matrix product rate on this GPU (the prefill floor's rate)."""
+    x = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    y = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    us = time_graph(lambda: torch.mm(x, y), iters)
+    return 2.0 * n ** 3 / us / 1e6
+
+
+def prefill(a, n, db, k, v, dev):
+    """Prefill with T = a.prefill_T queries: ours (gpu_bench), SDPA dense,
+    FlexAttention keeping the budget's 128-token blocks (by the group's mean
+    query); the FLOP floor at the matmul rate measured here."""
+    T = a.prefill_T
+    out_rows = []
+    rate = matmul_tflops(dev)
+    r = {"what": "torch", "N": n, "T": T, "method": "matmul_bf16_8192", "TFLOPs": rate}
+    print(json.dumps(r))
+    out_rows.append(r)
+    for x in run([a.gpu_bench, "--db", db, "--context", "ctx_000", "--budgets", str(a.budget), "--T", str(T),
+                  "--iters", "10"]).splitlines():
+        if x.startswith("{") and "layer_call" in x:
+            o = json.loads(x)
+            o["N"] = n
+            o["prefill"] = True
+            o["flop_floor_us"] = o["flops"] / rate / 1e6
+            print(json.dumps(o))
+            out_rows.append(o)
+    gen = torch.Generator(device=dev).manual_seed(1)
+    q = torch.randn(1, 32, T, 128, device=dev, dtype=torch.bfloat16, generator=gen)
+    out = torch.empty_like(q)
+
+    def sdpa():
+        out.copy_(F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+
+    us = time_graph(sdpa, 10)
+    flops = 4.0 * 32 * T * n * 128
+    r = {"what": "torch", "N": n, "T": T, "prefill": True, "method": "sdpa_dense", "us": us,
+         "TFLOPs": flops / us / 1e6}
+    print(json.dumps(r))
+    out_rows.append(r)
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        blk = 128
+        nb = n // blk
+        keep = max(1, int(round(nb * a.budget)))
+        kb = k[0].float().reshape(8, nb, blk, 128).mean(2)
+        qg = q[0].float().mean(1).reshape(8, 4, 128).mean(1)
+        top = torch.einsum("hbd,hd->hb", kb, qg).topk(keep, dim=1).indices
+        table = torch.zeros(8, nb, dtype=torch.bool, device=dev)
+        table.scatter_(1, top, True)
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return table[h // 4, kv_idx // blk]
+
+        bm = create_block_mask(mask_mod, 1, 32, T, n, device=dev, BLOCK_SIZE=blk)
+        flex = torch.compile(flex_attention, dynamic=False)
+
+        def fx():
+            out.copy_(flex(q, k, v, block_mask=bm, enable_gqa=True))
+
+        us = time_graph(fx, 10)
+        r = {"what": "torch", "N": n, "T": T, "prefill": True, "method": "flex_block_mask", "budget": a.budget,
+             "us": us, "TFLOPs": 4.0 * 32 * T * keep * blk * 128 / us / 1e6}
+    except Exception as e:  # report, do not hide
+        r = {"what": "torch", "N": n, "T": T, "prefill": True, "method": "flex_block_mask", "error": repr(e)[:300]}
+    print(json.dumps(r))
+    out_rows.append(r)
+    return out_rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sqctl", required=True)
@@ -83,6 +157,8 @@ def main():
     ap.add_argument("--batch-contexts", type=int, default=0)
     ap.add_argument("--work", default="/tmp/sqz-bench")
     ap.add_argument("--iters", default="4", help="k-means iterations of the index build")
+    ap.add_argument("--prefill-T", type=int, default=0,
+                    help="also prefill with this many queries: ours, SDPA dense, FlexAttention at the budget")
     a = ap.parse_args()
     os.makedirs(a.work, exist_ok=True)
     rows = []
@@ -148,6 +224,8 @@ def main():
             r = {"what": "torch", "N": n, "method": "flex_block_mask", "error": repr(e)[:300]}
         print(json.dumps(r))
         rows.append(r)
+        if a.prefill_T:
+            rows += prefill(a, n, db, k, v, dev)
         del k, v
         torch.cuda.empty_cache()
 
@@ -166,11 +244,17 @@ def main():
                 print(x)
                 rows.append(json.loads(x))
 
-    print("\n# summary (us per layer call, decode T = 1)", file=sys.stderr)
+    for prefill_rows in ([False, True] if a.prefill_T else [False]):
+        summary(a, rows, prefill_rows)
+
+
+def summary(a, rows, prefill_rows):
+    what = f"prefill T = {a.prefill_T}" if prefill_rows else "decode T = 1"
+    print(f"\n# summary (us per layer call, {what})", file=sys.stderr)
     for n in [int(x) for x in a.tokens.split(",")]:
         got = {}
         for r in rows:
-            if r.get("N") != n:
+            if r.get("N") != n or bool(r.get("prefill")) != prefill_rows:
                 continue
             key = r.get("config") or r.get("method")
             if "us" in r:

@@ -6,14 +6,19 @@
 #include <cstring>
 #include <mutex>
 #include <string>
+#include <type_traits>
 
 #include "cuda_util.h"
 #include "gpu/resident.h"
 #include "gpu/streams.h"
+#include "prefill.cuh"
 #include "select.cuh"
 #include "sparse_decode.cuh"
+#include "util/half.h"
 
 namespace sqz::gpu {
+
+static_assert(kDecodeMaxRows == kMaxSelectRows, "resident.h states the decode kernels' limit");
 
 namespace {
 
@@ -41,7 +46,13 @@ constexpr size_t Align(size_t x) { return (x + 255) / 256 * 256; }
 struct WsLayout {
   size_t qf = 0, scores = 0, keys = 0, flags = 0, coarse_keep = 0, seg_first = 0, seg_before = 0, stats = 0, part_m = 0,
          part_l = 0, chunk_weight = 0, chunk_scored = 0, hist = 0, split_seg = 0, part = 0, total = 0;
-  int splits = 1, rows = 0;
+  // Prefill (G * T > kMaxSelectRows): the queries as the KV element type,
+  // the rows' log2-denominators, the scoring tiles' partials per cluster and
+  // the attended rows' stored rows (qf, scores, part_m / part_l and part
+  // are then empty).
+  size_t q16 = 0, row_lse = 0, pf_part = 0, rowlist = 0;
+  bool prefill = false;
+  int splits = 1, rows = 0, tiles_per_g = 0;
 };
 
 // Restores the caller's current device on scope exit.
@@ -89,6 +100,16 @@ cudaError_t LaunchPrep(const DeviceCall& c, float* qf, int H, int G, int D, floa
     PrepQueriesKernel<E><<<blocks, 256, 0, s>>>(static_cast<const E*>(c.q), qf, H, G, c.T, D, c.token_major, scale);
     return cudaGetLastError();
   });
+}
+
+// Calls f(T{}, D) with T the KV element type and D the head dimension as a
+// compile-time value.
+template <int N>
+using Int = std::integral_constant<int, N>;
+template <typename F>
+cudaError_t WithPrefillShape(DType kv, int D, F&& f) {
+  auto with_t = [&](auto t) { return D == 64 ? f(t, Int<64>{}) : f(t, Int<128>{}); };
+  return kv == DType::kF16 ? with_t(__half{}) : with_t(__nv_bfloat16{});
 }
 
 template <typename T, int D>
@@ -157,6 +178,7 @@ class ResidentKvImpl final : public ResidentKv {
       // segments from global memory, as for shares of more than 256 segments.
       segments_unstaged_ = EnvIs("SQZ_GPU_SEGMENTS_UNSTAGED", "1");
     }
+    SQZ_CUDA_TRY(AllowPrefillSmem(), "prefill kernels' shared memory");
     SQZ_CUDA_TRY(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
     SQZ_RETURN_IF_ERROR(EnsureSideStreams(device_));  // for batches (AttendDeviceBatch), before any capture
     staged_.resize(static_cast<size_t>(shape_.n_layers) * shape_.n_heads);
@@ -238,9 +260,15 @@ class ResidentKvImpl final : public ResidentKv {
       }
       fparent.insert(fparent.end(), parent.begin(), parent.end());
     }
+    // The prefill kernels score with the centroids rounded to the KV element
+    // type (tensor-core operands).
+    std::vector<uint16_t> fc16(fc.size()), cc16(cc.size());
+    ConvertFromFloat(fc.data(), fc.size(), shape_.dtype, fc16.data());
+    ConvertFromFloat(cc.data(), cc.size(), shape_.dtype, cc16.data());
     const size_t o_meta = 0, o_fc = Align(meta.size() * sizeof(HeadMeta)), o_cc = o_fc + Align(fc.size() * 4),
                  o_fsize = o_cc + Align(cc.size() * 4), o_fparent = o_fsize + Align(fsize.size() * 4),
-                 o_csize = o_fparent + Align(fparent.size() * 4), total = o_csize + Align(csize.size() * 4 + 4);
+                 o_csize = o_fparent + Align(fparent.size() * 4), o_fc16 = o_csize + Align(csize.size() * 4 + 4),
+                 o_cc16 = o_fc16 + Align(fc16.size() * 2), total = o_cc16 + Align(cc16.size() * 2 + 2);
     std::lock_guard<std::mutex> lock(mu_);
     SQZ_CUDA_TRY(cudaSetDevice(device_), "cudaSetDevice");
     if (index_) cudaFree(index_);
@@ -258,18 +286,25 @@ class ResidentKvImpl final : public ResidentKv {
     SQZ_RETURN_IF_ERROR(put(o_fsize, fsize.data(), fsize.size() * 4));
     SQZ_RETURN_IF_ERROR(put(o_fparent, fparent.data(), fparent.size() * 4));
     SQZ_RETURN_IF_ERROR(put(o_csize, csize.data(), csize.size() * 4));
+    SQZ_RETURN_IF_ERROR(put(o_fc16, fc16.data(), fc16.size() * 2));
+    SQZ_RETURN_IF_ERROR(put(o_cc16, cc16.data(), cc16.size() * 2));
     d_meta_ = reinterpret_cast<const HeadMeta*>(b + o_meta);
     d_fine_cent_ = reinterpret_cast<const float*>(b + o_fc);
     d_coarse_cent_ = reinterpret_cast<const float*>(b + o_cc);
     d_fine_size_ = reinterpret_cast<const uint32_t*>(b + o_fsize);
     d_fine_parent_ = reinterpret_cast<const uint32_t*>(b + o_fparent);
     d_coarse_size_ = reinterpret_cast<const uint32_t*>(b + o_csize);
+    d_fine16_ = b + o_fc16;
+    d_coarse16_ = b + o_cc16;
     staged_.clear();
     staged_.shrink_to_fit();
     return Status::OK();
   }
 
-  int MaxT() const override { return kMaxSelectRows / shape_.group; }
+  int MaxT() const override { return kMaxPrefillRows / shape_.group; }
+  bool Prefill(int T) const { return shape_.group * T > kMaxSelectRows; }
+  static int PrefillRowsPerBlock() { return kPfWarps * kPfRowsPerWarp; }
+  size_t ListStride() const { return static_cast<size_t>(shape_.n_clustered + shape_.n_always); }
 
   int KStride() const { return (std::max(k2_max_, k1_max_) + 3) / 4 * 4; }
   int K1Stride() const { return (std::max(k1_max_, 1) + 15) / 16 * 16; }
@@ -280,7 +315,7 @@ class ResidentKvImpl final : public ResidentKv {
     if (T < 1 || T > MaxT()) {
       return Status::NotSupported(
           "GPU engine: T = " + std::to_string(T) + " queries; this release takes 1.." + std::to_string(MaxT()) +
-          " per call on the GPU (G * T <= " + std::to_string(kMaxSelectRows) + " query rows per KV head)");
+          " per call on the GPU (G * T <= " + std::to_string(kMaxPrefillRows) + " query rows per KV head)");
     }
     if (c.mode < 0 || c.mode > 2 || !(c.scale > 0) || !std::isfinite(c.scale)) {
       return Status::InvalidArgument("GPU engine: bad selection config");
@@ -289,7 +324,8 @@ class ResidentKvImpl final : public ResidentKv {
     const int64_t n_tokens = shape_.n_clustered + shape_.n_always;
     double est = static_cast<double>(n_tokens);
     if (c.mode == 1) est = std::min(est, std::max(0.0, c.budget) * 1.25 * shape_.n_clustered + shape_.n_always);
-    w->splits = Splits(H, R, est);
+    w->prefill = Prefill(T);
+    w->splits = w->prefill ? 1 : Splits(H, R, est);
     w->rows = R;
     const size_t ks = KStride();
     size_t off = 0;
@@ -297,6 +333,27 @@ class ResidentKvImpl final : public ResidentKv {
       *field = off;
       off += Align(std::max<size_t>(bytes, 1));
     };
+    if (w->prefill) {
+      const int rt = PrefillRowsPerBlock();
+      w->tiles_per_g = (T + rt - 1) / rt;
+      take(&w->q16, static_cast<size_t>(H) * R * D * DTypeSize(shape_.dtype));
+      take(&w->row_lse, static_cast<size_t>(H) * R * 4);
+      take(&w->pf_part, c.mode == 0 ? 0 : static_cast<size_t>(H) * shape_.group * w->tiles_per_g * ks * 4);
+      take(&w->rowlist, static_cast<size_t>(H) * ListStride() * 4);
+      take(&w->keys, static_cast<size_t>(H) * ks * 4);
+      take(&w->flags, static_cast<size_t>(H) * ks);
+      take(&w->coarse_keep, static_cast<size_t>(H) * K1Stride());
+      take(&w->seg_first, static_cast<size_t>(H) * SegStride() * 4);
+      take(&w->seg_before, static_cast<size_t>(H) * SegStride() * 4);
+      take(&w->stats, static_cast<size_t>(H) * kStatCount * 4);
+      const size_t chunks = (ks + kChunkClusters - 1) / kChunkClusters;
+      take(&w->chunk_weight, static_cast<size_t>(H) * chunks * 4);
+      take(&w->chunk_scored, static_cast<size_t>(H) * chunks * 4);
+      take(&w->hist, c.mode == 1 ? static_cast<size_t>(H) * kKeyBins * 4 : 0);
+      take(&w->split_seg, static_cast<size_t>(H) * 4);
+      w->total = off;
+      return Status::OK();
+    }
     take(&w->qf, static_cast<size_t>(H) * R * D * 4);
     take(&w->scores, static_cast<size_t>(H) * R * ks * 4);
     take(&w->keys, static_cast<size_t>(H) * ks * 4);
@@ -337,6 +394,38 @@ class ResidentKvImpl final : public ResidentKv {
     return p;
   }
 
+  // The selection parameters both paths share (workspace arrays, the rule's
+  // inputs, the head's sizes).
+  SelectParams BaseSelectParams(const DeviceCall& c, const SelectConfig& cfg, const WsLayout& w) const {
+    const int H = shape_.n_heads, R = w.rows;
+    uint8_t* ws = static_cast<uint8_t*>(c.workspace);
+    SelectParams sp;
+    sp.H = H;
+    sp.G = shape_.group;
+    sp.T = c.T;
+    sp.meta = d_meta_ + static_cast<size_t>(c.layer) * H;
+    sp.mode = cfg.mode;
+    sp.k_stride = KStride();
+    sp.keys = reinterpret_cast<uint32_t*>(ws + w.keys);
+    sp.flags = ws + w.flags;
+    sp.coarse_keep = ws + w.coarse_keep;
+    sp.k1_stride = K1Stride();
+    sp.seg_first = reinterpret_cast<uint32_t*>(ws + w.seg_first);
+    sp.seg_before = reinterpret_cast<uint32_t*>(ws + w.seg_before);
+    sp.seg_stride = SegStride();
+    sp.stats = reinterpret_cast<uint32_t*>(ws + w.stats);
+    sp.chunk_weight = reinterpret_cast<uint32_t*>(ws + w.chunk_weight);
+    sp.chunk_scored = reinterpret_cast<uint32_t*>(ws + w.chunk_scored);
+    sp.hist = cfg.mode == 1 && !select_radix_ ? reinterpret_cast<uint32_t*>(ws + w.hist) : nullptr;
+    sp.bin_lo = std::log(static_cast<float>(R)) - kKeySpan;
+    sp.max_candidates = max_candidates_;
+    sp.split_seg = reinterpret_cast<uint32_t*>(ws + w.split_seg);
+    sp.splits = w.splits;
+    sp.n_clustered = static_cast<uint32_t>(shape_.n_clustered);
+    sp.n_always = static_cast<uint32_t>(shape_.n_always);
+    return sp;
+  }
+
   Status Attend(const DeviceCall& c, const SelectConfig& cfg) const override {
     if (c.layer < 0 || c.layer >= shape_.n_layers) {
       return Status::InvalidArgument("GPU engine: layer " + std::to_string(c.layer) + " out of range [0, " +
@@ -355,42 +444,21 @@ class ResidentKvImpl final : public ResidentKv {
                                      " bytes; this call needs " + std::to_string(w.total) + " (WorkspaceBytes)");
     }
     const int H = shape_.n_heads, G = shape_.group, D = shape_.head_dim, T = c.T, R = w.rows;
-    auto s = static_cast<cudaStream_t>(c.stream);
     DeviceGuard guard(device_);
     uint8_t* ws = static_cast<uint8_t*>(c.workspace);
+    SelectParams sp = BaseSelectParams(c, cfg, w);
+    if (w.prefill) return AttendPrefill(c, cfg, w, sp);
+    auto s = static_cast<cudaStream_t>(c.stream);
     float* qf = reinterpret_cast<float*>(ws + w.qf);  // the queries, fp32, scaled, [H][R][D]
 
     // 1. Selection and the segment table, on the device (the scoring kernel
     // also converts the queries for the attention kernel).
-    const HeadMeta* meta = d_meta_ + static_cast<size_t>(c.layer) * H;
-    SelectParams sp;
-    sp.H = H;
-    sp.G = G;
-    sp.T = T;
-    sp.meta = meta;
-    sp.mode = cfg.mode;
+    const HeadMeta* meta = sp.meta;
     float* scores = reinterpret_cast<float*>(ws + w.scores);
     sp.scores = scores;
-    sp.k_stride = KStride();
-    sp.keys = reinterpret_cast<uint32_t*>(ws + w.keys);
-    sp.flags = ws + w.flags;
-    sp.coarse_keep = ws + w.coarse_keep;
-    sp.k1_stride = K1Stride();
-    sp.seg_first = reinterpret_cast<uint32_t*>(ws + w.seg_first);
-    sp.seg_before = reinterpret_cast<uint32_t*>(ws + w.seg_before);
-    sp.seg_stride = SegStride();
-    sp.stats = reinterpret_cast<uint32_t*>(ws + w.stats);
     sp.part_m = reinterpret_cast<float*>(ws + w.part_m);
     sp.part_l = reinterpret_cast<float*>(ws + w.part_l);
-    sp.chunk_weight = reinterpret_cast<uint32_t*>(ws + w.chunk_weight);
-    sp.chunk_scored = reinterpret_cast<uint32_t*>(ws + w.chunk_scored);
-    sp.hist = cfg.mode == 1 && !select_radix_ ? reinterpret_cast<uint32_t*>(ws + w.hist) : nullptr;
-    sp.bin_lo = std::log(static_cast<float>(R)) - kKeySpan;
-    sp.max_candidates = max_candidates_;
-    sp.split_seg = reinterpret_cast<uint32_t*>(ws + w.split_seg);
-    sp.splits = w.splits;
-    sp.n_clustered = static_cast<uint32_t>(shape_.n_clustered);
-    sp.n_always = static_cast<uint32_t>(shape_.n_always);
+    sp.scored_div = static_cast<uint32_t>(T);
     ScoreParams sc;
     sc.q = c.q;
     sc.token_major = c.token_major;
@@ -462,6 +530,154 @@ class ResidentKvImpl final : public ResidentKv {
     out.lse_base2 = c.lse_base2;
     SQZ_CUDA_TRY(LaunchDecodeAny(dp, out, shape_.dtype, D, c.dtype, s, pdl_), "launching the sparse attention");
     return Status::OK();
+  }
+
+  // Prefill (G * T > kMaxSelectRows, gpu/prefill.cuh): the queries as the
+  // KV element type; selection scored on tensor cores in two passes per
+  // level, the keys kernel merging the passes' partials, the select kernel
+  // as for decode; the segments expanded into a row list; flash attention
+  // over it. Launch order as for decode: the first kernel follows the
+  // caller's work, the others use programmatic dependent launch.
+  Status AttendPrefill(const DeviceCall& c, const SelectConfig& cfg, const WsLayout& w, SelectParams sp) const {
+    const int H = shape_.n_heads, G = shape_.group, D = shape_.head_dim, T = c.T;
+    auto s = static_cast<cudaStream_t>(c.stream);
+    uint8_t* ws = static_cast<uint8_t*>(c.workspace);
+    void* q16 = ws + w.q16;
+    SQZ_CUDA_TRY(LaunchPrep16(c, q16), "launching the query conversion");
+    sp.pf_part = reinterpret_cast<const float*>(ws + w.pf_part);
+    sp.pf_tiles_per_g = w.tiles_per_g;
+    sp.scored_div = 1;
+    PrefillScoreParams ps;
+    ps.H = H;
+    ps.G = G;
+    ps.T = T;
+    ps.q16 = q16;
+    ps.scale_log2 = cfg.scale * kLog2e;
+    ps.meta = sp.meta;
+    ps.row_lse = reinterpret_cast<float*>(ws + w.row_lse);
+    ps.part = reinterpret_cast<float*>(ws + w.pf_part);
+    ps.k_stride = sp.k_stride;
+    ps.tiles_per_g = w.tiles_per_g;
+    ps.hist = sp.hist;
+    const double n = static_cast<double>(shape_.n_clustered);
+    if (cfg.mode == 0) {
+      SQZ_CUDA_TRY(LaunchKernel(pdl_, DenseSelectKernel<0>, dim3(H), dim3(32), 0, s, sp),
+                   "launching the dense selection");
+    } else {
+      if (cfg.hierarchical) {
+        ps.coarse = true;
+        ps.centroids = d_coarse16_;
+        ps.sizes = d_coarse_size_;
+        SQZ_CUDA_TRY(LaunchPrefillScore(ps, false, s), "launching the coarse scoring");
+        SQZ_CUDA_TRY(LaunchPrefillScore(ps, true, s), "launching the coarse scoring");
+        SelectParams cs = sp;
+        cs.coarse = true;
+        cs.sizes = d_coarse_size_;
+        cs.target = std::min(1.0, cfg.coarse_budget_factor * cfg.budget) * n;
+        cs.tau = cfg.tau_coarse;
+        SQZ_CUDA_TRY(LaunchSelect(cs, k1_max_, s), "launching the coarse selection");
+        ps.parent = d_fine_parent_;
+        ps.coarse_keep = sp.coarse_keep;
+        ps.k1_stride = sp.k1_stride;
+        sp.parent = d_fine_parent_;
+      }
+      ps.coarse = false;
+      ps.centroids = d_fine16_;
+      ps.sizes = d_fine_size_;
+      SQZ_CUDA_TRY(LaunchPrefillScore(ps, false, s), "launching the centroid scoring");
+      SQZ_CUDA_TRY(LaunchPrefillScore(ps, true, s), "launching the centroid scoring");
+      sp.sizes = d_fine_size_;
+      sp.hierarchical = cfg.hierarchical;
+      sp.target = cfg.budget * n;
+      sp.tau = cfg.hierarchical ? cfg.tau_fine : cfg.tau_flat;
+      SQZ_CUDA_TRY(LaunchSelect(sp, k2_max_, s), "launching the selection");
+    }
+    uint32_t* rowlist = reinterpret_cast<uint32_t*>(ws + w.rowlist);
+    SQZ_CUDA_TRY(LaunchKernel(pdl_, RowListKernel<0>, dim3(H, kRowListBlocks), dim3(256), 0, s, sp.seg_first,
+                              sp.seg_before, sp.seg_stride, sp.stats, rowlist, ListStride()),
+                 "launching the row list");
+    PrefillAttendParams ap;
+    ap.kv = LayerDecodeParams(c.layer);
+    ap.q16 = q16;
+    ap.rowlist = rowlist;
+    ap.list_stride = ListStride();
+    ap.stats = sp.stats;
+    ap.scale_log2 = ps.scale_log2;
+    ap.tiles_per_g = w.tiles_per_g;
+    ap.out.o = c.o;
+    ap.out.lse = c.lse;
+    ap.out.G = G;
+    ap.out.T = T;
+    ap.out.token_major = c.token_major;
+    ap.out.lse_base2 = c.lse_base2;
+    const dim3 grid(G * w.tiles_per_g, H);
+    SQZ_CUDA_TRY(WithPrefillShape(shape_.dtype, D,
+                                  [&](auto t, auto d) {
+                                    using T = decltype(t);
+                                    constexpr int kD = decltype(d)::value, kW = kPfWarps;
+                                    return WithElement(c.dtype, [&](auto o) {
+                                      return LaunchKernel(pdl_, PrefillAttendKernel<T, kD, kW, decltype(o)>, grid,
+                                                          dim3(kW * 32), PrefillAttendSmem<kD, kW>(), s, ap);
+                                    });
+                                  }),
+                 "launching the prefill attention");
+    return Status::OK();
+  }
+
+  // The caller's queries as the KV element type, unscaled, [H][R][D].
+  cudaError_t LaunchPrep16(const DeviceCall& c, void* q16) const {
+    const int H = shape_.n_heads, G = shape_.group, D = shape_.head_dim;
+    const int64_t n = static_cast<int64_t>(H) * G * c.T * D;
+    const int blocks = static_cast<int>(std::min<int64_t>((n + 255) / 256, 4096));
+    auto s = static_cast<cudaStream_t>(c.stream);
+    return WithElement(c.dtype, [&](auto e) {
+      using E = decltype(e);
+      const E* q = static_cast<const E*>(c.q);
+      if (shape_.dtype == DType::kF16) {
+        PrepQueriesKernel<E, __half>
+            <<<blocks, 256, 0, s>>>(q, static_cast<__half*>(q16), H, G, c.T, D, c.token_major, 1.f);
+      } else {
+        PrepQueriesKernel<E, __nv_bfloat16>
+            <<<blocks, 256, 0, s>>>(q, static_cast<__nv_bfloat16*>(q16), H, G, c.T, D, c.token_major, 1.f);
+      }
+      return cudaGetLastError();
+    });
+  }
+
+  // One pass of the prefill scoring over a level (pass 2: the partials).
+  cudaError_t LaunchPrefillScore(const PrefillScoreParams& ps, bool pass2, cudaStream_t s) const {
+    return WithPrefillShape(shape_.dtype, shape_.head_dim, [&](auto t, auto d) {
+      using T = decltype(t);
+      constexpr int kD = decltype(d)::value, kW = kPfWarps;
+      void (*kernel)(PrefillScoreParams) =
+          pass2 ? PrefillScoreKernel<T, kD, kW, true> : PrefillScoreKernel<T, kD, kW, false>;
+      return LaunchKernel(pdl_, kernel, dim3(ps.G * ps.tiles_per_g, ps.H), dim3(kW * 32), PrefillScoreSmem<kD, kW>(), s,
+                          ps);
+    });
+  }
+
+  // The prefill kernels' dynamic shared memory (over the 48 KiB default).
+  cudaError_t AllowPrefillSmem() const {
+    return WithPrefillShape(shape_.dtype, shape_.head_dim, [&](auto t, auto d) {
+      using T = decltype(t);
+      constexpr int kD = decltype(d)::value, kW = kPfWarps;
+      const int score = static_cast<int>(PrefillScoreSmem<kD, kW>());
+      const int attend = static_cast<int>(PrefillAttendSmem<kD, kW>());
+      cudaError_t e = cudaFuncSetAttribute(PrefillScoreKernel<T, kD, kW, false>,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize, score);
+      if (e == cudaSuccess) {
+        e = cudaFuncSetAttribute(PrefillScoreKernel<T, kD, kW, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 score);
+      }
+      for (DType o : {DType::kF32, DType::kF16, DType::kBF16}) {
+        if (e != cudaSuccess) break;
+        e = WithElement(o, [&](auto x) {
+          return cudaFuncSetAttribute(PrefillAttendKernel<T, kD, kW, decltype(x)>,
+                                      cudaFuncAttributeMaxDynamicSharedMemorySize, attend);
+        });
+      }
+      return e;
+    });
   }
 
   Status AttendHost(int layer, int T, const float* q, const SelectConfig& cfg, float* o, float* lse,
@@ -600,6 +816,8 @@ class ResidentKvImpl final : public ResidentKv {
   const HeadMeta* d_meta_ = nullptr;
   const float* d_fine_cent_ = nullptr;
   const float* d_coarse_cent_ = nullptr;
+  const void* d_fine16_ = nullptr;  // the centroids as the KV element type (prefill)
+  const void* d_coarse16_ = nullptr;
   const uint32_t* d_fine_size_ = nullptr;
   const uint32_t* d_fine_parent_ = nullptr;
   const uint32_t* d_coarse_size_ = nullptr;

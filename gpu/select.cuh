@@ -86,23 +86,39 @@ __device__ inline float LoadFloat<__nv_bfloat16>(const __nv_bfloat16* p) {
   return __bfloat162float(*p);
 }
 
+template <typename O>
+__device__ inline O FromFloat(float x);
+template <>
+__device__ inline float FromFloat<float>(float x) {
+  return x;
+}
+template <>
+__device__ inline __half FromFloat<__half>(float x) {
+  return __float2half_rn(x);
+}
+template <>
+__device__ inline __nv_bfloat16 FromFloat<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
 // Where the caller's q holds element d of query head qh, token t: [H * G][T][D]
 // (head-major) or [T][H * G][D] (token-major).
 __device__ inline int64_t QueryIndex(int64_t qh, int t, int d, int H, int G, int T, int D, bool token_major) {
   return (token_major ? static_cast<int64_t>(t) * H * G + qh : qh * T + t) * D + d;
 }
 
-// qf[((h * G + g) * T + t) * D + d] = scale * q(query head h * G + g, token t, d).
-template <typename E>
-__global__ void PrepQueriesKernel(const E* q, float* qf, int H, int G, int T, int D, bool token_major, float scale) {
+// qf[((h * G + g) * T + t) * D + d] = scale * q(query head h * G + g, token t, d), as O
+// (fp32 for the decode kernels; the KV element type, scale 1, for prefill).
+template <typename E, typename O = float>
+__global__ void PrepQueriesKernel(const E* q, O* qf, int H, int G, int T, int D, bool token_major, float scale) {
   WaitForPrevious();
   LetDependentsLaunch();
   const int64_t n = static_cast<int64_t>(H) * G * T * D;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t row = i / D;  // (qh * T + t)
-    qf[i] = scale * LoadFloat(q + QueryIndex(row / T, static_cast<int>(row % T), static_cast<int>(i % D), H, G, T, D,
-                                             token_major));
+    qf[i] = FromFloat<O>(scale * LoadFloat(q + QueryIndex(row / T, static_cast<int>(row % T), static_cast<int>(i % D),
+                                                          H, G, T, D, token_major)));
   }
 }
 
@@ -119,12 +135,26 @@ __device__ inline void MergeMax(float& m, float& l, float om, float ol) {
   m = mm;
 }
 
+// (m, l) (+) (om, ol) for states l * 2^m.
+__device__ inline void MergeMax2(float& m, float& l, float om, float ol) {
+  const float mm = fmaxf(m, om);
+  l = (m == -INFINITY ? 0.f : l * exp2f(m - mm)) + (om == -INFINITY ? 0.f : ol * exp2f(om - mm));
+  m = mm;
+}
+
 // The warp's (max, sum) states merged: every lane ends with the whole warp's.
 __device__ inline void WarpMergeMax(float& m, float& l) {
   for (int off = 16; off > 0; off /= 2) {
     MergeMax(m, l, __shfl_xor_sync(0xffffffffu, m, off), __shfl_xor_sync(0xffffffffu, l, off));
   }
 }
+
+inline constexpr float kLog2e = 1.4426950408889634f;
+inline constexpr float kLn2 = 0.6931471805599453f;
+// Prefill's pass 2 sums 2^(log2 p + kPfMassShift) (gpu/prefill.cuh): p <= 1,
+// so a sum over at most 2^20 rows stays below 2^121; a probability below
+// 2^-226 (~1e-68) counts zero.
+inline constexpr float kPfMassShift = 100.f;
 
 inline constexpr int kScoreChunk = 64;  // clusters per block of the scoring kernel (its row-statistics chunk)
 inline constexpr int kScoreTpc = 8;     // threads per centroid
@@ -337,6 +367,17 @@ struct SelectParams {
   // The boundary bin's clusters the histogram rule ranks at most (more: the
   // radix select); below kMaxCandidates only in tests.
   uint32_t max_candidates = kMaxCandidates;
+  // Prefill (gpu/prefill.cuh): instead of scores, each cluster's sum of
+  // 2^(log2 p + kPfMassShift) per tile of rows,
+  // [H][G * pf_tiles_per_g][k_stride] (tiles g * pf_tiles_per_g .. of query
+  // head g); the fine stage of a hierarchical lookup reads the coarse keep
+  // masks (coarse_keep) through `parent`.
+  const float* pf_part = nullptr;
+  int pf_tiles_per_g = 0;
+  const uint32_t* parent = nullptr;
+  // The statistics count dot products per query: the keys kernel's counts
+  // are divided by this (T when it counts per query row, 1 for prefill).
+  uint32_t scored_div = 1;
 };
 
 inline size_t SelectStageBytes(int k_stride) { return static_cast<size_t>(k_stride) * (2 * sizeof(uint32_t) + 1); }
@@ -367,7 +408,7 @@ __global__ void __launch_bounds__(NT) KeysKernel(SelectParams p) {
   const uint32_t k = p.coarse ? m.k1 : m.k2;
   WaitForPrevious();
   LetDependentsLaunch();
-  for (int r = warp; r < R; r += NT / 32) {  // a warp per row: lanes over the partials
+  for (int r = warp; p.pf_part == nullptr && r < R; r += NT / 32) {  // a warp per row: lanes over the partials
     const float* pm = p.part_m + (static_cast<size_t>(h) * R + r) * p.n_parts;
     const float* pl = p.part_l + (static_cast<size_t>(h) * R + r) * p.n_parts;
     float mm = -INFINITY, ll = 0.f;
@@ -379,7 +420,38 @@ __global__ void __launch_bounds__(NT) KeysKernel(SelectParams p) {
   const uint32_t j = blockIdx.x * kChunkClusters + threadIdx.x;
   const float* scores = p.scores + static_cast<size_t>(h) * R * p.k_stride;
   uint32_t weight = 0, scored = 0;
-  if (j < k) {
+  if (j < k && p.pf_part != nullptr) {
+    // Prefill: the rows' partials per tile. Budget: log of sum_r p_rj over
+    // every tile; threshold: per query head g, its tiles' sum over T.
+    const uint32_t size = p.sizes[(p.coarse ? m.coarse_base : m.fine_base) + j];
+    const uint32_t all = (1u << p.G) - 1u;
+    const uint32_t reach = p.parent == nullptr
+                               ? all
+                               : p.coarse_keep[static_cast<size_t>(h) * p.k1_stride + p.parent[m.fine_base + j]] & all;
+    scored = __popc(reach);  // per query token: the query heads that score j
+    const float* part = p.pf_part + static_cast<size_t>(h) * p.G * p.pf_tiles_per_g * p.k_stride + j;
+    if (p.mode == 1) {
+      float ll = 0.f;
+      for (int i = 0; i < p.G * p.pf_tiles_per_g; ++i) ll += part[static_cast<size_t>(i) * p.k_stride];
+      uint32_t key = 0;
+      if (reach != 0) {  // (a mass below the shifted sum's range: -inf, still a candidate)
+        const float x = ll > 0.f ? (log2f(ll) - kPfMassShift) * kLn2 : -INFINITY;
+        key = OrderKey(x);
+        weight = size;
+        if (p.hist != nullptr) atomicAdd(p.hist + static_cast<size_t>(h) * kKeyBins + KeyBin(x, p.bin_lo), size);
+      }
+      p.keys[static_cast<size_t>(h) * p.k_stride + j] = key;
+    } else {
+      uint8_t bits = 0;
+      for (int g = 0; g < p.G; ++g) {
+        float pm = 0.f;
+        for (int i = g * p.pf_tiles_per_g; i < (g + 1) * p.pf_tiles_per_g; ++i)
+          pm += part[static_cast<size_t>(i) * p.k_stride];
+        if (pm * exp2f(-kPfMassShift) / p.T > p.tau) bits |= static_cast<uint8_t>(1u << g);
+      }
+      p.flags[static_cast<size_t>(h) * p.k_stride + j] = bits;
+    }
+  } else if (j < k) {
     const uint32_t size = p.sizes[(p.coarse ? m.coarse_base : m.fine_base) + j];
     if (p.mode == 1) {
       // log of sum_r p_rj (the mean's order), over the rows that reach j.
@@ -795,7 +867,7 @@ __global__ void __launch_bounds__(NT) SelectKernel(SelectParams p) {
     uint32_t* st = p.stats + h * kStatCount;
     // Scored, as the CPU counts it: dot products of the G * T rows with the
     // clusters they reach, per query (/ T); plus the coarse stage's.
-    st[kStatScored] = (p.hierarchical ? st[kStatScored] : 0u) + scored / p.T;
+    st[kStatScored] = (p.hierarchical ? st[kStatScored] : 0u) + scored / p.scored_div;
     st[kStatKept] = kept;
     st[kStatSegments] = total_segs;
     st[kStatHeadRows] = head_rows;

@@ -24,6 +24,7 @@
 #include <cstdint>
 
 #include "launch.cuh"
+#include "select.cuh"
 
 namespace sqz::gpu {
 
@@ -283,21 +284,6 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, NR <= 4 ? 4 : 2) SparseDeco
       p.part_l[part] = ll;
     }
   }
-}
-
-template <typename O>
-__device__ inline O FromFloat(float x);
-template <>
-__device__ inline float FromFloat<float>(float x) {
-  return x;
-}
-template <>
-__device__ inline __half FromFloat<__half>(float x) {
-  return __float2half_rn(x);
-}
-template <>
-__device__ inline __nv_bfloat16 FromFloat<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
 }
 
 // Grid (H * rows, D / 32), kMergeWarps warps: block (row, c) merges the

@@ -225,8 +225,11 @@ class ContextHandle {
 
   // Device call (GPU handles). Workspace bytes for T queries and `options`.
   // A CPU handle returns NotSupported; so does a GPU handle for what the GPU
-  // engine does not take yet: T > 64 / G (prefill), GqaPolicy::kPerHead,
-  // per-query selection with T > 1 (Attend runs those on the CPU).
+  // engine does not take yet: T > 2^20 / G, GqaPolicy::kPerHead, per-query
+  // selection with T > 1 (Attend runs those on the CPU). Above 64 / G
+  // queries (prefill) the call runs on tensor cores, with the queries and
+  // softmax weights rounded to the context's 16-bit type
+  // (docs/SEMANTICS.md).
   virtual Status DeviceWorkspaceBytes(int T, const QueryOptions& options, size_t* bytes) const;
   // Enqueues the call; argument errors are returned before anything is
   // enqueued. The workspace must not be used by another call in flight.

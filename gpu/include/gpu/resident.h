@@ -33,6 +33,11 @@
 
 namespace sqz::gpu {
 
+// Calls with more query rows per KV head (G * T) than this take the prefill
+// kernels (gpu/prefill.cuh): tensor cores, with the queries, the centroids
+// and the softmax weights rounded to the context's 16-bit element type.
+inline constexpr int kDecodeMaxRows = 64;
+
 struct ResidentShape {
   int n_layers = 0;
   int n_heads = 0;  // served KV heads
@@ -109,7 +114,8 @@ class ResidentKv {
   virtual Status SetIndex(int layer, int head, const HeadIndexHost& index) = 0;
   virtual Status FinishIndex() = 0;
 
-  // Largest T Attend takes (G * T query rows per KV head <= 64).
+  // Largest T Attend takes (G * T query rows per KV head <= 2^20; above
+  // kDecodeMaxRows the prefill kernels).
   virtual int MaxT() const = 0;
   // Workspace bytes of a call with T queries under `config`.
   virtual Status WorkspaceBytes(int T, const SelectConfig& config, size_t* bytes) const = 0;
