@@ -3,13 +3,14 @@
 # scripts/stage_device.sh made here (carried as .device/): the GPU tests
 # (default, and under each switch that selects another kernel path), the
 # library's allocation-failure test, compute-sanitizer memcheck and racecheck,
-# and the benchmark against PyTorch SDPA and FlexAttention. Writes everything
+# and the benchmark against PyTorch SDPA and FlexAttention (decode, and prefill
+# with T = 2048). Writes everything
 # to one results file and prints its summary.
 #
 #   scripts/gpu_check.sh [RESULTS_FILE] [--quick]    # --quick: tests only
 #
 # (With the device tool: command "scripts/gpu_check.sh $OUT/gpu_check.txt",
-# carry .device; about 5 minutes in all, the benchmark ~3.5 of them.)
+# carry .device; about 7 minutes in all, the benchmark ~4.5 of them.)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=${1:-gpu_check.txt}
@@ -44,7 +45,7 @@ if [ $QUICK -eq 0 ]; then
   step "racecheck" compute-sanitizer --tool racecheck --error-exitcode 1 $T \
     --gtest_filter='GpuEngineTest.LlamaShapesBF16:GpuEngineTest.TinyAndHugeClusters:GpuEngineTest.MhaOddPagesEmptySelection'
   step "benchmark" python3 "$ROOT/bench/gpu_compare.py" --sqctl /tmp/sqz/bin/sqctl --gpu-bench /tmp/sqz/bin/gpu_bench \
-    --tokens 32768,131072 --iters 2
+    --tokens 32768,131072 --iters 2 --prefill-T 2048
   sed -n '/^# summary/,$p' "$RESULTS"
 fi
 echo "results: $RESULTS"
