@@ -49,10 +49,10 @@
 namespace sqz::gpu {
 
 inline constexpr int kMaxPrefillRows = 1 << 20;  // query rows per KV head (G * T) a call takes
-inline constexpr int kPfWarps = 4;                 // warps per block (8 measured 2.6x slower: one block per SM)
-inline constexpr int kPfMTiles = 2;                // m16 tiles of query rows per warp
+inline constexpr int kPfWarps = 4;               // warps per block (8 measured 2.6x slower: one block per SM)
+inline constexpr int kPfMTiles = 2;              // m16 tiles of query rows per warp
 inline constexpr int kPfRowsPerWarp = 16 * kPfMTiles;
-inline constexpr int kPfTile = 64;                 // keys or centroids per pipeline stage
+inline constexpr int kPfTile = 64;  // keys or centroids per pipeline stage
 
 // ---- tensor-core building blocks (sm_80+ instructions) ----
 
@@ -357,9 +357,9 @@ __global__ void __launch_bounds__(W * 32) PrefillScoreKernel(PrefillScoreParams 
 // attended row a of head h (a warp per segment).
 inline constexpr int kRowListBlocks = 32;
 template <int Unused = 0>
-__global__ void __launch_bounds__(256) RowListKernel(const uint32_t* seg_first, const uint32_t* seg_before,
-                                                     int seg_stride, const uint32_t* stats, uint32_t* rowlist,
-                                                     size_t list_stride) {
+__global__ void __launch_bounds__(256)
+    RowListKernel(const uint32_t* seg_first, const uint32_t* seg_before, int seg_stride, const uint32_t* stats,
+                  uint32_t* rowlist, size_t list_stride) {
   const int h = blockIdx.x, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   WaitForPrevious();
   LetDependentsLaunch();

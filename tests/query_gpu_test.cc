@@ -20,8 +20,9 @@
 //   CPU's (16-bit centroids: near-boundary clusters trade places; a coarse
 //   cluster carries its children), the GPU's answer is as close to dense
 //   attention as the CPU's (relative L2 over the head's rows at most
-//   1.25x + 0.02 of the CPU's), flat selections differ by at most
-//   max(64, 10% of both) rows, and at most half of the heads differ;
+//   1.25x + 0.02 of the CPU's), the sets differ by at most max(64, 25%
+//   (flat) / 40% (hierarchical) of both) rows (a large cluster at the
+//   boundary trades places whole), and at most half of the heads differ;
 // - the device call: q / o in F32, F16, BF16, head- and token-major, LSE
 //   natural and base 2, against the host call (O within the output dtype's
 //   rounding); captured in a CUDA graph and replayed: bitwise the same;
@@ -264,9 +265,9 @@ class GpuEngineTest : public ::testing::Test {
             if (prefill) {
               // 16-bit scores: clusters near the boundary may trade places;
               // what they carry is little mass.
-              if (!qo.hierarchical) {
-                EXPECT_LE(one, std::max<int64_t>(64, (rc + rg) / 10)) << what << " head " << h;
-              }
+              // (A random selection of the same size: ~85% of both in one only.)
+              const int64_t pct = qo.hierarchical ? 40 : 25;
+              EXPECT_LE(one, std::max<int64_t>(64, (rc + rg) * pct / 100)) << what << " head " << h;
               if (oc.empty()) {
                 oc.resize(q.size());
                 lc.resize(lg.size());
