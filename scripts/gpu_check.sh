@@ -7,15 +7,16 @@
 # with T = 2048). Writes everything
 # to one results file and prints its summary.
 #
-#   scripts/gpu_check.sh [RESULTS_FILE] [--quick]    # --quick: tests only
-#
-# (With the device tool: command "scripts/gpu_check.sh $OUT/gpu_check.txt",
-# carry .device; about 7 minutes in all, the benchmark ~4.5 of them.)
+#   scripts/gpu_check.sh [RESULTS_FILE] [--quick | --sanitize | --bench]
+#     --quick: the tests only (~2.5 minutes); --sanitize: memcheck and
+#     racecheck (~3 minutes); --bench: the benchmark (~5 minutes); none:
+#     all three (~11 minutes: longer than one device command may run, so
+#     with the device tool run the three modes as three commands, carry
+#     .device, e.g. "scripts/gpu_check.sh $OUT/tests.txt --quick").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=${1:-gpu_check.txt}
-QUICK=0
-[ "${2:-}" = "--quick" ] && QUICK=1
+MODE=${2:-all}
 ROOT=$PWD
 mkdir -p /tmp/sqz && tar -C /tmp/sqz -xzf .device/bundle.tar.gz || { echo "no .device/bundle.tar.gz" >&2; exit 1; }
 export LD_LIBRARY_PATH=/tmp/sqz/lib SQZ_SQCTL=/tmp/sqz/bin/sqctl SQZ_ALLOC_SHIM=/tmp/sqz/lib/libsqz_alloc_fail_shim.so
@@ -33,6 +34,7 @@ step() {  # step NAME COMMAND...: runs it in /tmp, its output appended to the re
   [ $rc -eq 0 ] || fail=1
 }
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader >> "$RESULTS" 2>&1
+if [ "$MODE" = all ] || [ "$MODE" = --quick ]; then
 step "GPU tests" $T --gtest_filter='Gpu*:LibraryAllocationFailure*'
 step "GPU tests, SQZ_GPU_SELECT_RADIX=1" env SQZ_GPU_SELECT_RADIX=1 $T --gtest_filter='Gpu*'
 step "GPU tests, SQZ_GPU_SELECT_CANDIDATES=0" env SQZ_GPU_SELECT_CANDIDATES=0 $T --gtest_filter='Gpu*'
@@ -40,10 +42,13 @@ step "GPU tests, SQZ_GPU_SELECT_UNSTAGED=1" env SQZ_GPU_SELECT_UNSTAGED=1 $T --g
 step "GPU tests, SQZ_GPU_PDL=0" env SQZ_GPU_PDL=0 $T --gtest_filter='Gpu*'
 step "GPU tests, SQZ_GPU_SEGMENTS_UNSTAGED=1" env SQZ_GPU_SEGMENTS_UNSTAGED=1 $T --gtest_filter='Gpu*'
 grep -h "differ from the CPU" "$RESULTS" | sort | uniq -c | sed 's/^/  /'
-if [ $QUICK -eq 0 ]; then
+fi
+if [ "$MODE" = all ] || [ "$MODE" = --sanitize ]; then
   step "memcheck" compute-sanitizer --tool memcheck --error-exitcode 1 $T --gtest_filter='Gpu*'
   step "racecheck" compute-sanitizer --tool racecheck --error-exitcode 1 $T \
     --gtest_filter='GpuEngineTest.LlamaShapesBF16:GpuEngineTest.TinyAndHugeClusters:GpuEngineTest.MhaOddPagesEmptySelection'
+fi
+if [ "$MODE" = all ] || [ "$MODE" = --bench ]; then
   step "benchmark" python3 "$ROOT/bench/gpu_compare.py" --sqctl /tmp/sqz/bin/sqctl --gpu-bench /tmp/sqz/bin/gpu_bench \
     --tokens 32768,131072 --iters 2 --prefill-T 2048
   sed -n '/^# summary/,$p' "$RESULTS"
