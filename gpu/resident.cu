@@ -473,7 +473,6 @@ class ResidentKvImpl final : public ResidentKv {
     sc.part_m = reinterpret_cast<float*>(ws + w.part_m);
     sc.part_l = reinterpret_cast<float*>(ws + w.part_l);
     sc.hist = sp.hist;
-    const double n = static_cast<double>(shape_.n_clustered);
     if (cfg.mode == 0) {
       SQZ_CUDA_TRY(LaunchPrep(c, qf, H, G, D, cfg.scale, s), "launching the query conversion");
       SQZ_CUDA_TRY(LaunchKernel(pdl_, DenseSelectKernel<0>, dim3(H), dim3(32), 0, s, sp),
@@ -484,12 +483,7 @@ class ResidentKvImpl final : public ResidentKv {
         sc.centroids = d_coarse_cent_;
         sc.sizes = d_coarse_size_;
         SQZ_CUDA_TRY(LaunchScore(sc, k1_max_, c.dtype, s, false), "launching the coarse scoring");
-        SelectParams cs = sp;
-        cs.coarse = true;
-        cs.sizes = d_coarse_size_;
-        cs.target = std::min(1.0, cfg.coarse_budget_factor * cfg.budget) * n;
-        cs.tau = cfg.tau_coarse;
-        SQZ_CUDA_TRY(LaunchSelect(cs, k1_max_, s), "launching the coarse selection");
+        SQZ_CUDA_TRY(LaunchLevelSelect(sp, cfg, true, s), "launching the coarse selection");
         sc.parent = d_fine_parent_;
         sc.coarse_keep = sp.coarse_keep;
         sc.k1_stride = sp.k1_stride;
@@ -498,11 +492,7 @@ class ResidentKvImpl final : public ResidentKv {
       sc.centroids = d_fine_cent_;
       sc.sizes = d_fine_size_;
       SQZ_CUDA_TRY(LaunchScore(sc, k2_max_, c.dtype, s, cfg.hierarchical && pdl_), "launching the centroid scoring");
-      sp.sizes = d_fine_size_;
-      sp.hierarchical = cfg.hierarchical;
-      sp.target = cfg.budget * n;
-      sp.tau = cfg.hierarchical ? cfg.tau_fine : cfg.tau_flat;
-      SQZ_CUDA_TRY(LaunchSelect(sp, k2_max_, s), "launching the selection");
+      SQZ_CUDA_TRY(LaunchLevelSelect(sp, cfg, false, s), "launching the selection");
     }
 
     // 2. Attention over the segments, and the merge into O / LSE.
@@ -559,7 +549,6 @@ class ResidentKvImpl final : public ResidentKv {
     ps.k_stride = sp.k_stride;
     ps.tiles_per_g = w.tiles_per_g;
     ps.hist = sp.hist;
-    const double n = static_cast<double>(shape_.n_clustered);
     if (cfg.mode == 0) {
       SQZ_CUDA_TRY(LaunchKernel(pdl_, DenseSelectKernel<0>, dim3(H), dim3(32), 0, s, sp),
                    "launching the dense selection");
@@ -570,12 +559,7 @@ class ResidentKvImpl final : public ResidentKv {
         ps.sizes = d_coarse_size_;
         SQZ_CUDA_TRY(LaunchPrefillScore(ps, false, s), "launching the coarse scoring");
         SQZ_CUDA_TRY(LaunchPrefillScore(ps, true, s), "launching the coarse scoring");
-        SelectParams cs = sp;
-        cs.coarse = true;
-        cs.sizes = d_coarse_size_;
-        cs.target = std::min(1.0, cfg.coarse_budget_factor * cfg.budget) * n;
-        cs.tau = cfg.tau_coarse;
-        SQZ_CUDA_TRY(LaunchSelect(cs, k1_max_, s), "launching the coarse selection");
+        SQZ_CUDA_TRY(LaunchLevelSelect(sp, cfg, true, s), "launching the coarse selection");
         ps.parent = d_fine_parent_;
         ps.coarse_keep = sp.coarse_keep;
         ps.k1_stride = sp.k1_stride;
@@ -586,11 +570,7 @@ class ResidentKvImpl final : public ResidentKv {
       ps.sizes = d_fine_size_;
       SQZ_CUDA_TRY(LaunchPrefillScore(ps, false, s), "launching the centroid scoring");
       SQZ_CUDA_TRY(LaunchPrefillScore(ps, true, s), "launching the centroid scoring");
-      sp.sizes = d_fine_size_;
-      sp.hierarchical = cfg.hierarchical;
-      sp.target = cfg.budget * n;
-      sp.tau = cfg.hierarchical ? cfg.tau_fine : cfg.tau_flat;
-      SQZ_CUDA_TRY(LaunchSelect(sp, k2_max_, s), "launching the selection");
+      SQZ_CUDA_TRY(LaunchLevelSelect(sp, cfg, false, s), "launching the selection");
     }
     uint32_t* rowlist = reinterpret_cast<uint32_t*>(ws + w.rowlist);
     SQZ_CUDA_TRY(LaunchKernel(pdl_, RowListKernel<0>, dim3(H, kRowListBlocks), dim3(256), 0, s, sp.seg_first,
@@ -752,6 +732,25 @@ class ResidentKvImpl final : public ResidentKv {
     const int per_sm = R <= 4 ? 4 : 2;
     const int wave = std::max(1, per_sm * sm_count_ / (H * chunks));
     return std::max(1, std::min({wave, kMaxSplits, static_cast<int>(std::ceil(rows / 64.0))}));
+  }
+
+  // One level's rule (coarse: the coarse clusters, the budget times the
+  // coarse factor, tau_coarse; fine: after a coarse stage when
+  // hierarchical), then its keys and select kernels.
+  cudaError_t LaunchLevelSelect(SelectParams sp, const SelectConfig& cfg, bool coarse, cudaStream_t s) const {
+    const double n = static_cast<double>(shape_.n_clustered);
+    if (coarse) {
+      sp.coarse = true;
+      sp.sizes = d_coarse_size_;
+      sp.target = std::min(1.0, cfg.coarse_budget_factor * cfg.budget) * n;
+      sp.tau = cfg.tau_coarse;
+      return LaunchSelect(sp, k1_max_, s);
+    }
+    sp.sizes = d_fine_size_;
+    sp.hierarchical = cfg.hierarchical;
+    sp.target = cfg.budget * n;
+    sp.tau = cfg.hierarchical ? cfg.tau_fine : cfg.tau_flat;
+    return LaunchSelect(sp, k2_max_, s);
   }
 
   // Selection of one level after its scoring: the keys per chunk of clusters
