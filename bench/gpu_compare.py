@@ -77,6 +77,35 @@ def run(cmd):
     return r.stdout
 
 
+def flex_time(q, k, v, out, budget, iters):
+    """FlexAttention (torch.compile) keeping `budget` of each KV head's
+    128-token blocks: those with the highest mean key score against the
+    group's mean query (over heads and tokens; chosen outside the timing,
+    which favours FlexAttention). q [1, 32, T, 128], k / v [1, 8, N, 128].
+    Returns (us per call, keys kept per KV head)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    blk, n, T = 128, k.shape[2], q.shape[2]
+    nb = n // blk
+    keep = max(1, int(round(nb * budget)))
+    kb = k[0].float().reshape(8, nb, blk, 128).mean(2)  # [8, nb, 128]
+    qg = q[0].float().mean(1).reshape(8, 4, 128).mean(1)  # [8, 128]
+    top = torch.einsum("hbd,hd->hb", kb, qg).topk(keep, dim=1).indices
+    table = torch.zeros(8, nb, dtype=torch.bool, device=q.device)
+    table.scatter_(1, top, True)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return table[h // 4, kv_idx // blk]
+
+    bm = create_block_mask(mask_mod, 1, 32, T, n, device=q.device, BLOCK_SIZE=blk)
+    flex = torch.compile(flex_attention, dynamic=False)
+
+    def fx():
+        out.copy_(flex(q, k, v, block_mask=bm, enable_gqa=True))
+
+    return time_graph(fx, iters), keep * blk
+
+
 def matmul_tflops(dev, n=8192, iters=20):
     """bf16 n^3 matrix product rate on this GPU (the prefill floor's rate)."""
     x = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
@@ -118,29 +147,9 @@ def prefill(a, n, db, k, v, dev):
     print(json.dumps(r))
     out_rows.append(r)
     try:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-        blk = 128
-        nb = n // blk
-        keep = max(1, int(round(nb * a.budget)))
-        kb = k[0].float().reshape(8, nb, blk, 128).mean(2)
-        qg = q[0].float().mean(1).reshape(8, 4, 128).mean(1)
-        top = torch.einsum("hbd,hd->hb", kb, qg).topk(keep, dim=1).indices
-        table = torch.zeros(8, nb, dtype=torch.bool, device=dev)
-        table.scatter_(1, top, True)
-
-        def mask_mod(b, h, q_idx, kv_idx):
-            return table[h // 4, kv_idx // blk]
-
-        bm = create_block_mask(mask_mod, 1, 32, T, n, device=dev, BLOCK_SIZE=blk)
-        flex = torch.compile(flex_attention, dynamic=False)
-
-        def fx():
-            out.copy_(flex(q, k, v, block_mask=bm, enable_gqa=True))
-
-        us = time_graph(fx, 10)
+        us, kept = flex_time(q, k, v, out, a.budget, 10)
         r = {"what": "torch", "N": n, "T": T, "prefill": True, "method": "flex_block_mask", "budget": a.budget,
-             "us": us, "TFLOPs": 4.0 * 32 * T * keep * blk * 128 / us / 1e6}
+             "us": us, "TFLOPs": 4.0 * 32 * T * kept * 128 / us / 1e6}
     except Exception as e:  # report, do not hide
         r = {"what": "torch", "N": n, "T": T, "prefill": True, "method": "flex_block_mask", "error": repr(e)[:300]}
     print(json.dumps(r))
@@ -196,29 +205,7 @@ def main():
         rows.append(r)
 
         try:
-            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-            blk = 128
-            nb = n // blk
-            keep = max(1, int(round(nb * a.budget)))
-            # Blocks by mean key score of the group's mean query (outside the timing).
-            kb = k[0].float().reshape(8, nb, blk, 128).mean(2)  # [8, nb, 128]
-            qg = q[0, :, 0].float().reshape(8, 4, 128).mean(1)  # [8, 128]
-            score = torch.einsum("hbd,hd->hb", kb, qg)
-            top = score.topk(keep, dim=1).indices
-            table = torch.zeros(8, nb, dtype=torch.bool, device=dev)
-            table.scatter_(1, top, True)
-
-            def mask_mod(b, h, q_idx, kv_idx):
-                return table[h // 4, kv_idx // blk]
-
-            bm = create_block_mask(mask_mod, 1, 32, 1, n, device=dev, BLOCK_SIZE=blk)
-            flex = torch.compile(flex_attention, dynamic=False)
-
-            def fx():
-                out.copy_(flex(q, k, v, block_mask=bm, enable_gqa=True))
-
-            us_flex = time_graph(fx)
+            us_flex, _ = flex_time(q, k, v, out, a.budget, 200)
             r = {"what": "torch", "N": n, "method": "flex_block_mask", "budget": a.budget, "us": us_flex}
         except Exception as e:  # report, do not hide
             r = {"what": "torch", "N": n, "method": "flex_block_mask", "error": repr(e)[:300]}

@@ -154,6 +154,24 @@ __device__ inline void WarpDot(const void* a, int row0, const void* b, float (&s
   }
 }
 
+// Scales row half hh (lane / 4 + 8 hh) of m-tile i of the warp's scores to
+// log2 units, -inf where keep(column) is false, and returns their max with m.
+template <typename Keep>
+__device__ inline float ScaleMaskMax(float (&s)[kPfMTiles][kPfTile / 8][4], int i, int hh, float scale, float m,
+                                     int lane, Keep&& keep) {
+#pragma unroll
+  for (int n = 0; n < kPfTile / 8; ++n) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int col = n * 8 + 2 * (lane % 4) + e;
+      float& x = s[i][n][2 * hh + e];
+      x = keep(col) ? x * scale : -INFINITY;
+      m = fmaxf(m, x);
+    }
+  }
+  return m;
+}
+
 // The block's query rows: rows t0 .. t0 + rows - 1 of one query head (q16
 // points at its row 0), zero past T, into a [rows][stride] tile.
 template <int D>
@@ -277,17 +295,8 @@ __global__ void __launch_bounds__(W * 32) PrefillScoreKernel(PrefillScoreParams 
         for (int i = 0; i < kM; ++i) {
 #pragma unroll
           for (int hh = 0; hh < 2; ++hh) {
-            float nm = mx[i][hh];
-#pragma unroll
-            for (int n = 0; n < kPfTile / 8; ++n) {
-#pragma unroll
-              for (int e = 0; e < 2; ++e) {
-                const bool reach = size[n * 8 + 2 * (lane % 4) + e] >= 0.f;
-                float& x = s[i][n][2 * hh + e];
-                x = reach ? x * p.scale_log2 : -INFINITY;
-                nm = fmaxf(nm, x);
-              }
-            }
+            const float nm =
+                ScaleMaskMax(s, i, hh, p.scale_log2, mx[i][hh], lane, [&](int col) { return size[col] >= 0.f; });
             const float u = nm == -INFINITY ? 0.f : nm;
             float l = sum[i][hh] * exp2f(mx[i][hh] - u);
 #pragma unroll
@@ -471,16 +480,7 @@ __global__ void __launch_bounds__(W * 32, 2) PrefillAttendKernel(PrefillAttendPa
     for (int i = 0; i < kM; ++i) {
 #pragma unroll
       for (int hh = 0; hh < 2; ++hh) {
-        float nm = mx[i][hh];
-#pragma unroll
-        for (int c = 0; c < kPfTile / 8; ++c) {
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            float& x = s[i][c][2 * hh + e];
-            x = a0 + c * 8 + 2 * (lane % 4) + e < n ? x * p.scale_log2 : -INFINITY;
-            nm = fmaxf(nm, x);
-          }
-        }
+        float nm = ScaleMaskMax(s, i, hh, p.scale_log2, mx[i][hh], lane, [&](int col) { return a0 + col < n; });
         nm = fmaxf(nm, __shfl_xor_sync(0xffffffffu, nm, 1));
         nm = fmaxf(nm, __shfl_xor_sync(0xffffffffu, nm, 2));
         const float u = nm == -INFINITY ? 0.f : nm;

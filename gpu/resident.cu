@@ -49,7 +49,7 @@ struct WsLayout {
   // Prefill (G * T > kMaxSelectRows): the queries as the KV element type,
   // the rows' log2-denominators, the scoring tiles' partials per cluster and
   // the attended rows' stored rows (qf, scores, part_m / part_l and part
-  // are then empty).
+  // are then not laid out).
   size_t q16 = 0, row_lse = 0, pf_part = 0, rowlist = 0;
   bool prefill = false;
   int splits = 1, rows = 0, tiles_per_g = 0;
@@ -107,25 +107,18 @@ cudaError_t LaunchPrep(const DeviceCall& c, float* qf, int H, int G, int D, floa
 template <int N>
 using Int = std::integral_constant<int, N>;
 template <typename F>
-cudaError_t WithPrefillShape(DType kv, int D, F&& f) {
+cudaError_t WithKvShape(DType kv, int D, F&& f) {
   auto with_t = [&](auto t) { return D == 64 ? f(t, Int<64>{}) : f(t, Int<128>{}); };
   return kv == DType::kF16 ? with_t(__half{}) : with_t(__nv_bfloat16{});
 }
 
-template <typename T, int D>
-cudaError_t LaunchDecodeAs(const DecodeParams& p, const DecodeOutput& out, DType o_type, cudaStream_t s, bool pdl) {
-  return WithElement(o_type, [&](auto o) { return LaunchSparseDecode<T, D, decltype(o)>(p, out, s, pdl); });
-}
-
 cudaError_t LaunchDecodeAny(const DecodeParams& p, const DecodeOutput& out, DType kv, int D, DType o_type,
                             cudaStream_t s, bool pdl) {
-  const bool half = kv == DType::kF16;
-  if (D == 64) {
-    return half ? LaunchDecodeAs<__half, 64>(p, out, o_type, s, pdl)
-                : LaunchDecodeAs<__nv_bfloat16, 64>(p, out, o_type, s, pdl);
-  }
-  return half ? LaunchDecodeAs<__half, 128>(p, out, o_type, s, pdl)
-              : LaunchDecodeAs<__nv_bfloat16, 128>(p, out, o_type, s, pdl);
+  return WithKvShape(kv, D, [&](auto t, auto d) {
+    return WithElement(o_type, [&](auto o) {
+      return LaunchSparseDecode<decltype(t), decltype(d)::value, decltype(o)>(p, out, s, pdl);
+    });
+  });
 }
 
 class ResidentKvImpl final : public ResidentKv {
@@ -321,11 +314,8 @@ class ResidentKvImpl final : public ResidentKv {
       return Status::InvalidArgument("GPU engine: bad selection config");
     }
     const int H = shape_.n_heads, D = shape_.head_dim, R = shape_.group * T;
-    const int64_t n_tokens = shape_.n_clustered + shape_.n_always;
-    double est = static_cast<double>(n_tokens);
-    if (c.mode == 1) est = std::min(est, std::max(0.0, c.budget) * 1.25 * shape_.n_clustered + shape_.n_always);
     w->prefill = Prefill(T);
-    w->splits = w->prefill ? 1 : Splits(H, R, est);
+    w->splits = w->prefill ? 1 : Splits(H, R, ExpectedRows(c));
     w->rows = R;
     const size_t ks = KStride();
     size_t off = 0;
@@ -333,6 +323,18 @@ class ResidentKvImpl final : public ResidentKv {
       *field = off;
       off += Align(std::max<size_t>(bytes, 1));
     };
+    // The selection's arrays (both paths).
+    take(&w->keys, static_cast<size_t>(H) * ks * 4);
+    take(&w->flags, static_cast<size_t>(H) * ks);
+    take(&w->coarse_keep, static_cast<size_t>(H) * K1Stride());
+    take(&w->seg_first, static_cast<size_t>(H) * SegStride() * 4);
+    take(&w->seg_before, static_cast<size_t>(H) * SegStride() * 4);
+    take(&w->stats, static_cast<size_t>(H) * kStatCount * 4);
+    const size_t chunks = (ks + kChunkClusters - 1) / kChunkClusters;
+    take(&w->chunk_weight, static_cast<size_t>(H) * chunks * 4);
+    take(&w->chunk_scored, static_cast<size_t>(H) * chunks * 4);
+    take(&w->hist, c.mode == 1 ? static_cast<size_t>(H) * kKeyBins * 4 : 0);
+    take(&w->split_seg, static_cast<size_t>(H) * w->splits * 4);
     if (w->prefill) {
       const int rt = PrefillRowsPerBlock();
       w->tiles_per_g = (T + rt - 1) / rt;
@@ -340,38 +342,23 @@ class ResidentKvImpl final : public ResidentKv {
       take(&w->row_lse, static_cast<size_t>(H) * R * 4);
       take(&w->pf_part, c.mode == 0 ? 0 : static_cast<size_t>(H) * shape_.group * w->tiles_per_g * ks * 4);
       take(&w->rowlist, static_cast<size_t>(H) * ListStride() * 4);
-      take(&w->keys, static_cast<size_t>(H) * ks * 4);
-      take(&w->flags, static_cast<size_t>(H) * ks);
-      take(&w->coarse_keep, static_cast<size_t>(H) * K1Stride());
-      take(&w->seg_first, static_cast<size_t>(H) * SegStride() * 4);
-      take(&w->seg_before, static_cast<size_t>(H) * SegStride() * 4);
-      take(&w->stats, static_cast<size_t>(H) * kStatCount * 4);
-      const size_t chunks = (ks + kChunkClusters - 1) / kChunkClusters;
-      take(&w->chunk_weight, static_cast<size_t>(H) * chunks * 4);
-      take(&w->chunk_scored, static_cast<size_t>(H) * chunks * 4);
-      take(&w->hist, c.mode == 1 ? static_cast<size_t>(H) * kKeyBins * 4 : 0);
-      take(&w->split_seg, static_cast<size_t>(H) * 4);
-      w->total = off;
-      return Status::OK();
+    } else {
+      const size_t parts = (ks + kScoreChunk - 1) / kScoreChunk;
+      take(&w->qf, static_cast<size_t>(H) * R * D * 4);
+      take(&w->scores, static_cast<size_t>(H) * R * ks * 4);
+      take(&w->part_m, static_cast<size_t>(H) * R * parts * 4);
+      take(&w->part_l, static_cast<size_t>(H) * R * parts * 4);
+      take(&w->part, DecodeWorkspaceFloats(H, R, D, w->splits) * 4);
     }
-    take(&w->qf, static_cast<size_t>(H) * R * D * 4);
-    take(&w->scores, static_cast<size_t>(H) * R * ks * 4);
-    take(&w->keys, static_cast<size_t>(H) * ks * 4);
-    take(&w->flags, static_cast<size_t>(H) * ks);
-    take(&w->coarse_keep, static_cast<size_t>(H) * K1Stride());
-    take(&w->seg_first, static_cast<size_t>(H) * SegStride() * 4);
-    take(&w->seg_before, static_cast<size_t>(H) * SegStride() * 4);
-    take(&w->stats, static_cast<size_t>(H) * kStatCount * 4);
-    const size_t chunks = (ks + kChunkClusters - 1) / kChunkClusters, parts = (ks + kScoreChunk - 1) / kScoreChunk;
-    take(&w->part_m, static_cast<size_t>(H) * R * parts * 4);
-    take(&w->part_l, static_cast<size_t>(H) * R * parts * 4);
-    take(&w->chunk_weight, static_cast<size_t>(H) * chunks * 4);
-    take(&w->chunk_scored, static_cast<size_t>(H) * chunks * 4);
-    take(&w->hist, c.mode == 1 ? static_cast<size_t>(H) * kKeyBins * 4 : 0);
-    take(&w->split_seg, static_cast<size_t>(H) * w->splits * 4);
-    take(&w->part, DecodeWorkspaceFloats(H, R, D, w->splits) * 4);
     w->total = off;
     return Status::OK();
+  }
+
+  // Rows a call is expected to attend per head (the decode split count's guide).
+  double ExpectedRows(const SelectConfig& c) const {
+    const double all = static_cast<double>(shape_.n_clustered + shape_.n_always);
+    if (c.mode != 1) return all;
+    return std::min(all, std::max(0.0, c.budget) * 1.25 * shape_.n_clustered + shape_.n_always);
   }
 
   Status WorkspaceBytes(int T, const SelectConfig& config, size_t* bytes) const override {
@@ -478,21 +465,11 @@ class ResidentKvImpl final : public ResidentKv {
       SQZ_CUDA_TRY(LaunchKernel(pdl_, DenseSelectKernel<0>, dim3(H), dim3(32), 0, s, sp),
                    "launching the dense selection");
     } else {
-      if (cfg.hierarchical) {
-        sc.coarse = true;
-        sc.centroids = d_coarse_cent_;
-        sc.sizes = d_coarse_size_;
-        SQZ_CUDA_TRY(LaunchScore(sc, k1_max_, c.dtype, s, false), "launching the coarse scoring");
-        SQZ_CUDA_TRY(LaunchLevelSelect(sp, cfg, true, s), "launching the coarse selection");
-        sc.parent = d_fine_parent_;
-        sc.coarse_keep = sp.coarse_keep;
-        sc.k1_stride = sp.k1_stride;
-      }
-      sc.coarse = false;
-      sc.centroids = d_fine_cent_;
-      sc.sizes = d_fine_size_;
-      SQZ_CUDA_TRY(LaunchScore(sc, k2_max_, c.dtype, s, cfg.hierarchical && pdl_), "launching the centroid scoring");
-      SQZ_CUDA_TRY(LaunchLevelSelect(sp, cfg, false, s), "launching the selection");
+      SQZ_RETURN_IF_ERROR(SelectLevels(sp, cfg, s, [&](bool coarse) {
+        SetLevel(&sc, coarse, cfg, sp, d_coarse_cent_, d_fine_cent_);
+        // (The coarse scoring is the call's first kernel: no PDL.)
+        return LaunchScore(sc, coarse ? k1_max_ : k2_max_, c.dtype, s, !coarse && cfg.hierarchical && pdl_);
+      }));
     }
 
     // 2. Attention over the segments, and the merge into O / LSE.
@@ -553,24 +530,11 @@ class ResidentKvImpl final : public ResidentKv {
       SQZ_CUDA_TRY(LaunchKernel(pdl_, DenseSelectKernel<0>, dim3(H), dim3(32), 0, s, sp),
                    "launching the dense selection");
     } else {
-      if (cfg.hierarchical) {
-        ps.coarse = true;
-        ps.centroids = d_coarse16_;
-        ps.sizes = d_coarse_size_;
-        SQZ_CUDA_TRY(LaunchPrefillScore(ps, false, s), "launching the coarse scoring");
-        SQZ_CUDA_TRY(LaunchPrefillScore(ps, true, s), "launching the coarse scoring");
-        SQZ_CUDA_TRY(LaunchLevelSelect(sp, cfg, true, s), "launching the coarse selection");
-        ps.parent = d_fine_parent_;
-        ps.coarse_keep = sp.coarse_keep;
-        ps.k1_stride = sp.k1_stride;
-        sp.parent = d_fine_parent_;
-      }
-      ps.coarse = false;
-      ps.centroids = d_fine16_;
-      ps.sizes = d_fine_size_;
-      SQZ_CUDA_TRY(LaunchPrefillScore(ps, false, s), "launching the centroid scoring");
-      SQZ_CUDA_TRY(LaunchPrefillScore(ps, true, s), "launching the centroid scoring");
-      SQZ_CUDA_TRY(LaunchLevelSelect(sp, cfg, false, s), "launching the selection");
+      SQZ_RETURN_IF_ERROR(SelectLevels(sp, cfg, s, [&](bool coarse) {
+        SetLevel(&ps, coarse, cfg, sp, d_coarse16_, d_fine16_);
+        const cudaError_t e = LaunchPrefillScore(ps, false, s);
+        return e != cudaSuccess ? e : LaunchPrefillScore(ps, true, s);
+      }));
     }
     uint32_t* rowlist = reinterpret_cast<uint32_t*>(ws + w.rowlist);
     SQZ_CUDA_TRY(LaunchKernel(pdl_, RowListKernel<0>, dim3(H, kRowListBlocks), dim3(256), 0, s, sp.seg_first,
@@ -591,15 +555,15 @@ class ResidentKvImpl final : public ResidentKv {
     ap.out.token_major = c.token_major;
     ap.out.lse_base2 = c.lse_base2;
     const dim3 grid(G * w.tiles_per_g, H);
-    SQZ_CUDA_TRY(WithPrefillShape(shape_.dtype, D,
-                                  [&](auto t, auto d) {
-                                    using T = decltype(t);
-                                    constexpr int kD = decltype(d)::value, kW = kPfWarps;
-                                    return WithElement(c.dtype, [&](auto o) {
-                                      return LaunchKernel(pdl_, PrefillAttendKernel<T, kD, kW, decltype(o)>, grid,
-                                                          dim3(kW * 32), PrefillAttendSmem<kD, kW>(), s, ap);
-                                    });
-                                  }),
+    SQZ_CUDA_TRY(WithKvShape(shape_.dtype, D,
+                             [&](auto t, auto d) {
+                               using T = decltype(t);
+                               constexpr int kD = decltype(d)::value, kW = kPfWarps;
+                               return WithElement(c.dtype, [&](auto o) {
+                                 return LaunchKernel(pdl_, PrefillAttendKernel<T, kD, kW, decltype(o)>, grid,
+                                                     dim3(kW * 32), PrefillAttendSmem<kD, kW>(), s, ap);
+                               });
+                             }),
                  "launching the prefill attention");
     return Status::OK();
   }
@@ -626,7 +590,7 @@ class ResidentKvImpl final : public ResidentKv {
 
   // One pass of the prefill scoring over a level (pass 2: the partials).
   cudaError_t LaunchPrefillScore(const PrefillScoreParams& ps, bool pass2, cudaStream_t s) const {
-    return WithPrefillShape(shape_.dtype, shape_.head_dim, [&](auto t, auto d) {
+    return WithKvShape(shape_.dtype, shape_.head_dim, [&](auto t, auto d) {
       using T = decltype(t);
       constexpr int kD = decltype(d)::value, kW = kPfWarps;
       void (*kernel)(PrefillScoreParams) =
@@ -638,7 +602,7 @@ class ResidentKvImpl final : public ResidentKv {
 
   // The prefill kernels' dynamic shared memory (over the 48 KiB default).
   cudaError_t AllowPrefillSmem() const {
-    return WithPrefillShape(shape_.dtype, shape_.head_dim, [&](auto t, auto d) {
+    return WithKvShape(shape_.dtype, shape_.head_dim, [&](auto t, auto d) {
       using T = decltype(t);
       constexpr int kD = decltype(d)::value, kW = kPfWarps;
       const int score = static_cast<int>(PrefillScoreSmem<kD, kW>());
@@ -732,6 +696,36 @@ class ResidentKvImpl final : public ResidentKv {
     const int per_sm = R <= 4 ? 4 : 2;
     const int wave = std::max(1, per_sm * sm_count_ / (H * chunks));
     return std::max(1, std::min({wave, kMaxSplits, static_cast<int>(std::ceil(rows / 64.0))}));
+  }
+
+  // The selection's levels: (hierarchical: the coarse scoring and rule, then)
+  // the fine scoring and rule; score(coarse) launches a level's scoring.
+  template <typename Score>
+  Status SelectLevels(SelectParams sp, const SelectConfig& cfg, cudaStream_t s, Score&& score) const {
+    if (cfg.hierarchical) {
+      SQZ_CUDA_TRY(score(true), "launching the coarse scoring");
+      SQZ_CUDA_TRY(LaunchLevelSelect(sp, cfg, true, s), "launching the coarse selection");
+      sp.parent = d_fine_parent_;  // the fine stage reads the coarse keep masks through it
+    }
+    SQZ_CUDA_TRY(score(false), "launching the centroid scoring");
+    SQZ_CUDA_TRY(LaunchLevelSelect(sp, cfg, false, s), "launching the selection");
+    return Status::OK();
+  }
+
+  // A scoring kernel's level (ScoreParams or PrefillScoreParams): its
+  // centroids (coarse_c / fine_c, as that kernel reads them) and sizes; in
+  // the fine stage of a hierarchical lookup the parents and coarse keep masks.
+  template <typename P>
+  void SetLevel(P* p, bool coarse, const SelectConfig& cfg, const SelectParams& sp, const void* coarse_c,
+                const void* fine_c) const {
+    using C = decltype(p->centroids);
+    p->coarse = coarse;
+    p->centroids = static_cast<C>(coarse ? coarse_c : fine_c);
+    p->sizes = coarse ? d_coarse_size_ : d_fine_size_;
+    const bool children = !coarse && cfg.hierarchical;
+    p->parent = children ? d_fine_parent_ : nullptr;
+    p->coarse_keep = children ? sp.coarse_keep : nullptr;
+    p->k1_stride = sp.k1_stride;
   }
 
   // One level's rule (coarse: the coarse clusters, the budget times the

@@ -420,40 +420,36 @@ __global__ void __launch_bounds__(NT) KeysKernel(SelectParams p) {
   const uint32_t j = blockIdx.x * kChunkClusters + threadIdx.x;
   const float* scores = p.scores + static_cast<size_t>(h) * R * p.k_stride;
   uint32_t weight = 0, scored = 0;
-  if (j < k && p.pf_part != nullptr) {
-    // Prefill: the rows' partials per tile. Budget: log of sum_r p_rj over
-    // every tile; threshold: per query head g, its tiles' sum over T.
-    const uint32_t size = p.sizes[(p.coarse ? m.coarse_base : m.fine_base) + j];
-    const uint32_t all = (1u << p.G) - 1u;
-    const uint32_t reach = p.parent == nullptr
-                               ? all
-                               : p.coarse_keep[static_cast<size_t>(h) * p.k1_stride + p.parent[m.fine_base + j]] & all;
-    scored = __popc(reach);  // per query token: the query heads that score j
-    const float* part = p.pf_part + static_cast<size_t>(h) * p.G * p.pf_tiles_per_g * p.k_stride + j;
-    if (p.mode == 1) {
-      float ll = 0.f;
-      for (int i = 0; i < p.G * p.pf_tiles_per_g; ++i) ll += part[static_cast<size_t>(i) * p.k_stride];
-      uint32_t key = 0;
-      if (reach != 0) {  // (a mass below the shifted sum's range: -inf, still a candidate)
-        const float x = ll > 0.f ? (log2f(ll) - kPfMassShift) * kLn2 : -INFINITY;
-        key = OrderKey(x);
-        weight = size;
-        if (p.hist != nullptr) atomicAdd(p.hist + static_cast<size_t>(h) * kKeyBins + KeyBin(x, p.bin_lo), size);
+  if (j < k) {
+    // Budget: the cluster's log-mass x (a candidate when some row reaches
+    // it); threshold: the query heads whose mean probability passes tau.
+    bool candidate = false;
+    float x = -INFINITY;
+    uint8_t bits = 0;
+    if (p.pf_part != nullptr) {
+      // Prefill: the rows' sums per tile. Budget: over every tile;
+      // threshold: per query head g, its tiles' sum over T.
+      const uint32_t all = (1u << p.G) - 1u;
+      const uint32_t reach =
+          p.parent == nullptr ? all
+                              : p.coarse_keep[static_cast<size_t>(h) * p.k1_stride + p.parent[m.fine_base + j]] & all;
+      scored = __popc(reach);  // per query token: the query heads that score j
+      const float* part = p.pf_part + static_cast<size_t>(h) * p.G * p.pf_tiles_per_g * p.k_stride + j;
+      if (p.mode == 1) {
+        float ll = 0.f;
+        for (int i = 0; i < p.G * p.pf_tiles_per_g; ++i) ll += part[static_cast<size_t>(i) * p.k_stride];
+        candidate = reach != 0;  // (a mass below the shifted sum's range: -inf, still a candidate)
+        if (ll > 0.f) x = (log2f(ll) - kPfMassShift) * kLn2;
+      } else {
+        for (int g = 0; g < p.G; ++g) {
+          float pm = 0.f;
+          for (int i = g * p.pf_tiles_per_g; i < (g + 1) * p.pf_tiles_per_g; ++i) {
+            pm += part[static_cast<size_t>(i) * p.k_stride];
+          }
+          if (pm * exp2f(-kPfMassShift) / p.T > p.tau) bits |= static_cast<uint8_t>(1u << g);
+        }
       }
-      p.keys[static_cast<size_t>(h) * p.k_stride + j] = key;
-    } else {
-      uint8_t bits = 0;
-      for (int g = 0; g < p.G; ++g) {
-        float pm = 0.f;
-        for (int i = g * p.pf_tiles_per_g; i < (g + 1) * p.pf_tiles_per_g; ++i)
-          pm += part[static_cast<size_t>(i) * p.k_stride];
-        if (pm * exp2f(-kPfMassShift) / p.T > p.tau) bits |= static_cast<uint8_t>(1u << g);
-      }
-      p.flags[static_cast<size_t>(h) * p.k_stride + j] = bits;
-    }
-  } else if (j < k) {
-    const uint32_t size = p.sizes[(p.coarse ? m.coarse_base : m.fine_base) + j];
-    if (p.mode == 1) {
+    } else if (p.mode == 1) {
       // log of sum_r p_rj (the mean's order), over the rows that reach j.
       float mx = -INFINITY;
       for (int r = 0; r < R; ++r) {
@@ -461,21 +457,16 @@ __global__ void __launch_bounds__(NT) KeysKernel(SelectParams p) {
         scored += s != -INFINITY ? 1u : 0u;
         mx = fmaxf(mx, s - row_lse[r]);
       }
-      uint32_t key = 0;
-      if (mx != -INFINITY) {
+      candidate = mx != -INFINITY;
+      if (candidate) {
         float sum = 0.f;
         for (int r = 0; r < R; ++r) {
           const float a = scores[static_cast<size_t>(r) * p.k_stride + j] - row_lse[r];
           if (a != -INFINITY) sum += expf(a - mx);
         }
-        const float x = mx + logf(sum);
-        key = OrderKey(x);
-        weight = size;
-        if (p.hist != nullptr) atomicAdd(p.hist + static_cast<size_t>(h) * kKeyBins + KeyBin(x, p.bin_lo), size);
+        x = mx + logf(sum);
       }
-      p.keys[static_cast<size_t>(h) * p.k_stride + j] = key;
     } else {
-      uint8_t bits = 0;
       for (int g = 0; g < p.G; ++g) {
         float pm = 0.f;
         for (int t = 0; t < p.T; ++t) {
@@ -487,6 +478,17 @@ __global__ void __launch_bounds__(NT) KeysKernel(SelectParams p) {
         }
         if (pm / p.T > p.tau) bits |= static_cast<uint8_t>(1u << g);
       }
+    }
+    if (p.mode == 1) {
+      uint32_t key = 0;
+      if (candidate) {
+        const uint32_t size = p.sizes[(p.coarse ? m.coarse_base : m.fine_base) + j];
+        key = OrderKey(x);
+        weight = size;
+        if (p.hist != nullptr) atomicAdd(p.hist + static_cast<size_t>(h) * kKeyBins + KeyBin(x, p.bin_lo), size);
+      }
+      p.keys[static_cast<size_t>(h) * p.k_stride + j] = key;
+    } else {
       p.flags[static_cast<size_t>(h) * p.k_stride + j] = bits;
     }
   }
