@@ -170,8 +170,14 @@ class ResidentKvImpl final : public ResidentKv {
       // SQZ_GPU_SEGMENTS_UNSTAGED=1 (tests): the attention blocks read their
       // segments from global memory, as for shares of more than 256 segments.
       segments_unstaged_ = EnvIs("SQZ_GPU_SEGMENTS_UNSTAGED", "1");
+      // SQZ_GPU_DECODE_SIMT=1: the decode attention on CUDA cores
+      // (SparseDecodeSplitKernel), for tests and comparisons.
+      decode_simt_ = EnvIs("SQZ_GPU_DECODE_SIMT", "1");
     }
     SQZ_CUDA_TRY(AllowPrefillSmem(), "prefill kernels' shared memory");
+    SQZ_CUDA_TRY(WithKvShape(shape_.dtype, shape_.head_dim,
+                             [](auto t, auto d) { return AllowDecodeSmem<decltype(t), decltype(d)::value>(); }),
+                 "decode kernels' shared memory");
     SQZ_CUDA_TRY(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
     SQZ_RETURN_IF_ERROR(EnsureSideStreams(device_));  // for batches (AttendDeviceBatch), before any capture
     staged_.resize(static_cast<size_t>(shape_.n_layers) * shape_.n_heads);
@@ -378,6 +384,7 @@ class ResidentKvImpl final : public ResidentKv {
     p.page_shift = (shape_.page_rows & (shape_.page_rows - 1)) == 0 ? __builtin_ctz(shape_.page_rows) : -1;
     p.n_clustered = shape_.n_clustered;
     p.clustered_pages = shape_.clustered_pages;
+    p.simt = decode_simt_;
     return p;
   }
 
@@ -689,11 +696,13 @@ class ResidentKvImpl final : public ResidentKv {
 
  private:
   // Blocks per head of the split kernel: one full wave of resident blocks
-  // (4 per SM for up to 4 query rows per block, 2 for 8), at least 64 rows
-  // each of the expected `rows`.
+  // (tensor-core kernel: kMmaBlocksPerSm; CUDA-core kernel: 4 for up to 4 query
+  // rows per block, 2 for 8), at least 64 rows each of the expected `rows`.
   int Splits(int H, int R, double rows) const {
-    const int chunks = (R + kMaxGroup - 1) / kMaxGroup;
-    const int per_sm = R <= 4 ? 4 : 2;
+    const bool mma = UseMmaDecode(LayerDecodeParams(0));
+    const int per_block = DecodeRowsPerBlock(R, mma);
+    const int chunks = (R + per_block - 1) / per_block;
+    const int per_sm = mma ? kMmaBlocksPerSm : R <= 4 ? 4 : 2;
     const int wave = std::max(1, per_sm * sm_count_ / (H * chunks));
     return std::max(1, std::min({wave, kMaxSplits, static_cast<int>(std::ceil(rows / 64.0))}));
   }
@@ -797,6 +806,7 @@ class ResidentKvImpl final : public ResidentKv {
   bool select_radix_ = false;    // the budget rule without the histogram (tests)
   uint32_t max_candidates_ = kMaxCandidates;
   bool segments_unstaged_ = false;
+  bool decode_simt_ = false;
   bool pdl_ = true;  // kernels after a call's first with programmatic dependent launch
   ResidentShape shape_;
   size_t page_bytes_ = 0;

@@ -22,8 +22,10 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "launch.cuh"
+#include "mma.cuh"
 #include "select.cuh"
 
 namespace sqz::gpu {
@@ -50,6 +52,9 @@ struct DecodeParams {
   // most this many (at most kSegCache; 0: always read them from global
   // memory, for tests).
   uint32_t seg_cache = 256;
+  // The CUDA-core split kernel instead of the tensor-core one (for tests and
+  // comparisons; SQZ_GPU_DECODE_SIMT=1).
+  bool simt = false;
   int n_heads = 0;
   int rows = 0;  // query rows per head (G * T)
   int page_rows = 0;
@@ -79,17 +84,6 @@ inline size_t DecodeWorkspaceFloats(int n_heads, int rows, int head_dim, int spl
 }
 
 template <typename T>
-__device__ inline float2 ToFloat2(uint32_t bits);
-template <>
-__device__ inline float2 ToFloat2<__half>(uint32_t bits) {
-  return __half22float2(*reinterpret_cast<const __half2*>(&bits));
-}
-template <>
-__device__ inline float2 ToFloat2<__nv_bfloat16>(uint32_t bits) {
-  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&bits));
-}
-
-template <typename T>
 __device__ inline void Unpack8(const uint4& u, float* f) {
   const float2 a = ToFloat2<T>(u.x), b = ToFloat2<T>(u.y), c = ToFloat2<T>(u.z), d = ToFloat2<T>(u.w);
   f[0] = a.x, f[1] = a.y, f[2] = b.x, f[3] = b.y, f[4] = c.x, f[5] = c.y, f[6] = d.x, f[7] = d.y;
@@ -107,6 +101,82 @@ __device__ inline const T* RowPtr(const DecodeParams& p, int h, uint32_t row) {
   slot = a - ap * p.page_rows;
   const size_t s = static_cast<size_t>(h) * p.pages_per_head + page;
   return reinterpret_cast<const T*>(p.pages + s * p.page_bytes) + static_cast<size_t>(slot) * D;
+}
+
+// Rows [r0, r1) of a head's `total` attended rows: share `split` of `splits`.
+__device__ inline void ShareRows(uint32_t total, int splits, int split, uint32_t& r0, uint32_t& r1) {
+  const uint32_t per = (total + splits - 1) / splits;
+  r0 = min(total, split * per);
+  r1 = min(total, r0 + per);
+}
+
+// The segments of a block's share, staged in shared memory when they fit
+// (else read from global memory): first / before then index them from the
+// share's first segment. Returns their count; the caller synchronises the
+// block before reading them.
+inline constexpr uint32_t kSegCache = 256;
+struct ShareSegments {
+  uint32_t first[kSegCache], before[kSegCache];
+};
+__device__ inline uint32_t StageShareSegments(const DecodeParams& p, int h, int split, uint32_t r0, uint32_t r1,
+                                              uint32_t total, ShareSegments& seg, const uint32_t*& first,
+                                              const uint32_t*& before) {
+  first = p.seg_first + static_cast<size_t>(h) * p.seg_stride;
+  before = p.seg_before + static_cast<size_t>(h) * p.seg_stride;
+  uint32_t n_seg = 0;
+  if (r0 < r1) {
+    const uint32_t* split_seg = p.split_seg + static_cast<size_t>(h) * p.splits;
+    const uint32_t lo = split_seg[split];
+    const uint32_t hi = r1 < total ? split_seg[split + 1] : p.seg_count[h * p.count_stride] - 1;
+    n_seg = hi - lo + 1;
+    first += lo;
+    before += lo;
+  }
+  if (n_seg <= min(kSegCache, p.seg_cache)) {
+    for (uint32_t i = threadIdx.x; i < n_seg; i += blockDim.x) {
+      seg.first[i] = first[i];
+      seg.before[i] = before[i];
+    }
+    first = seg.first;
+    before = seg.before;
+  }
+  return n_seg;
+}
+
+// Each warp's softmax state (m, l and the unnormalised o) of a block's NR
+// query rows, in shared memory.
+template <int D, int NR>
+struct WarpStates {
+  float m[kDecodeWarps][NR], l[kDecodeWarps][NR];
+  float acc[kDecodeWarps][NR][D];
+};
+
+// Merges the warps' states of the block's query rows q0 .. q0 + nq - 1 and
+// writes them as the block's partial state (after a block synchronisation).
+template <int D, int NR>
+__device__ inline void WriteBlockPartial(const DecodeParams& p, const WarpStates<D, NR>& st, int h, int split, int q0,
+                                         int nq) {
+  for (int x = threadIdx.x; x < nq * D; x += blockDim.x) {
+    const int i = x / D, c = x % D;
+    float mm = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kDecodeWarps; ++w) mm = fmaxf(mm, st.m[w][i]);
+    float ll = 0.f, oo = 0.f;
+    if (mm != -INFINITY) {
+#pragma unroll
+      for (int w = 0; w < kDecodeWarps; ++w) {
+        const float a = st.m[w][i] == -INFINITY ? 0.f : __expf(st.m[w][i] - mm);
+        ll += a * st.l[w][i];
+        oo += a * st.acc[w][i][c];
+      }
+    }
+    const size_t part = (static_cast<size_t>(h) * p.rows + q0 + i) * p.splits + split;
+    p.part_o[part * D + c] = oo;
+    if (c == 0) {
+      p.part_m[part] = mm;
+      p.part_l[part] = ll;
+    }
+  }
 }
 
 // Grid (H, splits, ceil(rows / NR)), kDecodeWarps warps. Block (h, s, c)
@@ -127,8 +197,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, NR <= 4 ? 4 : 2) SparseDeco
   WaitForPrevious();
   LetDependentsLaunch();
   const uint32_t total = p.head_rows[h * p.count_stride];
-  const uint32_t per = (total + p.splits - 1) / p.splits;
-  const uint32_t r0 = min(total, split * per), r1 = min(total, r0 + per);
+  uint32_t r0, r1;
+  ShareRows(total, p.splits, split, r0, r1);
 
   float qr[NR][8];
 #pragma unroll
@@ -153,29 +223,10 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, NR <= 4 ? 4 : 2) SparseDeco
     for (int e = 0; e < 8; ++e) acc[i][e] = 0.f;
   }
 
-  // The segments of this block's share, staged in shared memory when they
-  // fit (else read from global memory); s indexes them from the share's first.
-  constexpr uint32_t kSegCache = 256;
-  __shared__ uint32_t c_first[kSegCache], c_before[kSegCache];
-  const uint32_t* first = p.seg_first + static_cast<size_t>(h) * p.seg_stride;
-  const uint32_t* before = p.seg_before + static_cast<size_t>(h) * p.seg_stride;
-  uint32_t n_seg = 0;
-  if (r0 < r1) {
-    const uint32_t* split_seg = p.split_seg + static_cast<size_t>(h) * p.splits;
-    const uint32_t lo = split_seg[split];
-    const uint32_t hi = r1 < total ? split_seg[split + 1] : p.seg_count[h * p.count_stride] - 1;
-    n_seg = hi - lo + 1;
-    first += lo;
-    before += lo;
-  }
-  if (n_seg <= min(kSegCache, p.seg_cache)) {
-    for (uint32_t i = threadIdx.x; i < n_seg; i += blockDim.x) {
-      c_first[i] = first[i];
-      c_before[i] = before[i];
-    }
-    first = c_first;
-    before = c_before;
-  }
+  __shared__ ShareSegments seg;
+  const uint32_t* first;
+  const uint32_t* before;
+  const uint32_t n_seg = StageShareSegments(p, h, split, r0, r1, total, seg, first, before);
   __syncthreads();
   uint32_t s = 0;  // the segment of this thread's next row (rows ascend)
   for (uint32_t base = r0; base < r1; base += kStep) {
@@ -249,41 +300,318 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, NR <= 4 ? 4 : 2) SparseDeco
       m[i] = mn;
     }
   }
-  __shared__ float sm[kDecodeWarps][NR], sl[kDecodeWarps][NR];
-  __shared__ float sacc[kDecodeWarps][NR][D];
+  __shared__ WarpStates<D, NR> st;
   if (sub == 0) {
 #pragma unroll
     for (int i = 0; i < NR; ++i) {
       if (col == 0) {
-        sm[warp][i] = m[i];
-        sl[warp][i] = l[i];
+        st.m[warp][i] = m[i];
+        st.l[warp][i] = l[i];
       }
 #pragma unroll
-      for (int e = 0; e < 8; ++e) sacc[warp][i][col * 8 + e] = acc[i][e];
+      for (int e = 0; e < 8; ++e) st.acc[warp][i][col * 8 + e] = acc[i][e];
     }
   }
   __syncthreads();
-  for (int x = threadIdx.x; x < nq * D; x += blockDim.x) {
-    const int i = x / D, c = x % D;
-    float mm = -INFINITY;
+  WriteBlockPartial(p, st, h, split, q0, nq);
+}
+
+// ---- the tensor-core split kernel ----
+//
+// The same blocks, shares and partial states as SparseDecodeSplitKernel, with
+// both products on tensor cores (mma.sync m16n8k16): the block's NQ (8 or 16)
+// query rows are the M side, so a KV row is read once for all of them.
+// fp32 precision is kept by splitting the operands that are not stored
+// 16-bit: each query into kQueryTerms<T> 16-bit terms (bf16: 3, fp16: 2) and
+// each softmax weight into 2, every term multiplied and the products summed
+// in fp32. Decode is bound by the bytes read, so the extra products are free.
+//
+// Operands are staged per lane, no ldmatrix: a dot product is the same sum
+// for any order of its terms, so the K fragment of lane (g = lane / 4,
+// t4 = lane % 4) is taken as 16-byte chunks 4u + t4 of K row g (and 8 + g)
+// and the query fragments are laid out to match (element e of the chunk
+// stands for k index 16 (2u + e / 4) + 2 t4 + e % 2 + 8 ((e / 2) % 2)). For
+// P.V the lane takes 16-byte chunks g + 8c of V rows 2 t4, 2 t4 + 1, 2 t4 + 8,
+// 2 t4 + 9 and pairs the rows' elements (prmt); output column n of n-tile
+// 8c + e then stands for column 8 (n + 8c) + e.
+//
+// Each warp streams its rows through its own ring of kMmaStages stages in
+// shared memory (cp.async, 16 rows of K and V per stage): a lane reads back
+// only the chunks it copied, so no barrier is needed, and kMmaStages - 1
+// stages stay in flight while the warp computes.
+inline constexpr int kMmaRowsMax = 16;  // query rows per block
+inline constexpr int kMmaBlocksPerSm = 2;
+inline constexpr int kMmaStages = 3;
+template <typename T>
+inline constexpr int kQueryTerms = std::is_same_v<T, __half> ? 2 : 3;
+
+__device__ inline uint32_t Word(const uint4& v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
+
+// Dynamic shared memory of the tensor-core kernel: the query fragments, the
+// share's segments, then the warps' rings (reused for their final states).
+template <typename T, int D, int NQ>
+struct MmaDecodeSmem {
+  static constexpr int kU = D / 32, kC = D / 64, kSlots = 2 * kU + 4 * kC;  // 16-byte chunks per lane and stage
+  static constexpr size_t kQuery = static_cast<size_t>(kQueryTerms<T>) * (NQ / 8) * kU * 32 * 16;
+  static constexpr size_t kRing = static_cast<size_t>(kDecodeWarps) * kMmaStages * kSlots * 32 * 16;
+  static constexpr size_t kTail = kRing > sizeof(WarpStates<D, NQ>) ? kRing : sizeof(WarpStates<D, NQ>);
+  static constexpr size_t kBytes = kQuery + sizeof(ShareSegments) + kTail;
+};
+
+// Grid (H, splits, ceil(rows / NQ)), kDecodeWarps warps. Warp w takes the
+// share's rows in steps of 32 (w, w + kDecodeWarps, ...); each lane finds
+// the stored row of one of them, and the warp attends them 16 at a time.
+template <typename T, int D, int NQ>
+__global__ void __launch_bounds__(kDecodeWarps * 32, kMmaBlocksPerSm) SparseDecodeMmaKernel(DecodeParams p) {
+  static_assert(NQ == 8 || NQ == 16, "one m16 tile, half of it or all");
+  using Smem = MmaDecodeSmem<T, D, NQ>;
+  constexpr int kU = Smem::kU, kC = Smem::kC, kSlots = Smem::kSlots;
+  constexpr int kHalves = NQ / 8, kTerms = kQueryTerms<T>;
+  const int h = blockIdx.x, split = blockIdx.y, q0 = blockIdx.z * NQ;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
+  const int nq = min(NQ, p.rows - q0);
+  extern __shared__ __align__(16) uint8_t dec_smem[];
+  auto s_q = reinterpret_cast<uint4(*)[kHalves][kU][32]>(dec_smem);  // [kTerms][kHalves][kU][lane]
+  auto& seg = *reinterpret_cast<ShareSegments*>(dec_smem + Smem::kQuery);
+  uint8_t* tail = dec_smem + Smem::kQuery + sizeof(ShareSegments);
+  uint4* ring = reinterpret_cast<uint4*>(tail) + static_cast<size_t>(warp) * kMmaStages * kSlots * 32 + lane;
+  auto& st = *reinterpret_cast<WarpStates<D, NQ>*>(tail);
+
+  WaitForPrevious();
+  LetDependentsLaunch();
+  if (warp == 0) {
 #pragma unroll
-    for (int w = 0; w < kDecodeWarps; ++w) mm = fmaxf(mm, sm[w][i]);
-    float ll = 0.f, oo = 0.f;
-    if (mm != -INFINITY) {
+    for (int hh = 0; hh < kHalves; ++hh) {
+      const int r = g + 8 * hh;
 #pragma unroll
-      for (int w = 0; w < kDecodeWarps; ++w) {
-        const float a = sm[w][i] == -INFINITY ? 0.f : __expf(sm[w][i] - mm);
-        ll += a * sl[w][i];
-        oo += a * sacc[w][i][c];
+      for (int u = 0; u < kU; ++u) {
+        float x[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+        if (r < nq) {
+          const float4* qp =
+              reinterpret_cast<const float4*>(p.q + (static_cast<size_t>(h) * p.rows + q0 + r) * D + (4 * u + t4) * 8);
+          const float4 a = qp[0], b = qp[1];
+          x[0] = a.x, x[1] = a.y, x[2] = a.z, x[3] = a.w, x[4] = b.x, x[5] = b.y, x[6] = b.z, x[7] = b.w;
+        }
+        uint32_t w[4][kTerms];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) SplitPack2<T, kTerms>(x[2 * i], x[2 * i + 1], w[i]);
+#pragma unroll
+        for (int k = 0; k < kTerms; ++k) s_q[k][hh][u][lane] = make_uint4(w[0][k], w[1][k], w[2][k], w[3][k]);
       }
     }
-    const size_t part = (static_cast<size_t>(h) * p.rows + q0 + i) * p.splits + split;
-    p.part_o[part * D + c] = oo;
-    if (c == 0) {
-      p.part_m[part] = mm;
-      p.part_l[part] = ll;
+  }
+  const uint32_t total = p.head_rows[h * p.count_stride];
+  uint32_t r0, r1;
+  ShareRows(total, p.splits, split, r0, r1);
+  const uint32_t* first;
+  const uint32_t* before;
+  const uint32_t n_seg = StageShareSegments(p, h, split, r0, r1, total, seg, first, before);
+  __syncthreads();
+  // The query fragments: in registers when they take at most 48 (8 query
+  // rows), else read from shared memory at each use.
+  constexpr bool kQueryInRegs = kTerms * kHalves * kU <= 12;
+  uint4 qreg[kQueryInRegs ? kTerms : 1][kQueryInRegs ? kHalves : 1][kQueryInRegs ? kU : 1];
+  if constexpr (kQueryInRegs) {
+#pragma unroll
+    for (int k = 0; k < kTerms; ++k) {
+#pragma unroll
+      for (int hh = 0; hh < kHalves; ++hh) {
+#pragma unroll
+        for (int u = 0; u < kU; ++u) qreg[k][hh][u] = s_q[k][hh][u][lane];
+      }
     }
   }
+  auto qfrag = [&](int k, int hh, int u) -> uint4 {
+    if constexpr (kQueryInRegs) {
+      return qreg[k][hh][u];
+    } else {
+      return s_q[k][hh][u][lane];
+    }
+  };
+
+  const uint4* pages = reinterpret_cast<const uint4*>(p.pages);
+  const uint32_t v_off = static_cast<uint32_t>(p.page_rows) * D / 8;  // V row after K row, 16-byte units
+  // Step j of the warp: rows [StepBase(j), + 16) of the share.
+  auto step_base = [&](int j) { return r0 + ((j / 2) * kDecodeWarps + warp) * 32 + 16 * (j % 2); };
+  // Issuing: the lane's row of the current 32 (the share's last past its
+  // end), as a K-row offset in 16-byte units from the layer's first page.
+  uint32_t s = 0, off = 0;  // (rows ascend, so the segment only moves on)
+  auto issue = [&](int j) {
+    const uint32_t b16 = step_base(j);
+    if (b16 >= r1) return;
+    if (j % 2 == 0) {
+      const uint32_t r = min(b16 + lane, r1 - 1);
+      while (s + 1 < n_seg && before[s + 1] <= r) ++s;
+      off =
+          static_cast<uint32_t>(reinterpret_cast<const uint4*>(RowPtr<T, D>(p, h, first[s] + (r - before[s]))) - pages);
+    }
+    uint4* dst = ring + (j % kMmaStages) * kSlots * 32;
+    const int half = j % 2;
+#pragma unroll
+    for (int n = 0; n < 2; ++n) {
+      const uint4* kp = pages + __shfl_sync(0xffffffffu, off, 16 * half + 8 * n + g);
+#pragma unroll
+      for (int u = 0; u < kU; ++u) CpAsync16(dst + (n * kU + u) * 32, kp + 4 * u + t4, true);
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int row = 2 * t4 + (i & 1) + 8 * (i >> 1);
+      const uint4* vp = pages + __shfl_sync(0xffffffffu, off, 16 * half + row) + v_off;
+      const bool ok = b16 + row < r1;  // zeros past the end (0 * garbage could be NaN)
+#pragma unroll
+      for (int c = 0; c < kC; ++c) CpAsync16(dst + (2 * kU + i * kC + c) * 32, vp + g + 8 * c, ok);
+    }
+  };
+
+  float o[D / 8][4];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+  float m[kHalves], l[kHalves];
+#pragma unroll
+  for (int hh = 0; hh < kHalves; ++hh) m[hh] = -INFINITY, l[hh] = 0.f;
+
+#pragma unroll
+  for (int j = 0; j < kMmaStages - 1; ++j) {
+    issue(j);
+    CpAsyncCommit();
+  }
+  for (int j = 0;; ++j) {
+    const uint32_t b16 = step_base(j);
+    if (b16 >= r1) break;
+    issue(j + kMmaStages - 1);
+    CpAsyncCommit();
+    CpAsyncWait<kMmaStages - 1>();
+    const uint4* src = ring + (j % kMmaStages) * kSlots * 32;
+    uint4 kr[2][kU], vr[4][kC];
+#pragma unroll
+    for (int n = 0; n < 2; ++n) {
+#pragma unroll
+      for (int u = 0; u < kU; ++u) kr[n][u] = src[(n * kU + u) * 32];
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+#pragma unroll
+      for (int c = 0; c < kC; ++c) vr[i][c] = src[(2 * kU + i * kC + c) * 32];
+    }
+    {
+      // S = Q K^T: sc[n][0..1] query row g, KV rows 8n + 2 t4 + {0, 1}; [2..3] row g + 8.
+      // One accumulator per query term: independent mma chains.
+      float sk[kTerms][2][4];
+#pragma unroll
+      for (int k = 0; k < kTerms; ++k) {
+#pragma unroll
+        for (int n = 0; n < 2; ++n) sk[k][n][0] = sk[k][n][1] = sk[k][n][2] = sk[k][n][3] = 0.f;
+      }
+#pragma unroll
+      for (int u = 0; u < kU; ++u) {
+#pragma unroll
+        for (int k = 0; k < kTerms; ++k) {
+          const uint4 a0 = qfrag(k, 0, u), a1 = qfrag(k, kHalves - 1, u);
+#pragma unroll
+          for (int v = 0; v < 2; ++v) {
+            const uint32_t a[4] = {Word(a0, 2 * v), kHalves == 2 ? Word(a1, 2 * v) : 0u, Word(a0, 2 * v + 1),
+                                   kHalves == 2 ? Word(a1, 2 * v + 1) : 0u};
+#pragma unroll
+            for (int n = 0; n < 2; ++n) Mma<T>(sk[k][n], a, Word(kr[n][u], 2 * v), Word(kr[n][u], 2 * v + 1));
+          }
+        }
+      }
+      float sc[2][4];
+#pragma unroll
+      for (int n = 0; n < 2; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          sc[n][e] = sk[kTerms - 1][n][e];  // smallest terms first
+#pragma unroll
+          for (int k = kTerms - 2; k >= 0; --k) sc[n][e] += sk[k][n][e];
+        }
+      }
+      // Online softmax per query row (the row's 16 scores are in its 4 lanes).
+#pragma unroll
+      for (int hh = 0; hh < kHalves; ++hh) {
+        float mx = m[hh];
+#pragma unroll
+        for (int n = 0; n < 2; ++n) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            float& x = sc[n][2 * hh + e];
+            if (b16 + 8 * n + 2 * t4 + e >= r1) x = -INFINITY;
+            mx = fmaxf(mx, x);
+          }
+        }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        // (Row b16 is in the share, so mx is finite.)
+        if (mx != m[hh]) {
+          const float alpha = __expf(m[hh] - mx);
+          l[hh] *= alpha;
+#pragma unroll
+          for (int n = 0; n < D / 8; ++n) o[n][2 * hh] *= alpha, o[n][2 * hh + 1] *= alpha;
+          m[hh] = mx;
+        }
+#pragma unroll
+        for (int n = 0; n < 2; ++n) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            float& x = sc[n][2 * hh + e];
+            x = __expf(x - mx);
+            l[hh] += x;
+          }
+        }
+      }
+      // O += P V, P as two 16-bit terms.
+      uint32_t pa[4][2];
+      SplitPack2<T, 2>(sc[0][0], sc[0][1], pa[0]);
+      SplitPack2<T, 2>(sc[1][0], sc[1][1], pa[2]);
+      if (kHalves == 2) {
+        SplitPack2<T, 2>(sc[0][2], sc[0][3], pa[1]);
+        SplitPack2<T, 2>(sc[1][2], sc[1][3], pa[3]);
+      } else {
+        pa[1][0] = pa[1][1] = pa[3][0] = pa[3][1] = 0u;
+      }
+      const uint32_t a_hi[4] = {pa[0][0], pa[1][0], pa[2][0], pa[3][0]};
+      const uint32_t a_lo[4] = {pa[0][1], pa[1][1], pa[2][1], pa[3][1]};
+#pragma unroll
+      for (int c = 0; c < kC; ++c) {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          const uint32_t sel = e % 2 ? 0x7632u : 0x5410u;
+          const uint32_t b0 = __byte_perm(Word(vr[0][c], e / 2), Word(vr[1][c], e / 2), sel);
+          const uint32_t b1 = __byte_perm(Word(vr[2][c], e / 2), Word(vr[3][c], e / 2), sel);
+          Mma<T>(o[8 * c + e], a_hi, b0, b1);
+          Mma<T>(o[8 * c + e], a_lo, b0, b1);
+        }
+      }
+    }
+  }
+
+  CpAsyncWait<0>();  // (none pending: the last issues were past the end)
+
+  // The warp's state into shared memory (columns as laid out above; the
+  // states take the rings' place once every warp is done), then the block's
+  // partial.
+  __syncthreads();
+#pragma unroll
+  for (int hh = 0; hh < kHalves; ++hh) {
+    float ll = l[hh];
+    ll += __shfl_xor_sync(0xffffffffu, ll, 1);
+    ll += __shfl_xor_sync(0xffffffffu, ll, 2);
+    const int r = g + 8 * hh;
+    if (t4 == 0) {
+      st.m[warp][r] = m[hh];
+      st.l[warp][r] = ll;
+    }
+#pragma unroll
+    for (int c = 0; c < kC; ++c) {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        st.acc[warp][r][8 * (2 * t4 + 8 * c) + e] = o[8 * c + e][2 * hh];
+        st.acc[warp][r][8 * (2 * t4 + 1 + 8 * c) + e] = o[8 * c + e][2 * hh + 1];
+      }
+    }
+  }
+  __syncthreads();
+  WriteBlockPartial(p, st, h, split, q0, nq);
 }
 
 // Grid (H * rows, D / 32), kMergeWarps warps: block (row, c) merges the
@@ -348,19 +676,44 @@ __global__ void __launch_bounds__(kMergeWarps * 32) SparseDecodeMergeKernel(Deco
   }
 }
 
+// Whether the tensor-core split kernel takes these parameters: not turned
+// off (p.simt) and the layer's pages addressable in 16-byte units by 32 bits.
+inline bool UseMmaDecode(const DecodeParams& p) {
+  return !p.simt && static_cast<double>(p.n_heads) * p.pages_per_head * p.page_bytes < 68719476736.0;
+}
+
+// Lets the tensor-core split kernels use their dynamic shared memory (once
+// per device, before their first launch).
+template <typename T, int D>
+cudaError_t AllowDecodeSmem() {
+  cudaError_t e = cudaFuncSetAttribute(SparseDecodeMmaKernel<T, D, 8>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       static_cast<int>(MmaDecodeSmem<T, D, 8>::kBytes));
+  if (e != cudaSuccess) return e;
+  return cudaFuncSetAttribute(SparseDecodeMmaKernel<T, D, 16>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              static_cast<int>(MmaDecodeSmem<T, D, 16>::kBytes));
+}
+
+// Query rows per split block (grid z holds the rest).
+inline int DecodeRowsPerBlock(int rows, bool mma) { return mma ? (rows <= 8 ? 8 : kMmaRowsMax) : kMaxGroup; }
+
 // Launches both kernels on `stream`, with programmatic dependent launch
 // (launch.cuh) when `pdl`. Returns the launch error.
 template <typename T, int D, typename O>
 cudaError_t LaunchSparseDecode(const DecodeParams& p, const DecodeOutput& out, cudaStream_t stream, bool pdl) {
   if (p.rows < 1 || p.splits < 1 || p.splits > kMaxSplits || p.n_heads < 1) return cudaErrorInvalidValue;
-  // Query rows per block: the fewest of 1, 2, 4, 8 that hold a head's rows;
-  // more than 8 in blocks of 8 (grid z).
-  void (*split)(DecodeParams) = p.rows == 1   ? SparseDecodeSplitKernel<T, D, 1>
+  // Query rows per block: the tensor-core kernel 8 or 16; the other the
+  // fewest of 1, 2, 4, 8 that hold a head's rows. More in blocks of those
+  // (grid z).
+  const bool mma = UseMmaDecode(p);
+  const int per_block = DecodeRowsPerBlock(p.rows, mma);
+  void (*split)(DecodeParams) = mma ? (p.rows <= 8 ? SparseDecodeMmaKernel<T, D, 8> : SparseDecodeMmaKernel<T, D, 16>)
+                                : p.rows == 1 ? SparseDecodeSplitKernel<T, D, 1>
                                 : p.rows == 2 ? SparseDecodeSplitKernel<T, D, 2>
                                 : p.rows <= 4 ? SparseDecodeSplitKernel<T, D, 4>
                                               : SparseDecodeSplitKernel<T, D, 8>;
-  const cudaError_t e = LaunchKernel(pdl, split, dim3(p.n_heads, p.splits, (p.rows + kMaxGroup - 1) / kMaxGroup),
-                                     dim3(kDecodeWarps * 32), 0, stream, p);
+  const size_t smem = !mma ? 0 : p.rows <= 8 ? MmaDecodeSmem<T, D, 8>::kBytes : MmaDecodeSmem<T, D, 16>::kBytes;
+  const cudaError_t e = LaunchKernel(pdl, split, dim3(p.n_heads, p.splits, (p.rows + per_block - 1) / per_block),
+                                     dim3(kDecodeWarps * 32), smem, stream, p);
   if (e != cudaSuccess) return e;
   return LaunchKernel(pdl, SparseDecodeMergeKernel<O, D>, dim3(p.n_heads * p.rows, D / 32), dim3(kMergeWarps * 32), 0,
                       stream, p, out);

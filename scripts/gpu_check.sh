@@ -41,6 +41,7 @@ step "GPU tests, SQZ_GPU_SELECT_CANDIDATES=0" env SQZ_GPU_SELECT_CANDIDATES=0 $T
 step "GPU tests, SQZ_GPU_SELECT_UNSTAGED=1" env SQZ_GPU_SELECT_UNSTAGED=1 $T --gtest_filter='Gpu*'
 step "GPU tests, SQZ_GPU_PDL=0" env SQZ_GPU_PDL=0 $T --gtest_filter='Gpu*'
 step "GPU tests, SQZ_GPU_SEGMENTS_UNSTAGED=1" env SQZ_GPU_SEGMENTS_UNSTAGED=1 $T --gtest_filter='Gpu*'
+step "GPU tests, SQZ_GPU_DECODE_SIMT=1" env SQZ_GPU_DECODE_SIMT=1 $T --gtest_filter='Gpu*'
 grep -h "differ from the CPU" "$RESULTS" | sort | uniq -c | sed 's/^/  /'
 fi
 if [ "$MODE" = all ] || [ "$MODE" = --sanitize ]; then
