@@ -139,7 +139,7 @@ struct PrefillScoreParams {
   const void* centroids = nullptr;  // the level's centroids [*, D], KV element type
   const uint32_t* sizes = nullptr;
   const uint32_t* parent = nullptr;  // fine stage of a hierarchical lookup (else null)
-  const uint8_t* coarse_keep = nullptr;
+  const HeadMask* coarse_keep = nullptr;
   int k1_stride = 0;
   float* row_lse = nullptr;  // [H][R], log2 units; +inf: the row reaches nothing
   // Pass 2: [H][n_tiles][k_stride], sum over the tile's rows of

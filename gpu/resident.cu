@@ -332,7 +332,7 @@ class ResidentKvImpl final : public ResidentKv {
     // The selection's arrays (both paths).
     take(&w->keys, static_cast<size_t>(H) * ks * 4);
     take(&w->flags, static_cast<size_t>(H) * ks);
-    take(&w->coarse_keep, static_cast<size_t>(H) * K1Stride());
+    take(&w->coarse_keep, static_cast<size_t>(H) * K1Stride() * sizeof(HeadMask));
     take(&w->seg_first, static_cast<size_t>(H) * SegStride() * 4);
     take(&w->seg_before, static_cast<size_t>(H) * SegStride() * 4);
     take(&w->stats, static_cast<size_t>(H) * kStatCount * 4);
@@ -402,7 +402,7 @@ class ResidentKvImpl final : public ResidentKv {
     sp.k_stride = KStride();
     sp.keys = reinterpret_cast<uint32_t*>(ws + w.keys);
     sp.flags = ws + w.flags;
-    sp.coarse_keep = ws + w.coarse_keep;
+    sp.coarse_keep = reinterpret_cast<HeadMask*>(ws + w.coarse_keep);
     sp.k1_stride = K1Stride();
     sp.seg_first = reinterpret_cast<uint32_t*>(ws + w.seg_first);
     sp.seg_before = reinterpret_cast<uint32_t*>(ws + w.seg_before);

@@ -50,6 +50,11 @@
 namespace sqz::gpu {
 
 inline constexpr int kMaxSelectRows = 64;  // query rows per KV head (G * T) the selection takes
+
+// The query heads of a GQA group (bit g: query head g; G <= kMaxSelectRows
+// = 64) that kept a coarse cluster.
+using HeadMask = uint64_t;
+__host__ __device__ inline HeadMask AllHeads(int G) { return G >= 64 ? ~HeadMask{0} : (HeadMask{1} << G) - 1; }
 inline constexpr int kScoreThreads = 256;
 inline constexpr int kSelectThreads = 512;
 inline constexpr uint32_t kMaxCandidates = 1024;  // clusters of the budget's boundary bin the select kernel ranks
@@ -175,7 +180,7 @@ struct ScoreParams {
   // Fine stage of a hierarchical lookup: the parent of each fine cluster and
   // the coarse keep masks (bit g: query head g kept it); null when flat.
   const uint32_t* parent = nullptr;
-  const uint8_t* coarse_keep = nullptr;  // [H][k1_stride]
+  const HeadMask* coarse_keep = nullptr;  // [H][k1_stride]
   int k1_stride = 0;
   float* scores = nullptr;  // [H][R][k_stride]
   int k_stride = 0;
@@ -221,11 +226,11 @@ __global__ void __launch_bounds__(kScoreThreads, 4) ScoreKernel(ScoreParams p) {
   // on the previous kernel.
   if (p.parent != nullptr) WaitForPrevious();  // the coarse stage's keep masks
   float4 cv[kPasses][kE4];
-  uint32_t bits[kPasses];
+  HeadMask bits[kPasses];
 #pragma unroll
   for (int ps = 0; ps < kPasses; ++ps) {
     const uint32_t j = j0 + ps * kPerPass + slot;
-    bits[ps] = j < k ? 0xffu : 0u;
+    bits[ps] = j < k ? ~HeadMask{0} : HeadMask{0};
     if (j < k && p.parent != nullptr) {
       bits[ps] = p.coarse_keep[static_cast<size_t>(h) * p.k1_stride + p.parent[base + j]];
     }
@@ -341,14 +346,15 @@ struct SelectParams {
   uint32_t* chunk_scored = nullptr;
   int n_chunks = 0;
   uint32_t* keys = nullptr;  // [H][k_stride]: budget order keys (0 = not a candidate)
-  uint8_t* flags = nullptr;  // [H][k_stride]: kept (bit g: query head g)
+  uint8_t* flags = nullptr;  // [H][k_stride]: kept (by some query head of the group: nonzero)
   // Budget rule: the candidates' sizes per bin of estimated log-mass
   // ([H][kKeyBins], zeroed by the scoring kernel; null: radix select only),
   // bins of width kKeySpan / kKeyBins from bin_lo = log(R) - kKeySpan.
   uint32_t* hist = nullptr;
   float bin_lo = 0;
-  // Coarse stage output.
-  uint8_t* coarse_keep = nullptr;  // [H][k1_stride]
+  // Coarse stage output (budget: the select kernel's, every head; threshold:
+  // the keys kernel's, per query head), the fine stage's input.
+  HeadMask* coarse_keep = nullptr;  // [H][k1_stride]
   int k1_stride = 0;
   // Fine stage outputs.
   uint32_t* seg_first = nullptr;   // [H][seg_stride]
@@ -425,15 +431,15 @@ __global__ void __launch_bounds__(NT) KeysKernel(SelectParams p) {
     // it); threshold: the query heads whose mean probability passes tau.
     bool candidate = false;
     float x = -INFINITY;
-    uint8_t bits = 0;
+    HeadMask bits = 0;
     if (p.pf_part != nullptr) {
       // Prefill: the rows' sums per tile. Budget: over every tile;
       // threshold: per query head g, its tiles' sum over T.
-      const uint32_t all = (1u << p.G) - 1u;
-      const uint32_t reach =
+      const HeadMask all = AllHeads(p.G);
+      const HeadMask reach =
           p.parent == nullptr ? all
                               : p.coarse_keep[static_cast<size_t>(h) * p.k1_stride + p.parent[m.fine_base + j]] & all;
-      scored = __popc(reach);  // per query token: the query heads that score j
+      scored = __popcll(reach);  // per query token: the query heads that score j
       const float* part = p.pf_part + static_cast<size_t>(h) * p.G * p.pf_tiles_per_g * p.k_stride + j;
       if (p.mode == 1) {
         float ll = 0.f;
@@ -446,7 +452,7 @@ __global__ void __launch_bounds__(NT) KeysKernel(SelectParams p) {
           for (int i = g * p.pf_tiles_per_g; i < (g + 1) * p.pf_tiles_per_g; ++i) {
             pm += part[static_cast<size_t>(i) * p.k_stride];
           }
-          if (pm * exp2f(-kPfMassShift) / p.T > p.tau) bits |= static_cast<uint8_t>(1u << g);
+          if (pm * exp2f(-kPfMassShift) / p.T > p.tau) bits |= HeadMask{1} << g;
         }
       }
     } else if (p.mode == 1) {
@@ -476,7 +482,7 @@ __global__ void __launch_bounds__(NT) KeysKernel(SelectParams p) {
           const float a = s - row_lse[r];
           if (a != -INFINITY) pm += expf(a);
         }
-        if (pm / p.T > p.tau) bits |= static_cast<uint8_t>(1u << g);
+        if (pm / p.T > p.tau) bits |= HeadMask{1} << g;
       }
     }
     if (p.mode == 1) {
@@ -489,7 +495,8 @@ __global__ void __launch_bounds__(NT) KeysKernel(SelectParams p) {
       }
       p.keys[static_cast<size_t>(h) * p.k_stride + j] = key;
     } else {
-      p.flags[static_cast<size_t>(h) * p.k_stride + j] = bits;
+      p.flags[static_cast<size_t>(h) * p.k_stride + j] = bits != 0 ? 1 : 0;
+      if (p.coarse) p.coarse_keep[static_cast<size_t>(h) * p.k1_stride + j] = bits;
     }
   }
   for (int off = 16; off > 0; off /= 2) {
@@ -626,7 +633,7 @@ __global__ void __launch_bounds__(NT) SelectKernel(SelectParams p) {
   const uint32_t* sizes = p.sizes + base;
   uint32_t* keys = p.keys + static_cast<size_t>(h) * p.k_stride;
   uint8_t* flags = p.flags + static_cast<size_t>(h) * p.k_stride;
-  const uint8_t all_bits = static_cast<uint8_t>((1u << p.G) - 1u);
+  const uint8_t all_bits = 1;  // kept
   WaitForPrevious();
   LetDependentsLaunch();
   if (p.staged) {
@@ -801,8 +808,12 @@ __global__ void __launch_bounds__(NT) SelectKernel(SelectParams p) {
   __syncthreads();
 
   if (p.coarse) {
-    uint8_t* out = p.coarse_keep + static_cast<size_t>(h) * p.k1_stride;
-    for (uint32_t j = threadIdx.x; j < k; j += NT) out[j] = flags[j];
+    // (Threshold: the keys kernel wrote each query head's bits.)
+    HeadMask* out = p.coarse_keep + static_cast<size_t>(h) * p.k1_stride;
+    const HeadMask all = AllHeads(p.G);
+    if (p.mode == 1) {
+      for (uint32_t j = threadIdx.x; j < k; j += NT) out[j] = flags[j] != 0 ? all : 0;
+    }
     if (threadIdx.x == 0) p.stats[h * kStatCount + kStatScored] = k * p.G;
     return;
   }

@@ -319,8 +319,11 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, NR <= 4 ? 4 : 2) SparseDeco
 // ---- the tensor-core split kernel ----
 //
 // The same blocks, shares and partial states as SparseDecodeSplitKernel, with
-// both products on tensor cores (mma.sync m16n8k16): the block's NQ (8 or 16)
-// query rows are the M side, so a KV row is read once for all of them.
+// both products on tensor cores (mma.sync m16n8k16) in transposed form, so
+// that 16 KV rows fill the M side and the block's NQ (8 or 16) query rows the
+// N side: S^T = K Q^T (A = 16 K rows, B = the queries), then O^T += V^T P^T
+// (A = 16 columns of V^T, B = P^T, whose fragment is the transpose of the S^T
+// accumulator's: movmatrix). A KV row is read once for all the query rows.
 // fp32 precision is kept by splitting the operands that are not stored
 // 16-bit: each query into kQueryTerms<T> 16-bit terms (bf16: 3, fp16: 2) and
 // each softmax weight into 2, every term multiplied and the products summed
@@ -328,12 +331,13 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, NR <= 4 ? 4 : 2) SparseDeco
 //
 // Operands are staged per lane, no ldmatrix: a dot product is the same sum
 // for any order of its terms, so the K fragment of lane (g = lane / 4,
-// t4 = lane % 4) is taken as 16-byte chunks 4u + t4 of K row g (and 8 + g)
+// t4 = lane % 4) is taken as 16-byte chunks 4u + t4 of K rows g and 8 + g,
 // and the query fragments are laid out to match (element e of the chunk
 // stands for k index 16 (2u + e / 4) + 2 t4 + e % 2 + 8 ((e / 2) % 2)). For
-// P.V the lane takes 16-byte chunks g + 8c of V rows 2 t4, 2 t4 + 1, 2 t4 + 8,
-// 2 t4 + 9 and pairs the rows' elements (prmt); output column n of n-tile
-// 8c + e then stands for column 8 (n + 8c) + e.
+// V^T the lane takes 16-byte chunks g + 8c of V rows 2 t4, 2 t4 + 1, 2 t4 + 8,
+// 2 t4 + 9 and pairs the rows' elements (prmt); its i-th element (i = 8c + e,
+// column 8 (g + 8c) + e) is row g of m-tile i, or row g + 8 of m-tile
+// i - D / 16.
 //
 // Each warp streams its rows through its own ring of kMmaStages stages in
 // shared memory (cp.async, 16 rows of K and V per stage): a lane reads back
@@ -346,6 +350,14 @@ template <typename T>
 inline constexpr int kQueryTerms = std::is_same_v<T, __half> ? 2 : 3;
 
 __device__ inline uint32_t Word(const uint4& v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
+
+// The transpose of an 8x8 matrix of 16-bit elements held as a warp's
+// accumulator-layout pairs (lane: row lane / 4, columns 2 (lane % 4) + {0, 1}).
+__device__ inline uint32_t Transpose8x8(uint32_t x) {
+  uint32_t y;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(y) : "r"(x));
+  return y;
+}
 
 // Dynamic shared memory of the tensor-core kernel: the query fragments, the
 // share's segments, then the warps' rings (reused for their final states).
@@ -363,15 +375,15 @@ struct MmaDecodeSmem {
 // the stored row of one of them, and the warp attends them 16 at a time.
 template <typename T, int D, int NQ>
 __global__ void __launch_bounds__(kDecodeWarps * 32, kMmaBlocksPerSm) SparseDecodeMmaKernel(DecodeParams p) {
-  static_assert(NQ == 8 || NQ == 16, "one m16 tile, half of it or all");
+  static_assert(NQ == 8 || NQ == 16, "one or two n8 tiles of query rows");
   using Smem = MmaDecodeSmem<T, D, NQ>;
   constexpr int kU = Smem::kU, kC = Smem::kC, kSlots = Smem::kSlots;
-  constexpr int kHalves = NQ / 8, kTerms = kQueryTerms<T>;
+  constexpr int kNT = NQ / 8, kTerms = kQueryTerms<T>, kMT = D / 16;
   const int h = blockIdx.x, split = blockIdx.y, q0 = blockIdx.z * NQ;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
   const int nq = min(NQ, p.rows - q0);
   extern __shared__ __align__(16) uint8_t dec_smem[];
-  auto s_q = reinterpret_cast<uint4(*)[kHalves][kU][32]>(dec_smem);  // [kTerms][kHalves][kU][lane]
+  auto s_q = reinterpret_cast<uint4(*)[kNT][kU][32]>(dec_smem);  // [kTerms][kNT][kU][lane]
   auto& seg = *reinterpret_cast<ShareSegments*>(dec_smem + Smem::kQuery);
   uint8_t* tail = dec_smem + Smem::kQuery + sizeof(ShareSegments);
   uint4* ring = reinterpret_cast<uint4*>(tail) + static_cast<size_t>(warp) * kMmaStages * kSlots * 32 + lane;
@@ -379,10 +391,10 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kMmaBlocksPerSm) SparseDeco
 
   WaitForPrevious();
   LetDependentsLaunch();
-  if (warp == 0) {
+  if (warp == 0) {  // query row 8 nt + g, chunks 4u + t4, as kTerms 16-bit terms
 #pragma unroll
-    for (int hh = 0; hh < kHalves; ++hh) {
-      const int r = g + 8 * hh;
+    for (int nt = 0; nt < kNT; ++nt) {
+      const int r = 8 * nt + g;
 #pragma unroll
       for (int u = 0; u < kU; ++u) {
         float x[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
@@ -396,7 +408,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kMmaBlocksPerSm) SparseDeco
 #pragma unroll
         for (int i = 0; i < 4; ++i) SplitPack2<T, kTerms>(x[2 * i], x[2 * i + 1], w[i]);
 #pragma unroll
-        for (int k = 0; k < kTerms; ++k) s_q[k][hh][u][lane] = make_uint4(w[0][k], w[1][k], w[2][k], w[3][k]);
+        for (int k = 0; k < kTerms; ++k) s_q[k][nt][u][lane] = make_uint4(w[0][k], w[1][k], w[2][k], w[3][k]);
       }
     }
   }
@@ -409,29 +421,29 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kMmaBlocksPerSm) SparseDeco
   __syncthreads();
   // The query fragments: in registers when they take at most 48 (8 query
   // rows), else read from shared memory at each use.
-  constexpr bool kQueryInRegs = kTerms * kHalves * kU <= 12;
-  uint4 qreg[kQueryInRegs ? kTerms : 1][kQueryInRegs ? kHalves : 1][kQueryInRegs ? kU : 1];
+  constexpr bool kQueryInRegs = kTerms * kNT * kU <= 12;
+  uint4 qreg[kQueryInRegs ? kTerms : 1][kQueryInRegs ? kNT : 1][kQueryInRegs ? kU : 1];
   if constexpr (kQueryInRegs) {
 #pragma unroll
     for (int k = 0; k < kTerms; ++k) {
 #pragma unroll
-      for (int hh = 0; hh < kHalves; ++hh) {
+      for (int nt = 0; nt < kNT; ++nt) {
 #pragma unroll
-        for (int u = 0; u < kU; ++u) qreg[k][hh][u] = s_q[k][hh][u][lane];
+        for (int u = 0; u < kU; ++u) qreg[k][nt][u] = s_q[k][nt][u][lane];
       }
     }
   }
-  auto qfrag = [&](int k, int hh, int u) -> uint4 {
+  auto qfrag = [&](int k, int nt, int u) -> uint4 {
     if constexpr (kQueryInRegs) {
-      return qreg[k][hh][u];
+      return qreg[k][nt][u];
     } else {
-      return s_q[k][hh][u][lane];
+      return s_q[k][nt][u][lane];
     }
   };
 
   const uint4* pages = reinterpret_cast<const uint4*>(p.pages);
   const uint32_t v_off = static_cast<uint32_t>(p.page_rows) * D / 8;  // V row after K row, 16-byte units
-  // Step j of the warp: rows [StepBase(j), + 16) of the share.
+  // Step j of the warp: rows [step_base(j), + 16) of the share.
   auto step_base = [&](int j) { return r0 + ((j / 2) * kDecodeWarps + warp) * 32 + 16 * (j % 2); };
   // Issuing: the lane's row of the current 32 (the share's last past its
   // end), as a K-row offset in 16-byte units from the layer's first page.
@@ -463,12 +475,16 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kMmaBlocksPerSm) SparseDeco
     }
   };
 
-  float o[D / 8][4];
+  // o[mt][nt]: O^T rows (columns of O) of m-tile mt, query rows 8 nt + 2 t4 + {0, 1}.
+  float o[kMT][kNT][4];
 #pragma unroll
-  for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
-  float m[kHalves], l[kHalves];
+  for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
-  for (int hh = 0; hh < kHalves; ++hh) m[hh] = -INFINITY, l[hh] = 0.f;
+    for (int nt = 0; nt < kNT; ++nt) o[mt][nt][0] = o[mt][nt][1] = o[mt][nt][2] = o[mt][nt][3] = 0.f;
+  }
+  float m[kNT][2], l[kNT][2];  // query rows 8 nt + 2 t4 + e
+#pragma unroll
+  for (int nt = 0; nt < kNT; ++nt) m[nt][0] = m[nt][1] = -INFINITY, l[nt][0] = l[nt][1] = 0.f;
 
 #pragma unroll
   for (int j = 0; j < kMmaStages - 1; ++j) {
@@ -493,120 +509,112 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kMmaBlocksPerSm) SparseDeco
 #pragma unroll
       for (int c = 0; c < kC; ++c) vr[i][c] = src[(2 * kU + i * kC + c) * 32];
     }
-    {
-      // S = Q K^T: sc[n][0..1] query row g, KV rows 8n + 2 t4 + {0, 1}; [2..3] row g + 8.
-      // One accumulator per query term: independent mma chains.
-      float sk[kTerms][2][4];
+    // S^T = K Q^T, one accumulator per query term (independent mma chains):
+    // sk[k][nt][0..1] KV row g, query rows 8 nt + 2 t4 + {0, 1}; [2..3] KV row g + 8.
+    float sk[kTerms][kNT][4];
 #pragma unroll
-      for (int k = 0; k < kTerms; ++k) {
+    for (int k = 0; k < kTerms; ++k) {
 #pragma unroll
-        for (int n = 0; n < 2; ++n) sk[k][n][0] = sk[k][n][1] = sk[k][n][2] = sk[k][n][3] = 0.f;
-      }
+      for (int nt = 0; nt < kNT; ++nt) sk[k][nt][0] = sk[k][nt][1] = sk[k][nt][2] = sk[k][nt][3] = 0.f;
+    }
 #pragma unroll
-      for (int u = 0; u < kU; ++u) {
+    for (int u = 0; u < kU; ++u) {
+#pragma unroll
+      for (int v = 0; v < 2; ++v) {
+        const uint32_t a[4] = {Word(kr[0][u], 2 * v), Word(kr[1][u], 2 * v), Word(kr[0][u], 2 * v + 1),
+                               Word(kr[1][u], 2 * v + 1)};
 #pragma unroll
         for (int k = 0; k < kTerms; ++k) {
-          const uint4 a0 = qfrag(k, 0, u), a1 = qfrag(k, kHalves - 1, u);
 #pragma unroll
-          for (int v = 0; v < 2; ++v) {
-            const uint32_t a[4] = {Word(a0, 2 * v), kHalves == 2 ? Word(a1, 2 * v) : 0u, Word(a0, 2 * v + 1),
-                                   kHalves == 2 ? Word(a1, 2 * v + 1) : 0u};
-#pragma unroll
-            for (int n = 0; n < 2; ++n) Mma<T>(sk[k][n], a, Word(kr[n][u], 2 * v), Word(kr[n][u], 2 * v + 1));
+          for (int nt = 0; nt < kNT; ++nt) {
+            const uint4 b = qfrag(k, nt, u);
+            Mma<T>(sk[k][nt], a, Word(b, 2 * v), Word(b, 2 * v + 1));
           }
         }
       }
-      float sc[2][4];
+    }
+    // Online softmax per query row: its 16 scores are in the 8 lanes of one
+    // t4 (KV rows g and g + 8).
+    const bool ok_lo = b16 + g < r1, ok_hi = b16 + g + 8 < r1;
+    uint32_t pb[kNT][2][2];  // P^T B fragments: [nt][KV rows 0-7 / 8-15][term]
 #pragma unroll
-      for (int n = 0; n < 2; ++n) {
+    for (int nt = 0; nt < kNT; ++nt) {
+      float sc[4];
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          sc[n][e] = sk[kTerms - 1][n][e];  // smallest terms first
+      for (int e = 0; e < 4; ++e) {
+        sc[e] = sk[kTerms - 1][nt][e];  // smallest terms first
 #pragma unroll
-          for (int k = kTerms - 2; k >= 0; --k) sc[n][e] += sk[k][n][e];
-        }
+        for (int k = kTerms - 2; k >= 0; --k) sc[e] += sk[k][nt][e];
       }
-      // Online softmax per query row (the row's 16 scores are in its 4 lanes).
+      if (!ok_lo) sc[0] = sc[1] = -INFINITY;
+      if (!ok_hi) sc[2] = sc[3] = -INFINITY;
 #pragma unroll
-      for (int hh = 0; hh < kHalves; ++hh) {
-        float mx = m[hh];
-#pragma unroll
-        for (int n = 0; n < 2; ++n) {
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            float& x = sc[n][2 * hh + e];
-            if (b16 + 8 * n + 2 * t4 + e >= r1) x = -INFINITY;
-            mx = fmaxf(mx, x);
-          }
-        }
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      for (int e = 0; e < 2; ++e) {
+        float mx = fmaxf(m[nt][e], fmaxf(sc[e], sc[2 + e]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
         // (Row b16 is in the share, so mx is finite.)
-        if (mx != m[hh]) {
-          const float alpha = __expf(m[hh] - mx);
-          l[hh] *= alpha;
+        if (mx != m[nt][e]) {
+          const float alpha = __expf(m[nt][e] - mx);
+          l[nt][e] *= alpha;
 #pragma unroll
-          for (int n = 0; n < D / 8; ++n) o[n][2 * hh] *= alpha, o[n][2 * hh + 1] *= alpha;
-          m[hh] = mx;
+          for (int mt = 0; mt < kMT; ++mt) o[mt][nt][e] *= alpha, o[mt][nt][2 + e] *= alpha;
+          m[nt][e] = mx;
         }
-#pragma unroll
-        for (int n = 0; n < 2; ++n) {
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            float& x = sc[n][2 * hh + e];
-            x = __expf(x - mx);
-            l[hh] += x;
-          }
-        }
+        sc[e] = __expf(sc[e] - mx);
+        sc[2 + e] = __expf(sc[2 + e] - mx);
+        l[nt][e] += sc[e] + sc[2 + e];
       }
-      // O += P V, P as two 16-bit terms.
-      uint32_t pa[4][2];
-      SplitPack2<T, 2>(sc[0][0], sc[0][1], pa[0]);
-      SplitPack2<T, 2>(sc[1][0], sc[1][1], pa[2]);
-      if (kHalves == 2) {
-        SplitPack2<T, 2>(sc[0][2], sc[0][3], pa[1]);
-        SplitPack2<T, 2>(sc[1][2], sc[1][3], pa[3]);
-      } else {
-        pa[1][0] = pa[1][1] = pa[3][0] = pa[3][1] = 0u;
+      uint32_t lo[2], hi[2];
+      SplitPack2<T, 2>(sc[0], sc[1], lo);
+      SplitPack2<T, 2>(sc[2], sc[3], hi);
+#pragma unroll
+      for (int k = 0; k < 2; ++k) {
+        pb[nt][0][k] = Transpose8x8(lo[k]);
+        pb[nt][1][k] = Transpose8x8(hi[k]);
       }
-      const uint32_t a_hi[4] = {pa[0][0], pa[1][0], pa[2][0], pa[3][0]};
-      const uint32_t a_lo[4] = {pa[0][1], pa[1][1], pa[2][1], pa[3][1]};
+    }
+    // O^T += V^T P^T, P as two 16-bit terms.
 #pragma unroll
-      for (int c = 0; c < kC; ++c) {
+    for (int mt = 0; mt < kMT; ++mt) {
+      const int i0 = mt, i1 = mt + kMT;  // the lane's elements for rows g and g + 8
+      const uint32_t s0 = i0 % 2 ? 0x7632u : 0x5410u, s1 = i1 % 2 ? 0x7632u : 0x5410u;
+      const int c0 = i0 / 8, w0 = (i0 % 8) / 2, c1 = i1 / 8, w1 = (i1 % 8) / 2;
+      const uint32_t a[4] = {__byte_perm(Word(vr[0][c0], w0), Word(vr[1][c0], w0), s0),
+                             __byte_perm(Word(vr[0][c1], w1), Word(vr[1][c1], w1), s1),
+                             __byte_perm(Word(vr[2][c0], w0), Word(vr[3][c0], w0), s0),
+                             __byte_perm(Word(vr[2][c1], w1), Word(vr[3][c1], w1), s1)};
 #pragma unroll
-        for (int e = 0; e < 8; ++e) {
-          const uint32_t sel = e % 2 ? 0x7632u : 0x5410u;
-          const uint32_t b0 = __byte_perm(Word(vr[0][c], e / 2), Word(vr[1][c], e / 2), sel);
-          const uint32_t b1 = __byte_perm(Word(vr[2][c], e / 2), Word(vr[3][c], e / 2), sel);
-          Mma<T>(o[8 * c + e], a_hi, b0, b1);
-          Mma<T>(o[8 * c + e], a_lo, b0, b1);
-        }
+      for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+        for (int k = 0; k < 2; ++k) Mma<T>(o[mt][nt], a, pb[nt][0][k], pb[nt][1][k]);
       }
     }
   }
-
   CpAsyncWait<0>();  // (none pending: the last issues were past the end)
 
-  // The warp's state into shared memory (columns as laid out above; the
-  // states take the rings' place once every warp is done), then the block's
-  // partial.
+  // The warp's state into shared memory (the states take the rings' place
+  // once every warp is done), then the block's partial.
   __syncthreads();
 #pragma unroll
-  for (int hh = 0; hh < kHalves; ++hh) {
-    float ll = l[hh];
-    ll += __shfl_xor_sync(0xffffffffu, ll, 1);
-    ll += __shfl_xor_sync(0xffffffffu, ll, 2);
-    const int r = g + 8 * hh;
-    if (t4 == 0) {
-      st.m[warp][r] = m[hh];
-      st.l[warp][r] = ll;
-    }
+  for (int nt = 0; nt < kNT; ++nt) {
 #pragma unroll
-    for (int c = 0; c < kC; ++c) {
+    for (int e = 0; e < 2; ++e) {
+      float ll = l[nt][e];
+      ll += __shfl_xor_sync(0xffffffffu, ll, 4);
+      ll += __shfl_xor_sync(0xffffffffu, ll, 8);
+      ll += __shfl_xor_sync(0xffffffffu, ll, 16);
+      const int r = 8 * nt + 2 * t4 + e;
+      if (g == 0) {
+        st.m[warp][r] = m[nt][e];
+        st.l[warp][r] = ll;
+      }
 #pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        st.acc[warp][r][8 * (2 * t4 + 8 * c) + e] = o[8 * c + e][2 * hh];
-        st.acc[warp][r][8 * (2 * t4 + 1 + 8 * c) + e] = o[8 * c + e][2 * hh + 1];
+      for (int mt = 0; mt < kMT; ++mt) {
+        const int i0 = mt, i1 = mt + kMT;
+        st.acc[warp][r][8 * (g + 8 * (i0 / 8)) + i0 % 8] = o[mt][nt][e];
+        st.acc[warp][r][8 * (g + 8 * (i1 / 8)) + i1 % 8] = o[mt][nt][2 + e];
       }
     }
   }

@@ -19,11 +19,15 @@
 //   the CPU's answer within 1e-2 / 3e-3; where a selection differs from the
 //   CPU's (16-bit centroids: near-boundary clusters trade places; a coarse
 //   cluster carries its children), the GPU's answer is as close to dense
-//   attention as the CPU's (relative L2 over the head's rows at most
-//   1.25x + 0.02 of the CPU's), and at most half of the heads differ (the
-//   rows in one set only are printed: with few clusters kept, two large
-//   ones of near-equal mass trading places leave near-disjoint sets, so no
-//   bound on them holds reliably);
+//   attention as the CPU's: not systematically further (summed over the
+//   differing heads of a context, relative L2 over the head's rows at most
+//   1.1x + 0.01 per head of the CPU's) and never grossly further (per head
+//   1.5x + 0.05: on random synthetic data one head's error is dominated by
+//   which near-equal clusters happen to be kept, and 1.25x + 0.02 per head
+//   failed about one run in five), and at most half of the heads differ
+//   (the rows in one set only are printed: with few clusters kept, two
+//   large ones of near-equal mass trading places leave near-disjoint sets,
+//   so no bound on them holds reliably);
 // - the device call: q / o in F32, F16, BF16, head- and token-major, LSE
 //   natural and base 2, against the host call (O within the output dtype's
 //   rounding); captured in a CUDA graph and replayed: bitwise the same;
@@ -221,6 +225,7 @@ class GpuEngineTest : public ::testing::Test {
     const ContextInfo& info = cpu->info();
     const int d = info.head_dim, nq = info.n_q_heads;
     int compared = 0, differing = 0, pf_compared = 0, pf_differing = 0;
+    double pf_err_cpu = 0, pf_err_gpu = 0;  // summed over the differing prefill heads
     for (int layer = 0; layer < info.n_layers; ++layer) {
       for (int T : Ts) {
         const std::vector<float> q = Queries(*cpu, layer, T);
@@ -281,7 +286,9 @@ class GpuEngineTest : public ::testing::Test {
               }
               const double ec = std::sqrt(dc / nd), eg = std::sqrt(dg / nd);
               std::printf("[ info ] %s head %d: error vs dense: CPU %.4f, GPU %.4f\n", what.c_str(), h, ec, eg);
-              EXPECT_LE(eg, 1.25 * ec + 0.02) << what << " head " << h;
+              EXPECT_LE(eg, 1.5 * ec + 0.05) << what << " head " << h;
+              pf_err_cpu += ec;
+              pf_err_gpu += eg;
             } else {
               // Only at the boundary: same rule, a near-equal amount kept.
               EXPECT_LE(std::llabs(rc - rg), std::max<int64_t>(64, rc / 50)) << what << " head " << h;
@@ -303,6 +310,7 @@ class GpuEngineTest : public ::testing::Test {
                 differing, compared, pf_differing, pf_compared);
     EXPECT_LE(differing * 20, compared) << "more than 5% of the selections differ";
     EXPECT_LE(pf_differing * 2, pf_compared) << "more than half of the prefill selections differ";
+    EXPECT_LE(pf_err_gpu, 1.1 * pf_err_cpu + 0.01 * pf_differing) << "prefill selections systematically worse";
   }
 
   static std::vector<QueryOptions> Configs() {
@@ -358,6 +366,15 @@ TEST_F(GpuEngineTest, MhaOddPagesEmptySelection) {
   c[3].mode = SelectionMode::kThreshold;
   c[3].threshold = 2.f;          // a probability above 1: nothing is kept
   Check("mha", {1, 5, 100}, c);  // 100: prefill over pages of 7 rows
+}
+
+// A GQA group of 16 query heads (Llama-3.1-405B's): the per-head keep masks
+// of the hierarchical and threshold rules past 8 bits, decode blocks of 16
+// query rows (T = 3: 48 rows per KV head) and prefill (T = 10: 160).
+TEST_F(GpuEngineTest, WideGroupOf16) {
+  KvSpec s{.n_layers = 1, .n_kv_heads = 2, .n_q_heads = 32, .n_tokens = 3000, .head_dim = 64, .q_window = 32};
+  Build("wide", s, BuildOptions());
+  Check("wide", {1, 3, 10}, Configs());
 }
 
 // Clusters of one token (fine_ratio 1) and of thousands (two clusters).
