@@ -8,11 +8,12 @@
 # to one results file and prints its summary.
 #
 #   scripts/gpu_check.sh [RESULTS_FILE] [--quick | --sanitize | --bench]
-#     --quick: the tests only (~2.5 minutes); --sanitize: memcheck and
-#     racecheck (~3 minutes); --bench: the benchmark (~5 minutes); none:
-#     all three (~11 minutes: longer than one device command may run, so
-#     with the device tool run the three modes as three commands, carry
-#     .device, e.g. "scripts/gpu_check.sh $OUT/tests.txt --quick").
+#     --quick: the tests only (~6 minutes on an H100: seven runs of the GPU
+#     tests); --sanitize: memcheck and racecheck (~5 minutes); --bench: the
+#     benchmark (~5 minutes); none: all three (~16 minutes: longer than one
+#     device command may run, so with the device tool run the three modes as
+#     three commands, carry .device, e.g. "scripts/gpu_check.sh
+#     $OUT/tests.txt --quick").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=${1:-gpu_check.txt}
