@@ -18,7 +18,7 @@ FLOP floor at the bf16 matrix-product rate measured in the same run).
 
 Prints one JSON object per line and a table. Usage (see docs/PERFORMANCE.md):
   python3 bench/gpu_compare.py --sqctl BIN --gpu-bench BIN [--tokens 32768,131072]
-      [--batch-contexts 32] [--prefill-T 2048] [--work DIR]
+      [--batch-contexts 32] [--prefill-T 2048] [--variant-env SQZ_GPU_DECODE_SIMT=1] [--work DIR]
 """
 import argparse
 import json
@@ -69,9 +69,9 @@ def time_graph(fn, iters=200):
     return e0.elapsed_time(e1) * 1e3 / iters
 
 
-def run(cmd):
+def run(cmd, env=None):
     print("+", " ".join(cmd), file=sys.stderr, flush=True)
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0:
         sys.exit(f"{cmd[0]} failed ({r.returncode}):\n{r.stderr}")
     return r.stdout
@@ -166,6 +166,9 @@ def main():
     ap.add_argument("--batch-contexts", type=int, default=0)
     ap.add_argument("--work", default="/tmp/sqz-bench")
     ap.add_argument("--iters", default="4", help="k-means iterations of the index build")
+    ap.add_argument("--variant-env", action="append", default=[], metavar="NAME=VALUE",
+                    help="also time our decode calls with this environment switch, in the same run "
+                    "(e.g. SQZ_GPU_DECODE_SIMT=1: the CUDA-core attention kernel); repeatable")
     ap.add_argument("--prefill-T", type=int, default=0,
                     help="also prefill with this many queries: ours, SDPA dense, FlexAttention at the budget")
     a = ap.parse_args()
@@ -181,12 +184,17 @@ def main():
                  "--queries", "1"])
             run([a.sqctl, "build-index", "--db", db, "--corpus", corpus, "--iters", a.iters, "--quiet"])
             print(f"# N={n}: synth + build {time.time() - t0:.1f} s", file=sys.stderr)
-        ours = [json.loads(x) for x in run([a.gpu_bench, "--db", db, "--context", "ctx_000", "--budgets",
-                                            str(a.budget)]).splitlines() if x.startswith("{")]
-        for o in ours:
-            o["N"] = n
-            print(json.dumps(o))
-        rows += ours
+        for variant in [""] + a.variant_env:
+            name, _, value = variant.partition("=")
+            env = dict(os.environ, **{name: value}) if variant else None
+            ours = [json.loads(x) for x in run([a.gpu_bench, "--db", db, "--context", "ctx_000", "--budgets",
+                                                str(a.budget)], env).splitlines() if x.startswith("{")]
+            for o in ours:
+                o["N"] = n
+                if variant and "config" in o:
+                    o["config"] += f" [{variant}]"
+                print(json.dumps(o))
+            rows += ours
 
         t = load_safetensors(f"{corpus}/ctx_000.safetensors", ["layers.0.k", "layers.0.v"])
         k = t["layers.0.k"].to(dev).unsqueeze(0)  # [1, 8, N, 128]

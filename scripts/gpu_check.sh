@@ -7,13 +7,14 @@
 # with T = 2048). Writes everything
 # to one results file and prints its summary.
 #
-#   scripts/gpu_check.sh [RESULTS_FILE] [--quick | --sanitize | --bench]
+#   scripts/gpu_check.sh [RESULTS_FILE] [--quick | --sanitize | --bench | --profile]
 #     --quick: the tests only (~6 minutes on an H100: seven runs of the GPU
 #     tests); --sanitize: memcheck and racecheck (~5 minutes); --bench: the
 #     benchmark (~5 minutes); none: all three (~16 minutes: longer than one
 #     device command may run, so with the device tool run the three modes as
 #     three commands, carry .device, e.g. "scripts/gpu_check.sh
-#     $OUT/tests.txt --quick").
+#     $OUT/tests.txt --quick"); --profile (not part of "all"): ncu's
+#     per-kernel times at N = 131072, both decode attention kernels.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=${1:-gpu_check.txt}
@@ -52,8 +53,27 @@ if [ "$MODE" = all ] || [ "$MODE" = --sanitize ]; then
 fi
 if [ "$MODE" = all ] || [ "$MODE" = --bench ]; then
   step "benchmark" python3 "$ROOT/bench/gpu_compare.py" --sqctl /tmp/sqz/bin/sqctl --gpu-bench /tmp/sqz/bin/gpu_bench \
-    --tokens 32768,131072 --iters 2 --prefill-T 2048
+    --tokens 32768,131072 --iters 2 --prefill-T 2048 --variant-env SQZ_GPU_DECODE_SIMT=1
   sed -n '/^# summary/,$p' "$RESULTS"
+fi
+if [ "$MODE" = --profile ]; then
+  # Per-kernel times and rates at N = 131072, budget 1/8 (dense, flat and
+  # hierarchical calls of one gpu_bench run; ncu locks the clocks, so times
+  # are ~1.25x the unprofiled ones).
+  DB=/tmp/sqz-bench/d131072
+  if [ ! -d $DB ]; then
+    mkdir -p /tmp/sqz-bench
+    /tmp/sqz/bin/sqctl synth --out /tmp/sqz-bench/c131072 --contexts 1 --tokens 131072 --layers 1 --kv-heads 8 \
+      --q-heads 32 --head-dim 128 --dtype BF16 --window 64 --queries 1 > /dev/null &&
+      /tmp/sqz/bin/sqctl build-index --db $DB --corpus /tmp/sqz-bench/c131072 --iters 2 --quiet
+  fi
+  for simt in 0 1; do
+    csv=/tmp/sqz-ncu-simt$simt.csv
+    (cd /tmp && env SQZ_GPU_DECODE_SIMT=$simt ncu --csv --page raw --metrics \
+      gpu__time_duration.sum,launch__grid_size,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,sm__warps_active.avg.pct_of_peak_sustained_active \
+      /tmp/sqz/bin/gpu_bench --db $DB --context ctx_000 --budgets 0.125 --iters 1 > $csv 2> /dev/null)
+    step "ncu per kernel, SQZ_GPU_DECODE_SIMT=$simt" python3 "$ROOT/bench/ncu_kernels.py" $csv
+  done
 fi
 echo "results: $RESULTS"
 exit $fail
