@@ -633,7 +633,7 @@ __global__ void __launch_bounds__(NT) SelectKernel(SelectParams p) {
   const uint32_t* sizes = p.sizes + base;
   uint32_t* keys = p.keys + static_cast<size_t>(h) * p.k_stride;
   uint8_t* flags = p.flags + static_cast<size_t>(h) * p.k_stride;
-  const uint8_t all_bits = 1;  // kept
+  constexpr uint8_t kKept = 1;  // flags: kept by some query head of the group
   WaitForPrevious();
   LetDependentsLaunch();
   if (p.staged) {
@@ -745,7 +745,7 @@ __global__ void __launch_bounds__(NT) SelectKernel(SelectParams p) {
         if (key != 0) {
           const int b = KeyBin(KeyValue(key), p.bin_lo);
           if (b > bstar) {
-            f = all_bits;
+            f = kKept;
           } else if (b == bstar) {
             const uint32_t c = atomicAdd(&s_ncand, 1u);
             if (c < p.max_candidates) {
@@ -767,7 +767,7 @@ __global__ void __launch_bounds__(NT) SelectKernel(SelectParams p) {
             const uint32_t kc = cand_key[c];
             if (kc > ki || (kc == ki && cand_id[c] < ii)) before += cand_size[c];
           }
-          if (before < remaining) flags[ii] = all_bits;
+          if (before < remaining) flags[ii] = kKept;
         }
       } else {
         rule = 2;
@@ -799,10 +799,10 @@ __global__ void __launch_bounds__(NT) SelectKernel(SelectParams p) {
           keep = before < rem;
           before += sizes[j];
         }
-        flags[j] = keep ? all_bits : 0;
+        flags[j] = keep ? kKept : 0;
       }
     } else if (rule == 0) {
-      for (uint32_t j = threadIdx.x; j < k; j += NT) flags[j] = all && keys[j] != 0 ? all_bits : 0;
+      for (uint32_t j = threadIdx.x; j < k; j += NT) flags[j] = all && keys[j] != 0 ? kKept : 0;
     }
   }
   __syncthreads();

@@ -110,6 +110,20 @@ __device__ inline void ShareRows(uint32_t total, int splits, int split, uint32_t
   r1 = min(total, r0 + per);
 }
 
+// Elements 8c .. 8c + 7 of query row `row` of head h (p.q, fp32, scaled),
+// or zeros when the row is past the call's rows (valid = false).
+template <int D>
+__device__ inline void LoadQueryChunk(const DecodeParams& p, int h, int row, int c, bool valid, float (&x)[8]) {
+  if (!valid) {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) x[e] = 0.f;
+    return;
+  }
+  const float4* qp = reinterpret_cast<const float4*>(p.q + (static_cast<size_t>(h) * p.rows + row) * D + c * 8);
+  const float4 a = qp[0], b = qp[1];
+  x[0] = a.x, x[1] = a.y, x[2] = a.z, x[3] = a.w, x[4] = b.x, x[5] = b.y, x[6] = b.z, x[7] = b.w;
+}
+
 // The segments of a block's share, staged in shared memory when they fit
 // (else read from global memory): first / before then index them from the
 // share's first segment. Returns their count; the caller synchronises the
@@ -202,18 +216,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, NR <= 4 ? 4 : 2) SparseDeco
 
   float qr[NR][8];
 #pragma unroll
-  for (int i = 0; i < NR; ++i) {
-    if (i < nq) {
-      const float4* qp =
-          reinterpret_cast<const float4*>(p.q + (static_cast<size_t>(h) * p.rows + q0 + i) * D + col * 8);
-      const float4 a = qp[0], b = qp[1];
-      qr[i][0] = a.x, qr[i][1] = a.y, qr[i][2] = a.z, qr[i][3] = a.w;
-      qr[i][4] = b.x, qr[i][5] = b.y, qr[i][6] = b.z, qr[i][7] = b.w;
-    } else {
-#pragma unroll
-      for (int e = 0; e < 8; ++e) qr[i][e] = 0.f;
-    }
-  }
+  for (int i = 0; i < NR; ++i) LoadQueryChunk<D>(p, h, q0 + i, col, i < nq, qr[i]);
   float m[NR], l[NR], acc[NR][8];
 #pragma unroll
   for (int i = 0; i < NR; ++i) {
@@ -397,13 +400,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kMmaBlocksPerSm) SparseDeco
       const int r = 8 * nt + g;
 #pragma unroll
       for (int u = 0; u < kU; ++u) {
-        float x[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-        if (r < nq) {
-          const float4* qp =
-              reinterpret_cast<const float4*>(p.q + (static_cast<size_t>(h) * p.rows + q0 + r) * D + (4 * u + t4) * 8);
-          const float4 a = qp[0], b = qp[1];
-          x[0] = a.x, x[1] = a.y, x[2] = a.z, x[3] = a.w, x[4] = b.x, x[5] = b.y, x[6] = b.z, x[7] = b.w;
-        }
+        float x[8];
+        LoadQueryChunk<D>(p, h, q0 + r, 4 * u + t4, r < nq, x);
         uint32_t w[4][kTerms];
 #pragma unroll
         for (int i = 0; i < 4; ++i) SplitPack2<T, kTerms>(x[2 * i], x[2 * i + 1], w[i]);
@@ -687,7 +685,8 @@ __global__ void __launch_bounds__(kMergeWarps * 32) SparseDecodeMergeKernel(Deco
 // Whether the tensor-core split kernel takes these parameters: not turned
 // off (p.simt) and the layer's pages addressable in 16-byte units by 32 bits.
 inline bool UseMmaDecode(const DecodeParams& p) {
-  return !p.simt && static_cast<double>(p.n_heads) * p.pages_per_head * p.page_bytes < 68719476736.0;
+  constexpr double kAddressable = 16.0 * 4294967296.0;  // 2^32 offsets of 16 bytes
+  return !p.simt && static_cast<double>(p.n_heads) * p.pages_per_head * p.page_bytes < kAddressable;
 }
 
 // Lets the tensor-core split kernels use their dynamic shared memory (once
@@ -714,12 +713,13 @@ cudaError_t LaunchSparseDecode(const DecodeParams& p, const DecodeOutput& out, c
   // (grid z).
   const bool mma = UseMmaDecode(p);
   const int per_block = DecodeRowsPerBlock(p.rows, mma);
-  void (*split)(DecodeParams) = mma ? (p.rows <= 8 ? SparseDecodeMmaKernel<T, D, 8> : SparseDecodeMmaKernel<T, D, 16>)
-                                : p.rows == 1 ? SparseDecodeSplitKernel<T, D, 1>
-                                : p.rows == 2 ? SparseDecodeSplitKernel<T, D, 2>
-                                : p.rows <= 4 ? SparseDecodeSplitKernel<T, D, 4>
-                                              : SparseDecodeSplitKernel<T, D, 8>;
-  const size_t smem = !mma ? 0 : p.rows <= 8 ? MmaDecodeSmem<T, D, 8>::kBytes : MmaDecodeSmem<T, D, 16>::kBytes;
+  void (*split)(DecodeParams) =
+      mma           ? (per_block == 8 ? SparseDecodeMmaKernel<T, D, 8> : SparseDecodeMmaKernel<T, D, 16>)
+      : p.rows == 1 ? SparseDecodeSplitKernel<T, D, 1>
+      : p.rows == 2 ? SparseDecodeSplitKernel<T, D, 2>
+      : p.rows <= 4 ? SparseDecodeSplitKernel<T, D, 4>
+                    : SparseDecodeSplitKernel<T, D, 8>;
+  const size_t smem = !mma ? 0 : per_block == 8 ? MmaDecodeSmem<T, D, 8>::kBytes : MmaDecodeSmem<T, D, 16>::kBytes;
   const cudaError_t e = LaunchKernel(pdl, split, dim3(p.n_heads, p.splits, (p.rows + per_block - 1) / per_block),
                                      dim3(kDecodeWarps * 32), smem, stream, p);
   if (e != cudaSuccess) return e;
