@@ -15,7 +15,11 @@ import sys
 
 
 def number(text):
-    return float(text.replace(",", "") or 0)
+    """A metric's value; 0 where ncu reports none (e.g. "No-CC")."""
+    try:
+        return float(text.replace(",", "") or 0)
+    except ValueError:
+        return 0.0
 
 
 def main(path):

@@ -13,6 +13,7 @@
 #include "gpu/streams.h"
 #include "prefill.cuh"
 #include "select.cuh"
+#include "select_cluster.cuh"
 #include "sparse_decode.cuh"
 #include "util/half.h"
 
@@ -159,6 +160,18 @@ class ResidentKvImpl final : public ResidentKv {
       // SQZ_GPU_SELECT_UNSTAGED=1 (tests): the global-memory path, as for
       // heads with more clusters than fit.
       select_stage_max_ = EnvIs("SQZ_GPU_SELECT_UNSTAGED", "1") ? 0 : avail;
+      // Decode selects heads of many clusters with ClusterSelectKernel (one
+      // launch, a cluster of blocks per head) while a block's share of a
+      // head's clusters fits (ClusterSelect). SQZ_GPU_SELECT_CLUSTER=1
+      // (tests, comparisons): for every decode call; =0: never.
+      SQZ_CUDA_TRY(cudaFuncGetAttributes(&attr, ClusterSelectKernel<kClusterSelectThreads>),
+                   "ClusterSelectKernel attributes");
+      const size_t cavail = static_cast<size_t>(optin) > attr.sharedSizeBytes ? optin - attr.sharedSizeBytes : 0;
+      SQZ_CUDA_TRY(cudaFuncSetAttribute(ClusterSelectKernel<kClusterSelectThreads>,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(cavail)),
+                   "ClusterSelectKernel shared memory");
+      cluster_select_max_ = EnvIs("SQZ_GPU_SELECT_CLUSTER", "0") ? 0 : cavail;
+      cluster_select_min_k_ = EnvIs("SQZ_GPU_SELECT_CLUSTER", "1") ? 0 : kClusterSelectMinClusters;
       // SQZ_GPU_SELECT_RADIX=1 (tests): the budget rule by radix select only.
       // SQZ_GPU_SELECT_CANDIDATES=0 (tests): the histogram rule finds its
       // boundary bin too full every time and hands over to the radix select.
@@ -466,7 +479,7 @@ class ResidentKvImpl final : public ResidentKv {
     sc.k_stride = sp.k_stride;
     sc.part_m = reinterpret_cast<float*>(ws + w.part_m);
     sc.part_l = reinterpret_cast<float*>(ws + w.part_l);
-    sc.hist = sp.hist;
+    sc.hist = nullptr;  // (zeroed by the scoring kernel for the two-kernel selection: set per level)
     if (cfg.mode == 0) {
       SQZ_CUDA_TRY(LaunchPrep(c, qf, H, G, D, cfg.scale, s), "launching the query conversion");
       SQZ_CUDA_TRY(LaunchKernel(pdl_, DenseSelectKernel<0>, dim3(H), dim3(32), 0, s, sp),
@@ -474,6 +487,7 @@ class ResidentKvImpl final : public ResidentKv {
     } else {
       SQZ_RETURN_IF_ERROR(SelectLevels(sp, cfg, s, [&](bool coarse) {
         SetLevel(&sc, coarse, cfg, sp, d_coarse_cent_, d_fine_cent_);
+        sc.hist = ClusterSelect(sp, coarse ? k1_max_ : k2_max_) ? nullptr : sp.hist;
         // (The coarse scoring is the call's first kernel: no PDL.)
         return LaunchScore(sc, coarse ? k1_max_ : k2_max_, c.dtype, s, !coarse && cfg.hierarchical && pdl_);
       }));
@@ -761,6 +775,10 @@ class ResidentKvImpl final : public ResidentKv {
   cudaError_t LaunchSelect(SelectParams sp, int k_max, cudaStream_t s) const {
     sp.n_chunks = std::max(1, (k_max + kChunkClusters - 1) / kChunkClusters);
     sp.n_parts = ScoreParts(k_max);
+    if (ClusterSelect(sp, k_max)) {
+      return LaunchKernel(pdl_, ClusterSelectKernel<kClusterSelectThreads>, dim3(kSelectCtas, shape_.n_heads),
+                          dim3(kClusterSelectThreads), ClusterSelectSmem(sp.k_stride), s, sp);
+    }
     cudaError_t e = LaunchKernel(pdl_, KeysKernel<kChunkClusters>, dim3(sp.n_chunks, shape_.n_heads),
                                  dim3(kChunkClusters), 0, s, sp);
     if (e != cudaSuccess) return e;
@@ -768,6 +786,19 @@ class ResidentKvImpl final : public ResidentKv {
     sp.staged = stage <= select_stage_max_;
     return LaunchKernel(pdl_, SelectKernel<kSelectThreads>, dim3(shape_.n_heads), dim3(kSelectThreads),
                         sp.staged ? stage : 0, s, sp);
+  }
+
+  // Whether a level's decode selection runs as ClusterSelectKernel (one
+  // launch, kSelectCtas blocks per head) rather than KeysKernel +
+  // SelectKernel (a block per head for the rule and compaction): for heads
+  // of at least kClusterSelectMinClusters clusters (k_max: the level's
+  // largest), where one block per head is the slower; not for prefill, not
+  // under the test switches of the two-kernel path, and only when a block's
+  // share of the clusters (of the k_stride laid out) fits in its shared
+  // memory.
+  bool ClusterSelect(const SelectParams& sp, int k_max) const {
+    return sp.pf_part == nullptr && !select_radix_ && max_candidates_ == kMaxCandidates &&
+           k_max >= cluster_select_min_k_ && ClusterSelectSmem(sp.k_stride) <= cluster_select_max_;
   }
 
   static int ScoreParts(int k_max) { return std::max(1, (k_max + kScoreChunk - 1) / kScoreChunk); }
@@ -802,8 +833,11 @@ class ResidentKvImpl final : public ResidentKv {
 
   int device_;
   int sm_count_ = 1;
-  size_t select_stage_max_ = 0;  // dynamic shared memory SelectKernel may stage in (opted in at Create)
-  bool select_radix_ = false;    // the budget rule without the histogram (tests)
+  size_t select_stage_max_ = 0;
+  size_t cluster_select_max_ = 0;  // dynamic shared memory ClusterSelectKernel may use (0: not used)
+  int cluster_select_min_k_ = 0;   // clusters per head from which it is used  // dynamic shared memory SelectKernel may
+                                   // stage in (opted in at Create)
+  bool select_radix_ = false;      // the budget rule without the histogram (tests)
   uint32_t max_candidates_ = kMaxCandidates;
   bool segments_unstaged_ = false;
   bool decode_simt_ = false;

