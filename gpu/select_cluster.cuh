@@ -37,7 +37,7 @@
 
 namespace sqz::gpu {
 
-inline constexpr int kSelectCtas = 8;           // thread blocks per head (a portable cluster size)
+inline constexpr int kSelectCtas = 8;  // thread blocks per head (a portable cluster size)
 inline constexpr int kClusterSelectThreads = 512;
 inline constexpr int kBinsPerCta = kKeyBins / kSelectCtas;  // the histogram range each block merges
 // The engine uses this kernel for heads of at least this many clusters (the
@@ -67,16 +67,16 @@ __global__ void __cluster_dims__(kSelectCtas, 1, 1) __launch_bounds__(NT, 1) Clu
     typename ScanC::TempStorage scanc;
   } tmp;
   __shared__ float row_lse[kMaxSelectRows];
-  __shared__ uint32_t hist[kKeyBins];  // this block's candidates' sizes per bin
+  __shared__ uint32_t hist[kKeyBins];       // this block's candidates' sizes per bin
   __shared__ uint32_t merged[kBinsPerCta];  // bins [rank * kBinsPerCta, ...) of the cluster's histogram
-  __shared__ unsigned long long s_ts;  // (candidates' total size << 32) + dot products, this block's
+  __shared__ unsigned long long s_ts;       // (candidates' total size << 32) + dot products, this block's
   __shared__ unsigned long long s_all_ts;
   __shared__ uint32_t s_ncand, s_remaining, s_range_sum;
   __shared__ int s_bstar;
   __shared__ CompactionScan s_ctot;
-  __shared__ uint32_t s_first, s_last;  // whether this block's first / last owned cluster is kept
-  __shared__ int s_rb;  // the block whose histogram range holds the boundary bin
-  __shared__ uint32_t s_above_rb;  // the candidates' sizes in the ranges above it
+  __shared__ uint32_t s_first, s_last;             // whether this block's first / last owned cluster is kept
+  __shared__ int s_rb;                             // the block whose histogram range holds the boundary bin
+  __shared__ uint32_t s_above_rb;                  // the candidates' sizes in the ranges above it
   __shared__ CompactionScan s_terms[kSelectCtas];  // every block's compaction terms (corrected)
   __shared__ uint32_t s_joins[kSelectCtas], s_lasts[kSelectCtas];
   extern __shared__ uint32_t dyn[];
@@ -133,8 +133,7 @@ __global__ void __cluster_dims__(kSelectCtas, 1, 1) __launch_bounds__(NT, 1) Clu
       if (p.coarse) p.coarse_keep[static_cast<size_t>(h) * p.k1_stride + j] = e.bits;
     }
   }
-  const unsigned long long ts =
-      Reduce64(tmp.reduce64).Sum((static_cast<unsigned long long>(weight) << 32) + scored);
+  const unsigned long long ts = Reduce64(tmp.reduce64).Sum((static_cast<unsigned long long>(weight) << 32) + scored);
   if (threadIdx.x == 0) s_ts = ts;
   cluster.sync();
 
