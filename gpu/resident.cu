@@ -468,6 +468,8 @@ class ResidentKvImpl final : public ResidentKv {
     sp.scored_div = static_cast<uint32_t>(T);
     ScoreParams sc;
     sc.q = c.q;
+    // (Rows of D elements are whole 16-byte chunks for every dtype and head_dim here.)
+    sc.q_vec = reinterpret_cast<uintptr_t>(c.q) % 16 == 0 && shape_.head_dim * DTypeSize(c.dtype) % 16 == 0;
     sc.token_major = c.token_major;
     sc.scale = cfg.scale;
     sc.qf = qf;

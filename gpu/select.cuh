@@ -169,6 +169,7 @@ struct ScoreParams {
   // token-major, and the softmax scale; block 0 of each head also writes
   // them converted (qf, [H][R][D] fp32, scaled) for the attention kernels.
   const void* q = nullptr;
+  bool q_vec = false;  // q 16-byte aligned (and rows of whole 16-byte chunks): read 16 bytes per thread
   bool token_major = false;
   float scale = 1.f;
   float* qf = nullptr;
@@ -198,6 +199,35 @@ inline constexpr float kKeySpan = 48.f;  // log-mass range the bins cover below 
 // Shared memory of the scoring kernel: the head's query rows and the chunk's scores.
 inline size_t ScoreSmemBytes(int R, int D) { return static_cast<size_t>(R) * (D + kScoreChunk) * sizeof(float); }
 
+// The scoring kernel's query rows: 16-byte chunk c (kQEl elements) of the
+// head's R rows, chunk c = r * (D / kQEl) + d / kQEl.
+template <typename E>
+inline constexpr int kQEl = 16 / static_cast<int>(sizeof(E));
+
+template <int D, typename E>
+__device__ inline uint4 LoadQueryVec(const ScoreParams& p, int h, int c) {
+  constexpr int kPerRow = D / kQEl<E>;
+  const int r = c / kPerRow;  // g * T + t
+  const int64_t src =
+      QueryIndex(static_cast<int64_t>(h) * p.G + r / p.T, r % p.T, (c % kPerRow) * kQEl<E>, p.H, p.G, p.T, D,
+                 p.token_major);
+  return *reinterpret_cast<const uint4*>(static_cast<const E*>(p.q) + src);
+}
+
+// Chunk c, converted and scaled, into the shared rows (and, from block 0 of
+// the head, the attention kernels' qf).
+template <int D, typename E>
+__device__ inline void StoreQueryVec(const ScoreParams& p, int h, int c, uint4 raw, float* sqf) {
+  const E* e = reinterpret_cast<const E*>(&raw);
+  float* qf = p.qf + static_cast<size_t>(h) * p.G * p.T * D;
+#pragma unroll
+  for (int i = 0; i < kQEl<E>; ++i) {
+    const float v = p.scale * LoadFloat(e + i);
+    sqf[c * kQEl<E> + i] = v;
+    if (blockIdx.x == 0) qf[c * kQEl<E> + i] = v;
+  }
+}
+
 // Grid (ceil(k_max / kScoreChunk), H), kScoreThreads threads: the scores of
 // a chunk of a level's clusters for every query row of the head (kScoreTpc
 // threads per centroid, adjacent threads reading adjacent 16 bytes, both
@@ -222,8 +252,15 @@ __global__ void __launch_bounds__(kScoreThreads, 4) ScoreKernel(ScoreParams p) {
   const uint32_t j0 = blockIdx.x * kScoreChunk;
   const int part = threadIdx.x % kScoreTpc, slot = threadIdx.x / kScoreTpc;
 
-  // The centroid loads first: they do not depend on the queries nor (flat)
-  // on the previous kernel.
+  // The queries' first 16-byte chunks first, then the centroids: neither
+  // depends on the previous kernel (the caller's q was written before the
+  // call's first kernel) nor (flat) on anything else, so their latencies
+  // overlap. (The rows were read element by element after the centroids: a
+  // third of the kernel's stall samples at 128K waited on them, results file
+  // 2026-11-25-cluster-select.txt.)
+  const int q_chunks = R * D / kQEl<E>;
+  uint4 q_first = make_uint4(0, 0, 0, 0);
+  if (p.q_vec && threadIdx.x < q_chunks) q_first = LoadQueryVec<D, E>(p, h, threadIdx.x);
   if (p.parent != nullptr) WaitForPrevious();  // the coarse stage's keep masks
   float4 cv[kPasses][kE4];
   HeadMask bits[kPasses];
@@ -250,14 +287,21 @@ __global__ void __launch_bounds__(kScoreThreads, 4) ScoreKernel(ScoreParams p) {
   WaitForPrevious();
   // The head's query rows, converted and scaled (row r = g * T + t).
   float* sqf = reinterpret_cast<float*>(sq);
-  float* qf = p.qf + static_cast<size_t>(h) * R * D;
-  for (int i = threadIdx.x; i < R * D; i += blockDim.x) {
-    const int r = i / D;  // g * T + t
-    const int64_t src =
-        QueryIndex(static_cast<int64_t>(h) * p.G + r / p.T, r % p.T, i % D, p.H, p.G, p.T, D, p.token_major);
-    const float v = p.scale * LoadFloat(static_cast<const E*>(p.q) + src);
-    sqf[i] = v;
-    if (blockIdx.x == 0) qf[i] = v;
+  if (p.q_vec) {
+    if (threadIdx.x < q_chunks) StoreQueryVec<D, E>(p, h, threadIdx.x, q_first, sqf);
+    for (int c = threadIdx.x + kScoreThreads; c < q_chunks; c += kScoreThreads) {
+      StoreQueryVec<D, E>(p, h, c, LoadQueryVec<D, E>(p, h, c), sqf);
+    }
+  } else {
+    float* qf = p.qf + static_cast<size_t>(h) * R * D;
+    for (int i = threadIdx.x; i < R * D; i += blockDim.x) {
+      const int r = i / D;  // g * T + t
+      const int64_t src =
+          QueryIndex(static_cast<int64_t>(h) * p.G + r / p.T, r % p.T, i % D, p.H, p.G, p.T, D, p.token_major);
+      const float v = p.scale * LoadFloat(static_cast<const E*>(p.q) + src);
+      sqf[i] = v;
+      if (blockIdx.x == 0) qf[i] = v;
+    }
   }
   if (blockIdx.x == 0 && p.hist != nullptr) {
     uint4* hz = reinterpret_cast<uint4*>(p.hist + static_cast<size_t>(h) * kKeyBins);

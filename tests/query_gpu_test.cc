@@ -33,7 +33,8 @@
 //   so no bound on them holds reliably);
 // - the device call: q / o in F32, F16, BF16, head- and token-major, LSE
 //   natural and base 2, against the host call (O within the output dtype's
-//   rounding); captured in a CUDA graph and replayed: bitwise the same;
+//   rounding); captured in a CUDA graph and replayed: bitwise the same; q
+//   not 16-byte aligned: bitwise the same;
 // - a batch of requests on different contexts equals the calls one by one;
 // - the device merge of (O, LSE) states equals the CPU merge.
 #include <gtest/gtest.h>
@@ -530,9 +531,10 @@ struct DeviceRun {
 class GpuDeviceCallTest : public GpuEngineTest {
  protected:
   // Runs args through AttendDevice (or a captured graph of it, replayed
-  // twice) from host q [heads, T, d].
+  // twice) from host q [heads, T, d]; `misaligned`: q one element past a
+  // 16-byte boundary (the scoring kernel's element-wise path).
   DeviceRun Run(const ContextHandle& h, int layer, int T, const std::vector<float>& q, const QueryOptions& qo, DType dt,
-                TensorLayout layout, bool base2, bool graph) {
+                TensorLayout layout, bool base2, bool graph, bool misaligned = false) {
     const ContextInfo& info = h.info();
     const int d = info.head_dim, heads = h.n_served_q_heads();
     const bool tm = layout == TensorLayout::kTokenMajor;
@@ -541,8 +543,10 @@ class GpuDeviceCallTest : public GpuEngineTest {
     size_t ws = 0;
     Status s = h.DeviceWorkspaceBytes(T, qo, &ws);
     EXPECT_TRUE(s.ok()) << s.ToString();
-    DevBuf dq(qb.size()), dout(qb.size()), dl(static_cast<size_t>(heads) * T * 4), dws(ws);
-    EXPECT_EQ(cudaMemcpy(dq.p, qb.data(), qb.size(), cudaMemcpyHostToDevice), cudaSuccess);
+    const size_t q_off = misaligned ? DTypeSize(dt) : 0;
+    DevBuf dq(qb.size() + 16), dout(qb.size()), dl(static_cast<size_t>(heads) * T * 4), dws(ws);
+    void* q_dev = static_cast<uint8_t*>(dq.p) + q_off;
+    EXPECT_EQ(cudaMemcpy(q_dev, qb.data(), qb.size(), cudaMemcpyHostToDevice), cudaSuccess);
     EXPECT_EQ(cudaMemset(dout.p, 0xff, qb.size()), cudaSuccess);  // NaN in every dtype
     EXPECT_EQ(cudaMemset(dl.p, 0xff, static_cast<size_t>(heads) * T * 4), cudaSuccess);
     cudaStream_t stream;
@@ -550,7 +554,7 @@ class GpuDeviceCallTest : public GpuEngineTest {
     DeviceAttendArgs a;
     a.layer = layer;
     a.T = T;
-    a.q = dq.p;
+    a.q = q_dev;
     a.o = dout.p;
     a.lse = static_cast<float*>(dl.p);
     a.dtype = dt;
@@ -633,6 +637,11 @@ TEST_F(GpuDeviceCallTest, DtypesLayoutsBase2AndGraphs) {
               const DeviceRun g = Run(*gpu_h, 1, T, qr, qo, dt, lay, base2, true);
               ASSERT_EQ(std::memcmp(g.o.data(), r.o.data(), r.o.size() * 4), 0) << what << ": graph replay differs";
               ASSERT_EQ(std::memcmp(g.lse.data(), r.lse.data(), r.lse.size() * 4), 0) << what;
+            }
+            if (!base2) {  // q not 16-byte aligned: the same answer, bit for bit
+              const DeviceRun m = Run(*gpu_h, 1, T, qr, qo, dt, lay, base2, false, true);
+              ASSERT_EQ(std::memcmp(m.o.data(), r.o.data(), r.o.size() * 4), 0) << what << ": misaligned q differs";
+              ASSERT_EQ(std::memcmp(m.lse.data(), r.lse.data(), r.lse.size() * 4), 0) << what;
             }
           }
         }
