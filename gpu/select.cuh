@@ -55,6 +55,8 @@ inline constexpr int kMaxSelectRows = 64;  // query rows per KV head (G * T) the
 // = 64) that kept a coarse cluster.
 using HeadMask = uint64_t;
 __host__ __device__ inline HeadMask AllHeads(int G) { return G >= 64 ? ~HeadMask{0} : (HeadMask{1} << G) - 1; }
+// The select kernels' flags: kept (by some query head of the group).
+inline constexpr uint8_t kKept = 1;
 inline constexpr int kScoreThreads = 256;
 inline constexpr int kSelectThreads = 512;
 inline constexpr uint32_t kMaxCandidates = 1024;  // clusters of the budget's boundary bin the select kernel ranks
@@ -208,9 +210,8 @@ template <int D, typename E>
 __device__ inline uint4 LoadQueryVec(const ScoreParams& p, int h, int c) {
   constexpr int kPerRow = D / kQEl<E>;
   const int r = c / kPerRow;  // g * T + t
-  const int64_t src =
-      QueryIndex(static_cast<int64_t>(h) * p.G + r / p.T, r % p.T, (c % kPerRow) * kQEl<E>, p.H, p.G, p.T, D,
-                 p.token_major);
+  const int64_t src = QueryIndex(static_cast<int64_t>(h) * p.G + r / p.T, r % p.T, (c % kPerRow) * kQEl<E>, p.H, p.G,
+                                 p.T, D, p.token_major);
   return *reinterpret_cast<const uint4*>(static_cast<const E*>(p.q) + src);
 }
 
@@ -666,6 +667,41 @@ __device__ inline void WriteHeadTail(const SelectParams& p, int h, uint32_t n_se
   st[kStatHeadRows] = head_rows;
 }
 
+// The budget rule's rows to reach: 0 (no budget), every candidate's (the
+// budget covers them all), else ceil(target) (integer sizes: sum >= target
+// <=> sum >= ceil(target)).
+__device__ inline uint32_t BudgetNeed(double target, uint32_t total) {
+  if (!(target > 0)) return 0;
+  if (static_cast<double>(total) <= target) return total;
+  return static_cast<uint32_t>(ceil(target));
+}
+
+// Against the boundary bin b*: clusters [0, n) (ids id0 + i) in higher bins
+// kept, in lower ones not, those in b* listed (while fewer than cap) for the
+// exact ranking, counted in *ncand. Strided over the block's threads.
+__device__ inline void MarkAgainstBin(const uint32_t* keys, const uint32_t* sizes, uint32_t n, uint32_t id0, int bstar,
+                                      float bin_lo, uint32_t cap, uint8_t* flags, uint32_t* ncand, uint32_t* cand_key,
+                                      uint32_t* cand_id, uint32_t* cand_size) {
+  for (uint32_t i = threadIdx.x; i < n; i += blockDim.x) {
+    const uint32_t key = keys[i];
+    uint8_t f = 0;
+    if (key != 0) {
+      const int b = KeyBin(KeyValue(key), bin_lo);
+      if (b > bstar) {
+        f = kKept;
+      } else if (b == bstar) {
+        const uint32_t c = atomicAdd(ncand, 1u);
+        if (c < cap) {
+          cand_key[c] = key;
+          cand_id[c] = id0 + i;
+          cand_size[c] = sizes[i];
+        }
+      }
+    }
+    flags[i] = f;
+  }
+}
+
 // Budget rule by radix select over the keys (0 = not a candidate): the
 // largest key K* with W(key > K*) < need <= W(key >= K*), W = sum of sizes;
 // ties at K* by id. Returns K* and, in *remaining, need - W(key > K*). The
@@ -769,7 +805,6 @@ __global__ void __launch_bounds__(NT) SelectKernel(SelectParams p) {
   const uint32_t* sizes = p.sizes + base;
   uint32_t* keys = p.keys + static_cast<size_t>(h) * p.k_stride;
   uint8_t* flags = p.flags + static_cast<size_t>(h) * p.k_stride;
-  constexpr uint8_t kKept = 1;  // flags: kept by some query head of the group
   WaitForPrevious();
   LetDependentsLaunch();
   if (p.staged) {
@@ -823,15 +858,7 @@ __global__ void __launch_bounds__(NT) SelectKernel(SelectParams p) {
   const uint32_t total = static_cast<uint32_t>(s_ts >> 32), scored = static_cast<uint32_t>(s_ts);
 
   if (p.mode == 1) {
-    const double target = p.target;
-    uint32_t need;
-    if (!(target > 0)) {
-      need = 0;
-    } else if (static_cast<double>(total) <= target) {
-      need = total;  // every candidate
-    } else {
-      need = static_cast<uint32_t>(ceil(target));  // integer sizes: sum >= target <=> sum >= ceil(target)
-    }
+    const uint32_t need = BudgetNeed(p.target, total);
     const bool all = need > 0 && need == total;
     // The rule: 0 none or every candidate kept; 1 through the histogram of
     // masses; 2 radix select over the keys (no histogram, or more candidates
@@ -875,24 +902,8 @@ __global__ void __launch_bounds__(NT) SelectKernel(SelectParams p) {
       const int bstar = s_bstar;
       // Clusters in higher bins are kept, in lower ones not; those in b* are
       // ranked exactly (key, then id) among themselves.
-      for (uint32_t j = threadIdx.x; j < k; j += NT) {
-        const uint32_t key = keys[j];
-        uint8_t f = 0;
-        if (key != 0) {
-          const int b = KeyBin(KeyValue(key), p.bin_lo);
-          if (b > bstar) {
-            f = kKept;
-          } else if (b == bstar) {
-            const uint32_t c = atomicAdd(&s_ncand, 1u);
-            if (c < p.max_candidates) {
-              cand_key[c] = key;
-              cand_id[c] = j;
-              cand_size[c] = sizes[j];
-            }
-          }
-        }
-        flags[j] = f;
-      }
+      MarkAgainstBin(keys, sizes, k, 0, bstar, p.bin_lo, p.max_candidates, flags, &s_ncand, cand_key, cand_id,
+                     cand_size);
       __syncthreads();
       const uint32_t n = s_ncand, remaining = shared_remaining;
       if (n <= p.max_candidates) {

@@ -96,7 +96,6 @@ __global__ void __cluster_dims__(kSelectCtas, 1, 1) __launch_bounds__(NT, 1) Clu
   uint32_t* cand_id = dyn + 3 * cap;
   uint32_t* cand_size = dyn + 4 * cap;
   uint8_t* s_flag = reinterpret_cast<uint8_t*>(dyn + 5 * cap);
-  constexpr uint8_t kKept = 1;
   const bool budget = p.mode == 1;
 
   WaitForPrevious();
@@ -163,15 +162,7 @@ __global__ void __cluster_dims__(kSelectCtas, 1, 1) __launch_bounds__(NT, 1) Clu
 
   // 2. Budget: the rule over the cluster's candidates.
   if (budget) {
-    const double target = p.target;
-    uint32_t need;
-    if (!(target > 0)) {
-      need = 0;
-    } else if (static_cast<double>(total) <= target) {
-      need = total;  // every candidate
-    } else {
-      need = static_cast<uint32_t>(ceil(target));  // integer sizes: sum >= target <=> sum >= ceil(target)
-    }
+    const uint32_t need = BudgetNeed(p.target, total);
     const bool all = need > 0 && need == total;
     if (need > 0 && !all) {  // (the same branch in every block of the cluster: cluster totals)
       // The boundary bin b*: W(bins > b*) < need <= W(bins >= b*). First
@@ -203,22 +194,7 @@ __global__ void __cluster_dims__(kSelectCtas, 1, 1) __launch_bounds__(NT, 1) Clu
       }
       __syncthreads();
       const int bstar = s_bstar;
-      for (uint32_t i = threadIdx.x; i < n; i += NT) {
-        const uint32_t key = s_key[i];
-        uint8_t f = 0;
-        if (key != 0) {
-          const int b = KeyBin(KeyValue(key), p.bin_lo);
-          if (b > bstar) {
-            f = kKept;
-          } else if (b == bstar) {
-            const uint32_t c = atomicAdd(&s_ncand, 1u);
-            cand_key[c] = key;
-            cand_id[c] = c0 + i;
-            cand_size[c] = s_size[i];
-          }
-        }
-        s_flag[i] = f;
-      }
+      MarkAgainstBin(s_key, s_size, n, c0, bstar, p.bin_lo, n, s_flag, &s_ncand, cand_key, cand_id, cand_size);
       cluster.sync();
       // A warp per listed cluster: the sizes of the boundary bin's clusters
       // ordered before it (every block's list), kept while < remaining.
