@@ -8,9 +8,9 @@
 # to one results file and prints its summary.
 #
 #   scripts/gpu_check.sh [RESULTS_FILE] [--quick | --sanitize | --bench | --profile]
-#     --quick: the tests only (~6 minutes on an H100: seven runs of the GPU
+#     --quick: the tests only (~7.5 minutes on an H100: eight runs of the GPU
 #     tests); --sanitize: memcheck and racecheck (~5 minutes); --bench: the
-#     benchmark (~5 minutes); none: all three (~16 minutes: longer than one
+#     benchmark (~5 minutes); none: all three (~18 minutes: longer than one
 #     device command may run, so with the device tool run the three modes as
 #     three commands, carry .device, e.g. "scripts/gpu_check.sh
 #     $OUT/tests.txt --quick"); --profile (not part of "all"): ncu's
