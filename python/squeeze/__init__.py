@@ -22,7 +22,12 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Iterable, Sequence
 
-from . import _core
+# libgomp (loaded with _core, through FAISS) reads its wait policy when it is
+# loaded: passive waiting keeps its idle threads off the cores OpenBLAS's
+# threads need during index builds (as sqctl does; docs/PERFORMANCE.md).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from . import _core  # noqa: E402
 from ._core import (  # noqa: F401  (re-exported)
     AbortedError,
     AlreadyExistsError,
