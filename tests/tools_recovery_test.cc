@@ -378,7 +378,8 @@ TEST_F(SqctlDamage, DamagedDataFileHitsOnlyItsContext) {
 // the closed database in turn (every file type: table files of the four
 // families, MANIFEST, CURRENT, OPTIONS, IDENTITY, SQUEEZE), then of random
 // files: SQZ_CORRUPTION_FLIPS flips in all (default: one per file; set it
-// higher for a long run; the seed is printed). Whatever is hit: no command
+// higher for a long run; the seed is printed, SQZ_CORRUPTION_SEED replays
+// it). Whatever is hit: no command
 // crashes or hangs, every answer given equals the undamaged one, a list is
 // never short, a flip in one context's table file leaves every other context
 // answering (containment), and repair recovers every context or reports it
@@ -402,7 +403,9 @@ TEST_F(SqctlDamage, RandomByteFlipsNeverGiveAWrongAnswer) {
   }
   const char* env = std::getenv("SQZ_CORRUPTION_FLIPS");
   const int flips = env ? std::atoi(env) : static_cast<int>(files.size());
-  const uint64_t seed = std::random_device()();
+  // SQZ_CORRUPTION_SEED: replay a printed seed.
+  const char* seed_env = std::getenv("SQZ_CORRUPTION_SEED");
+  const uint64_t seed = seed_env ? std::strtoull(seed_env, nullptr, 10) : std::random_device()();
   std::printf("[ info ] %d flips over %zu files, seed %llu\n", flips, files.size(),
               static_cast<unsigned long long>(seed));
   std::mt19937_64 rng(seed);
