@@ -122,6 +122,17 @@ cudaError_t LaunchDecodeAny(const DecodeParams& p, const DecodeOutput& out, DTyp
   });
 }
 
+// Lets `kernel` use all the dynamic shared memory a block may opt in to
+// (`optin`), less what it declares statically; *avail: that amount.
+template <typename Kernel>
+cudaError_t OptInSmem(Kernel kernel, int optin, size_t* avail) {
+  cudaFuncAttributes attr{};
+  const cudaError_t e = cudaFuncGetAttributes(&attr, kernel);
+  if (e != cudaSuccess) return e;
+  *avail = static_cast<size_t>(optin) > attr.sharedSizeBytes ? optin - attr.sharedSizeBytes : 0;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(*avail));
+}
+
 class ResidentKvImpl final : public ResidentKv {
  public:
   ResidentKvImpl(int device, const ResidentShape& shape) : device_(device), shape_(shape) {}
@@ -151,12 +162,8 @@ class ResidentKvImpl final : public ResidentKv {
       int optin = 0;
       SQZ_CUDA_TRY(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device_),
                    "shared memory per block");
-      cudaFuncAttributes attr{};
-      SQZ_CUDA_TRY(cudaFuncGetAttributes(&attr, SelectKernel<kSelectThreads>), "SelectKernel attributes");
-      const size_t avail = static_cast<size_t>(optin) > attr.sharedSizeBytes ? optin - attr.sharedSizeBytes : 0;
-      SQZ_CUDA_TRY(cudaFuncSetAttribute(SelectKernel<kSelectThreads>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(avail)),
-                   "SelectKernel shared memory");
+      size_t avail = 0, cavail = 0;
+      SQZ_CUDA_TRY(OptInSmem(SelectKernel<kSelectThreads>, optin, &avail), "SelectKernel shared memory");
       // SQZ_GPU_SELECT_UNSTAGED=1 (tests): the global-memory path, as for
       // heads with more clusters than fit.
       select_stage_max_ = EnvIs("SQZ_GPU_SELECT_UNSTAGED", "1") ? 0 : avail;
@@ -164,11 +171,7 @@ class ResidentKvImpl final : public ResidentKv {
       // launch, a cluster of blocks per head) while a block's share of a
       // head's clusters fits (ClusterSelect). SQZ_GPU_SELECT_CLUSTER=1
       // (tests, comparisons): for every decode call; =0: never.
-      SQZ_CUDA_TRY(cudaFuncGetAttributes(&attr, ClusterSelectKernel<kClusterSelectThreads>),
-                   "ClusterSelectKernel attributes");
-      const size_t cavail = static_cast<size_t>(optin) > attr.sharedSizeBytes ? optin - attr.sharedSizeBytes : 0;
-      SQZ_CUDA_TRY(cudaFuncSetAttribute(ClusterSelectKernel<kClusterSelectThreads>,
-                                        cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(cavail)),
+      SQZ_CUDA_TRY(OptInSmem(ClusterSelectKernel<kClusterSelectThreads>, optin, &cavail),
                    "ClusterSelectKernel shared memory");
       cluster_select_max_ = EnvIs("SQZ_GPU_SELECT_CLUSTER", "0") ? 0 : cavail;
       cluster_select_min_k_ = EnvIs("SQZ_GPU_SELECT_CLUSTER", "1") ? 0 : kClusterSelectMinClusters;
@@ -468,8 +471,7 @@ class ResidentKvImpl final : public ResidentKv {
     sp.scored_div = static_cast<uint32_t>(T);
     ScoreParams sc;
     sc.q = c.q;
-    // (Rows of D elements are whole 16-byte chunks for every dtype and head_dim here.)
-    sc.q_vec = reinterpret_cast<uintptr_t>(c.q) % 16 == 0 && shape_.head_dim * DTypeSize(c.dtype) % 16 == 0;
+    sc.q_vec = reinterpret_cast<uintptr_t>(c.q) % 16 == 0;
     sc.token_major = c.token_major;
     sc.scale = cfg.scale;
     sc.qf = qf;
@@ -481,7 +483,6 @@ class ResidentKvImpl final : public ResidentKv {
     sc.k_stride = sp.k_stride;
     sc.part_m = reinterpret_cast<float*>(ws + w.part_m);
     sc.part_l = reinterpret_cast<float*>(ws + w.part_l);
-    sc.hist = nullptr;  // (zeroed by the scoring kernel for the two-kernel selection: set per level)
     if (cfg.mode == 0) {
       SQZ_CUDA_TRY(LaunchPrep(c, qf, H, G, D, cfg.scale, s), "launching the query conversion");
       SQZ_CUDA_TRY(LaunchKernel(pdl_, DenseSelectKernel<0>, dim3(H), dim3(32), 0, s, sp),
@@ -835,10 +836,9 @@ class ResidentKvImpl final : public ResidentKv {
 
   int device_;
   int sm_count_ = 1;
-  size_t select_stage_max_ = 0;
+  size_t select_stage_max_ = 0;    // dynamic shared memory SelectKernel may stage in (opted in at Create)
   size_t cluster_select_max_ = 0;  // dynamic shared memory ClusterSelectKernel may use (0: not used)
-  int cluster_select_min_k_ = 0;   // clusters per head from which it is used  // dynamic shared memory SelectKernel may
-                                   // stage in (opted in at Create)
+  int cluster_select_min_k_ = 0;   // clusters per head from which it is used
   bool select_radix_ = false;      // the budget rule without the histogram (tests)
   uint32_t max_candidates_ = kMaxCandidates;
   bool segments_unstaged_ = false;

@@ -171,7 +171,7 @@ struct ScoreParams {
   // token-major, and the softmax scale; block 0 of each head also writes
   // them converted (qf, [H][R][D] fp32, scaled) for the attention kernels.
   const void* q = nullptr;
-  bool q_vec = false;  // q 16-byte aligned (and rows of whole 16-byte chunks): read 16 bytes per thread
+  bool q_vec = false;  // q 16-byte aligned: read 16 bytes per thread
   bool token_major = false;
   float scale = 1.f;
   float* qf = nullptr;
@@ -208,6 +208,7 @@ inline constexpr int kQEl = 16 / static_cast<int>(sizeof(E));
 
 template <int D, typename E>
 __device__ inline uint4 LoadQueryVec(const ScoreParams& p, int h, int c) {
+  static_assert(D % kQEl<E> == 0, "a query row is whole 16-byte chunks");
   constexpr int kPerRow = D / kQEl<E>;
   const int r = c / kPerRow;  // g * T + t
   const int64_t src = QueryIndex(static_cast<int64_t>(h) * p.G + r / p.T, r % p.T, (c % kPerRow) * kQEl<E>, p.H, p.G,

@@ -44,15 +44,16 @@ inline constexpr int kBinsPerCta = kKeyBins / kSelectCtas;  // the histogram ran
 // two-kernel path is faster below: docs/results/2026-11-25-cluster-select.txt).
 inline constexpr int kClusterSelectMinClusters = 8192;
 
-// Dynamic shared memory per block for heads of up to k_max clusters: per
-// owned cluster its key, size, candidate entry (key, id, size) and flag.
-inline size_t ClusterSelectSmem(int k_max) {
-  const size_t span = (static_cast<size_t>(k_max) + kSelectCtas - 1) / kSelectCtas;
+// Dynamic shared memory per block for arrays laid out for k_stride clusters
+// per head: per owned cluster its key, size, candidate entry (key, id, size)
+// and flag.
+inline size_t ClusterSelectSmem(int k_stride) {
+  const size_t span = (static_cast<size_t>(k_stride) + kSelectCtas - 1) / kSelectCtas;
   return span * (5 * sizeof(uint32_t) + 1);
 }
 
 // Grid (kSelectCtas, H), kClusterSelectThreads threads, clusters of
-// kSelectCtas blocks along x, ClusterSelectSmem(k_max) dynamic shared memory.
+// kSelectCtas blocks along x, ClusterSelectSmem(p.k_stride) dynamic shared memory.
 template <int NT>
 __global__ void __cluster_dims__(kSelectCtas, 1, 1) __launch_bounds__(NT, 1) ClusterSelectKernel(SelectParams p) {
   namespace cg = cooperative_groups;
