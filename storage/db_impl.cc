@@ -125,6 +125,32 @@ class CompactionListener final : public rocksdb::EventListener {
 
 }  // namespace
 
+namespace {
+
+// The writer's MANIFEST (named by CURRENT) and its length: they change with
+// every change to the set of table files and write-ahead logs (a flush, a
+// compaction, a read-write open).
+std::string ManifestState(const std::string& path) {
+  std::ifstream current(path + "/CURRENT");
+  std::string name;
+  std::getline(current, name);
+  std::error_code ec;
+  const uintmax_t size = std::filesystem::file_size(path + "/" + name, ec);
+  return name + ":" + (ec ? std::string("?") : std::to_string(size));
+}
+
+// The table files in `dir` ("000041.sst"); empty if it cannot be listed.
+std::vector<std::string> ListTableFiles(const std::string& dir) {
+  std::vector<std::string> names, tables;
+  if (!ListDir(dir, &names).ok()) return tables;
+  for (auto& n : names) {
+    if (n.size() > 4 && n.compare(n.size() - 4, 4, ".sst") == 0) tables.push_back(std::move(n));
+  }
+  return tables;
+}
+
+}  // namespace
+
 // Crash-test hook: with SQZ_KILL_POINT=<name> in the environment the process
 // dies (SIGKILL, no cleanup) when it reaches that point. The kill tests
 // (tests/query_snapshot_test.cc) use it to crash between a build's records
@@ -374,6 +400,17 @@ rocksdb::Status DBImpl::OpenRocks(bool fresh_dir, bool paranoid, OpenMode mode, 
   dbo.info_log_level = rocksdb::InfoLogLevel::WARN_LEVEL;
   dbo.keep_log_file_num = 2;
   const std::vector<rocksdb::ColumnFamilyDescriptor> descs = ColumnFamilies(cache_);
+  // Read-only instances: what is on disk before RocksDB reads the MANIFEST
+  // (FindLostCommits). A table file listed here was written before the
+  // version this instance reads, so a writer's flush or compaction that had
+  // not reached the MANIFEST by then either reaches it while this instance
+  // opens (`moved`) or leaves its inputs (table files, write-ahead logs) in
+  // place for this instance to read.
+  std::string manifest_before;
+  if (mode != OpenMode::kReadWrite) {
+    v->tables_listed = ListTableFiles(path_);
+    manifest_before = ManifestState(path_);
+  }
   rocksdb::DB* raw = nullptr;
   rocksdb::Status s;
   if (mode == OpenMode::kReadWrite) {
@@ -382,10 +419,12 @@ rocksdb::Status DBImpl::OpenRocks(bool fresh_dir, bool paranoid, OpenMode mode, 
   } else {
     // Read-only instances write nothing, not even a log, and need every
     // table file open from the start so that files the writer deletes later
-    // stay readable.
-    dbo.max_open_files = -1;
+    // stay readable. A probe reads the version and a few records, and is
+    // closed at once: it opens table files only as it reads them (RocksDB's
+    // smallest table cache).
+    dbo.max_open_files = mode == OpenMode::kProbe ? 20 : -1;
     dbo.info_log = std::make_shared<NullLogger>();
-    if (mode == OpenMode::kReadOnly) {
+    if (mode == OpenMode::kReadOnly || mode == OpenMode::kProbe) {
       s = RetryWhileRacingWriter([&] {
         v->handles.clear();
         return rocksdb::DB::OpenForReadOnly(dbo, path_, descs, &v->handles, &raw);
@@ -411,6 +450,7 @@ rocksdb::Status DBImpl::OpenRocks(bool fresh_dir, bool paranoid, OpenMode mode, 
   }
   if (!s.ok()) return s;
   v->SetDb(raw);
+  if (mode != OpenMode::kReadWrite) v->moved = ManifestState(path_) != manifest_before;
   return s;
 }
 
@@ -435,6 +475,7 @@ Status DBImpl::OpenView(bool fresh_dir, std::shared_ptr<RocksView>* out) {
     SQZ_RETURN_IF_ERROR(OpenDegraded(out, &found));
     return found ? Status::OK() : s;
   }
+  if (!fresh_dir) SQZ_RETURN_IF_ERROR(ProbeBeforeReadWriteOpen());
   auto v = std::make_shared<RocksView>();
   const rocksdb::Status s = OpenRocks(fresh_dir, /*paranoid=*/true, OpenMode::kReadWrite, v.get());
   if (!s.ok() && s.IsIOError() && IsLockHeld(s.ToString())) {
@@ -517,6 +558,7 @@ Status DBImpl::FindDamagedTables(std::shared_ptr<RocksView>* probe_out) {
     for (const auto& m : metadata) list += (list.empty() ? "" : "; ") + m;
     return Damaged(Status::Corruption(path_ + ": table file " + list + ", which every context needs"), path_);
   }
+  SQZ_RETURN_IF_ERROR(CheckLostCommits(probe.get()));
   *probe_out = std::move(probe);
   return Status::OK();
 }
@@ -554,18 +596,6 @@ Status DBImpl::OpenDegraded(std::shared_ptr<RocksView>* out, bool* found) {
 
 namespace {
 
-// The writer's MANIFEST (named by CURRENT) and its length: they change with
-// every change to the set of table files and write-ahead logs (a flush, a
-// compaction, a read-write open).
-std::string ManifestState(const std::string& path) {
-  std::ifstream current(path + "/CURRENT");
-  std::string name;
-  std::getline(current, name);
-  std::error_code ec;
-  const uintmax_t size = std::filesystem::file_size(path + "/" + name, ec);
-  return name + ":" + (ec ? std::string("?") : std::to_string(size));
-}
-
 std::mutex view_retry_hook_mu;
 std::function<void()> view_retry_hook;
 
@@ -592,10 +622,9 @@ void SetViewRetryHookForTest(std::function<void()> hook) {
 // whole.
 Status DBImpl::OpenSecondary(std::shared_ptr<RocksView>* out, bool* moved) {
   auto v = std::make_shared<RocksView>();
-  const std::string before = ManifestState(path_);
   const rocksdb::Status s = OpenRocks(false, /*paranoid=*/true, OpenMode::kSecondary, v.get());
   if (!s.ok()) return Damaged(FromRocks(s, path_ + ": cannot open the database"), path_);
-  *moved = ManifestState(path_) != before;
+  *moved = v->moved;
   SQZ_RETURN_IF_ERROR(Damaged(CheckFormatVersion(v.get(), false), path_));
   *out = std::move(v);
   return Status::OK();
@@ -645,6 +674,9 @@ Status DBImpl::OpenConsistentSecondary(std::shared_ptr<RocksView>* out) {
                                    "open (50 attempts); try again");
       continue;
     }
+    // (Before CheckComplete: a lost commit can also show as a manifest copy
+    // without its manifest, which a new view does not settle.)
+    SQZ_RETURN_IF_ERROR(CheckLostCommits(v.get()));
     SQZ_RETURN_IF_ERROR(CheckComplete(v.get(), &incomplete));
     if (incomplete.ok()) {
       *out = std::move(v);
@@ -888,6 +920,185 @@ Status DBImpl::CheckManifestsAgainstCopies(RocksView* v, std::set<uint64_t>* ids
     }
   }
   return Status::OK();
+}
+
+// The case this catches (docs/RELIABILITY.md, found by the random damage
+// test): a flipped byte made a MANIFEST record's length run past the end of
+// the file; RocksDB's log reader takes that for a write torn by a crash and
+// drops the record and every later version edit without an error, so the
+// database opened at an older version, listed too few contexts with exit 0,
+// and the next read-write open would have deleted the lost contexts' table
+// files as obsolete. Their files are still in the directory, unreferenced,
+// and hold each lost context's manifest: its record in the manifest family
+// and its copy in the index family (both written by its commit batch, so
+// present only for a committed context).
+//
+// A manifest in an unreferenced file proves a loss only if nothing else can
+// explain it. The version explains it when it holds the context's name at
+// that id or a newer one (the file is older: an unfinished compaction's
+// output, or the file of a replaced version not yet deleted), or a reclaim
+// marker for the id (dropped or replaced; its reclaim not done). Otherwise
+// either the id was reserved after the version (at or above its id counter,
+// which every id passes before any record is written), or the version still
+// holds records of the id. A finished drop or replace leaves neither (the
+// counter stays above the id; the reclaim removes every record before its
+// marker goes), so such a context's manifest in a file not yet deleted
+// proves nothing. An unfinished flush writes what the write-ahead log also
+// holds (the commit batch), or records without a manifest (a build's).
+Status DBImpl::FindLostCommits(RocksView* v, std::vector<LostCommit>* lost) {
+  lost->clear();
+  // (A writer changed the files while `v` opened: its version may be older
+  // than some listed file. A writer that is running passed this check at its
+  // own open.)
+  if (v->moved || v->tables_listed.empty()) return Status::OK();
+  std::set<std::string> referenced;
+  {
+    std::vector<rocksdb::LiveFileMetaData> md;
+    v->db->GetLiveFilesMetaData(&md);
+    for (const auto& f : md) referenced.insert(f.name.substr(f.name.find_last_of('/') + 1));
+  }
+  std::vector<std::string> unreferenced;
+  for (const auto& t : v->tables_listed) {
+    if (!referenced.count(t)) unreferenced.push_back(t);
+  }
+  if (unreferenced.empty()) return Status::OK();
+
+  // What the version holds: the committed names, the reclaim markers and the
+  // id counter.
+  std::map<std::string, uint64_t> committed;
+  {
+    std::unique_ptr<rocksdb::Iterator> it(v->db->NewIterator(rocksdb::ReadOptions(), v->cf_manifest));
+    for (it->SeekToFirst(); it->Valid(); it->Next()) {
+      ContextInfo info;
+      if (DecodeManifest(it->value().ToStringView(), "manifest", &info).ok()) committed[info.name] = info.id;
+    }
+    SQZ_RETURN_IF_ERROR(Damaged(FromRocks(it->status(), path_ + ": scanning manifests"), path_));
+  }
+  std::set<uint64_t> markers;
+  {
+    std::unique_ptr<rocksdb::Iterator> it(v->db->NewIterator(rocksdb::ReadOptions(), v->cf_default));
+    for (it->Seek(kReclaimPrefix); it->Valid() && it->key().starts_with(kReclaimPrefix); it->Next()) {
+      uint64_t id = 0;
+      if (DecodeReclaimKey(it->key().ToStringView(), &id)) markers.insert(id);
+    }
+    SQZ_RETURN_IF_ERROR(Damaged(FromRocks(it->status(), path_ + ": scanning reclaim markers"), path_));
+  }
+  uint64_t next = 1;  // (no counter: no id was ever reserved in this version)
+  {
+    std::string value;
+    const rocksdb::Status s = v->db->Get(rocksdb::ReadOptions(), v->cf_default, kNextIdKey, &value);
+    if (s.ok() && !DecodeBE(value, 8, &next)) next = 1;
+    if (!s.ok() && !s.IsNotFound()) return Damaged(FromRocks(s, path_ + ": reading the context id counter"), path_);
+  }
+  auto has_records = [&](uint64_t id) {
+    for (auto* cf : {v->cf_index, v->cf_kv}) {
+      std::unique_ptr<rocksdb::Iterator> it(v->db->NewIterator(rocksdb::ReadOptions(), cf));
+      it->Seek(ContextPrefix(id));
+      uint64_t found = 0;
+      if (it->Valid() && DecodeContextId(it->key().ToStringView(), &found) && found == id) return true;
+    }
+    // (A degraded view: records in a damaged file are records too.)
+    return std::any_of(v->damaged.begin(), v->damaged.end(),
+                       [&](const RocksView::DamagedTable& d) { return id >= d.first_id && id <= d.last_id; });
+  };
+  auto offer = [&](std::string_view bytes, const std::string& file) {
+    ContextInfo m;
+    if (!DecodeManifest(bytes, "manifest", &m).ok()) return;
+    const auto c = committed.find(m.name);
+    if (c != committed.end() && c->second >= m.id) return;
+    if (markers.count(m.id)) return;
+    if (m.id < next && !has_records(m.id)) return;
+    for (auto& l : *lost) {
+      if (l.name == m.name && l.id == m.id) {
+        l.files.push_back(file);
+        return;
+      }
+    }
+    lost->push_back(LostCommit{m.name, m.id, {file}});
+  };
+
+  for (const auto& name : unreferenced) {
+    // A file that cannot be read proves nothing (nor is it in the version).
+    rocksdb::Options o;
+    rocksdb::SstFileReader reader(o);
+    if (!reader.Open(path_ + "/" + name).ok()) continue;
+    const auto props = reader.GetTableProperties();
+    if (!props || (props->column_family_name != kCfIndex && props->column_family_name != kCfManifest)) continue;
+    rocksdb::ReadOptions ro;
+    ro.verify_checksums = true;
+    ro.fill_cache = false;
+    std::unique_ptr<rocksdb::Iterator> it(reader.NewIterator(ro));
+    if (props->column_family_name == kCfManifest) {
+      // name -> manifest, one record per context.
+      for (it->SeekToFirst(); it->Valid(); it->Next()) offer(it->value().ToStringView(), name);
+      continue;
+    }
+    // The index family: one seek to each context's copy key, then one to the
+    // next context.
+    for (it->SeekToFirst(); it->Valid();) {
+      uint64_t id = 0;
+      if (!DecodeContextId(it->key().ToStringView(), &id)) break;
+      const std::string copy_key = ManifestCopyKey(id);
+      it->Seek(copy_key);
+      if (it->Valid() && it->key() == copy_key) offer(it->value().ToStringView(), name);
+      if (id == UINT64_MAX) break;
+      it->Seek(ContextPrefix(id + 1));
+    }
+  }
+  return Status::OK();
+}
+
+Status DBImpl::CheckLostCommits(RocksView* v) {
+  std::vector<LostCommit> lost;
+  SQZ_RETURN_IF_ERROR(FindLostCommits(v, &lost));
+  if (lost.empty()) return Status::OK();
+  std::string names;
+  std::set<std::string> files;
+  for (const auto& l : lost) {
+    names += std::string(names.empty() ? "" : ", ") + "'" + l.name + "' (id " + std::to_string(l.id) + ")";
+    files.insert(l.files.begin(), l.files.end());
+  }
+  std::string file_list;
+  for (const auto& f : files) file_list += (file_list.empty() ? "" : ", ") + f;
+  const bool one = lost.size() == 1;
+  return Damaged(Status::Corruption(path_ + ": RocksDB's MANIFEST lost the commit of context" + (one ? " " : "s ") +
+                                    names + ": " + (one ? "its manifest is" : "their manifests are") +
+                                    " in table file" + (files.size() == 1 ? " " : "s ") + file_list +
+                                    ", which the version the MANIFEST describes does not reference (RocksDB takes a "
+                                    "MANIFEST record cut off by the end of the file, by damage or truncation, for a "
+                                    "write torn by a crash, and drops it and every later change without an error)"),
+                 path_);
+}
+
+Status DBImpl::ProbeBeforeReadWriteOpen() {
+  for (int attempt = 0; attempt < 3; ++attempt) {
+    auto probe = std::make_shared<RocksView>();
+    // A probe that fails to open leaves the verdict to the read-write open
+    // (which fails too, or opens degraded after its own probe).
+    if (!OpenRocks(false, /*paranoid=*/false, OpenMode::kProbe, probe.get()).ok()) return Status::OK();
+    if (!probe->moved) return CheckLostCommits(probe.get());
+    // Another process changed the files meanwhile: a writer (the read-write
+    // open fails on its lock) or one that just closed (look again).
+  }
+  return Status::OK();
+}
+
+Status DBImpl::FindLostCommitsAt(const std::string& path, std::vector<std::string>* listed,
+                                 std::vector<LostCommit>* lost) {
+  DBImpl db;
+  db.path_ = path;
+  db.read_only_ = true;
+  db.cache_ = rocksdb::NewLRUCache(8 << 20);
+  auto v = std::make_shared<RocksView>();
+  SQZ_RETURN_IF_ERROR(Damaged(FromRocks(db.OpenRocks(false, /*paranoid=*/false, OpenMode::kProbe, v.get()),
+                                        path + ": cannot open the database"),
+                              path));
+  listed->clear();
+  std::unique_ptr<rocksdb::Iterator> it(v->db->NewIterator(rocksdb::ReadOptions(), v->cf_manifest));
+  for (it->SeekToFirst(); it->Valid(); it->Next()) listed->push_back(it->key().ToString());
+  SQZ_RETURN_IF_ERROR(FromRocks(it->status(), path + ": listing contexts"));
+  it.reset();
+  return db.FindLostCommits(v.get(), lost);
 }
 
 // One pass over what is on disk at a read-write open: the committed

@@ -48,6 +48,15 @@ struct RocksView {
   std::unique_ptr<rocksdb::Env> env;  // SetSecondaryFileSystemForTest's, when set (outlives db)
   void SetDb(rocksdb::DB* raw);       // takes the opened instance; handles already filled, in ColumnFamilies' order
 
+  // Read-only instances: the table files ("000041.sst") in the directory,
+  // listed just before the instance read RocksDB's MANIFEST
+  // (DBImpl::FindLostCommits).
+  std::vector<std::string> tables_listed;
+  // Read-only instances: the writer's MANIFEST changed while this one opened
+  // (a flush, a compaction or an open of the writer's ran meanwhile), so its
+  // version may be older than some of tables_listed.
+  bool moved = false;
+
   // A degraded open (docs/RELIABILITY.md, "Damage is contained"): table files
   // of the index or kv family that are missing, of the wrong size or
   // unreadable. Each holds the records of the contexts first_id..last_id
@@ -64,6 +73,13 @@ struct RocksView {
   std::string DamageOf(uint64_t id) const;
   // A damaged file holds records of context `id` (not only its manifest copy).
   bool RecordsDamaged(uint64_t id) const;
+};
+
+// A committed context that the database's version has lost (DBImpl::FindLostCommits).
+struct LostCommit {
+  std::string name;
+  uint64_t id = 0;
+  std::vector<std::string> files;  // table files, unreferenced by the version, that hold its manifest or its copy
 };
 
 class SnapshotImpl;
@@ -111,6 +127,10 @@ class DBImpl final : public DB, public Store {
   std::shared_ptr<RocksView> view() const;
   Status CommitContext(const ContextInfo& info, bool replace);
   Status AbortContext(uint64_t id);
+  // sqctl repair: FindLostCommits on the database at `path` (opened as a
+  // probe, nothing written), and the contexts its version lists.
+  static Status FindLostCommitsAt(const std::string& path, std::vector<std::string>* listed,
+                                  std::vector<LostCommit>* lost);
   // Runs PurgeObsoleteFiles on the reclaimer thread 100 ms and 1.1 s from
   // now. Thread-safe (also called from RocksDB's threads).
   void SchedulePurge();
@@ -126,9 +146,11 @@ class DBImpl final : public DB, public Store {
   Status OpenSnapshotImpl(const std::string& name, std::unique_ptr<SnapshotImpl>* out);
   Status OpenView(bool fresh_dir, std::shared_ptr<RocksView>* out);
   // How OpenRocks opens RocksDB: read-write, as a secondary instance (the
-  // readers' normal open), or with OpenForReadOnly (a reader's degraded open,
-  // which sees every table file the MANIFEST names).
-  enum class OpenMode { kReadWrite, kSecondary, kReadOnly };
+  // readers' normal open), with OpenForReadOnly (a reader's degraded open,
+  // which sees every table file the MANIFEST names), or as a probe
+  // (OpenForReadOnly that loads no table file up front: a look at the
+  // version before a read-write open).
+  enum class OpenMode { kReadWrite, kSecondary, kReadOnly, kProbe };
   // `paranoid` off lets a table file that cannot be loaded pass the open.
   rocksdb::Status OpenRocks(bool fresh_dir, bool paranoid, OpenMode mode, RocksView* v);
   // After an open that failed (or a reader that found a context's records
@@ -140,6 +162,21 @@ class DBImpl final : public DB, public Store {
   // The probe of OpenDegraded: a read-only view (OpenForReadOnly, paranoid
   // checks off) whose `damaged` lists what it found.
   Status FindDamagedTables(std::shared_ptr<RocksView>* probe);
+  // Committed contexts that `v`'s version lacks although a table file in the
+  // directory that the version does not reference holds their manifest (in
+  // the manifest family, or its copy in the index family): RocksDB dropped
+  // the MANIFEST records of their commit as a torn tail (docs/RELIABILITY.md).
+  // Unreferenced files alone prove nothing: a crash leaves the outputs of
+  // unfinished flushes and compactions (uncommitted records, copies of
+  // referenced data) and files made obsolete but not yet deleted (dropped or
+  // replaced contexts). Finds nothing when v->moved.
+  Status FindLostCommits(RocksView* v, std::vector<LostCommit>* lost);
+  // FindLostCommits as an open's error: Corruption naming the contexts, the
+  // files and sqctl repair; OK when nothing was lost.
+  Status CheckLostCommits(RocksView* v);
+  // Before a read-write open of an existing database, which deletes every
+  // table file its version does not reference: CheckLostCommits on a probe.
+  Status ProbeBeforeReadWriteOpen();
   Status CheckFormatVersion(RocksView* v, bool fresh);
   Status OpenSecondary(std::shared_ptr<RocksView>* out, bool* moved);
   Status OpenConsistentSecondary(std::shared_ptr<RocksView>* out);

@@ -213,6 +213,19 @@ Status RepairUnguarded(const std::string& damaged, const std::string& out, Repai
       listed_before.insert(names.begin(), names.end());
     }
   }
+  // A version that lost committed contexts (their table files are in the
+  // directory, unreferenced: docs/RELIABILITY.md) opens, but only RepairDB
+  // brings them back; a read-write open of the copy would delete their files
+  // as obsolete. The open above refused; the names come from the version and
+  // the lost manifests, so that each is reported recovered or lost.
+  std::vector<storage::LostCommit> lost_commits;
+  {
+    std::vector<std::string> names;
+    if (storage::DBImpl::FindLostCommitsAt(damaged, &names, &lost_commits).ok() && !lost_commits.empty()) {
+      listed_before.insert(names.begin(), names.end());
+      for (const auto& l : lost_commits) listed_before.insert(l.name);
+    }
+  }
 
   std::filesystem::create_directories(out, ec);
   if (ec) return Status::IOError(out + ": cannot create directory: " + ec.message());
@@ -224,13 +237,14 @@ Status RepairUnguarded(const std::string& damaged, const std::string& out, Repai
   rocksdb::DBOptions dbo;
   dbo.paranoid_checks = true;
   dbo.info_log_level = rocksdb::InfoLogLevel::WARN_LEVEL;
-  // If RocksDB still opens the copy (its MANIFEST and CURRENT are sound), the
-  // log is replayed into table files (flush) and every block of every table
-  // is read against its checksum: if all pass, RocksDB's metadata needs no
-  // repair. Otherwise RepairDB rebuilds the copy's MANIFEST from its table
-  // files and logs, and sets aside (out/lost/) the tables it cannot read.
+  // If RocksDB still opens the copy (its MANIFEST and CURRENT are sound, and
+  // its version lost no commit), the log is replayed into table files (flush)
+  // and every block of every table is read against its checksum: if all
+  // pass, RocksDB's metadata needs no repair. Otherwise RepairDB rebuilds the
+  // copy's MANIFEST from its table files and logs, and sets aside (out/lost/)
+  // the tables it cannot read.
   bool sound = false;
-  {
+  if (lost_commits.empty()) {
     std::vector<rocksdb::ColumnFamilyHandle*> handles;
     rocksdb::DB* raw = nullptr;
     if (rocksdb::DB::Open(dbo, out, descs, &handles, &raw).ok()) {

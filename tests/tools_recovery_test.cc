@@ -16,7 +16,10 @@
 #include <thread>
 #include <vector>
 
+#include "sqz/build.h"
 #include "sqz/c.h"
+#include "sqz/db.h"
+#include "sqz/kv_source.h"
 #include "storage/format.h"
 #include "synth/synthetic.h"
 #include "tests/test_util.h"
@@ -459,6 +462,291 @@ TEST_F(SqctlDamage, RandomByteFlipsNeverGiveAWrongAnswer) {
     std::filesystem::remove_all(w);
     std::filesystem::remove_all(r);
   }
+}
+
+// The files that differ between two DirectorySnapshots (changed, added or
+// removed): what a failure prints instead of the files' bytes.
+std::vector<std::string> ChangedFiles(const std::map<std::string, std::string>& before,
+                                      const std::map<std::string, std::string>& after) {
+  std::vector<std::string> changed;
+  for (const auto& [name, bytes] : before) {
+    const auto it = after.find(name);
+    if (it == after.end()) {
+      changed.push_back(name + " (removed)");
+    } else if (it->second != bytes) {
+      changed.push_back(name + " (changed)");
+    }
+  }
+  for (const auto& [name, bytes] : after) {
+    if (!before.count(name)) changed.push_back(name + " (added)");
+  }
+  return changed;
+}
+
+// One physical record of a RocksDB log file (the MANIFEST is one): 32 KiB
+// blocks, each record a 7-byte header (CRC32C 4 bytes, length 2 bytes little
+// endian, type 1 byte) and its payload; a block's last 6 bytes or fewer are
+// padding.
+struct LogRecord {
+  size_t offset = 0;  // of the header
+  size_t length = 0;  // of the payload
+};
+
+std::vector<LogRecord> LogRecords(const std::string& bytes) {
+  constexpr size_t kBlock = 32768, kHeader = 7;
+  std::vector<LogRecord> out;
+  size_t at = 0;
+  while (at + kHeader <= bytes.size()) {
+    if (kBlock - at % kBlock < kHeader) {
+      at += kBlock - at % kBlock;
+      continue;
+    }
+    LogRecord r;
+    r.offset = at;
+    r.length =
+        static_cast<unsigned char>(bytes[at + 4]) | static_cast<size_t>(static_cast<unsigned char>(bytes[at + 5])) << 8;
+    if (r.length == 0 && bytes[at + 6] == 0) break;  // zero fill: the end of what was written
+    out.push_back(r);
+    at += kHeader + r.length;
+  }
+  return out;
+}
+
+// a and b are built by sqctl, c by the library in this process, which notes
+// where in RocksDB's MANIFEST c's build began (the read-write open writes a
+// new MANIFEST; every record after it is a change made by c's build or by
+// its close).
+class SqctlLostCommit : public SqctlDamage {
+ protected:
+  void SetUp() override {
+    SqctlRecovery::SetUp();
+    std::string out;
+    for (const char* n : {"a", "b"}) {
+      const std::string kv = std::string(n) == "b" ? "c/ctx_001.safetensors" : "c/ctx_000.safetensors";
+      ASSERT_EQ(Run("build-index --quiet --iters 2 --db " + Db() + " --kv " + dir_.Sub(kv) + " --name " + n, &out), 0)
+          << out;
+    }
+    {
+      Options o;
+      o.create_if_missing = false;
+      std::unique_ptr<DB> db;
+      ASSERT_TRUE(DB::Open(o, Db(), &db).ok());
+      std::ifstream(Db() + "/CURRENT") >> manifest_;
+      c_begins_at_ = std::filesystem::file_size(Db() + "/" + manifest_);
+      std::unique_ptr<KvSource> src;
+      ASSERT_TRUE(OpenSafetensorsKvSource(dir_.Sub("c/ctx_000.safetensors"), &src).ok());
+      BuildOptions bo;
+      bo.kmeans_iters = 2;
+      bo.seed = 9;
+      const Status s = BuildContext(db.get(), "c", src.get(), bo);
+      ASSERT_TRUE(s.ok()) << s.ToString();
+    }
+    std::string current;
+    std::ifstream(Db() + "/CURRENT") >> current;
+    ASSERT_EQ(current, manifest_) << "c's build changed the MANIFEST file";
+    for (const char* n : {"a", "b", "c"}) ASSERT_EQ(Query(Db(), n, &reference_[n]), 0) << reference_[n];
+  }
+  // Copies the database into `w` and makes RocksDB's MANIFEST lose every
+  // record from `rec` on the way a crash-torn tail does: the record's length
+  // enlarged past the end of the file (the flip of the random test's seed
+  // 2861303079: 116 bytes became 10,612), or the file cut in the record.
+  void TearManifest(const std::string& w, const LogRecord& rec, bool truncate) {
+    std::filesystem::copy(Db(), w);
+    const std::string f = w + "/" + manifest_;
+    std::string bytes = ReadAll(f);
+    if (truncate) {
+      bytes.resize(rec.offset + 7 + rec.length / 2);
+    } else {
+      bytes[rec.offset + 5] = static_cast<char>(0x29);  // the length's high byte
+      ASSERT_GT(rec.offset + 7 + (rec.length & 0xff) + (size_t{0x29} << 8), bytes.size());
+    }
+    std::ofstream(f, std::ios::binary | std::ios::trunc) << bytes;
+  }
+  // The records of the MANIFEST written after c's build began.
+  std::vector<LogRecord> RecordsOfC() {
+    std::vector<LogRecord> out;
+    for (const auto& r : LogRecords(ReadAll(Db() + "/" + manifest_))) {
+      if (r.offset >= c_begins_at_) out.push_back(r);
+    }
+    return out;
+  }
+  std::string manifest_;    // "MANIFEST-000012"
+  size_t c_begins_at_ = 0;  // its size when c's build began
+};
+
+// The deterministic reproduction of seed 2861303079 (docs/RELIABILITY.md): the
+// MANIFEST loses every change from the start of c's build on, as a torn tail.
+// RocksDB opens the older version (a and b) without an error; c's table files
+// are still in the directory, unreferenced. Every command refuses, naming c
+// and sqctl repair (it used to list a and b with exit 0), and changes no
+// file: a read-write open would have deleted c's files as obsolete. repair
+// runs RocksDB's RepairDB and recovers a, b and c, answering as before.
+TEST_F(SqctlLostCommit, TornManifestIsRefusedAndRepairRecoversTheLostContext) {
+  const std::vector<LogRecord> records = RecordsOfC();
+  ASSERT_FALSE(records.empty());
+  int i = 0;
+  for (const bool truncate : {false, true}) {
+    const std::string what = truncate ? "MANIFEST cut in c's first record" : "c's first MANIFEST record too long";
+    const std::string w = dir_.Sub(std::string("w").append(std::to_string(i))),
+                      r = dir_.Sub(std::string("r").append(std::to_string(i)));
+    ++i;
+    ASSERT_NO_FATAL_FAILURE(TearManifest(w, records.front(), truncate));
+    // The damage is the one of the seed: RocksDB's version is whole (every
+    // file it names is there) and lacks c (id 3), whose table files are in
+    // the directory.
+    std::set<std::string> referenced;
+    for (const auto& t : TableFiles(w)) {
+      referenced.insert(t.name);
+      EXPECT_NE(t.last_id, 3u) << what << ": the version still references c's " << t.name;
+    }
+    size_t unreferenced = 0;
+    for (const auto& e : std::filesystem::directory_iterator(w)) {
+      const std::string f = e.path().filename().string();
+      if (f.size() > 4 && f.substr(f.size() - 4) == ".sst" && !referenced.count(f)) ++unreferenced;
+    }
+    ASSERT_GT(unreferenced, 0u) << what;
+
+    const auto before = DirectorySnapshot(w);
+    for (const std::string& cmd :
+         {"list --db " + w, "list --db " + w + " --json", "info --db " + w + " --context a", "verify --db " + w,
+          "query --db " + w + " --context a --queries " + Q(0) + " --out " + dir_.Sub("o.safetensors"),
+          "query --db " + w + " --context c --queries " + Q(0) + " --out " + dir_.Sub("o.safetensors"),
+          "drop --db " + w + " --context a",
+          "build-index --quiet --iters 2 --db " + w + " --kv " + dir_.Sub("c/ctx_001.safetensors") + " --name d"}) {
+      std::string out;
+      EXPECT_EQ(Run(cmd, &out), 1) << what << ": " << cmd << "\n" << out;
+      EXPECT_NE(out.find("lost the commit of context 'c' (id 3"), std::string::npos) << what << ": " << cmd << "\n"
+                                                                                     << out;
+      EXPECT_NE(out.find("sqctl repair --db " + w + " --out NEW_DIR"), std::string::npos) << what << ": " << cmd << "\n"
+                                                                                          << out;
+    }
+    // The library's opens, read-only and read-write, say the same.
+    for (const bool read_only : {true, false}) {
+      Options o;
+      o.read_only = read_only;
+      o.create_if_missing = false;
+      std::unique_ptr<DB> db;
+      const Status s = DB::Open(o, w, &db);
+      EXPECT_TRUE(s.IsCorruption()) << what << ": " << s.ToString();
+    }
+    EXPECT_EQ(ChangedFiles(before, DirectorySnapshot(w)), std::vector<std::string>{})
+        << what << ": a refused command changed the damaged directory";
+
+    std::string out;
+    ASSERT_EQ(Run("repair --db " + w + " --out " + r + " --json", &out), 0) << what << "\n" << out;
+    EXPECT_NE(out.find("\"recovered\":[\"a\",\"b\",\"c\"]"), std::string::npos) << what << "\n" << out;
+    EXPECT_NE(out.find("\"lost\":[]"), std::string::npos) << what << "\n" << out;
+    EXPECT_EQ(ChangedFiles(before, DirectorySnapshot(w)), std::vector<std::string>{})
+        << what << ": repair changed the damaged directory";
+    ExpectIntact(r, {"a", "b", "c"}, what + ", repaired");
+  }
+}
+
+// Wherever in c's build and close the MANIFEST is torn, the database either
+// still lists a, b and c (the lost changes were not c's commit), or refuses
+// naming sqctl repair, which recovers all three: never a short list.
+TEST_F(SqctlLostCommit, ManifestTornAtAnyRecordOfABuildNeverListsTooFew) {
+  const std::vector<LogRecord> records = RecordsOfC();
+  ASSERT_FALSE(records.empty());
+  for (size_t i = 0; i < records.size(); ++i) {
+    const std::string what = "MANIFEST torn at record " + std::to_string(i) + " of c's build (offset " +
+                             std::to_string(records[i].offset) + ")";
+    const std::string w = dir_.Sub(std::string("w").append(std::to_string(i))),
+                      r = dir_.Sub(std::string("r").append(std::to_string(i)));
+    ASSERT_NO_FATAL_FAILURE(TearManifest(w, records[i], /*truncate=*/false));
+    std::string out;
+    const int rc = Run("list --db " + w, &out);
+    std::printf("[ info ] %s: list exit %d\n", what.c_str(), rc);
+    if (rc == 0) {
+      for (const char* n : {"a", "b", "c"}) {
+        EXPECT_NE(out.find(n), std::string::npos) << what << ": short list\n" << out;
+      }
+      ExpectIntact(w, {"a", "b", "c"}, what);
+    } else {
+      EXPECT_EQ(rc, 1) << what << "\n" << out;
+      EXPECT_NE(out.find("sqctl repair --db " + w + " --out NEW_DIR"), std::string::npos) << what << "\n" << out;
+      ASSERT_EQ(Run("repair --db " + w + " --out " + r + " --json", &out), 0) << what << "\n" << out;
+      EXPECT_NE(out.find("\"recovered\":[\"a\",\"b\",\"c\"]"), std::string::npos) << what << "\n" << out;
+      ExpectIntact(r, {"a", "b", "c"}, what + ", repaired");
+    }
+    std::filesystem::remove_all(w);
+    std::filesystem::remove_all(r);
+  }
+}
+
+// Unreferenced table files alone prove nothing. A build killed after its
+// records reached table files but before its commit, seen from a version
+// older than those files (what a crash leaves when a flush's output was
+// written but not the MANIFEST record that adds it): the database opens as
+// before, read-only without changing a file, and a read-write open removes
+// them (RocksDB deletes the table files its version does not reference).
+TEST_F(SqctlDamage, UnreferencedTablesOfAnUnfinishedBuildStillOpen) {
+  const std::string older = dir_.Sub("older");
+  std::filesystem::copy(Db(), older);
+  std::string out;
+  ASSERT_EQ(RunCommand("SQZ_KILL_POINT=commit:flushed " + SqctlPath() + " build-index --quiet --iters 2 --db " + Db() +
+                           " --kv " + dir_.Sub("c/ctx_001.safetensors") + " --name d",
+                       &out),
+            128 + 9)
+      << "the build was not killed at its kill point\n"
+      << out;
+  // d (id 4): its records in table files, no manifest, no manifest copy.
+  std::vector<std::string> leftovers;
+  for (const auto& t : TableFiles(Db())) {
+    if (t.first_id == 4 && t.last_id == 4 && !std::filesystem::exists(older + "/" + t.name)) {
+      std::filesystem::copy_file(Db() + "/" + t.name, older + "/" + t.name);
+      leftovers.push_back(t.name);
+    }
+  }
+  ASSERT_FALSE(leftovers.empty());
+  const auto before = DirectorySnapshot(older);
+  ASSERT_EQ(Run("list --db " + older, &out), 0) << out;
+  EXPECT_EQ(out.find("d "), std::string::npos) << out;
+  ExpectIntact(older, {"a", "b", "c"}, "beside the unfinished build's table files");
+  EXPECT_EQ(ChangedFiles(before, DirectorySnapshot(older)), std::vector<std::string>{})
+      << "a read-only command changed the directory";
+  ASSERT_EQ(Run("drop --db " + older + " --context b", &out), 0) << out;
+  for (const auto& f : leftovers) EXPECT_FALSE(std::filesystem::exists(older + "/" + f)) << f << " was not removed";
+  ExpectIntact(older, {"a", "c"}, "after a read-write open");
+}
+
+// The table files of a dropped and of a replaced context left on disk after
+// their reclaim (RocksDB deletes a file that another thread is reading at the
+// end of a compaction only at its next obsolete-file scan; a crash before it
+// leaves the file): they hold manifest copies of contexts the version no
+// longer has, yet prove no loss. The database opens as before.
+TEST_F(SqctlDamage, FilesOfDroppedAndReplacedContextsLeftOnDiskStillOpen) {
+  const std::string aside = dir_.Sub("aside");
+  std::filesystem::create_directories(aside);
+  std::vector<std::string> old_files;  // b's (id 2) and c's (id 3)
+  for (const auto& t : TableFiles(Db())) {
+    if (t.first_id == t.last_id && (t.first_id == 2 || t.first_id == 3)) {
+      std::filesystem::copy_file(Db() + "/" + t.name, aside + "/" + t.name);
+      old_files.push_back(t.name);
+    }
+  }
+  ASSERT_FALSE(old_files.empty());
+  std::string out;
+  ASSERT_EQ(Run("drop --db " + Db() + " --context c", &out), 0) << out;
+  ASSERT_EQ(Run("build-index --quiet --iters 2 --seed 5 --replace --db " + Db() + " --kv " +
+                    dir_.Sub("c/ctx_001.safetensors") + " --name b",
+                &out),
+            0)
+      << out;
+  ASSERT_EQ(Query(Db(), "b", &reference_["b"]), 0) << reference_["b"];
+  for (const auto& f : old_files) {
+    ASSERT_FALSE(std::filesystem::exists(Db() + "/" + f)) << f << " was not reclaimed";
+    std::filesystem::copy_file(aside + "/" + f, Db() + "/" + f);
+  }
+  const auto before = DirectorySnapshot(Db());
+  ASSERT_EQ(Run("list --db " + Db(), &out), 0) << out;
+  EXPECT_EQ(out.find("c "), std::string::npos) << out;
+  ExpectIntact(Db(), {"a", "b"}, "beside the old files");
+  EXPECT_EQ(ChangedFiles(before, DirectorySnapshot(Db())), std::vector<std::string>{})
+      << "a read-only command changed the directory";
+  ASSERT_EQ(Run("drop --db " + Db() + " --context a", &out), 0) << out;
+  for (const auto& f : old_files) EXPECT_FALSE(std::filesystem::exists(Db() + "/" + f)) << f << " was not removed";
+  ExpectIntact(Db(), {"b"}, "after a read-write open");
 }
 
 }  // namespace
