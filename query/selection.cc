@@ -130,9 +130,9 @@ void SelectUnits(const IndexView& idx, const float* q, int U, int R, const Selec
   // coarse clusters, with the denominator over those survivors.
   std::vector<uint32_t> coarse_ids(idx.k1);
   std::iota(coarse_ids.begin(), coarse_ids.end(), 0u);
-  const double coarse_target = std::min(1.0, params.coarse_budget_factor * params.budget) * n_clustered;
+  const double coarse_target = CoarseBudgetTarget(idx, params);
   std::vector<double> P;
-  MeanProbabilities(q, U, R, d, params.scale, idx.coarse_centroids, idx.coarse_sizes, idx.k1, &P);
+  CoarseProbabilities(idx, q, U, R, params.scale, &P);
   *dot_products += rows * idx.k1;
   std::vector<uint32_t> kept_coarse, survivors, sizes;
   std::vector<double> p;
@@ -186,6 +186,14 @@ void ScoreCentroidRows(const float* q, int T, const float* c, int64_t k, int d, 
     // Dot products of finite floats cannot overflow a double.
     if (!finite) index::ScoreCentroids(q + static_cast<int64_t>(t) * d, c, k, d, scale, out);
   }
+}
+
+void CoarseProbabilities(const IndexView& idx, const float* q, int U, int R, float scale, std::vector<double>* P) {
+  MeanProbabilities(q, U, R, idx.head_dim, scale, idx.coarse_centroids, idx.coarse_sizes, idx.k1, P);
+}
+
+double CoarseBudgetTarget(const IndexView& idx, const SelectionParams& params) {
+  return std::min(1.0, params.coarse_budget_factor * params.budget) * static_cast<double>(idx.n_clustered);
 }
 
 void SelectThreshold(const double* p, const uint32_t* ids, int64_t n, double tau, std::vector<uint32_t>* out) {

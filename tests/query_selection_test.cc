@@ -429,6 +429,71 @@ TEST(QuerySelectionTest, SelectBudgetEqualsFullSortOnLargeInputs) {
   }
 }
 
+// CoarseProbabilities and CoarseBudgetTarget are the hierarchical budget's
+// coarse stage: the probabilities match the brute force (per key: sum_a M_a
+// P_a = 1), and the budget rule over them keeps exactly the coarse clusters
+// whose children SelectHead scores (its dot products) and selects from.
+TEST(QuerySelectionTest, CoarseProbabilitiesAreTheCoarseStage) {
+  const int d = 16;
+  int cases = 0;
+  for (uint64_t seed = 1; seed <= 4; ++seed) {
+    RandomIndex ix(d, 30, seed);
+    std::vector<uint32_t> all_coarse(ix.k1());
+    std::iota(all_coarse.begin(), all_coarse.end(), 0u);
+    for (int G : {1, 4}) {
+      for (int T : {1, 3}) {
+        auto q = RandomQueries(G, T, d, 2.0f, seed * 100 + G * 10 + T);
+        const int R = G * T;
+        SelectionParams p;
+        p.scale = 1.0f / std::sqrt(static_cast<float>(d));
+        p.hierarchical = true;
+        std::vector<double> P;
+        CoarseProbabilities(ix.View(), q.data(), 1, R, p.scale, &P);
+        ASSERT_EQ(P.size(), static_cast<size_t>(ix.k1()));
+        auto brute = BruteMeanProbs(q.data(), R, d, p.scale, ix.coarse, ix.coarse_sizes, all_coarse);
+        double mass = 0;
+        for (int a = 0; a < ix.k1(); ++a) {
+          EXPECT_NEAR(P[a], brute[a], 1e-5 * brute[a] + 1e-12) << "seed " << seed << " a " << a;
+          mass += ix.coarse_sizes[a] * P[a];
+        }
+        EXPECT_NEAR(mass, 1.0, 1e-9);
+        // Units of R rows each: one call over U units is U calls of one.
+        std::vector<double> Pu;
+        CoarseProbabilities(ix.View(), q.data(), T, G, p.scale, &Pu);
+        ASSERT_EQ(Pu.size(), static_cast<size_t>(T) * ix.k1());
+        for (int u = 0; u < T; ++u) {
+          std::vector<double> one;
+          CoarseProbabilities(ix.View(), q.data() + static_cast<size_t>(u) * G * d, 1, G, p.scale, &one);
+          for (int a = 0; a < ix.k1(); ++a) EXPECT_EQ(Pu[static_cast<size_t>(u) * ix.k1() + a], one[a]);
+        }
+        for (double b : {0.05, 0.125, 0.3}) {
+          for (double factor : {1.0, 2.0, 4.0}) {
+            const std::string what = "seed " + std::to_string(seed) + " G " + std::to_string(G) + " T " +
+                                     std::to_string(T) + " b " + std::to_string(b) + " factor " +
+                                     std::to_string(factor);
+            p.budget = b;
+            p.coarse_budget_factor = factor;
+            const double target = CoarseBudgetTarget(ix.View(), p);
+            EXPECT_EQ(target, std::min(1.0, factor * b) * ix.n_clustered) << what;
+            const auto kept = BruteKeep(p, P, all_coarse, ix.coarse_sizes, 0, target);
+            std::set<uint32_t> children;
+            for (uint32_t a : kept) {
+              for (uint32_t j = ix.child_offsets[a]; j < ix.child_offsets[a + 1]; ++j) children.insert(j);
+            }
+            HeadSelection sel;
+            SelectHead(ix.View(), q.data(), G, T, p, &sel);
+            EXPECT_EQ(sel.dot_products, static_cast<int64_t>(R) * (ix.k1() + static_cast<int64_t>(children.size())))
+                << what;
+            for (uint32_t j : sel.read) EXPECT_TRUE(children.count(j)) << what << " fine " << j;
+            ++cases;
+          }
+        }
+      }
+    }
+  }
+  EXPECT_EQ(cases, 4 * 2 * 2 * 9);
+}
+
 TEST(QuerySelectionTest, HugeQueryNormsStayFiniteAndExact) {
   const int d = 16;
   RandomIndex ix(d, 6, 9);

@@ -87,6 +87,21 @@ void SelectThreshold(const double* p, const uint32_t* ids, int64_t n, double tau
 void SelectBudget(const double* p, const uint32_t* ids, const uint32_t* sizes, int64_t n, double target,
                   std::vector<uint32_t>* out);
 
+// --- Hierarchical coarse stage ---------------------------------------------------
+
+// The coarse probabilities the hierarchical rules rank (budget) or threshold
+// the coarse clusters by: P[u * k1 + a] is the mean over the R queries of
+// unit u of P_a, for q [U, R, head_dim] (SelectHead's units: for budget +
+// kUnion with one shared selection, U = 1 and R = G * T, the KV head's
+// query rows). SelectHead's coarse stage is this function; it is public so
+// tests can see where its boundary falls.
+void CoarseProbabilities(const IndexView& idx, const float* q, int U, int R, float scale, std::vector<double>* P);
+
+// Hierarchical budget: the keys the coarse stage keeps (the budget rule's
+// target over the coarse clusters): min(1, coarse_budget_factor * budget) *
+// n_clustered.
+double CoarseBudgetTarget(const IndexView& idx, const SelectionParams& params);
+
 // --- Whole head ----------------------------------------------------------------
 
 // Selects for the G query heads of one KV head. q: [G, T, head_dim] float32,
