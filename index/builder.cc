@@ -293,12 +293,25 @@ Status Builder::ClusterHeads(int layer, int first, int count, std::vector<index:
   return Status::OK();
 }
 
+// Rounds centroids to the keys' 16-bit type (kept as floats): every value is
+// then exact in that type, so the GPU engine scores with half the bytes and
+// the same numbers as the CPU engine (docs/FORMAT.md, "Centroids"). The
+// rounding moves a centroid by at most 2^-9 (bf16) of each element.
+void RoundToKeyType(std::vector<float>& c, DType t) {
+  if (t != DType::kF16 && t != DType::kBF16) return;
+  std::vector<uint16_t> r(c.size());
+  ConvertFromFloat(c.data(), c.size(), t, r.data());
+  ConvertToFloat(r.data(), t, r.size(), c.data());
+}
+
 Status Builder::BuildHead(int layer, int head, index::HeadClustering& c) {
   const int d = shape_.head_dim;
   auto t = Clock::now();
   st_.keys_clustered += n_clustered_;
   fine_clusters_.push_back(static_cast<int32_t>(c.n_fine()));
   coarse_clusters_.push_back(static_cast<int32_t>(c.n_coarse()));
+  RoundToKeyType(c.fine_centroids, shape_.dtype);
+  RoundToKeyType(c.coarse_centroids, shape_.dtype);
 
   if (calibrate_) {
     t = Clock::now();
