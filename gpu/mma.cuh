@@ -69,9 +69,6 @@ __device__ inline uint32_t Pack2<__nv_bfloat16>(float lo, float hi) {
   return *reinterpret_cast<const uint32_t*>(&v);
 }
 
-// Word i of a 16-byte chunk.
-__device__ inline uint32_t Word(const uint4& v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
-
 template <typename T>
 __device__ inline float2 ToFloat2(uint32_t bits);
 template <>

@@ -7,7 +7,6 @@
 #include <mutex>
 #include <string>
 #include <type_traits>
-#include <vector>
 
 #include "cuda_util.h"
 #include "gpu/resident.h"
@@ -85,13 +84,6 @@ cudaError_t WithElement(DType t, F&& f) {
     default:
       return f(__nv_bfloat16{});
   }
-}
-
-// Whether the 16-bit values r (type t) are exactly the floats f.
-bool ExactIn16(const std::vector<float>& f, const std::vector<uint16_t>& r, DType t) {
-  std::vector<float> back(r.size());
-  ConvertToFloat(r.data(), t, r.size(), back.data());
-  return back.size() == f.size() && std::memcmp(back.data(), f.data(), f.size() * sizeof(float)) == 0;
 }
 
 // A switch for tests and measurements: the environment variable `name`
@@ -197,9 +189,6 @@ class ResidentKvImpl final : public ResidentKv {
       // SQZ_GPU_DECODE_SIMT=1: the decode attention on CUDA cores
       // (SparseDecodeSplitKernel), for tests and comparisons.
       decode_simt_ = EnvIs("SQZ_GPU_DECODE_SIMT", "1");
-      // SQZ_GPU_SCORE_F32=1: decode scoring reads the fp32 centroids even
-      // where the 16-bit copy holds the same values, for comparisons.
-      score_f32_ = EnvIs("SQZ_GPU_SCORE_F32", "1");
     }
     SQZ_CUDA_TRY(AllowPrefillSmem(), "prefill kernels' shared memory");
     SQZ_CUDA_TRY(WithKvShape(shape_.dtype, shape_.head_dim,
@@ -287,14 +276,13 @@ class ResidentKvImpl final : public ResidentKv {
       fparent.insert(fparent.end(), parent.begin(), parent.end());
     }
     // The prefill kernels score with the centroids rounded to the KV element
-    // type (tensor-core operands); decode scoring reads these too when the
-    // rounding is exact (indexes built since 2026-11-25 store centroids
-    // rounded to the key type: docs/FORMAT.md, "Centroids"), else the fp32
-    // ones.
+    // type (tensor-core operands): for indexes built since 2026-11-25 the
+    // same values as the fp32 ones (docs/FORMAT.md, "Centroids"). Decode
+    // scoring reads the fp32 ones: a 16-bit decode scoring path measured
+    // slower at 32K-512K (docs/results/2026-11-25-barrier-merge-512k.txt).
     std::vector<uint16_t> fc16(fc.size()), cc16(cc.size());
     ConvertFromFloat(fc.data(), fc.size(), shape_.dtype, fc16.data());
     ConvertFromFloat(cc.data(), cc.size(), shape_.dtype, cc16.data());
-    score16_ = !score_f32_ && ExactIn16(fc, fc16, shape_.dtype) && ExactIn16(cc, cc16, shape_.dtype);
     const size_t o_meta = 0, o_fc = Align(meta.size() * sizeof(HeadMeta)), o_cc = o_fc + Align(fc.size() * 4),
                  o_fsize = o_cc + Align(cc.size() * 4), o_fparent = o_fsize + Align(fsize.size() * 4),
                  o_csize = o_fparent + Align(fparent.size() * 4), o_fc16 = o_csize + Align(csize.size() * 4 + 4),
@@ -504,11 +492,7 @@ class ResidentKvImpl final : public ResidentKv {
                    "launching the dense selection");
     } else {
       SQZ_RETURN_IF_ERROR(SelectLevels(sp, cfg, s, [&](bool coarse) {
-        if (score16_) {
-          SetLevel(&sc, coarse, cfg, sp, d_coarse16_, d_fine16_);
-        } else {
-          SetLevel(&sc, coarse, cfg, sp, d_coarse_cent_, d_fine_cent_);
-        }
+        SetLevel(&sc, coarse, cfg, sp, d_coarse_cent_, d_fine_cent_);
         sc.hist = ClusterSelect(sp, coarse ? k1_max_ : k2_max_) ? nullptr : sp.hist;
         // (The coarse scoring is the call's first kernel: no PDL.)
         return LaunchScore(sc, coarse ? k1_max_ : k2_max_, c.dtype, s, !coarse && cfg.hierarchical && pdl_);
@@ -829,12 +813,10 @@ class ResidentKvImpl final : public ResidentKv {
   // clusters and head; shared memory for the head's query rows and the
   // chunk's scores.
   template <int D>
-  static cudaError_t LaunchScoreAs(const ScoreParams& sc, DType q_type, DType c_type, dim3 grid, size_t smem,
-                                   cudaStream_t s, bool pdl) {
+  static cudaError_t LaunchScoreAs(const ScoreParams& sc, DType q_type, dim3 grid, size_t smem, cudaStream_t s,
+                                   bool pdl) {
     return WithElement(q_type, [&](auto e) {
-      return WithElement(c_type, [&](auto c) {
-        return LaunchKernel(pdl, ScoreKernel<D, decltype(e), decltype(c)>, grid, dim3(kScoreThreads), smem, s, sc);
-      });
+      return LaunchKernel(pdl, ScoreKernel<D, decltype(e)>, grid, dim3(kScoreThreads), smem, s, sc);
     });
   }
 
@@ -844,9 +826,8 @@ class ResidentKvImpl final : public ResidentKv {
     sc.n_chunks = ScoreParts(k_max);
     const dim3 grid(sc.n_chunks, shape_.n_heads);
     const size_t smem = ScoreSmemBytes(sc.G * sc.T, shape_.head_dim);
-    const DType c_type = score16_ ? shape_.dtype : DType::kF32;
-    return shape_.head_dim == 64 ? LaunchScoreAs<64>(sc, q_type, c_type, grid, smem, s, pdl)
-                                 : LaunchScoreAs<128>(sc, q_type, c_type, grid, smem, s, pdl);
+    return shape_.head_dim == 64 ? LaunchScoreAs<64>(sc, q_type, grid, smem, s, pdl)
+                                 : LaunchScoreAs<128>(sc, q_type, grid, smem, s, pdl);
   }
 
   struct Staged {
@@ -865,9 +846,7 @@ class ResidentKvImpl final : public ResidentKv {
   uint32_t max_candidates_ = kMaxCandidates;
   bool segments_unstaged_ = false;
   bool decode_simt_ = false;
-  bool score_f32_ = false;  // decode scoring on the fp32 centroids even where the 16-bit ones are exact (tests)
-  bool score16_ = false;    // decode scoring on the 16-bit centroids (every centroid exact in the key type)
-  bool pdl_ = true;         // kernels after a call's first with programmatic dependent launch
+  bool pdl_ = true;  // kernels after a call's first with programmatic dependent launch
   ResidentShape shape_;
   size_t page_bytes_ = 0;
   uint64_t page_buffer_bytes_ = 0;

@@ -44,10 +44,8 @@
 #include <cstdint>
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
-#include <type_traits>
 
 #include "launch.cuh"
-#include "mma.cuh"
 
 namespace sqz::gpu {
 
@@ -179,9 +177,9 @@ struct ScoreParams {
   float* qf = nullptr;
   int H = 0, G = 0, T = 0;  // R = G * T
   const HeadMeta* meta = nullptr;
-  bool coarse = false;              // which level
-  const void* centroids = nullptr;  // that level's centroids [*, D] (element type: the kernel's C)
-  const uint32_t* sizes = nullptr;  // that level's cluster sizes (flattened)
+  bool coarse = false;               // which level
+  const float* centroids = nullptr;  // that level's centroids [*, D]
+  const uint32_t* sizes = nullptr;   // that level's cluster sizes (flattened)
   // Fine stage of a hierarchical lookup: the parent of each fine cluster and
   // the coarse keep masks (bit g: query head g kept it); null when flat.
   const uint32_t* parent = nullptr;
@@ -232,51 +230,6 @@ __device__ inline void StoreQueryVec(const ScoreParams& p, int h, int c, uint4 r
   }
 }
 
-// A thread's share of one centroid in the scoring kernel (kScoreTpc threads
-// per centroid, adjacent threads reading adjacent 16 bytes): kN 16-byte
-// chunks of C elements (fp32: 4 each; 16-bit: 8), chunk n being chunk
-// part + n * kScoreTpc of the centroid.
-template <int D, typename C>
-struct CentroidShare {
-  static constexpr int kEl = 16 / static_cast<int>(sizeof(C));
-  static constexpr int kN = D / kEl / kScoreTpc;
-  static_assert(kN >= 1 && D % (kEl * kScoreTpc) == 0, "a centroid is whole chunks of every thread");
-  uint4 v[kN];
-};
-
-template <int D, typename C>
-__device__ inline void LoadCentroidShare(const C* row, int part, bool valid, CentroidShare<D, C>& s) {
-  const uint4* p = reinterpret_cast<const uint4*>(row);
-#pragma unroll
-  for (int n = 0; n < CentroidShare<D, C>::kN; ++n) {
-    s.v[n] = valid ? __ldg(p + part + n * kScoreTpc) : make_uint4(0, 0, 0, 0);
-  }
-}
-
-// The thread's part of the dot product of query row q (fp32, D elements in
-// shared memory) with its share of a centroid.
-template <int D, typename C>
-__device__ inline float DotShare(const float* q, int part, const CentroidShare<D, C>& s) {
-  using Share = CentroidShare<D, C>;
-  float acc = 0.f;
-#pragma unroll
-  for (int n = 0; n < Share::kN; ++n) {
-    const float4* qv = reinterpret_cast<const float4*>(q + (part + n * kScoreTpc) * Share::kEl);
-    if constexpr (std::is_same_v<C, float>) {
-      const float4 c = *reinterpret_cast<const float4*>(&s.v[n]), a = qv[0];
-      acc += a.x * c.x + a.y * c.y + a.z * c.z + a.w * c.w;
-    } else {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const float4 a = qv[h];
-        const float2 c0 = ToFloat2<C>(Word(s.v[n], 2 * h)), c1 = ToFloat2<C>(Word(s.v[n], 2 * h + 1));
-        acc += a.x * c0.x + a.y * c0.y + a.z * c1.x + a.w * c1.y;
-      }
-    }
-  }
-  return acc;
-}
-
 // Grid (ceil(k_max / kScoreChunk), H), kScoreThreads threads: the scores of
 // a chunk of a level's clusters for every query row of the head (kScoreTpc
 // threads per centroid, adjacent threads reading adjacent 16 bytes, both
@@ -286,8 +239,9 @@ __device__ inline float DotShare(const float* q, int part, const CentroidShare<D
 // are read (the others score -inf for the rows that did not keep them).
 // (Registers sized for 4 resident blocks per SM: 2 us faster at 128K than 3
 // on the H100, docs/results/2026-11-24-h100-gpu-engine.txt section 13.)
-template <int D, typename E, typename C>
+template <int D, typename E>
 __global__ void __launch_bounds__(kScoreThreads, 4) ScoreKernel(ScoreParams p) {
+  constexpr int kE4 = D / 4 / kScoreTpc;               // float4 per thread and centroid
   constexpr int kPerPass = kScoreThreads / kScoreTpc;  // centroids per pass
   constexpr int kPasses = kScoreChunk / kPerPass;
   extern __shared__ float4 smem[];
@@ -310,7 +264,7 @@ __global__ void __launch_bounds__(kScoreThreads, 4) ScoreKernel(ScoreParams p) {
   uint4 q_first = make_uint4(0, 0, 0, 0);
   if (p.q_vec && threadIdx.x < q_chunks) q_first = LoadQueryVec<D, E>(p, h, threadIdx.x);
   if (p.parent != nullptr) WaitForPrevious();  // the coarse stage's keep masks
-  CentroidShare<D, C> cv[kPasses];
+  float4 cv[kPasses][kE4];
   HeadMask bits[kPasses];
 #pragma unroll
   for (int ps = 0; ps < kPasses; ++ps) {
@@ -319,8 +273,11 @@ __global__ void __launch_bounds__(kScoreThreads, 4) ScoreKernel(ScoreParams p) {
     if (j < k && p.parent != nullptr) {
       bits[ps] = p.coarse_keep[static_cast<size_t>(h) * p.k1_stride + p.parent[base + j]];
     }
-    const C* c = static_cast<const C*>(p.centroids) + static_cast<size_t>(base + (j < k ? j : 0)) * D;
-    LoadCentroidShare<D, C>(c, part, bits[ps] != 0, cv[ps]);
+    const float4* c = reinterpret_cast<const float4*>(p.centroids + static_cast<size_t>(base + (j < k ? j : 0)) * D);
+#pragma unroll
+    for (int e = 0; e < kE4; ++e) {
+      cv[ps][e] = bits[ps] != 0 ? __ldg(c + part + e * kScoreTpc) : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
   }
   float n_lane[kScoreChunk / 32];
 #pragma unroll
@@ -362,8 +319,13 @@ __global__ void __launch_bounds__(kScoreThreads, 4) ScoreKernel(ScoreParams p) {
       float acc[4];
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
+        acc[i] = 0.f;
         const int r = min(r0 + i, R - 1);
-        acc[i] = DotShare<D, C>(sqf + r * D, part, cv[ps]);
+#pragma unroll
+        for (int e = 0; e < kE4; ++e) {
+          const float4 qv = sq[r * (D / 4) + part + e * kScoreTpc];
+          acc[i] += qv.x * cv[ps][e].x + qv.y * cv[ps][e].y + qv.z * cv[ps][e].z + qv.w * cv[ps][e].w;
+        }
 #pragma unroll
         for (int off = kScoreTpc / 2; off > 0; off /= 2) acc[i] += __shfl_xor_sync(0xffffffffu, acc[i], off);
       }

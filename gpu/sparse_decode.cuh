@@ -352,6 +352,8 @@ inline constexpr int kMmaStages = 3;
 template <typename T>
 inline constexpr int kQueryTerms = std::is_same_v<T, __half> ? 2 : 3;
 
+__device__ inline uint32_t Word(const uint4& v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
+
 // The transpose of an 8x8 matrix of 16-bit elements held as a warp's
 // accumulator-layout pairs (lane: row lane / 4, columns 2 (lane % 4) + {0, 1}).
 __device__ inline uint32_t Transpose8x8(uint32_t x) {

@@ -294,9 +294,10 @@ Status Builder::ClusterHeads(int layer, int first, int count, std::vector<index:
 }
 
 // Rounds centroids to the keys' 16-bit type (kept as floats): every value is
-// then exact in that type, so the GPU engine scores with half the bytes and
-// the same numbers as the CPU engine (docs/FORMAT.md, "Centroids"). The
-// rounding moves a centroid by at most 2^-9 (bf16) of each element.
+// then exact in that type, so the GPU engine's prefill scoring (16-bit
+// tensor-core operands) uses the same numbers as the CPU engine
+// (docs/FORMAT.md, "Centroids"). The rounding moves a centroid by at most
+// 2^-9 (bf16) of each element.
 void RoundToKeyType(std::vector<float>& c, DType t) {
   if (t != DType::kF16 && t != DType::kBF16) return;
   std::vector<uint16_t> r(c.size());

@@ -8,7 +8,7 @@
 # to one results file and prints its summary.
 #
 #   scripts/gpu_check.sh [RESULTS_FILE] [--quick | --sanitize | --bench | --profile]
-#     --quick: the tests only (~8 minutes on an H100: nine runs of the GPU
+#     --quick: the tests only (~8 minutes on an H100: eight runs of the GPU
 #     tests); --sanitize: memcheck and racecheck (~5 minutes); --bench: the
 #     benchmark (~5 minutes); none: all three (~18 minutes: longer than one
 #     device command may run, so with the device tool run the three modes as
@@ -49,7 +49,6 @@ step "GPU tests, SQZ_GPU_SELECT_CLUSTER=1" env SQZ_GPU_SELECT_CLUSTER=1 $T --gte
 step "GPU tests, SQZ_GPU_PDL=0" env SQZ_GPU_PDL=0 $T --gtest_filter='Gpu*'
 step "GPU tests, SQZ_GPU_SEGMENTS_UNSTAGED=1" env SQZ_GPU_SEGMENTS_UNSTAGED=1 $T --gtest_filter='Gpu*'
 step "GPU tests, SQZ_GPU_DECODE_SIMT=1" env SQZ_GPU_DECODE_SIMT=1 $T --gtest_filter='Gpu*'
-step "GPU tests, SQZ_GPU_SCORE_F32=1" env SQZ_GPU_SCORE_F32=1 $T --gtest_filter='GpuEngine*'
 grep -h "differ from the CPU" "$RESULTS" | sort | uniq -c | sed 's/^/  /'
 fi
 if [ "$MODE" = all ] || [ "$MODE" = --sanitize ]; then
