@@ -96,6 +96,27 @@ double TimeGraph(cudaGraphExec_t graph, cudaStream_t s, int iters) {
   return us[us.size() / 2];
 }
 
+// Launches `kernel` on s, with the launch attribute `id` (programmatic
+// stream serialisation or cooperative) set when `on`.
+template <typename... Args>
+void LaunchWith(cudaLaunchAttributeID id, bool on, dim3 grid, dim3 block, cudaStream_t s, void (*kernel)(Args...),
+                Args... args) {
+  cudaLaunchConfig_t c{};
+  c.gridDim = grid;
+  c.blockDim = block;
+  c.stream = s;
+  cudaLaunchAttribute attr{};
+  attr.id = id;
+  if (id == cudaLaunchAttributeCooperative) {
+    attr.val.cooperative = 1;
+  } else {
+    attr.val.programmaticStreamSerializationAllowed = 1;
+  }
+  c.attrs = &attr;
+  c.numAttrs = on ? 1 : 0;
+  CHECK(cudaLaunchKernelEx(&c, kernel, args...));
+}
+
 template <typename Launch>
 double TimeCaptured(cudaStream_t s, int iters, Launch&& launch) {
   cudaGraph_t g;
@@ -155,16 +176,8 @@ int main(int argc, char** argv) {
   for (const bool pdl : {false, true}) {
     const double us = TimeCaptured(s, iters, [&] {
       for (int i = 0; i < kChain; ++i) {
-        cudaLaunchConfig_t c{};
-        c.gridDim = dim3(blocks);
-        c.blockDim = dim3(threads);
-        c.stream = s;
-        cudaLaunchAttribute attr{};
-        attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-        attr.val.programmaticStreamSerializationAllowed = 1;
-        c.attrs = &attr;
-        c.numAttrs = pdl && i > 0 ? 1 : 0;
-        CHECK(cudaLaunchKernelEx(&c, Empty));
+        LaunchWith(cudaLaunchAttributeProgrammaticStreamSerialization, pdl && i > 0, dim3(blocks), dim3(threads), s,
+                   Empty);
       }
     });
     std::printf("kernel boundary (%d empty kernels, PDL %s): %.2f us per kernel\n", kChain, pdl ? "on" : "off",
@@ -183,16 +196,7 @@ int main(int argc, char** argv) {
 
   auto cg_run = [&](int n) {
     return TimeCaptured(s, iters, [&] {
-      cudaLaunchConfig_t c{};
-      c.gridDim = dim3(blocks);
-      c.blockDim = dim3(threads);
-      c.stream = s;
-      cudaLaunchAttribute attr{};
-      attr.id = cudaLaunchAttributeCooperative;
-      attr.val.cooperative = 1;
-      c.attrs = &attr;
-      c.numAttrs = 1;
-      CHECK(cudaLaunchKernelEx(&c, CgBarriers, n));
+      LaunchWith(cudaLaunchAttributeCooperative, true, dim3(blocks), dim3(threads), s, CgBarriers, n);
     });
   };
   const double c0 = cg_run(0), c1 = cg_run(kChain);
