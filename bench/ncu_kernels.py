@@ -29,7 +29,19 @@ def main(path):
         sys.exit(f"{path}: no ncu raw table (was the profile empty?)")
     header = rows[starts[0]]
     col = {name: i for i, name in enumerate(header)}
-    metrics = [m for m in header if "__" in m and m != "launch__grid_size"]
+    # Requested metrics carry a roll-up suffix (".sum", ".avg.pct_of_...").
+    # Newer ncu also lists every device and launch attribute (no suffix) and
+    # each metric under every roll-up (avg, max, min, sum): one column per
+    # metric is kept, the duration's sum and the others' average.
+    metrics, seen = [], set()
+    for m in header:
+        base, _, rollup = m.partition(".")
+        if "__" not in m or not rollup or base in seen:
+            continue
+        variants = [x for x in header if x.partition(".")[0] == base]
+        want = ".sum" if base == "gpu__time_duration" else ".avg"
+        metrics.append(next((x for x in variants if x[len(base):].startswith(want)), m))
+        seen.add(base)
     groups = collections.OrderedDict()
     for r in rows[starts[0] + 2:]:  # (the row after the header holds the units)
         if len(r) < len(header):
@@ -37,7 +49,7 @@ def main(path):
         name = r[col["Kernel Name"]].split("(")[0].split("<")[0].replace("void ", "").replace("sqz::gpu::", "")
         key = (name, r[col["launch__grid_size"]] if "launch__grid_size" in col else "")
         groups.setdefault(key, []).append([number(r[col[m]]) for m in metrics])
-    print("kernel grid launches " + " ".join(m.split(".")[0] for m in metrics))
+    print("kernel grid launches " + " ".join(metrics))
     for (name, grid), values in groups.items():
         med = [sorted(v[i] for v in values)[len(values) // 2] for i in range(len(metrics))]
         shown = [f"{x / 1000:.1f}us" if m.startswith("gpu__time_duration") else f"{x:.1f}"
