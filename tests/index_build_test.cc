@@ -19,6 +19,7 @@
 #include "tests/index_test_util.h"
 #include "tests/kmeans_test_backend.h"
 #include "tests/test_util.h"
+#include "util/half.h"
 
 namespace sqz {
 namespace {
@@ -177,6 +178,36 @@ TEST_P(IndexBuildRoundTrip, LosslessAfterReopen) {
   EXPECT_EQ(m->context_id(), info.id);
   EXPECT_EQ(m->page_rows(), tc.page_rows);
   EXPECT_EQ(m->clustered_pages() + m->always_pages(), pages_per_head);
+
+  // Centroids are stored rounded to the keys' 16-bit type (docs/FORMAT.md,
+  // "Centroids"): every value exact in it. fp32 keys keep the plain means,
+  // which bf16 does not hold exactly.
+  {
+    std::unique_ptr<storage::ContextSnapshot> snap;
+    ASSERT_TRUE(db->store()->OpenSnapshot("ctx", &snap).ok());
+    const DType t16 = spec.dtype == DType::kF32 ? DType::kBF16 : spec.dtype;
+    int64_t values = 0, inexact = 0;
+    for (int l = 0; l < spec.n_layers; ++l) {
+      for (int h = 0; h < spec.n_kv_heads; ++h) {
+        storage::HeadIndexRecord rec;
+        ASSERT_TRUE(snap->GetHeadIndex(l, h, &rec).ok());
+        for (const std::vector<float>* c : {&rec.fine_centroids, &rec.coarse_centroids}) {
+          std::vector<uint16_t> r(c->size());
+          std::vector<float> back(c->size());
+          ConvertFromFloat(c->data(), c->size(), t16, r.data());
+          ConvertToFloat(r.data(), t16, r.size(), back.data());
+          for (size_t i = 0; i < c->size(); ++i) inexact += std::memcmp(&back[i], &(*c)[i], sizeof(float)) != 0;
+          values += static_cast<int64_t>(c->size());
+        }
+      }
+    }
+    ASSERT_GT(values, 0);
+    if (spec.dtype == DType::kF32) {
+      EXPECT_GT(inexact, values / 2) << "fp32 keys: centroids are the unrounded means";
+    } else {
+      EXPECT_EQ(inexact, 0) << "centroid values not exact in " << DTypeName(spec.dtype);
+    }
+  }
 
   VerifyReport vr;
   Status vs = db->VerifyContext("ctx", &vr);
